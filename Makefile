@@ -1,0 +1,48 @@
+# make test  : install (venv, torch, triton, ...), build the extension, run the tests
+# make bench : install, build, parity summary, CPU benchmark -> bench/results/
+# PYTHON=python3 uses an existing interpreter as it is (nothing is installed
+# into it but attnfast itself); by default a .venv is created here.
+VENV      := .venv
+PYTHON    ?=
+TORCH_PIN := torch==2.13.0
+DEPS      := triton pytest numpy hypothesis tqdm matplotlib ninja expecttest
+
+ifeq ($(PYTHON),)
+PY    := $(VENV)/bin/python
+READY := $(VENV)/.deps-installed
+else
+PY    := $(PYTHON)
+READY :=
+endif
+
+.PHONY: all deps build test test-fast bench info clean
+
+all: test
+
+$(VENV)/.deps-installed:
+	python3 -m venv $(VENV)
+	$(PY) -m pip install --upgrade pip setuptools wheel
+	$(PY) -m pip install $(TORCH_PIN)
+	$(PY) -m pip install $(DEPS)
+	touch $@
+
+deps: $(READY)
+
+# Editable install once (maps attnfast.triton_kernels to triton_kernels/),
+# then an incremental in-place build of attnfast._C.
+build: deps
+	@$(PY) -c "import attnfast.triton_kernels" 2>/dev/null || \
+		$(PY) -m pip install --no-build-isolation --no-deps -e .
+	$(PY) setup.py -q build_ext --inplace
+
+test: build
+	$(PY) -m pytest -q tests
+
+bench: build
+	$(PY) -m bench
+
+info: build
+	$(PY) -m attnfast info
+
+clean:
+	rm -rf build *.egg-info attnfast/*.so

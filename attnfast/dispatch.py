@@ -1,0 +1,100 @@
+"""The one place that chooses a backend.
+
+Order of preference per device: CUDA tensors -> triton, cuda, reference;
+CPU tensors -> cpu, reference.  `backend=` or the environment variable
+ATTNFAST_BACKEND force one; a forced backend that cannot serve the input raises
+BackendUnavailableError (no silent fallback).
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+from dataclasses import dataclass
+
+import torch
+
+from . import ops
+
+BACKENDS = ("cpu", "triton", "cuda", "reference")
+ENV_VAR = "ATTNFAST_BACKEND"
+
+
+class BackendUnavailableError(RuntimeError):
+    """A backend was asked for but cannot serve this input."""
+
+
+@dataclass(frozen=True)
+class BackendStatus:
+    name: str
+    available: bool
+    reason: str  # why not, or what it serves
+
+    def __str__(self):
+        return f"{self.name:<10} {'yes' if self.available else 'no ':<4} {self.reason}"
+
+
+def _has_kernel(op, key):
+    try:
+        return torch._C._dispatch_has_kernel_for_dispatch_key(op, key)
+    except RuntimeError:
+        return False
+
+
+def _status(name):
+    if name == "reference":
+        return BackendStatus(name, True, "naive matmul-softmax-matmul (any device, any dtype)")
+    if name == "cpu":
+        if not ops.loaded():
+            return BackendStatus(name, False, f"extension attnfast._C not built: {ops.load_error()}")
+        return BackendStatus(name, True, f"fused C++ kernel, ISA path {ops._C.cpu_isa()}")
+    if name == "cuda":
+        if not ops.loaded():
+            return BackendStatus(name, False, "extension attnfast._C not built")
+        if not _has_kernel("attnfast::fwd", "CUDA"):
+            return BackendStatus(name, False, "extension built without CUDA kernels")
+        if not torch.cuda.is_available():
+            return BackendStatus(name, False, "no CUDA device")
+        return BackendStatus(name, True, "CUDA C++ kernels")
+    if name == "triton":
+        if importlib.util.find_spec("triton") is None:
+            return BackendStatus(name, False, "triton is not installed")
+        if not torch.cuda.is_available():
+            return BackendStatus(name, False, "no CUDA device")
+        return BackendStatus(name, False, "Triton attention kernels not built into this version yet")
+    raise ValueError(f"unknown backend {name!r}; expected one of {BACKENDS}")
+
+
+def backends():
+    """Status of every backend: {name: BackendStatus(name, available, reason)}."""
+    return {name: _status(name) for name in BACKENDS}
+
+
+def _serves(name, plan):
+    """None if backend `name` can run `plan`, else the reason it cannot."""
+    st = _status(name)
+    if not st.available:
+        return st.reason
+    dev = plan.q.device.type
+    if name == "cpu" and dev != "cpu":
+        return f"it serves CPU tensors, got {dev} tensors"
+    if name in ("cuda", "triton") and dev != "cuda":
+        return f"it serves CUDA tensors, got {dev} tensors"
+    return None
+
+
+def choose(plan, backend=None):
+    """Name of the backend that runs `plan` (see module docstring)."""
+    requested = backend if backend is not None else os.environ.get(ENV_VAR) or None
+    if requested is not None:
+        if requested not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {requested!r}")
+        why = _serves(requested, plan)
+        if why is not None:
+            src = "backend=" if backend is not None else f"{ENV_VAR}="
+            raise BackendUnavailableError(f"{src}{requested!r} cannot serve this call: {why}")
+        return requested
+    order = ("triton", "cuda", "reference") if plan.q.device.type == "cuda" else ("cpu", "reference")
+    for name in order:
+        if _serves(name, plan) is None:
+            return name
+    return "reference"

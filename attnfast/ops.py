@@ -1,0 +1,76 @@
+"""torch.library registration of the attnfast ops: fake kernels and autograd.
+
+The schemas and the CPU (and CUDA) kernels are registered in C++
+(csrc/cpu/binding.cpp); this module adds what torch.compile and autograd need.
+Ops:
+  attnfast::fwd(q, k, v, attn_mask, scale, window_left, window_right,
+                bottom_right, dropout_p, rng) -> (out, lse)
+  attnfast::bwd(dout, q, k, v, out, lse, dlse, attn_mask, scale, window_left,
+                window_right, bottom_right, dropout_p, rng, mask_grad)
+                -> (dq, dk, dv, dmask)
+Shapes: q (B, Hq, Lq, E), k (B, Hkv, Lk, E), v (B, Hkv, Lk, Ev); out
+(B, Hq, Lq, Ev) contiguous; lse (B, Hq, Lq) float32 (float64 for float64
+inputs, so float64 gradients keep float64 accuracy); dmask (B, Hq, Lq, Lk) in
+the lse dtype when mask_grad, else empty.
+"""
+from __future__ import annotations
+
+import torch
+
+_LOAD_ERROR = None
+try:
+    from . import _C  # noqa: F401  (registers the schemas and kernels)
+except ImportError as e:  # extension not built: only the reference backend works
+    _C = None
+    _LOAD_ERROR = str(e)
+
+
+def loaded():
+    return _C is not None
+
+
+def load_error():
+    return _LOAD_ERROR
+
+
+def lse_dtype(dtype):
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+if _C is not None:
+
+    @torch.library.register_fake("attnfast::fwd")
+    def _fwd_fake(q, k, v, attn_mask, scale, window_left, window_right, bottom_right, dropout_p, rng):
+        B, Hq, Lq, _ = q.shape
+        out = q.new_empty((B, Hq, Lq, v.shape[-1]))
+        lse = q.new_empty((B, Hq, Lq), dtype=lse_dtype(q.dtype))
+        return out, lse
+
+    @torch.library.register_fake("attnfast::bwd")
+    def _bwd_fake(dout, q, k, v, out, lse, dlse, attn_mask, scale, window_left, window_right,
+                  bottom_right, dropout_p, rng, mask_grad):
+        B, Hq, Lq, _ = q.shape
+        Lk = k.shape[2]
+        dq = q.new_empty(q.shape, memory_format=torch.contiguous_format)
+        dk = k.new_empty(k.shape, memory_format=torch.contiguous_format)
+        dv = v.new_empty(v.shape, memory_format=torch.contiguous_format)
+        dmask = q.new_empty((B, Hq, Lq, Lk) if mask_grad else (0,), dtype=lse_dtype(q.dtype))
+        return dq, dk, dv, dmask
+
+    def _setup_context(ctx, inputs, output):
+        q, k, v, attn_mask, scale, wl, wr, br, dropout_p, rng = inputs
+        out, lse = output
+        ctx.save_for_backward(q, k, v, attn_mask, out, lse, rng)
+        ctx.args = (scale, wl, wr, br, dropout_p)
+
+    def _backward(ctx, dout, dlse):
+        q, k, v, attn_mask, out, lse, rng = ctx.saved_tensors
+        scale, wl, wr, br, dropout_p = ctx.args
+        mask_grad = attn_mask is not None and attn_mask.is_floating_point() and ctx.needs_input_grad[3]
+        dq, dk, dv, dmask = torch.ops.attnfast.bwd(
+            dout, q, k, v, out, lse, dlse, attn_mask, scale, wl, wr, br, dropout_p, rng, mask_grad
+        )
+        dmask = dmask.to(attn_mask.dtype) if mask_grad else None
+        return dq, dk, dv, dmask, None, None, None, None, None, None
+
+    torch.library.register_autograd("attnfast::fwd", _backward, setup_context=_setup_context)

@@ -1,0 +1,456 @@
+// Fused attention on the CPU: FlashAttention-2 forward and backward.
+//
+// Included by kernel_default.cpp and kernel_avx512.cpp, each with its own
+// ATTNFAST_ISA_NS and its own target flags, so one source serves every ISA.
+// Everything here has internal linkage: no inline function compiled for
+// AVX-512 can leak into the portable object through the linker.
+//
+// Algorithm (Dao, "FlashAttention-2", 2023), per (batch, head):
+//   forward : for each query block (kBlockQ rows) walk the visible key blocks
+//             (kBlockK columns) once, keeping a running row max m, row sum l and
+//             an unnormalised output accumulator; scores never exist beyond one
+//             (kBlockQ, kBlockK) tile, so memory is O(L) beyond inputs/outputs.
+//   backward: delta = rowsum(dO * O) first; then for each key block recompute
+//             P = exp(S - lse) tile by tile from the saved lse and accumulate
+//             dK, dV in registers-sized tiles and dQ in a per-item fp32 buffer.
+// All arithmetic is in `acc_t` (float, or double for float64 inputs).
+#pragma once
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+
+#include "params.h"
+#include "philox.h"
+
+#ifndef ATTNFAST_ISA_NS
+#error "define ATTNFAST_ISA_NS before including attention_kernel.h"
+#endif
+
+namespace attnfast {
+namespace cpu {
+namespace ATTNFAST_ISA_NS {
+namespace {
+
+// Tile sizes: a (64, 128) fp32 score tile is 32 KiB and stays in L1/L2.
+constexpr int64_t kBlockQ = 64;
+constexpr int64_t kBlockK = 128;
+
+struct bf16_t { uint16_t bits; };
+struct f16_t { uint16_t bits; };
+
+template <typename T> struct Elem;
+template <> struct Elem<float> {
+  using acc = float;
+  static float load(const float* p) { return *p; }
+  static void store(float* p, float v) { *p = v; }
+};
+template <> struct Elem<double> {
+  using acc = double;
+  static double load(const double* p) { return *p; }
+  static void store(double* p, double v) { *p = v; }
+};
+template <> struct Elem<bf16_t> {
+  using acc = float;
+  static float load(const bf16_t* p) {
+    const uint32_t u = static_cast<uint32_t>(p->bits) << 16;
+    float f;
+    std::memcpy(&f, &u, sizeof(f));
+    return f;
+  }
+  static void store(bf16_t* p, float v) {
+    uint32_t u;
+    std::memcpy(&u, &v, sizeof(u));
+    if ((u & 0x7fffffffu) > 0x7f800000u) {  // NaN stays a quiet NaN
+      p->bits = static_cast<uint16_t>((u >> 16) | 0x40u);
+      return;
+    }
+    u += 0x7fffu + ((u >> 16) & 1u);  // round to nearest even
+    p->bits = static_cast<uint16_t>(u >> 16);
+  }
+};
+template <> struct Elem<f16_t> {
+  using acc = float;
+  static float load(const f16_t* p) {
+    _Float16 h;
+    std::memcpy(&h, &p->bits, sizeof(h));
+    return static_cast<float>(h);
+  }
+  static void store(f16_t* p, float v) {
+    const _Float16 h = static_cast<_Float16>(v);
+    std::memcpy(&p->bits, &h, sizeof(h));
+  }
+};
+
+// Zero-initialised scratch array.  (No std::vector here: its out-of-line
+// members are shared weak symbols, and a copy compiled for AVX-512 could be
+// picked by the linker for the portable path.)
+template <typename A>
+struct Buffer {
+  explicit Buffer(int64_t n) : n_(n), p_(n > 0 ? new A[n]() : nullptr) {}
+  ~Buffer() { delete[] p_; }
+  Buffer(const Buffer&) = delete;
+  Buffer& operator=(const Buffer&) = delete;
+  A* data() { return p_; }
+  A& operator[](int64_t i) { return p_[i]; }
+  void zero() { for (int64_t i = 0; i < n_; ++i) p_[i] = A(0); }
+
+ private:
+  int64_t n_;
+  A* p_;
+};
+
+inline int64_t imin(int64_t a, int64_t b) { return a < b ? a : b; }
+inline int64_t imax(int64_t a, int64_t b) { return a > b ? a : b; }
+inline int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// Which keys a query row may see (causal / sliding window), as half-open ranges.
+struct Visibility {
+  int64_t diag, left, right, Lq, Lk;
+  explicit Visibility(const AttnParams& p)
+      : diag(p.diag_offset), left(p.window_left), right(p.window_right), Lq(p.Lq), Lk(p.Lk) {}
+  int64_t col_lo(int64_t i) const { return left < 0 ? 0 : imin(Lk, imax(0, i + diag - left)); }
+  int64_t col_hi(int64_t i) const { return right < 0 ? Lk : imin(Lk, imax(0, i + diag + right + 1)); }
+  // Rows that see at least one column of [j0, j1).
+  int64_t row_lo(int64_t j0) const { return right < 0 ? 0 : imin(Lq, imax(0, j0 - diag - right)); }
+  int64_t row_hi(int64_t j1) const { return left < 0 ? Lq : imin(Lq, imax(0, j1 - 1 - diag + left + 1)); }
+};
+
+template <typename F>
+void run_parallel(const AttnParams& p, int64_t n, F&& f) {
+  struct Ctx { F* f; } ctx{&f};
+  p.parallel_for(n, 1, &ctx, [](void* c, int64_t begin, int64_t end) {
+    (*static_cast<Ctx*>(c)->f)(begin, end);
+  });
+}
+
+// Loads rows [r0, r0+nr) of a (row, col) slice into dst[r][c] (row-major, ld = ncols).
+template <typename T, typename A>
+void load_rows(const T* base, int64_t rs, int64_t cs, int64_t r0, int64_t nr, int64_t ncols, A* dst) {
+  for (int64_t r = 0; r < nr; ++r) {
+    const T* src = base + (r0 + r) * rs;
+    A* d = dst + r * ncols;
+    for (int64_t c = 0; c < ncols; ++c) d[c] = Elem<T>::load(src + c * cs);
+  }
+}
+
+// Loads rows [r0, r0+nr) transposed: dst[c][r] (ld = ld).
+template <typename T, typename A>
+void load_rows_t(const T* base, int64_t rs, int64_t cs, int64_t r0, int64_t nr, int64_t ncols,
+                 int64_t ld, A* dst) {
+  for (int64_t r = 0; r < nr; ++r) {
+    const T* src = base + (r0 + r) * rs;
+    for (int64_t c = 0; c < ncols; ++c) dst[c * ld + r] = Elem<T>::load(src + c * cs);
+  }
+}
+
+// s[i][0:nk] = scale * a[i][:] . bt[:][0:nk], a: (na, d) row-major, bt: (d, ldb).
+template <typename A>
+void scores_tile(const A* __restrict a, int64_t na, int64_t d, const A* __restrict bt, int64_t ldb,
+                 int64_t nk, A scale, A* __restrict s, int64_t lds) {
+  for (int64_t i = 0; i < na; ++i) {
+    A* __restrict row = s + i * lds;
+    for (int64_t j = 0; j < nk; ++j) row[j] = A(0);
+    const A* ai = a + i * d;
+    for (int64_t e = 0; e < d; ++e) {
+      const A x = ai[e];
+      const A* __restrict b = bt + e * ldb;
+#pragma omp simd
+      for (int64_t j = 0; j < nk; ++j) row[j] += x * b[j];
+    }
+#pragma omp simd
+    for (int64_t j = 0; j < nk; ++j) row[j] *= scale;
+  }
+}
+
+// y[0:n] += x * b[0:n]
+template <typename A>
+inline void axpy(int64_t n, A x, const A* __restrict b, A* __restrict y) {
+#pragma omp simd
+  for (int64_t c = 0; c < n; ++c) y[c] += x * b[c];
+}
+
+// Sets invisible scores to -inf and applies the mask for rows [i0, i0+nq) and
+// columns [j0, j0+nk) of head (b, h).
+template <typename T, typename A>
+void mask_tile(const AttnParams& p, const Visibility& vis, int64_t b, int64_t h, int64_t i0, int64_t nq,
+               int64_t j0, int64_t nk, A* s, int64_t lds) {
+  const A ninf = -std::numeric_limits<A>::infinity();
+  const bool windowed = vis.left >= 0 || vis.right >= 0;
+  for (int64_t i = 0; i < nq; ++i) {
+    A* row = s + i * lds;
+    int64_t lo = 0, hi = nk;
+    if (windowed) {
+      lo = imin(nk, imax(0, vis.col_lo(i0 + i) - j0));
+      hi = imax(lo, imin(nk, vis.col_hi(i0 + i) - j0));
+      for (int64_t j = 0; j < lo; ++j) row[j] = ninf;
+      for (int64_t j = hi; j < nk; ++j) row[j] = ninf;
+    }
+    if (p.mask_kind == MaskKind::none) continue;
+    const int64_t off = b * p.mask_st.b + h * p.mask_st.h + (i0 + i) * p.mask_st.r + j0 * p.mask_st.c;
+    if (p.mask_kind == MaskKind::boolean) {
+      const uint8_t* m = static_cast<const uint8_t*>(p.mask) + off;
+      for (int64_t j = lo; j < hi; ++j)
+        if (!m[j * p.mask_st.c]) row[j] = ninf;
+    } else {
+      const T* m = static_cast<const T*>(p.mask) + off;
+      for (int64_t j = lo; j < hi; ++j) row[j] += static_cast<A>(Elem<T>::load(m + j * p.mask_st.c));
+    }
+  }
+}
+
+// fac[i][j] = dropout factor of element (i0+i, j0+j): 0 if dropped, 1/(1-p) if kept.
+template <typename A>
+void dropout_factors(const AttnParams& p, int64_t b, int64_t h, int64_t i0, int64_t nq, int64_t j0,
+                     int64_t nk, A* fac, int64_t ld) {
+  const float prob = p.dropout_p;
+  const A inv_keep = A(1) / (A(1) - static_cast<A>(prob));
+  const int64_t bh = b * p.Hq + h;
+  for (int64_t i = 0; i < nq; ++i) {
+    A* row = fac + i * ld;
+    const int64_t n0 = (i0 + i) * p.Lk + j0;
+    for (int64_t j = 0; j < nk; ++j)
+      row[j] = philox::dropout_uniform(p.seed, p.offset, bh, n0 + j) >= prob ? inv_keep : A(0);
+  }
+}
+
+// ----------------------------------------------------------------------------
+// Forward
+// ----------------------------------------------------------------------------
+template <typename T>
+void fwd_impl(const FwdParams& p) {
+  using A = typename Elem<T>::acc;
+  const Visibility vis(p);
+  const int64_t nqb = cdiv(p.Lq, kBlockQ);
+  const int64_t group = p.Hq / p.Hkv;
+  const int64_t E = p.E, Ev = p.Ev;
+  const A scale = static_cast<A>(p.scale);
+  const A ninf = -std::numeric_limits<A>::infinity();
+
+  run_parallel(p, p.B * p.Hq * nqb, [&](int64_t begin, int64_t end) {
+    Buffer<A> qbuf(kBlockQ * E), kt(E * kBlockK), vbuf(kBlockK * Ev), sc(kBlockQ * kBlockK),
+        acc(kBlockQ * Ev), mrow(kBlockQ), lrow(kBlockQ);
+    Buffer<A> fac(p.dropout_p > 0.f ? kBlockQ * kBlockK : 0);
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t qb = item % nqb, bh = item / nqb;
+      const int64_t h = bh % p.Hq, b = bh / p.Hq, hk = h / group;
+      const int64_t i0 = qb * kBlockQ, nq = imin(kBlockQ, p.Lq - i0);
+
+      const T* q = static_cast<const T*>(p.q) + b * p.q_st.b + h * p.q_st.h;
+      const T* k = static_cast<const T*>(p.k) + b * p.k_st.b + hk * p.k_st.h;
+      const T* v = static_cast<const T*>(p.v) + b * p.v_st.b + hk * p.v_st.h;
+      load_rows(q, p.q_st.r, p.q_st.c, i0, nq, E, qbuf.data());
+      for (int64_t i = 0; i < nq; ++i) { mrow[i] = ninf; lrow[i] = A(0); }
+      acc.zero();
+
+      // Keys visible to any row of this block.
+      int64_t jlo = p.Lk, jhi = 0;
+      for (int64_t i = i0; i < i0 + nq; ++i) {
+        const int64_t lo = vis.col_lo(i), hi = vis.col_hi(i);
+        if (lo < hi) { jlo = imin(jlo, lo); jhi = imax(jhi, hi); }
+      }
+      for (int64_t j0 = jlo; j0 < jhi; j0 += kBlockK) {
+        const int64_t nk = imin(kBlockK, jhi - j0);
+        load_rows_t(k, p.k_st.r, p.k_st.c, j0, nk, E, kBlockK, kt.data());
+        load_rows(v, p.v_st.r, p.v_st.c, j0, nk, Ev, vbuf.data());
+        scores_tile(qbuf.data(), nq, E, kt.data(), kBlockK, nk, scale, sc.data(), kBlockK);
+        mask_tile<T, A>(p, vis, b, h, i0, nq, j0, nk, sc.data(), kBlockK);
+
+        for (int64_t i = 0; i < nq; ++i) {
+          A* row = sc.data() + i * kBlockK;
+          A mx = ninf;
+          for (int64_t j = 0; j < nk; ++j) mx = row[j] > mx ? row[j] : mx;
+          const A m_new = mx > mrow[i] ? mx : mrow[i];
+          if (m_new == ninf) {  // nothing visible in this row yet
+            for (int64_t j = 0; j < nk; ++j) row[j] = A(0);
+            continue;
+          }
+          const A alpha = std::exp(mrow[i] - m_new);  // exp(-inf) = 0 on the first block
+          A rs = A(0);
+          for (int64_t j = 0; j < nk; ++j) {
+            const A e = std::exp(row[j] - m_new);
+            row[j] = e;
+            rs += e;
+          }
+          lrow[i] = lrow[i] * alpha + rs;
+          mrow[i] = m_new;
+          if (alpha != A(1)) {
+            A* o = acc.data() + i * Ev;
+            for (int64_t c = 0; c < Ev; ++c) o[c] *= alpha;
+          }
+        }
+        if (p.dropout_p > 0.f) {
+          dropout_factors(p, b, h, i0, nq, j0, nk, fac.data(), kBlockK);
+          for (int64_t x = 0; x < nq * kBlockK; ++x) sc[x] *= fac[x];
+        }
+        for (int64_t i = 0; i < nq; ++i) {
+          const A* row = sc.data() + i * kBlockK;
+          A* o = acc.data() + i * Ev;
+          for (int64_t j = 0; j < nk; ++j)
+            if (row[j] != A(0)) axpy(Ev, row[j], vbuf.data() + j * Ev, o);
+        }
+      }
+
+      T* out = static_cast<T*>(p.out) + b * p.out_st.b + h * p.out_st.h;
+      A* lse = static_cast<A*>(p.lse) + (b * p.Hq + h) * p.Lq;
+      for (int64_t i = 0; i < nq; ++i) {
+        const A l = lrow[i];
+        const A inv = l > A(0) ? A(1) / l : A(0);  // fully masked row: output 0
+        T* orow = out + (i0 + i) * p.out_st.r;
+        for (int64_t c = 0; c < Ev; ++c) Elem<T>::store(orow + c * p.out_st.c, acc[i * Ev + c] * inv);
+        lse[i0 + i] = l > A(0) ? mrow[i] + std::log(l) : ninf;
+      }
+    }
+  });
+}
+
+// ----------------------------------------------------------------------------
+// Backward
+// ----------------------------------------------------------------------------
+template <typename T>
+void bwd_impl(const BwdParams& p) {
+  using A = typename Elem<T>::acc;
+  const Visibility vis(p);
+  const int64_t group = p.Hq / p.Hkv;
+  const int64_t E = p.E, Ev = p.Ev;
+  const A scale = static_cast<A>(p.scale);
+  const A inf = std::numeric_limits<A>::infinity();
+
+  // delta[b, h, i] = sum_c dO[i, c] * O[i, c] - dlse[b, h, i]
+  // (d lse / d s = P, so a gradient on lse only shifts delta).
+  run_parallel(p, p.B * p.Hq, [&](int64_t begin, int64_t end) {
+    for (int64_t bh = begin; bh < end; ++bh) {
+      const int64_t h = bh % p.Hq, b = bh / p.Hq;
+      const T* dout = static_cast<const T*>(p.dout) + b * p.dout_st.b + h * p.dout_st.h;
+      const T* out = static_cast<const T*>(p.out) + b * p.out_st.b + h * p.out_st.h;
+      for (int64_t i = 0; i < p.Lq; ++i) {
+        A s = A(0);
+        for (int64_t c = 0; c < Ev; ++c)
+          s += static_cast<A>(Elem<T>::load(dout + i * p.dout_st.r + c * p.dout_st.c)) *
+               static_cast<A>(Elem<T>::load(out + i * p.out_st.r + c * p.out_st.c));
+        if (p.dlse != nullptr) s -= static_cast<const A*>(p.dlse)[bh * p.Lq + i];
+        static_cast<A*>(p.delta)[bh * p.Lq + i] = s;
+      }
+    }
+  });
+
+  // One item per (batch, kv head): it owns dK and dV of that head outright, so
+  // the q heads of a GQA group add into them without atomics.
+  run_parallel(p, p.B * p.Hkv, [&](int64_t begin, int64_t end) {
+    Buffer<A> kt(E * kBlockK), kbuf(kBlockK * E), vt(Ev * kBlockK), qbuf(kBlockQ * E),
+        dobuf(kBlockQ * Ev), pt(kBlockQ * kBlockK), dp(kBlockQ * kBlockK), dk(kBlockK * E),
+        dv(kBlockK * Ev), lse(kBlockQ), delta(kBlockQ);
+    Buffer<A> fac(p.dropout_p > 0.f ? kBlockQ * kBlockK : 0);
+    Buffer<A> dq(group * p.Lq * E);
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t hk = item % p.Hkv, b = item / p.Hkv;
+      dq.zero();
+      const T* k = static_cast<const T*>(p.k) + b * p.k_st.b + hk * p.k_st.h;
+      const T* v = static_cast<const T*>(p.v) + b * p.v_st.b + hk * p.v_st.h;
+
+      for (int64_t j0 = 0; j0 < p.Lk; j0 += kBlockK) {
+        const int64_t nk = imin(kBlockK, p.Lk - j0);
+        load_rows_t(k, p.k_st.r, p.k_st.c, j0, nk, E, kBlockK, kt.data());
+        load_rows(k, p.k_st.r, p.k_st.c, j0, nk, E, kbuf.data());
+        load_rows_t(v, p.v_st.r, p.v_st.c, j0, nk, Ev, kBlockK, vt.data());
+        dk.zero();
+        dv.zero();
+        const int64_t ilo = vis.row_lo(j0), ihi = vis.row_hi(j0 + nk);
+
+        for (int64_t g = 0; g < group; ++g) {
+          const int64_t h = hk * group + g, bh = b * p.Hq + h;
+          const T* q = static_cast<const T*>(p.q) + b * p.q_st.b + h * p.q_st.h;
+          const T* dout = static_cast<const T*>(p.dout) + b * p.dout_st.b + h * p.dout_st.h;
+          for (int64_t i0 = ilo; i0 < ihi; i0 += kBlockQ) {
+            const int64_t nq = imin(kBlockQ, ihi - i0);
+            load_rows(q, p.q_st.r, p.q_st.c, i0, nq, E, qbuf.data());
+            load_rows(dout, p.dout_st.r, p.dout_st.c, i0, nq, Ev, dobuf.data());
+            for (int64_t i = 0; i < nq; ++i) {
+              const A l = static_cast<const A*>(p.lse)[bh * p.Lq + i0 + i];
+              // A fully masked row (lse = -inf) has P = 0: exp(s - inf) = 0.
+              lse[i] = l == -inf ? inf : l;
+              delta[i] = static_cast<const A*>(p.delta)[bh * p.Lq + i0 + i];
+            }
+            // P = exp(S - lse)
+            scores_tile(qbuf.data(), nq, E, kt.data(), kBlockK, nk, scale, pt.data(), kBlockK);
+            mask_tile<T, A>(p, vis, b, h, i0, nq, j0, nk, pt.data(), kBlockK);
+            for (int64_t i = 0; i < nq; ++i) {
+              A* row = pt.data() + i * kBlockK;
+              for (int64_t j = 0; j < nk; ++j) row[j] = std::exp(row[j] - lse[i]);
+            }
+            // dP = dO V^T
+            scores_tile(dobuf.data(), nq, Ev, vt.data(), kBlockK, nk, A(1), dp.data(), kBlockK);
+            // With dropout, dV takes the dropped P and dP goes back through the
+            // same mask (the factors are regenerated from the counter, not stored).
+            const bool drop = p.dropout_p > 0.f;
+            if (drop) dropout_factors(p, b, h, i0, nq, j0, nk, fac.data(), kBlockK);
+            for (int64_t i = 0; i < nq; ++i)
+              for (int64_t j = 0; j < nk; ++j) {
+                const int64_t idx = i * kBlockK + j;
+                const A pij = drop ? pt[idx] * fac[idx] : pt[idx];
+                if (pij != A(0)) axpy(Ev, pij, dobuf.data() + i * Ev, dv.data() + j * Ev);
+                if (drop) dp[idx] *= fac[idx];
+              }
+            // dS = P * (dP - delta), stored over dp.
+            for (int64_t i = 0; i < nq; ++i) {
+              A* d = dp.data() + i * kBlockK;
+              const A* pr = pt.data() + i * kBlockK;
+#pragma omp simd
+              for (int64_t j = 0; j < nk; ++j) d[j] = pr[j] * (d[j] - delta[i]);
+            }
+            if (p.dmask != nullptr) {
+              for (int64_t i = 0; i < nq; ++i) {
+                A* dm = static_cast<A*>(p.dmask) + (bh * p.Lq + i0 + i) * p.Lk + j0;
+                for (int64_t j = 0; j < nk; ++j) dm[j] = dp[i * kBlockK + j];
+              }
+            }
+            // dQ += scale * dS K ; dK += scale * dS^T Q
+            A* dqh = dq.data() + g * p.Lq * E;
+            for (int64_t i = 0; i < nq; ++i) {
+              A* dqi = dqh + (i0 + i) * E;
+              for (int64_t j = 0; j < nk; ++j) {
+                const A dsij = dp[i * kBlockK + j];
+                if (dsij == A(0)) continue;
+                axpy(E, scale * dsij, kbuf.data() + j * E, dqi);
+                axpy(E, scale * dsij, qbuf.data() + i * E, dk.data() + j * E);
+              }
+            }
+          }
+        }
+        T* dkp = static_cast<T*>(p.dk) + ((b * p.Hkv + hk) * p.Lk + j0) * E;
+        T* dvp = static_cast<T*>(p.dv) + ((b * p.Hkv + hk) * p.Lk + j0) * Ev;
+        for (int64_t x = 0; x < nk * E; ++x) Elem<T>::store(dkp + x, dk[x]);
+        for (int64_t x = 0; x < nk * Ev; ++x) Elem<T>::store(dvp + x, dv[x]);
+      }
+      for (int64_t g = 0; g < group; ++g) {
+        T* dqp = static_cast<T*>(p.dq) + (b * p.Hq + hk * group + g) * p.Lq * E;
+        const A* src = dq.data() + g * p.Lq * E;
+        for (int64_t x = 0; x < p.Lq * E; ++x) Elem<T>::store(dqp + x, src[x]);
+      }
+    }
+  });
+}
+
+}  // namespace
+
+void attention_fwd(const FwdParams& p) {
+  switch (p.dtype) {
+    case DType::f32: return fwd_impl<float>(p);
+    case DType::f64: return fwd_impl<double>(p);
+    case DType::bf16: return fwd_impl<bf16_t>(p);
+    case DType::f16: return fwd_impl<f16_t>(p);
+  }
+}
+
+void attention_bwd(const BwdParams& p) {
+  switch (p.dtype) {
+    case DType::f32: return bwd_impl<float>(p);
+    case DType::f64: return bwd_impl<double>(p);
+    case DType::bf16: return bwd_impl<bf16_t>(p);
+    case DType::f16: return bwd_impl<f16_t>(p);
+  }
+}
+
+}  // namespace ATTNFAST_ISA_NS
+}  // namespace cpu
+}  // namespace attnfast

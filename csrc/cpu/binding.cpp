@@ -1,0 +1,249 @@
+// Torch binding of the CPU kernels: op schemas, tensor -> params, CPU impls.
+//
+// The Python layer (attnfast/_validate.py) checks arguments and raises clear
+// errors before anything here runs; the TORCH_CHECKs below are the last line
+// of defence so that no call can read out of bounds.
+#include <ATen/Parallel.h>
+#include <torch/extension.h>
+#include <torch/library.h>
+
+#include <cstdlib>
+#include <cstring>
+#include <string>
+
+#include "params.h"
+
+namespace attnfast {
+namespace cpu {
+namespace {
+
+void torch_parallel_for(int64_t n, int64_t grain, void* ctx, RangeFn fn) {
+  at::parallel_for(0, n, grain, [&](int64_t begin, int64_t end) { fn(ctx, begin, end); });
+}
+
+enum class Isa : int { kDefault = 0, kAvx2 = 1, kAvx512 = 2 };
+
+Isa best_isa() {
+#if defined(__x86_64__) && defined(__GNUC__)
+  __builtin_cpu_init();
+  const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+                    __builtin_cpu_supports("f16c");
+  const bool avx512 = avx2 && __builtin_cpu_supports("avx512f") &&
+                      __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") &&
+                      __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512bf16");
+  return avx512 ? Isa::kAvx512 : (avx2 ? Isa::kAvx2 : Isa::kDefault);
+#else
+  return Isa::kDefault;
+#endif
+}
+
+// The ISA path in use: the best the CPU has, capped by ATTNFAST_CPU_ISA
+// ("default", "avx2" or "avx512") so tests can run every path this CPU allows.
+Isa isa_in_use() {
+  static const Isa best = best_isa();
+  Isa cap = Isa::kAvx512;
+  if (const char* env = std::getenv("ATTNFAST_CPU_ISA")) {
+    if (std::strcmp(env, "default") == 0) cap = Isa::kDefault;
+    else if (std::strcmp(env, "avx2") == 0) cap = Isa::kAvx2;
+  }
+  return static_cast<int>(cap) < static_cast<int>(best) ? cap : best;
+}
+
+std::string isa_name() {
+  switch (isa_in_use()) {
+    case Isa::kAvx512: return "avx512";
+    case Isa::kAvx2: return "avx2";
+    default: return "default";
+  }
+}
+
+template <typename P>
+void run_isa(const P& p, void (*f512)(const P&), void (*f2)(const P&), void (*f0)(const P&)) {
+  switch (isa_in_use()) {
+    case Isa::kAvx512: return f512(p);
+    case Isa::kAvx2: return f2(p);
+    default: return f0(p);
+  }
+}
+
+DType to_dtype(at::ScalarType t) {
+  switch (t) {
+    case at::kFloat: return DType::f32;
+    case at::kDouble: return DType::f64;
+    case at::kBFloat16: return DType::bf16;
+    case at::kHalf: return DType::f16;
+    default: TORCH_CHECK(false, "attnfast cpu: unsupported dtype ", t);
+  }
+}
+
+// lse (and the backward's delta and mask-gradient scratch) are kept in the
+// accumulation type: float32, or float64 for float64 inputs.
+at::ScalarType lse_dtype(const at::Tensor& q) {
+  return q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+Strides4 strides_of(const at::Tensor& t) {
+  return Strides4{t.stride(0), t.stride(1), t.stride(2), t.stride(3)};
+}
+
+void fill_common(AttnParams& p, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                 const std::optional<at::Tensor>& mask, double scale, int64_t window_left,
+                 int64_t window_right, bool bottom_right, double dropout_p,
+                 const std::optional<at::Tensor>& rng) {
+  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, "attnfast cpu: q, k, v must be 4-D");
+  TORCH_CHECK(q.device().is_cpu() && k.device().is_cpu() && v.device().is_cpu(),
+              "attnfast cpu: q, k, v must be CPU tensors");
+  TORCH_CHECK(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type(),
+              "attnfast cpu: q, k, v must share one dtype");
+  p.dtype = to_dtype(q.scalar_type());
+  p.B = q.size(0);
+  p.Hq = q.size(1);
+  p.Lq = q.size(2);
+  p.E = q.size(3);
+  p.Hkv = k.size(1);
+  p.Lk = k.size(2);
+  p.Ev = v.size(3);
+  TORCH_CHECK(k.size(0) == p.B && v.size(0) == p.B, "attnfast cpu: batch sizes differ");
+  TORCH_CHECK(v.size(1) == p.Hkv && p.Hkv > 0 && p.Hq % p.Hkv == 0,
+              "attnfast cpu: key/value heads must divide query heads");
+  TORCH_CHECK(v.size(2) == p.Lk, "attnfast cpu: key and value lengths differ");
+  TORCH_CHECK(k.size(3) == p.E, "attnfast cpu: query and key head dims differ");
+  p.q = q.data_ptr();
+  p.k = k.data_ptr();
+  p.v = v.data_ptr();
+  p.q_st = strides_of(q);
+  p.k_st = strides_of(k);
+  p.v_st = strides_of(v);
+
+  p.mask_kind = MaskKind::none;
+  p.mask = nullptr;
+  p.mask_st = Strides4{0, 0, 0, 0};
+  if (mask.has_value()) {
+    const at::Tensor& m = *mask;
+    TORCH_CHECK(m.dim() == 4 && m.size(0) == p.B && m.size(1) == p.Hq && m.size(2) == p.Lq &&
+                    m.size(3) == p.Lk,
+                "attnfast cpu: attn_mask must be expanded to (B, Hq, Lq, Lk)");
+    TORCH_CHECK(m.device().is_cpu(), "attnfast cpu: attn_mask must be a CPU tensor");
+    if (m.scalar_type() == at::kBool) {
+      p.mask_kind = MaskKind::boolean;
+    } else {
+      TORCH_CHECK(m.scalar_type() == q.scalar_type(),
+                  "attnfast cpu: a float attn_mask must have the query dtype");
+      p.mask_kind = MaskKind::additive;
+    }
+    p.mask = m.data_ptr();
+    p.mask_st = strides_of(m);
+  }
+  p.scale = scale;
+  p.diag_offset = bottom_right ? p.Lk - p.Lq : 0;
+  p.window_left = window_left;
+  p.window_right = window_right;
+  TORCH_CHECK(dropout_p >= 0.0 && dropout_p < 1.0, "attnfast cpu: dropout_p must be in [0, 1)");
+  p.dropout_p = static_cast<float>(dropout_p);
+  p.seed = 0;
+  p.offset = 0;
+  if (dropout_p > 0.0) {
+    TORCH_CHECK(rng.has_value() && rng->numel() == 2 && rng->scalar_type() == at::kLong,
+                "attnfast cpu: dropout needs an int64 rng tensor (seed, offset)");
+    const at::Tensor r = rng->to(at::kCPU).contiguous();
+    p.seed = static_cast<uint64_t>(r.data_ptr<int64_t>()[0]);
+    p.offset = static_cast<uint64_t>(r.data_ptr<int64_t>()[1]);
+  }
+  p.parallel_for = torch_parallel_for;
+}
+
+std::tuple<at::Tensor, at::Tensor> fwd_cpu(const at::Tensor& q, const at::Tensor& k,
+                                           const at::Tensor& v,
+                                           const std::optional<at::Tensor>& attn_mask, double scale,
+                                           int64_t window_left, int64_t window_right,
+                                           bool bottom_right, double dropout_p,
+                                           const std::optional<at::Tensor>& rng) {
+  FwdParams p;
+  fill_common(p, q, k, v, attn_mask, scale, window_left, window_right, bottom_right, dropout_p, rng);
+  at::Tensor out = at::empty({p.B, p.Hq, p.Lq, p.Ev}, q.options());
+  at::Tensor lse = at::empty({p.B, p.Hq, p.Lq}, q.options().dtype(lse_dtype(q)));
+  p.out = out.data_ptr();
+  p.out_st = strides_of(out);
+  p.lse = lse.data_ptr();
+  run_isa<FwdParams>(p, isa_avx512::attention_fwd, isa_avx2::attention_fwd,
+                     isa_default::attention_fwd);
+  return {out, lse};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bwd_cpu(
+    const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const at::Tensor& out, const at::Tensor& lse, const std::optional<at::Tensor>& dlse,
+    const std::optional<at::Tensor>& attn_mask,
+    double scale, int64_t window_left, int64_t window_right, bool bottom_right, double dropout_p,
+    const std::optional<at::Tensor>& rng, bool mask_grad) {
+  BwdParams p;
+  fill_common(p, q, k, v, attn_mask, scale, window_left, window_right, bottom_right, dropout_p, rng);
+  TORCH_CHECK(dout.dim() == 4 && out.dim() == 4 && dout.sizes() == out.sizes() &&
+                  out.size(0) == p.B && out.size(1) == p.Hq && out.size(2) == p.Lq &&
+                  out.size(3) == p.Ev,
+              "attnfast cpu: dout and out must be (B, Hq, Lq, Ev)");
+  TORCH_CHECK(dout.scalar_type() == q.scalar_type() && out.scalar_type() == q.scalar_type(),
+              "attnfast cpu: dout and out must have the query dtype");
+  TORCH_CHECK(lse.scalar_type() == lse_dtype(q) && lse.dim() == 3 && lse.size(0) == p.B &&
+                  lse.size(1) == p.Hq && lse.size(2) == p.Lq,
+              "attnfast cpu: lse must be (B, Hq, Lq) in float32 (float64 for float64 inputs)");
+  TORCH_CHECK(!mask_grad || p.mask_kind == MaskKind::additive,
+              "attnfast cpu: mask_grad needs a float attn_mask");
+  const at::Tensor lse_c = lse.contiguous();
+  at::Tensor dlse_c;
+  if (dlse.has_value()) {
+    TORCH_CHECK(dlse->sizes() == lse.sizes() && dlse->scalar_type() == lse.scalar_type(),
+                "attnfast cpu: dlse must match lse in shape and dtype");
+    dlse_c = dlse->contiguous();
+  }
+  at::Tensor delta = at::empty({p.B, p.Hq, p.Lq}, lse.options());
+  at::Tensor dq = at::empty({p.B, p.Hq, p.Lq, p.E}, q.options());
+  at::Tensor dk = at::empty({p.B, p.Hkv, p.Lk, p.E}, q.options());
+  at::Tensor dv = at::empty({p.B, p.Hkv, p.Lk, p.Ev}, q.options());
+  at::Tensor dmask = mask_grad ? at::zeros({p.B, p.Hq, p.Lq, p.Lk}, lse.options())
+                               : at::empty({0}, lse.options());
+  p.dout = dout.data_ptr();
+  p.dout_st = strides_of(dout);
+  p.out = out.data_ptr();
+  p.out_st = strides_of(out);
+  p.lse = lse_c.data_ptr();
+  p.dlse = dlse.has_value() ? dlse_c.data_ptr() : nullptr;
+  p.delta = delta.data_ptr();
+  p.dq = dq.data_ptr();
+  p.dk = dk.data_ptr();
+  p.dv = dv.data_ptr();
+  p.dmask = mask_grad ? dmask.data_ptr() : nullptr;
+  run_isa<BwdParams>(p, isa_avx512::attention_bwd, isa_avx2::attention_bwd,
+                     isa_default::attention_bwd);
+  return {dq, dk, dv, dmask};
+}
+
+}  // namespace
+
+TORCH_LIBRARY(attnfast, m) {
+  // (out, lse) = attention(q, k, v); q: (B, Hq, Lq, E), k: (B, Hkv, Lk, E),
+  // v: (B, Hkv, Lk, Ev), attn_mask expanded to (B, Hq, Lq, Lk) (stride 0 where
+  // it broadcasts).  window_left/right = -1 means unbounded; causal is
+  // window_right = 0.  rng = (seed, offset) int64, needed when dropout_p > 0.
+  m.def(
+      "fwd(Tensor q, Tensor k, Tensor v, Tensor? attn_mask, float scale, int window_left, "
+      "int window_right, bool bottom_right, float dropout_p, Tensor? rng) -> (Tensor, Tensor)");
+  m.def(
+      "bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor? dlse, "
+      "Tensor? attn_mask, "
+      "float scale, int window_left, int window_right, bool bottom_right, float dropout_p, "
+      "Tensor? rng, bool mask_grad) -> (Tensor, Tensor, Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(attnfast, CPU, m) {
+  m.impl("fwd", &fwd_cpu);
+  m.impl("bwd", &bwd_cpu);
+}
+
+}  // namespace cpu
+}  // namespace attnfast
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("cpu_isa", &attnfast::cpu::isa_name,
+        "CPU instruction-set path the kernels take now ('avx512', 'avx2' or 'default').");
+}

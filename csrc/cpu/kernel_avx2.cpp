@@ -1,0 +1,30 @@
+// AVX2 build of the CPU attention kernel.
+//
+// The standard headers are included before the target pragma so their inline
+// functions keep the baseline target; everything compiled after it has
+// internal linkage (see attention_kernel.h), so nothing AVX2 escapes this
+// object.  binding.cpp calls into it only when the CPU reports these features.
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#pragma GCC push_options
+#pragma GCC target("avx2,fma,f16c")
+#define ATTNFAST_ISA_NS isa_avx2
+#include "attention_kernel.h"
+#pragma GCC pop_options
+#define ATTNFAST_HAVE_AVX2_BUILD 1
+#else
+// Other targets: the AVX-512 entry points forward to the portable kernel.
+#include "params.h"
+namespace attnfast {
+namespace cpu {
+namespace isa_avx2 {
+void attention_fwd(const FwdParams& p) { isa_default::attention_fwd(p); }
+void attention_bwd(const BwdParams& p) { isa_default::attention_bwd(p); }
+}  // namespace isa_avx2
+}  // namespace cpu
+}  // namespace attnfast
+#endif

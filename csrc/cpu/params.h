@@ -1,0 +1,88 @@
+// Plain parameter block for the CPU attention kernels.
+//
+// The kernel translation units see only this struct (raw pointers, sizes and
+// element strides), never an at::Tensor, so they can be compiled with their
+// own ISA flags and tested on their own.  binding.cpp fills it from tensors.
+#pragma once
+#include <cstdint>
+
+namespace attnfast {
+namespace cpu {
+
+enum class DType : int { f32 = 0, f64 = 1, bf16 = 2, f16 = 3 };
+enum class MaskKind : int { none = 0, boolean = 1, additive = 2 };
+
+// Callback signature used to run `fn(ctx, begin, end)` over [0, n) on the
+// framework's thread pool (binding.cpp routes it to at::parallel_for).
+using RangeFn = void (*)(void* ctx, int64_t begin, int64_t end);
+using ParallelFor = void (*)(int64_t n, int64_t grain, void* ctx, RangeFn fn);
+
+// Layout of every 4-D operand: (batch, head, row, column), strides in elements.
+struct Strides4 {
+  int64_t b, h, r, c;
+};
+
+struct AttnParams {
+  DType dtype;
+  // Sizes.  q: (B, Hq, Lq, E), k: (B, Hkv, Lk, E), v: (B, Hkv, Lk, Ev).
+  int64_t B, Hq, Hkv, Lq, Lk, E, Ev;
+
+  const void* q;
+  const void* k;
+  const void* v;
+  Strides4 q_st, k_st, v_st;
+
+  // Optional mask of logical shape (B, Hq, Lq, Lk); broadcast dims have stride 0.
+  MaskKind mask_kind;
+  const void* mask;  // bool (1 byte) or the query dtype
+  Strides4 mask_st;
+
+  double scale;
+  // Visible keys for query row i: lo(i) <= j <= hi(i), with diagonal
+  // d(i) = i + diag_offset; lo = d - window_left (if window_left >= 0),
+  // hi = d + window_right (if window_right >= 0).  Causal is window_right = 0.
+  int64_t diag_offset;
+  int64_t window_left;   // -1: unbounded
+  int64_t window_right;  // -1: unbounded
+
+  // Dropout on the attention probabilities (Philox4x32-10, see philox.h).
+  float dropout_p;
+  uint64_t seed;
+  uint64_t offset;
+
+  ParallelFor parallel_for;
+};
+
+struct FwdParams : AttnParams {
+  void* out;         // (B, Hq, Lq, Ev), strides out_st, query dtype
+  Strides4 out_st;
+  void* lse;         // (B, Hq, Lq) contiguous, natural log; float32 (float64 for f64)
+};
+
+struct BwdParams : AttnParams {
+  const void* dout;  // (B, Hq, Lq, Ev)
+  Strides4 dout_st;
+  const void* out;   // (B, Hq, Lq, Ev)
+  Strides4 out_st;
+  const void* lse;   // (B, Hq, Lq) contiguous, accumulation dtype (see FwdParams)
+  const void* dlse;  // (B, Hq, Lq) contiguous gradient of lse (same dtype), or nullptr
+  void* delta;       // scratch (B, Hq, Lq): rowsum(dout * out) - dlse
+  void* dq;          // (B, Hq, Lq, E)   contiguous, query dtype
+  void* dk;          // (B, Hkv, Lk, E)  contiguous
+  void* dv;          // (B, Hkv, Lk, Ev) contiguous
+  void* dmask;       // (B, Hq, Lq, Lk) contiguous, lse dtype, or nullptr
+};
+
+// One set of entry points per ISA; the binding picks one at run time.
+#define ATTNFAST_DECLARE_ISA(ns)                 \
+  namespace ns {                                 \
+  void attention_fwd(const FwdParams& p);        \
+  void attention_bwd(const BwdParams& p);        \
+  }
+ATTNFAST_DECLARE_ISA(isa_default)
+ATTNFAST_DECLARE_ISA(isa_avx2)
+ATTNFAST_DECLARE_ISA(isa_avx512)
+#undef ATTNFAST_DECLARE_ISA
+
+}  // namespace cpu
+}  // namespace attnfast

@@ -1,0 +1,69 @@
+"""Build of attnfast and its compiled extension attnfast._C.
+
+Environment:
+  DEBUG=1                  build with -O0 -g (default -O3)
+  MAX_JOBS=N               parallel compile jobs (read by torch's BuildExtension)
+  ATTNFAST_CUDA_ARCH_LIST  CUDA archs for csrc/cuda (default "9.0;8.0")
+  ATTNFAST_NO_CUDA=1       skip the CUDA sources even where CUDA is available
+"""
+import glob
+import os
+import shutil
+
+from setuptools import setup
+from torch.utils import cpp_extension
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+DEBUG = os.environ.get("DEBUG", "0") == "1"
+
+
+def rel(pattern):
+    return sorted(os.path.relpath(p, HERE) for p in glob.glob(os.path.join(HERE, pattern)))
+
+
+def cuda_available_for_build():
+    import torch
+
+    if os.environ.get("ATTNFAST_NO_CUDA", "0") == "1":
+        return False, "ATTNFAST_NO_CUDA=1"
+    if torch.version.cuda is None:
+        return False, "torch has no CUDA"
+    if cpp_extension.CUDA_HOME is None or shutil.which("nvcc") is None and not os.path.exists(
+        os.path.join(cpp_extension.CUDA_HOME, "bin", "nvcc")
+    ):
+        return False, "nvcc not found"
+    if not rel("csrc/cuda/*.cu"):
+        return False, "no CUDA sources"
+    return True, "torch CUDA " + torch.version.cuda
+
+
+opt = ["-O0", "-g"] if DEBUG else ["-O3"]
+cxx_flags = opt + ["-fopenmp-simd", "-Wall", "-Wno-unknown-pragmas"]
+sources = rel("csrc/cpu/*.cpp")
+use_cuda, why = cuda_available_for_build()
+ext_kwargs = dict(extra_compile_args={"cxx": cxx_flags})
+if use_cuda:
+    archs = os.environ.get("ATTNFAST_CUDA_ARCH_LIST", "9.0;8.0")
+    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", archs)
+    ext_kwargs["extra_compile_args"]["nvcc"] = opt + ["-lineinfo", "-Xptxas=--warn-on-spills"]
+    ext_kwargs["define_macros"] = [("ATTNFAST_WITH_CUDA", "1")]
+    ext = cpp_extension.CUDAExtension("attnfast._C", sources + rel("csrc/cuda/*.cu"), **ext_kwargs)
+else:
+    ext = cpp_extension.CppExtension("attnfast._C", sources, **ext_kwargs)
+print(
+    f"attnfast build: DEBUG={int(DEBUG)} MAX_JOBS={os.environ.get('MAX_JOBS', 'auto')} "
+    f"cuda={'yes' if use_cuda else 'no'} ({why})"
+)
+
+setup(
+    name="attnfast",
+    version="0.1.0",
+    description="Fused attention kernels for PyTorch (CPU C++, CUDA C++, Triton)",
+    packages=["attnfast", "attnfast.triton_kernels"],
+    package_dir={"attnfast": "attnfast", "attnfast.triton_kernels": "triton_kernels"},
+    ext_modules=[ext],
+    cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},
+    python_requires=">=3.10",
+    install_requires=["torch>=2.11"],
+    extras_require={"triton": ["triton>=3.6"]},
+)

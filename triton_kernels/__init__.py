@@ -1,0 +1,1 @@
+"""Triton kernels of attnfast (imported as attnfast.triton_kernels)."""
