@@ -25,7 +25,6 @@ def _run(plan, backend, return_lse):
             causal_alignment="bottom_right" if plan.bottom_right else "top_left",
             scale=plan.scale, enable_gqa=True, dropout_mask=dmask, upcast=False,
         )
-        lse = lse.to(ops.lse_dtype(plan.q.dtype))
     else:
         out, lse = torch.ops.attnfast.fwd(
             plan.q, plan.k, plan.v, plan.mask, plan.scale, plan.window_left, plan.window_right,
@@ -34,7 +33,7 @@ def _run(plan, backend, return_lse):
     Lq, Ev = plan.q.shape[2], plan.v.shape[3]
     out = out.reshape(plan.lead + (Lq, Ev))
     if return_lse:
-        return out, lse.reshape(plan.lead + (Lq,))
+        return out, lse.to(ops.public_lse_dtype(plan.q.dtype)).reshape(plan.lead + (Lq,))
     return out
 
 

@@ -9,9 +9,11 @@ Ops:
                 window_right, bottom_right, dropout_p, rng, mask_grad)
                 -> (dq, dk, dv, dmask)
 Shapes: q (B, Hq, Lq, E), k (B, Hkv, Lk, E), v (B, Hkv, Lk, Ev); out
-(B, Hq, Lq, Ev) contiguous; lse (B, Hq, Lq) float32 (float64 for float64
-inputs, so float64 gradients keep float64 accuracy); dmask (B, Hq, Lq, Lk) in
-the lse dtype when mask_grad, else empty.
+(B, Hq, Lq, Ev) contiguous; lse (B, Hq, Lq) float64 for float32/float64
+inputs (the backward recomputes P from it, and a float32 lse would cost
+float32 gradients several ulps), float32 for half types; dmask (B, Hq, Lq, Lk)
+in the accumulation dtype (float64 for float64, else float32) when mask_grad,
+else empty.  The public API returns lse as float32 (float64 for float64).
 """
 from __future__ import annotations
 
@@ -34,6 +36,16 @@ def load_error():
 
 
 def lse_dtype(dtype):
+    """dtype of the op's saved lse."""
+    return torch.float64 if dtype in (torch.float32, torch.float64) else torch.float32
+
+
+def acc_dtype(dtype):
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def public_lse_dtype(dtype):
+    """dtype of the lse the public API returns."""
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
@@ -54,7 +66,7 @@ if _C is not None:
         dq = q.new_empty(q.shape, memory_format=torch.contiguous_format)
         dk = k.new_empty(k.shape, memory_format=torch.contiguous_format)
         dv = v.new_empty(v.shape, memory_format=torch.contiguous_format)
-        dmask = q.new_empty((B, Hq, Lq, Lk) if mask_grad else (0,), dtype=lse_dtype(q.dtype))
+        dmask = q.new_empty((B, Hq, Lq, Lk) if mask_grad else (0,), dtype=acc_dtype(q.dtype))
         return dq, dk, dv, dmask
 
     def _setup_context(ctx, inputs, output):

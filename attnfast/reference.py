@@ -52,6 +52,7 @@ def attention_ref(
     enable_gqa=False,
     dropout_mask=None,
     upcast=True,
+    reorder_ops=False,
 ):
     """Naive attention returning `(out, lse)`.
 
@@ -61,6 +62,10 @@ def attention_ref(
     of the probabilities (0 for dropped, 1/(1-p) for kept), as built by
     `attnfast.testing.dropout_mask`.  Fully masked rows give out 0, lse -inf.
     `lse` is the natural-log logsumexp of the masked, scaled scores.
+    `reorder_ops=True` computes the same maths in another order (q scaled
+    before the product, probabilities by max-shifted softmax, out = (vᵀpᵀ)ᵀ),
+    so it rounds differently: the same-precision yardstick for float64, where
+    upcasting changes nothing.
     """
     dtype = torch.float64 if upcast else q.dtype
     q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
@@ -73,7 +78,10 @@ def attention_ref(
         k = k.repeat_interleave(rep, dim=-3)
         v = v.repeat_interleave(rep, dim=-3)
     Lq, Lk = q.size(-2), k.size(-2)
-    s = torch.matmul(q, k.transpose(-2, -1)) * scale
+    if reorder_ops:
+        s = torch.matmul(q * scale, k.transpose(-2, -1))
+    else:
+        s = torch.matmul(q, k.transpose(-2, -1)) * scale
     vis = visible_mask(
         Lq, Lk, is_causal=is_causal, causal_alignment=causal_alignment, window=window, device=q.device
     )
@@ -91,10 +99,17 @@ def attention_ref(
     dead = torch.isneginf(s.amax(dim=-1))
     lse = torch.logsumexp(torch.where(dead.unsqueeze(-1), torch.zeros_like(s), s), dim=-1)
     lse = lse.masked_fill(dead, float("-inf"))
-    p = torch.exp(s - lse.masked_fill(dead, 0.0).unsqueeze(-1))
+    if reorder_ops:
+        p = torch.softmax(torch.where(dead.unsqueeze(-1), torch.zeros_like(s), s), dim=-1)
+        p = p.masked_fill(dead.unsqueeze(-1), 0.0)
+    else:
+        p = torch.exp(s - lse.masked_fill(dead, 0.0).unsqueeze(-1))
     if Lk == 0:
         p = p[..., :0]
     if dropout_mask is not None:
         p = p * dropout_mask.to(dtype)
-    out = torch.matmul(p, v)
+    if reorder_ops:
+        out = torch.matmul(v.transpose(-2, -1), p.transpose(-2, -1)).transpose(-2, -1)
+    else:
+        out = torch.matmul(p, v)
     return out, lse

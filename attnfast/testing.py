@@ -6,6 +6,8 @@ kept iff (philox(seed; i*Lk + j, bh, offset)[0] >> 8) * 2**-24 >= p.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 _M0, _M1 = 0xD2511F53, 0xCD9E8D57
@@ -69,3 +71,90 @@ def dropout_mask(shape, dropout_p, rng=None, device="cpu"):
     keep = (word >> 8).to(torch.float32) * (1.0 / 16777216.0) >= dropout_p
     mult = keep.to(torch.float32) / (1.0 - dropout_p)
     return mult.reshape(tuple(shape)).to(device)
+
+
+# ---------------------------------------------------------------------------
+# The parity rule (tests and `make bench` both use it)
+# ---------------------------------------------------------------------------
+# A kernel matches the reference when, for every output and gradient,
+#     max|kernel - truth| <= 2 * max|same_precision_ref - truth| + floor,
+#     floor = 2 * eps(dtype) * max|truth|  (two ulps at the largest value)
+# where truth is the float64 reference and same_precision_ref is the naive
+# reference computed in the kernel's own dtype (for float64, with the ops
+# reordered, since upcasting changes nothing there).
+# For float64 inputs there is no more precise truth: the float64 truth itself
+# carries the rounding noise of its length-n reductions, ~sqrt(n)·eps, and
+# the floor admits that noise: floor += sqrt(n) * eps * max|truth| with n the
+# longest reduction (max of Lq, Lk and the head dims).
+
+PARITY_FACTOR = 2.0
+FLOOR_ULPS = 2.0
+
+
+class ParityResult:
+    __slots__ = ("name", "err", "ref_err", "tol", "ok")
+
+    def __init__(self, name, err, ref_err, tol):
+        self.name, self.err, self.ref_err, self.tol = name, err, ref_err, tol
+        self.ok = bool(err <= tol)
+
+    def __repr__(self):
+        return (f"{self.name}: err {self.err:.3g} <= tol {self.tol:.3g} "
+                f"(same-precision ref err {self.ref_err:.3g}): {'ok' if self.ok else 'FAIL'}")
+
+
+def parity(name, actual, same_precision, truth, n=1):
+    """Apply the parity rule to one tensor (see the comment above)."""
+    truth = truth.detach().to(torch.float64)
+    a = actual.detach().to(torch.float64)
+    r = same_precision.detach().to(torch.float64)
+    finite = torch.isfinite(truth)
+    # -inf lse of fully masked rows must be matched exactly.
+    if not torch.equal(torch.isfinite(a), finite) or not torch.equal(a[~finite], truth[~finite]):
+        return ParityResult(name, float("inf"), 0.0, 0.0)
+    if truth.numel() == 0 or not finite.any():
+        return ParityResult(name, 0.0, 0.0, 0.0)
+    a, r, t = a[finite], r[finite], truth[finite]
+    err = (a - t).abs().max().item()
+    ref_err = (r - t).abs().nan_to_num(posinf=0.0).max().item()
+    eps = torch.finfo(actual.dtype).eps
+    floor_ulps = FLOOR_ULPS + (math.sqrt(n) if actual.dtype == torch.float64 else 0.0)
+    tol = PARITY_FACTOR * ref_err + floor_ulps * eps * t.abs().max().item()
+    return ParityResult(name, err, ref_err, tol)
+
+
+def compare_with_reference(run, q, k, v, attn_mask=None, grads=True, **ref_kwargs):
+    """Run `run(q, k, v, attn_mask) -> (out, lse)` and the reference; apply the rule.
+
+    `ref_kwargs` are the attention_ref keyword arguments that describe the
+    same call (is_causal, causal_alignment, window, scale, enable_gqa,
+    dropout_mask).  Gradients (dq, dk, dv and a float mask's) are checked
+    when `grads`; a float mask gets a gradient when it requires grad.
+    Returns a list of ParityResult.
+    """
+    from .reference import attention_ref
+
+    def leaf(t, want):
+        return None if t is None else t.detach().clone().requires_grad_(want)
+
+    mask_grad = grads and attn_mask is not None and attn_mask.is_floating_point() and attn_mask.requires_grad
+    ins = [leaf(t, grads) for t in (q, k, v)] + [leaf(attn_mask, mask_grad)]
+    out, lse = run(*ins)
+    low_dtype = q.dtype
+    reorder = low_dtype == torch.float64
+    ref_ins = [leaf(t, grads) for t in (q, k, v)] + [leaf(attn_mask, mask_grad)]
+    tru_ins = [leaf(t, grads) for t in (q, k, v)] + [leaf(attn_mask, mask_grad)]
+    r_out, r_lse = attention_ref(*ref_ins, upcast=False, reorder_ops=reorder, **ref_kwargs)
+    t_out, t_lse = attention_ref(*tru_ins, upcast=True, **ref_kwargs)
+    n = max(q.shape[-2], k.shape[-2], q.shape[-1], v.shape[-1])
+    results = [parity("out", out, r_out, t_out, n), parity("lse", lse, r_lse, t_lse, n)]
+    if grads:
+        dout = torch.randn_like(t_out).to(q.dtype)
+        wrt = [0, 1, 2] + ([3] if mask_grad else [])
+        names = ["dq", "dk", "dv", "dmask"]
+        g = torch.autograd.grad(out, [ins[i] for i in wrt], dout)
+        rg = torch.autograd.grad(r_out, [ref_ins[i] for i in wrt], dout.to(r_out.dtype))
+        tg = torch.autograd.grad(t_out, [tru_ins[i] for i in wrt], dout.to(t_out.dtype))
+        for i, a, r, t in zip(wrt, g, rg, tg):
+            results.append(parity(names[i], a, r, t, n))
+    return results

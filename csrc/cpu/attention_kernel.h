@@ -40,18 +40,30 @@ struct bf16_t { uint16_t bits; };
 struct f16_t { uint16_t bits; };
 
 template <typename T> struct Elem;
+// acc: arithmetic type.  lse: storage type of the saved logsumexp.  wide:
+// type of the P = exp(s - lse) recompute in the backward.  float32 inputs keep
+// lse in float64: a float32 lse (|lse| ~ log L) alone would put ~ulp(lse) of
+// relative error on every recomputed P, several times what a naive float32
+// softmax makes (measured on the parity sweep); float64 inputs compute
+// s - lse in long double for the same reason.
 template <> struct Elem<float> {
   using acc = float;
+  using lse = double;
+  using wide = double;
   static float load(const float* p) { return *p; }
   static void store(float* p, float v) { *p = v; }
 };
 template <> struct Elem<double> {
   using acc = double;
+  using lse = double;
+  using wide = long double;
   static double load(const double* p) { return *p; }
   static void store(double* p, double v) { *p = v; }
 };
 template <> struct Elem<bf16_t> {
   using acc = float;
+  using lse = float;
+  using wide = float;
   static float load(const bf16_t* p) {
     const uint32_t u = static_cast<uint32_t>(p->bits) << 16;
     float f;
@@ -71,6 +83,8 @@ template <> struct Elem<bf16_t> {
 };
 template <> struct Elem<f16_t> {
   using acc = float;
+  using lse = float;
+  using wide = float;
   static float load(const f16_t* p) {
     _Float16 h;
     std::memcpy(&h, &p->bits, sizeof(h));
@@ -144,30 +158,60 @@ void load_rows_t(const T* base, int64_t rs, int64_t cs, int64_t r0, int64_t nr, 
   }
 }
 
-// s[i][0:nk] = scale * a[i][:] . bt[:][0:nk], a: (na, d) row-major, bt: (d, ldb).
+// c[i][0:n] = scale * sum_e a[i][e] * b[e][0:n]
+//   a: (m, d) with row stride lda;  b: (d, n) with row stride ldb;  c: ldc.
+// Every product of the kernel goes through here (S = Q K^T, dP = dO V^T,
+// O += P V, dV += P^T dO, dK += dS^T Q, dQ += dS K): tile products are
+// formed whole and only then added to a running accumulator, so sums run
+// over at most one tile before meeting it (two-level summation).  Four
+// products are summed before they meet the tile sum: a plain sequential sum
+// over d = 59 had twice the rounding error of torch's blocked matmul
+// (measured), which the parity rule then sees in every gradient.
 template <typename A>
-void scores_tile(const A* __restrict a, int64_t na, int64_t d, const A* __restrict bt, int64_t ldb,
-                 int64_t nk, A scale, A* __restrict s, int64_t lds) {
-  for (int64_t i = 0; i < na; ++i) {
-    A* __restrict row = s + i * lds;
-    for (int64_t j = 0; j < nk; ++j) row[j] = A(0);
-    const A* ai = a + i * d;
-    for (int64_t e = 0; e < d; ++e) {
-      const A x = ai[e];
-      const A* __restrict b = bt + e * ldb;
+void matmul_tile(const A* __restrict a, int64_t lda, int64_t m, int64_t d, const A* __restrict b,
+                 int64_t ldb, int64_t n, A scale, A* __restrict c, int64_t ldc) {
+  for (int64_t i = 0; i < m; ++i) {
+    A* __restrict row = c + i * ldc;
+    for (int64_t j = 0; j < n; ++j) row[j] = A(0);
+    const A* ai = a + i * lda;
+    int64_t e = 0;
+    for (; e + 4 <= d; e += 4) {
+      const A x0 = ai[e], x1 = ai[e + 1], x2 = ai[e + 2], x3 = ai[e + 3];
+      const A* __restrict b0 = b + e * ldb;
+      const A* __restrict b1 = b0 + ldb;
+      const A* __restrict b2 = b1 + ldb;
+      const A* __restrict b3 = b2 + ldb;
 #pragma omp simd
-      for (int64_t j = 0; j < nk; ++j) row[j] += x * b[j];
+      for (int64_t j = 0; j < n; ++j) row[j] += (x0 * b0[j] + x1 * b1[j]) + (x2 * b2[j] + x3 * b3[j]);
     }
+    for (; e < d; ++e) {
+      const A x = ai[e];
+      const A* __restrict be = b + e * ldb;
 #pragma omp simd
-    for (int64_t j = 0; j < nk; ++j) row[j] *= scale;
+      for (int64_t j = 0; j < n; ++j) row[j] += x * be[j];
+    }
+    if (scale != A(1)) {
+#pragma omp simd
+      for (int64_t j = 0; j < n; ++j) row[j] *= scale;
+    }
   }
 }
 
-// y[0:n] += x * b[0:n]
+// y[r][0:n] += x[r][0:n] for r < m (both with row stride ld).
 template <typename A>
-inline void axpy(int64_t n, A x, const A* __restrict b, A* __restrict y) {
+void add_tile(int64_t m, int64_t n, const A* __restrict x, int64_t ldx, A* __restrict y, int64_t ldy) {
+  for (int64_t r = 0; r < m; ++r) {
 #pragma omp simd
-  for (int64_t c = 0; c < n; ++c) y[c] += x * b[c];
+    for (int64_t c = 0; c < n; ++c) y[r * ldy + c] += x[r * ldx + c];
+  }
+}
+
+// dst[c][r] = src[r][c]
+template <typename A>
+void transpose_tile(const A* __restrict src, int64_t lds, int64_t rows, int64_t cols, A* __restrict dst,
+                    int64_t ldd) {
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t c = 0; c < cols; ++c) dst[c * ldd + r] = src[r * lds + c];
 }
 
 // Sets invisible scores to -inf and applies the mask for rows [i0, i0+nq) and
@@ -220,6 +264,7 @@ void dropout_factors(const AttnParams& p, int64_t b, int64_t h, int64_t i0, int6
 template <typename T>
 void fwd_impl(const FwdParams& p) {
   using A = typename Elem<T>::acc;
+  using L = typename Elem<T>::lse;
   const Visibility vis(p);
   const int64_t nqb = cdiv(p.Lq, kBlockQ);
   const int64_t group = p.Hq / p.Hkv;
@@ -229,7 +274,10 @@ void fwd_impl(const FwdParams& p) {
 
   run_parallel(p, p.B * p.Hq * nqb, [&](int64_t begin, int64_t end) {
     Buffer<A> qbuf(kBlockQ * E), kt(E * kBlockK), vbuf(kBlockK * Ev), sc(kBlockQ * kBlockK),
-        acc(kBlockQ * Ev), mrow(kBlockQ), lrow(kBlockQ);
+        acc(kBlockQ * Ev), pv(kBlockQ * Ev), mrow(kBlockQ), alpha(kBlockQ);
+    // Row sums in the lse precision: the saved lse = m + log(l) is what the
+    // backward rebuilds P from, so its error lands on every gradient.
+    Buffer<L> lrow(kBlockQ);
     Buffer<A> fac(p.dropout_p > 0.f ? kBlockQ * kBlockK : 0);
     for (int64_t item = begin; item < end; ++item) {
       const int64_t qb = item % nqb, bh = item / nqb;
@@ -239,8 +287,8 @@ void fwd_impl(const FwdParams& p) {
       const T* q = static_cast<const T*>(p.q) + b * p.q_st.b + h * p.q_st.h;
       const T* k = static_cast<const T*>(p.k) + b * p.k_st.b + hk * p.k_st.h;
       const T* v = static_cast<const T*>(p.v) + b * p.v_st.b + hk * p.v_st.h;
-      load_rows(q, p.q_st.r, p.q_st.c, i0, nq, E, qbuf.data());
-      for (int64_t i = 0; i < nq; ++i) { mrow[i] = ninf; lrow[i] = A(0); }
+      load_rows(q, p.q_st.r, p.q_st.c, i0, nq, E, qbuf.data());  // (nq, E)
+      for (int64_t i = 0; i < nq; ++i) { mrow[i] = ninf; lrow[i] = L(0); }
       acc.zero();
 
       // Keys visible to any row of this block.
@@ -251,11 +299,12 @@ void fwd_impl(const FwdParams& p) {
       }
       for (int64_t j0 = jlo; j0 < jhi; j0 += kBlockK) {
         const int64_t nk = imin(kBlockK, jhi - j0);
-        load_rows_t(k, p.k_st.r, p.k_st.c, j0, nk, E, kBlockK, kt.data());
-        load_rows(v, p.v_st.r, p.v_st.c, j0, nk, Ev, vbuf.data());
-        scores_tile(qbuf.data(), nq, E, kt.data(), kBlockK, nk, scale, sc.data(), kBlockK);
+        load_rows_t(k, p.k_st.r, p.k_st.c, j0, nk, E, kBlockK, kt.data());  // (E, nk)
+        load_rows(v, p.v_st.r, p.v_st.c, j0, nk, Ev, vbuf.data());        // (nk, Ev)
+        matmul_tile(qbuf.data(), E, nq, E, kt.data(), kBlockK, nk, scale, sc.data(), kBlockK);
         mask_tile<T, A>(p, vis, b, h, i0, nq, j0, nk, sc.data(), kBlockK);
 
+        // Online softmax: P = exp(S - m_new), l = l * alpha + rowsum(P).
         for (int64_t i = 0; i < nq; ++i) {
           A* row = sc.data() + i * kBlockK;
           A mx = ninf;
@@ -263,42 +312,44 @@ void fwd_impl(const FwdParams& p) {
           const A m_new = mx > mrow[i] ? mx : mrow[i];
           if (m_new == ninf) {  // nothing visible in this row yet
             for (int64_t j = 0; j < nk; ++j) row[j] = A(0);
+            alpha[i] = A(1);
             continue;
           }
-          const A alpha = std::exp(mrow[i] - m_new);  // exp(-inf) = 0 on the first block
-          A rs = A(0);
+          alpha[i] = std::exp(mrow[i] - m_new);  // exp(-inf) = 0 on the first block
+          L rs = L(0);
           for (int64_t j = 0; j < nk; ++j) {
             const A e = std::exp(row[j] - m_new);
             row[j] = e;
             rs += e;
           }
-          lrow[i] = lrow[i] * alpha + rs;
+          lrow[i] = lrow[i] * static_cast<L>(alpha[i]) + rs;
           mrow[i] = m_new;
-          if (alpha != A(1)) {
-            A* o = acc.data() + i * Ev;
-            for (int64_t c = 0; c < Ev; ++c) o[c] *= alpha;
-          }
         }
         if (p.dropout_p > 0.f) {
           dropout_factors(p, b, h, i0, nq, j0, nk, fac.data(), kBlockK);
           for (int64_t x = 0; x < nq * kBlockK; ++x) sc[x] *= fac[x];
         }
+        // acc = acc * alpha + P V
+        matmul_tile(sc.data(), kBlockK, nq, nk, vbuf.data(), Ev, Ev, A(1), pv.data(), Ev);
         for (int64_t i = 0; i < nq; ++i) {
-          const A* row = sc.data() + i * kBlockK;
           A* o = acc.data() + i * Ev;
-          for (int64_t j = 0; j < nk; ++j)
-            if (row[j] != A(0)) axpy(Ev, row[j], vbuf.data() + j * Ev, o);
+          const A* t = pv.data() + i * Ev;
+          const A al = alpha[i];
+#pragma omp simd
+          for (int64_t c = 0; c < Ev; ++c) o[c] = o[c] * al + t[c];
         }
       }
 
       T* out = static_cast<T*>(p.out) + b * p.out_st.b + h * p.out_st.h;
-      A* lse = static_cast<A*>(p.lse) + (b * p.Hq + h) * p.Lq;
+      L* lse = static_cast<L*>(p.lse) + (b * p.Hq + h) * p.Lq;
       for (int64_t i = 0; i < nq; ++i) {
-        const A l = lrow[i];
-        const A inv = l > A(0) ? A(1) / l : A(0);  // fully masked row: output 0
+        const L l = lrow[i];
+        const A inv = l > L(0) ? static_cast<A>(L(1) / l) : A(0);  // fully masked row: output 0
         T* orow = out + (i0 + i) * p.out_st.r;
         for (int64_t c = 0; c < Ev; ++c) Elem<T>::store(orow + c * p.out_st.c, acc[i * Ev + c] * inv);
-        lse[i0 + i] = l > A(0) ? mrow[i] + std::log(l) : ninf;
+        using W = typename Elem<T>::wide;
+        lse[i0 + i] = l > L(0) ? static_cast<L>(static_cast<W>(mrow[i]) + std::log(static_cast<W>(l)))
+                               : -std::numeric_limits<L>::infinity();
       }
     }
   });
@@ -310,25 +361,29 @@ void fwd_impl(const FwdParams& p) {
 template <typename T>
 void bwd_impl(const BwdParams& p) {
   using A = typename Elem<T>::acc;
+  using L = typename Elem<T>::lse;
   const Visibility vis(p);
   const int64_t group = p.Hq / p.Hkv;
   const int64_t E = p.E, Ev = p.Ev;
   const A scale = static_cast<A>(p.scale);
-  const A inf = std::numeric_limits<A>::infinity();
+  const L inf = std::numeric_limits<L>::infinity();
 
   // delta[b, h, i] = sum_c dO[i, c] * O[i, c] - dlse[b, h, i]
-  // (d lse / d s = P, so a gradient on lse only shifts delta).
+  // (d lse / d s = P, so a gradient on lse only shifts delta).  It goes
+  // through matmul_tile like dP = dO V^T does: with one visible key O = V and
+  // the two then cancel exactly, as the exact gradient (0) does.
   run_parallel(p, p.B * p.Hq, [&](int64_t begin, int64_t end) {
+    Buffer<A> dorow(Ev), orow(Ev);
     for (int64_t bh = begin; bh < end; ++bh) {
       const int64_t h = bh % p.Hq, b = bh / p.Hq;
       const T* dout = static_cast<const T*>(p.dout) + b * p.dout_st.b + h * p.dout_st.h;
       const T* out = static_cast<const T*>(p.out) + b * p.out_st.b + h * p.out_st.h;
       for (int64_t i = 0; i < p.Lq; ++i) {
-        A s = A(0);
-        for (int64_t c = 0; c < Ev; ++c)
-          s += static_cast<A>(Elem<T>::load(dout + i * p.dout_st.r + c * p.dout_st.c)) *
-               static_cast<A>(Elem<T>::load(out + i * p.out_st.r + c * p.out_st.c));
-        if (p.dlse != nullptr) s -= static_cast<const A*>(p.dlse)[bh * p.Lq + i];
+        load_rows(dout, p.dout_st.r, p.dout_st.c, i, 1, Ev, dorow.data());
+        load_rows(out, p.out_st.r, p.out_st.c, i, 1, Ev, orow.data());
+        A s;
+        matmul_tile(dorow.data(), Ev, 1, Ev, orow.data(), 1, 1, A(1), &s, 1);
+        if (p.dlse != nullptr) s -= static_cast<A>(static_cast<const L*>(p.dlse)[bh * p.Lq + i]);
         static_cast<A*>(p.delta)[bh * p.Lq + i] = s;
       }
     }
@@ -338,8 +393,10 @@ void bwd_impl(const BwdParams& p) {
   // the q heads of a GQA group add into them without atomics.
   run_parallel(p, p.B * p.Hkv, [&](int64_t begin, int64_t end) {
     Buffer<A> kt(E * kBlockK), kbuf(kBlockK * E), vt(Ev * kBlockK), qbuf(kBlockQ * E),
-        dobuf(kBlockQ * Ev), pt(kBlockQ * kBlockK), dp(kBlockQ * kBlockK), dk(kBlockK * E),
-        dv(kBlockK * Ev), lse(kBlockQ), delta(kBlockQ);
+        dobuf(kBlockQ * Ev), pt(kBlockQ * kBlockK), dp(kBlockQ * kBlockK), ptt(kBlockK * kBlockQ),
+        dk(kBlockK * E), dv(kBlockK * Ev), tk(kBlockK * E), tv(kBlockK * Ev), tq(kBlockQ * E),
+        delta(kBlockQ);
+    Buffer<L> lse(kBlockQ);
     Buffer<A> fac(p.dropout_p > 0.f ? kBlockQ * kBlockK : 0);
     Buffer<A> dq(group * p.Lq * E);
     for (int64_t item = begin; item < end; ++item) {
@@ -350,9 +407,9 @@ void bwd_impl(const BwdParams& p) {
 
       for (int64_t j0 = 0; j0 < p.Lk; j0 += kBlockK) {
         const int64_t nk = imin(kBlockK, p.Lk - j0);
-        load_rows_t(k, p.k_st.r, p.k_st.c, j0, nk, E, kBlockK, kt.data());
-        load_rows(k, p.k_st.r, p.k_st.c, j0, nk, E, kbuf.data());
-        load_rows_t(v, p.v_st.r, p.v_st.c, j0, nk, Ev, kBlockK, vt.data());
+        load_rows_t(k, p.k_st.r, p.k_st.c, j0, nk, E, kBlockK, kt.data());   // (E, nk)
+        load_rows(k, p.k_st.r, p.k_st.c, j0, nk, E, kbuf.data());           // (nk, E)
+        load_rows_t(v, p.v_st.r, p.v_st.c, j0, nk, Ev, kBlockK, vt.data());  // (Ev, nk)
         dk.zero();
         dv.zero();
         const int64_t ilo = vis.row_lo(j0), ihi = vis.row_hi(j0 + nk);
@@ -363,40 +420,50 @@ void bwd_impl(const BwdParams& p) {
           const T* dout = static_cast<const T*>(p.dout) + b * p.dout_st.b + h * p.dout_st.h;
           for (int64_t i0 = ilo; i0 < ihi; i0 += kBlockQ) {
             const int64_t nq = imin(kBlockQ, ihi - i0);
-            load_rows(q, p.q_st.r, p.q_st.c, i0, nq, E, qbuf.data());
-            load_rows(dout, p.dout_st.r, p.dout_st.c, i0, nq, Ev, dobuf.data());
+            load_rows(q, p.q_st.r, p.q_st.c, i0, nq, E, qbuf.data());              // (nq, E)
+            load_rows(dout, p.dout_st.r, p.dout_st.c, i0, nq, Ev, dobuf.data());  // (nq, Ev)
             for (int64_t i = 0; i < nq; ++i) {
-              const A l = static_cast<const A*>(p.lse)[bh * p.Lq + i0 + i];
+              const L l = static_cast<const L*>(p.lse)[bh * p.Lq + i0 + i];
               // A fully masked row (lse = -inf) has P = 0: exp(s - inf) = 0.
               lse[i] = l == -inf ? inf : l;
               delta[i] = static_cast<const A*>(p.delta)[bh * p.Lq + i0 + i];
             }
-            // P = exp(S - lse)
-            scores_tile(qbuf.data(), nq, E, kt.data(), kBlockK, nk, scale, pt.data(), kBlockK);
+            // P = exp(S - lse), in the lse precision: rounding s - lse
+            // (|s - lse| ~ log L) to float32 would already cost P an ulp of log L.
+            matmul_tile(qbuf.data(), E, nq, E, kt.data(), kBlockK, nk, scale, pt.data(), kBlockK);
             mask_tile<T, A>(p, vis, b, h, i0, nq, j0, nk, pt.data(), kBlockK);
             for (int64_t i = 0; i < nq; ++i) {
               A* row = pt.data() + i * kBlockK;
-              for (int64_t j = 0; j < nk; ++j) row[j] = std::exp(row[j] - lse[i]);
+              using W = typename Elem<T>::wide;
+              const W li = static_cast<W>(lse[i]);
+              for (int64_t j = 0; j < nk; ++j)
+                row[j] = static_cast<A>(std::exp(static_cast<W>(row[j]) - li));
             }
             // dP = dO V^T
-            scores_tile(dobuf.data(), nq, Ev, vt.data(), kBlockK, nk, A(1), dp.data(), kBlockK);
+            matmul_tile(dobuf.data(), Ev, nq, Ev, vt.data(), kBlockK, nk, A(1), dp.data(), kBlockK);
             // With dropout, dV takes the dropped P and dP goes back through the
             // same mask (the factors are regenerated from the counter, not stored).
-            const bool drop = p.dropout_p > 0.f;
-            if (drop) dropout_factors(p, b, h, i0, nq, j0, nk, fac.data(), kBlockK);
-            for (int64_t i = 0; i < nq; ++i)
-              for (int64_t j = 0; j < nk; ++j) {
-                const int64_t idx = i * kBlockK + j;
-                const A pij = drop ? pt[idx] * fac[idx] : pt[idx];
-                if (pij != A(0)) axpy(Ev, pij, dobuf.data() + i * Ev, dv.data() + j * Ev);
-                if (drop) dp[idx] *= fac[idx];
-              }
+            if (p.dropout_p > 0.f) {
+              dropout_factors(p, b, h, i0, nq, j0, nk, fac.data(), kBlockK);
+              for (int64_t i = 0; i < nq; ++i)
+                for (int64_t j = 0; j < nk; ++j) {
+                  const int64_t x = i * kBlockK + j;
+                  ptt[j * kBlockQ + i] = pt[x] * fac[x];
+                  dp[x] *= fac[x];
+                }
+            } else {
+              transpose_tile(pt.data(), kBlockK, nq, nk, ptt.data(), kBlockQ);
+            }
+            // dV += P^T dO
+            matmul_tile(ptt.data(), kBlockQ, nk, nq, dobuf.data(), Ev, Ev, A(1), tv.data(), Ev);
+            add_tile(nk, Ev, tv.data(), Ev, dv.data(), Ev);
             // dS = P * (dP - delta), stored over dp.
             for (int64_t i = 0; i < nq; ++i) {
               A* d = dp.data() + i * kBlockK;
               const A* pr = pt.data() + i * kBlockK;
+              const A di = delta[i];
 #pragma omp simd
-              for (int64_t j = 0; j < nk; ++j) d[j] = pr[j] * (d[j] - delta[i]);
+              for (int64_t j = 0; j < nk; ++j) d[j] = pr[j] * (d[j] - di);
             }
             if (p.dmask != nullptr) {
               for (int64_t i = 0; i < nq; ++i) {
@@ -404,17 +471,13 @@ void bwd_impl(const BwdParams& p) {
                 for (int64_t j = 0; j < nk; ++j) dm[j] = dp[i * kBlockK + j];
               }
             }
-            // dQ += scale * dS K ; dK += scale * dS^T Q
-            A* dqh = dq.data() + g * p.Lq * E;
-            for (int64_t i = 0; i < nq; ++i) {
-              A* dqi = dqh + (i0 + i) * E;
-              for (int64_t j = 0; j < nk; ++j) {
-                const A dsij = dp[i * kBlockK + j];
-                if (dsij == A(0)) continue;
-                axpy(E, scale * dsij, kbuf.data() + j * E, dqi);
-                axpy(E, scale * dsij, qbuf.data() + i * E, dk.data() + j * E);
-              }
-            }
+            // dQ += scale * dS K
+            matmul_tile(dp.data(), kBlockK, nq, nk, kbuf.data(), E, E, scale, tq.data(), E);
+            add_tile(nq, E, tq.data(), E, dq.data() + (g * p.Lq + i0) * E, E);
+            // dK += scale * dS^T Q
+            transpose_tile(dp.data(), kBlockK, nq, nk, ptt.data(), kBlockQ);
+            matmul_tile(ptt.data(), kBlockQ, nk, nq, qbuf.data(), E, E, scale, tk.data(), E);
+            add_tile(nk, E, tk.data(), E, dk.data(), E);
           }
         }
         T* dkp = static_cast<T*>(p.dk) + ((b * p.Hkv + hk) * p.Lk + j0) * E;

@@ -76,9 +76,13 @@ DType to_dtype(at::ScalarType t) {
   }
 }
 
-// lse (and the backward's delta and mask-gradient scratch) are kept in the
-// accumulation type: float32, or float64 for float64 inputs.
+// Saved lse: float64 for float32/float64 inputs (see attention_kernel.h), else float32.
 at::ScalarType lse_dtype(const at::Tensor& q) {
+  return q.scalar_type() == at::kDouble || q.scalar_type() == at::kFloat ? at::kDouble : at::kFloat;
+}
+
+// Accumulation dtype (delta and the mask-gradient scratch).
+at::ScalarType acc_dtype(const at::Tensor& q) {
   return q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
 }
 
@@ -186,7 +190,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bwd_cpu(
               "attnfast cpu: dout and out must have the query dtype");
   TORCH_CHECK(lse.scalar_type() == lse_dtype(q) && lse.dim() == 3 && lse.size(0) == p.B &&
                   lse.size(1) == p.Hq && lse.size(2) == p.Lq,
-              "attnfast cpu: lse must be (B, Hq, Lq) in float32 (float64 for float64 inputs)");
+              "attnfast cpu: lse must be (B, Hq, Lq), float64 for float32/float64 inputs, else float32");
   TORCH_CHECK(!mask_grad || p.mask_kind == MaskKind::additive,
               "attnfast cpu: mask_grad needs a float attn_mask");
   const at::Tensor lse_c = lse.contiguous();
@@ -196,12 +200,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bwd_cpu(
                 "attnfast cpu: dlse must match lse in shape and dtype");
     dlse_c = dlse->contiguous();
   }
-  at::Tensor delta = at::empty({p.B, p.Hq, p.Lq}, lse.options());
+  at::Tensor delta = at::empty({p.B, p.Hq, p.Lq}, lse.options().dtype(acc_dtype(q)));
   at::Tensor dq = at::empty({p.B, p.Hq, p.Lq, p.E}, q.options());
   at::Tensor dk = at::empty({p.B, p.Hkv, p.Lk, p.E}, q.options());
   at::Tensor dv = at::empty({p.B, p.Hkv, p.Lk, p.Ev}, q.options());
-  at::Tensor dmask = mask_grad ? at::zeros({p.B, p.Hq, p.Lq, p.Lk}, lse.options())
-                               : at::empty({0}, lse.options());
+  at::Tensor dmask = mask_grad ? at::zeros({p.B, p.Hq, p.Lq, p.Lk}, delta.options())
+                               : at::empty({0}, delta.options());
   p.dout = dout.data_ptr();
   p.dout_st = strides_of(dout);
   p.out = out.data_ptr();

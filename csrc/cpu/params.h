@@ -56,7 +56,7 @@ struct AttnParams {
 struct FwdParams : AttnParams {
   void* out;         // (B, Hq, Lq, Ev), strides out_st, query dtype
   Strides4 out_st;
-  void* lse;         // (B, Hq, Lq) contiguous, natural log; float32 (float64 for f64)
+  void* lse;         // (B, Hq, Lq) contiguous, natural log; float64 for f32/f64 inputs, else float32
 };
 
 struct BwdParams : AttnParams {
@@ -64,13 +64,13 @@ struct BwdParams : AttnParams {
   Strides4 dout_st;
   const void* out;   // (B, Hq, Lq, Ev)
   Strides4 out_st;
-  const void* lse;   // (B, Hq, Lq) contiguous, accumulation dtype (see FwdParams)
+  const void* lse;   // (B, Hq, Lq) contiguous, dtype as in FwdParams
   const void* dlse;  // (B, Hq, Lq) contiguous gradient of lse (same dtype), or nullptr
-  void* delta;       // scratch (B, Hq, Lq): rowsum(dout * out) - dlse
+  void* delta;       // scratch (B, Hq, Lq), accumulation dtype: rowsum(dout * out) - dlse
   void* dq;          // (B, Hq, Lq, E)   contiguous, query dtype
   void* dk;          // (B, Hkv, Lk, E)  contiguous
   void* dv;          // (B, Hkv, Lk, Ev) contiguous
-  void* dmask;       // (B, Hq, Lq, Lk) contiguous, lse dtype, or nullptr
+  void* dmask;       // (B, Hq, Lq, Lk) contiguous, accumulation dtype, or nullptr
 };
 
 // One set of entry points per ISA; the binding picks one at run time.

@@ -1,0 +1,130 @@
+"""The awkward-case sweep shared by the parity tests of every backend."""
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Optional, Tuple
+
+import torch
+
+
+@dataclass(frozen=True)
+class Case:
+    B: int = 2
+    Hq: int = 2
+    Hkv: int = 2
+    Lq: int = 17
+    Lk: int = 17
+    E: int = 64
+    Ev: Optional[int] = None
+    mask: Optional[str] = None      # None, "bool", "float", "float_grad"
+    mask_bcast: str = "full"        # "full", "batch" (1,H,..), "heads" (B,1,..), "2d" (Lq,Lk), "row" (1,1,1,Lk)
+    dead_rows: bool = False         # some query rows see no key at all
+    causal: bool = False
+    align: str = "top_left"
+    window: Optional[Tuple[int, int]] = None
+    noncontig: bool = False         # (B, L, H, D) storage transposed to (B, H, L, D)
+
+    @property
+    def gqa(self):
+        return self.Hq != self.Hkv
+
+    def ref_kwargs(self):
+        return dict(is_causal=self.causal, causal_alignment=self.align, window=self.window,
+                    enable_gqa=self.gqa)
+
+    def attention_kwargs(self):
+        return dict(is_causal=self.causal, causal_alignment=self.align, window=self.window,
+                    enable_gqa=self.gqa)
+
+    def id(self):
+        parts = [f"B{self.B}", f"H{self.Hq}" + (f"kv{self.Hkv}" if self.gqa else ""),
+                 f"L{self.Lq}x{self.Lk}", f"E{self.E}" + (f"v{self.Ev}" if self.Ev else "")]
+        if self.mask:
+            parts.append(f"{self.mask}-{self.mask_bcast}")
+        if self.dead_rows:
+            parts.append("dead")
+        if self.causal:
+            parts.append("causal-" + ("tl" if self.align == "top_left" else "br"))
+        elif self.align != "top_left":
+            parts.append("br")
+        if self.window:
+            parts.append(f"win{self.window[0]}_{self.window[1]}")
+        if self.noncontig:
+            parts.append("strided")
+        return "-".join(parts)
+
+
+def _qkv(B, H, L, D, dtype, noncontig):
+    if noncontig:
+        return torch.randn(B, L, H, D, dtype=dtype).transpose(1, 2)
+    return torch.randn(B, H, L, D, dtype=dtype)
+
+
+def make_inputs(c: Case, dtype):
+    """q, k, v and the mask (or None) for a case, fresh random data."""
+    Ev = c.Ev or c.E
+    q = _qkv(c.B, c.Hq, c.Lq, c.E, dtype, c.noncontig)
+    k = _qkv(c.B, c.Hkv, c.Lk, c.E, dtype, c.noncontig)
+    v = _qkv(c.B, c.Hkv, c.Lk, Ev, dtype, c.noncontig)
+    if c.mask is None:
+        return q, k, v, None
+    shape = {
+        "full": (c.B, c.Hq, c.Lq, c.Lk),
+        "batch": (1, c.Hq, c.Lq, c.Lk),
+        "heads": (c.B, 1, c.Lq, c.Lk),
+        "2d": (c.Lq, c.Lk),
+        "row": (1, 1, 1, c.Lk),
+    }[c.mask_bcast]
+    keep = torch.rand(shape) > 0.3
+    if c.dead_rows and len(shape) >= 2 and shape[-2] > 1:
+        keep[..., ::3, :] = False  # every third query row sees nothing
+    if c.mask == "bool":
+        return q, k, v, keep
+    m = torch.randn(shape, dtype=dtype).masked_fill(~keep, float("-inf"))
+    if c.mask == "float_grad":
+        m.requires_grad_()
+    return q, k, v, m
+
+
+BASE = Case()
+SWEEP = [
+    BASE,
+    Case(B=1, Hq=1, Hkv=1, Lq=1, Lk=1, E=40),
+    Case(Lq=1, Lk=203, E=59),
+    Case(Lq=203, Lk=1, E=59),
+    Case(Lq=113, Lk=203, E=96, Ev=40),
+    Case(Lq=203, Lk=113, E=111, Ev=64),
+    Case(B=1, Hq=1, Hkv=1, Lq=1023, Lk=1025, E=64),
+    Case(B=1, Hq=1, Hkv=1, Lq=1025, Lk=1023, E=40, causal=True),
+    Case(Hq=4, Hkv=2, Lq=113, Lk=113, E=64),
+    Case(Hq=6, Hkv=1, Lq=17, Lk=203, E=40),
+    Case(Hq=8, Hkv=2, Lq=113, Lk=203, E=59, causal=True, align="bottom_right"),
+    Case(Lq=113, Lk=203, E=64, causal=True),
+    Case(Lq=203, Lk=113, E=64, causal=True),
+    Case(Lq=113, Lk=203, E=64, causal=True, align="bottom_right"),
+    Case(Lq=203, Lk=113, E=64, causal=True, align="bottom_right"),
+    Case(Lq=203, Lk=203, E=64, window=(17, 17)),
+    Case(Lq=203, Lk=203, E=40, window=(64, 0)),
+    Case(Lq=113, Lk=203, E=64, window=(-1, 5), align="bottom_right"),
+    Case(Lq=203, Lk=113, E=64, window=(3, 1), align="bottom_right", causal=True),
+    Case(Lq=113, Lk=203, E=59, mask="bool"),
+    Case(Lq=113, Lk=203, E=59, mask="bool", mask_bcast="batch"),
+    Case(Lq=113, Lk=203, E=59, mask="bool", mask_bcast="heads", dead_rows=True),
+    Case(Lq=113, Lk=203, E=59, mask="float", mask_bcast="2d"),
+    Case(Lq=113, Lk=203, E=59, mask="float_grad"),
+    Case(Hq=4, Hkv=2, Lq=113, Lk=203, E=40, mask="float_grad", mask_bcast="batch", dead_rows=True),
+    Case(Lq=203, Lk=113, E=96, mask="float_grad", mask_bcast="row"),
+    Case(Lq=113, Lk=113, E=64, mask="bool", causal=True, dead_rows=True),
+    Case(Lq=113, Lk=203, E=111, mask="float", mask_bcast="heads", window=(31, 7)),
+    Case(Lq=113, Lk=203, E=64, noncontig=True),
+    Case(Hq=4, Hkv=2, Lq=203, Lk=113, E=59, noncontig=True, mask="bool", causal=True),
+    Case(B=1, Hq=2, Hkv=2, Lq=64, Lk=64, E=256, Ev=256),
+    Case(B=1, Hq=2, Hkv=2, Lq=129, Lk=257, E=8, Ev=3),
+]
+
+# A smaller subset for the slower dtypes / paths.
+SUBSET = [SWEEP[i] for i in (0, 4, 5, 9, 10, 13, 17, 21, 23, 24, 29)]
+
+
+def with_(c, **kw):
+    return replace(c, **kw)
