@@ -40,40 +40,49 @@ def _has_kernel(op, key):
         return False
 
 
-def _status(name):
+def _availability(name):
+    """(available, reason): fixed facts of this process, worked out once at import."""
     if name == "reference":
-        return BackendStatus(name, True, "naive matmul-softmax-matmul (any device, any dtype)")
+        return True, "naive matmul-softmax-matmul (any device, any dtype)"
     if name == "cpu":
         if not ops.loaded():
-            return BackendStatus(name, False, f"extension attnfast._C not built: {ops.load_error()}")
-        return BackendStatus(name, True, f"fused C++ kernel, ISA path {ops._C.cpu_isa()}")
+            return False, f"extension attnfast._C not built: {ops.load_error()}"
+        return True, "fused C++ kernel"
     if name == "cuda":
         if not ops.loaded():
-            return BackendStatus(name, False, "extension attnfast._C not built")
+            return False, "extension attnfast._C not built"
         if not _has_kernel("attnfast::fwd", "CUDA"):
-            return BackendStatus(name, False, "extension built without CUDA kernels")
+            return False, "extension built without CUDA kernels"
         if not torch.cuda.is_available():
-            return BackendStatus(name, False, "no CUDA device")
-        return BackendStatus(name, True, "CUDA C++ kernels")
+            return False, "no CUDA device"
+        return True, "CUDA C++ kernels"
     if name == "triton":
         if importlib.util.find_spec("triton") is None:
-            return BackendStatus(name, False, "triton is not installed")
+            return False, "triton is not installed"
         if not torch.cuda.is_available():
-            return BackendStatus(name, False, "no CUDA device")
-        return BackendStatus(name, False, "Triton attention kernels not built into this version yet")
+            return False, "no CUDA device"
+        return False, "Triton attention kernels not built into this version yet"
     raise ValueError(f"unknown backend {name!r}; expected one of {BACKENDS}")
+
+
+_AVAILABLE = {name: _availability(name) for name in BACKENDS}
 
 
 def backends():
     """Status of every backend: {name: BackendStatus(name, available, reason)}."""
-    return {name: _status(name) for name in BACKENDS}
+    out = {}
+    for name, (ok, reason) in _AVAILABLE.items():
+        if name == "cpu" and ok:
+            reason += f", ISA path {ops._C.cpu_isa()}"
+        out[name] = BackendStatus(name, ok, reason)
+    return out
 
 
 def _serves(name, plan):
     """None if backend `name` can run `plan`, else the reason it cannot."""
-    st = _status(name)
-    if not st.available:
-        return st.reason
+    ok, reason = _AVAILABLE[name]
+    if not ok:
+        return reason
     dev = plan.q.device.type
     if name == "cpu" and dev != "cpu":
         return f"it serves CPU tensors, got {dev} tensors"

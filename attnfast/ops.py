@@ -63,9 +63,9 @@ if _C is not None:
                   bottom_right, dropout_p, rng, mask_grad):
         B, Hq, Lq, _ = q.shape
         Lk = k.shape[2]
-        dq = q.new_empty(q.shape, memory_format=torch.contiguous_format)
-        dk = k.new_empty(k.shape, memory_format=torch.contiguous_format)
-        dv = v.new_empty(v.shape, memory_format=torch.contiguous_format)
+        dq = q.new_empty(q.shape)  # contiguous, like the kernel's outputs
+        dk = k.new_empty(k.shape)
+        dv = v.new_empty(v.shape)
         dmask = q.new_empty((B, Hq, Lq, Lk) if mask_grad else (0,), dtype=acc_dtype(q.dtype))
         return dq, dk, dv, dmask
 

@@ -10,9 +10,9 @@
 //             (kBlockK columns) once, keeping a running row max m, row sum l and
 //             an unnormalised output accumulator; scores never exist beyond one
 //             (kBlockQ, kBlockK) tile, so memory is O(L) beyond inputs/outputs.
-//   backward: delta = rowsum(dO * O) first; then for each key block recompute
-//             P = exp(S - lse) tile by tile from the saved lse and accumulate
-//             dK, dV in registers-sized tiles and dQ in a per-item fp32 buffer.
+//   backward: per query block, recompute P = exp(S - lse) tile by tile from
+//             the saved lse, take delta = rowsum(P * dP), then accumulate dQ
+//             for the block and dK, dV for the whole head (see bwd_impl).
 // All arithmetic is in `acc_t` (float, or double for float64 inputs).
 #pragma once
 #include <cmath>
@@ -344,9 +344,12 @@ void fwd_impl(const FwdParams& p) {
       L* lse = static_cast<L*>(p.lse) + (b * p.Hq + h) * p.Lq;
       for (int64_t i = 0; i < nq; ++i) {
         const L l = lrow[i];
-        const A inv = l > L(0) ? static_cast<A>(L(1) / l) : A(0);  // fully masked row: output 0
+        // One rounding: out = acc / l in the lse precision.  (acc * float(1/l)
+        // rounds twice, and the backward's delta = rowsum(dO * O) inherits it.)
+        const L inv = l > L(0) ? L(1) / l : L(0);  // fully masked row: output 0
         T* orow = out + (i0 + i) * p.out_st.r;
-        for (int64_t c = 0; c < Ev; ++c) Elem<T>::store(orow + c * p.out_st.c, acc[i * Ev + c] * inv);
+        for (int64_t c = 0; c < Ev; ++c)
+          Elem<T>::store(orow + c * p.out_st.c, static_cast<A>(static_cast<L>(acc[i * Ev + c]) * inv));
         using W = typename Elem<T>::wide;
         lse[i0 + i] = l > L(0) ? static_cast<L>(static_cast<W>(mrow[i]) + std::log(static_cast<W>(l)))
                                : -std::numeric_limits<L>::infinity();
@@ -358,138 +361,148 @@ void fwd_impl(const FwdParams& p) {
 // ----------------------------------------------------------------------------
 // Backward
 // ----------------------------------------------------------------------------
+// One work item per (batch, kv head): it owns dK and dV of that head outright
+// (full-length accumulators), so the q heads of a GQA group add into them
+// without atomics.  Per query block it makes two sweeps over the visible keys:
+//   1. P = exp(S - lse) and dP = dO V^T into (kBlockQ, Lk) panels, and
+//      delta = rowsum(P * dP);
+//   2. dS = P * (dP - delta); dV += P^T dO, dQ = scale dS K, dK += scale dS^T Q.
+// delta is taken from the same rounded P and dP that dS uses, not from
+// FlashAttention-2's rowsum(dO * O): with the stored O, float32 gradients had
+// up to 4x the error of a naive float32 softmax backward (measured: about 1
+// case in 300 broke the parity rule).  The panels cost O(kBlockQ * Lk) memory
+// per thread and no extra matmul.
 template <typename T>
 void bwd_impl(const BwdParams& p) {
   using A = typename Elem<T>::acc;
   using L = typename Elem<T>::lse;
+  using W = typename Elem<T>::wide;
   const Visibility vis(p);
   const int64_t group = p.Hq / p.Hkv;
-  const int64_t E = p.E, Ev = p.Ev;
+  const int64_t E = p.E, Ev = p.Ev, Lk = p.Lk;
+  const int64_t ldp = imax(Lk, 1);  // panel row stride
   const A scale = static_cast<A>(p.scale);
   const L inf = std::numeric_limits<L>::infinity();
+  const bool drop = p.dropout_p > 0.f;
 
-  // delta[b, h, i] = sum_c dO[i, c] * O[i, c] - dlse[b, h, i]
-  // (d lse / d s = P, so a gradient on lse only shifts delta).  It goes
-  // through matmul_tile like dP = dO V^T does: with one visible key O = V and
-  // the two then cancel exactly, as the exact gradient (0) does.
-  run_parallel(p, p.B * p.Hq, [&](int64_t begin, int64_t end) {
-    Buffer<A> dorow(Ev), orow(Ev);
-    for (int64_t bh = begin; bh < end; ++bh) {
-      const int64_t h = bh % p.Hq, b = bh / p.Hq;
-      const T* dout = static_cast<const T*>(p.dout) + b * p.dout_st.b + h * p.dout_st.h;
-      const T* out = static_cast<const T*>(p.out) + b * p.out_st.b + h * p.out_st.h;
-      for (int64_t i = 0; i < p.Lq; ++i) {
-        load_rows(dout, p.dout_st.r, p.dout_st.c, i, 1, Ev, dorow.data());
-        load_rows(out, p.out_st.r, p.out_st.c, i, 1, Ev, orow.data());
-        A s;
-        matmul_tile(dorow.data(), Ev, 1, Ev, orow.data(), 1, 1, A(1), &s, 1);
-        if (p.dlse != nullptr) s -= static_cast<A>(static_cast<const L*>(p.dlse)[bh * p.Lq + i]);
-        static_cast<A*>(p.delta)[bh * p.Lq + i] = s;
-      }
-    }
-  });
-
-  // One item per (batch, kv head): it owns dK and dV of that head outright, so
-  // the q heads of a GQA group add into them without atomics.
   run_parallel(p, p.B * p.Hkv, [&](int64_t begin, int64_t end) {
-    Buffer<A> kt(E * kBlockK), kbuf(kBlockK * E), vt(Ev * kBlockK), qbuf(kBlockQ * E),
-        dobuf(kBlockQ * Ev), pt(kBlockQ * kBlockK), dp(kBlockQ * kBlockK), ptt(kBlockK * kBlockQ),
-        dk(kBlockK * E), dv(kBlockK * Ev), tk(kBlockK * E), tv(kBlockK * Ev), tq(kBlockQ * E),
-        delta(kBlockQ);
+    // Whole-head packs of K and V, reused by every query block of the group.
+    Buffer<A> kt(E * ldp), kbuf(Lk * E), vt(Ev * ldp), dk(Lk * E), dv(Lk * Ev);
+    Buffer<A> qbuf(kBlockQ * E), dobuf(kBlockQ * Ev), dq(kBlockQ * E), tq(kBlockQ * E),
+        tk(kBlockK * E), tv(kBlockK * Ev), tt(kBlockK * kBlockQ), delta(kBlockQ);
+    Buffer<A> pp(kBlockQ * ldp), dpp(kBlockQ * ldp);  // P and dP panels
+    Buffer<A> fac(drop ? kBlockQ * ldp : 0);
     Buffer<L> lse(kBlockQ);
-    Buffer<A> fac(p.dropout_p > 0.f ? kBlockQ * kBlockK : 0);
-    Buffer<A> dq(group * p.Lq * E);
     for (int64_t item = begin; item < end; ++item) {
       const int64_t hk = item % p.Hkv, b = item / p.Hkv;
-      dq.zero();
       const T* k = static_cast<const T*>(p.k) + b * p.k_st.b + hk * p.k_st.h;
       const T* v = static_cast<const T*>(p.v) + b * p.v_st.b + hk * p.v_st.h;
+      load_rows_t(k, p.k_st.r, p.k_st.c, 0, Lk, E, ldp, kt.data());   // (E, Lk)
+      load_rows(k, p.k_st.r, p.k_st.c, 0, Lk, E, kbuf.data());        // (Lk, E)
+      load_rows_t(v, p.v_st.r, p.v_st.c, 0, Lk, Ev, ldp, vt.data());  // (Ev, Lk)
+      dk.zero();
+      dv.zero();
 
-      for (int64_t j0 = 0; j0 < p.Lk; j0 += kBlockK) {
-        const int64_t nk = imin(kBlockK, p.Lk - j0);
-        load_rows_t(k, p.k_st.r, p.k_st.c, j0, nk, E, kBlockK, kt.data());   // (E, nk)
-        load_rows(k, p.k_st.r, p.k_st.c, j0, nk, E, kbuf.data());           // (nk, E)
-        load_rows_t(v, p.v_st.r, p.v_st.c, j0, nk, Ev, kBlockK, vt.data());  // (Ev, nk)
-        dk.zero();
-        dv.zero();
-        const int64_t ilo = vis.row_lo(j0), ihi = vis.row_hi(j0 + nk);
-
-        for (int64_t g = 0; g < group; ++g) {
-          const int64_t h = hk * group + g, bh = b * p.Hq + h;
-          const T* q = static_cast<const T*>(p.q) + b * p.q_st.b + h * p.q_st.h;
-          const T* dout = static_cast<const T*>(p.dout) + b * p.dout_st.b + h * p.dout_st.h;
-          for (int64_t i0 = ilo; i0 < ihi; i0 += kBlockQ) {
-            const int64_t nq = imin(kBlockQ, ihi - i0);
+      for (int64_t g = 0; g < group; ++g) {
+        const int64_t h = hk * group + g, bh = b * p.Hq + h;
+        const T* q = static_cast<const T*>(p.q) + b * p.q_st.b + h * p.q_st.h;
+        const T* dout = static_cast<const T*>(p.dout) + b * p.dout_st.b + h * p.dout_st.h;
+        T* dqp = static_cast<T*>(p.dq) + bh * p.Lq * E;
+        for (int64_t i0 = 0; i0 < p.Lq; i0 += kBlockQ) {
+          const int64_t nq = imin(kBlockQ, p.Lq - i0);
+          dq.zero();
+          int64_t jlo = Lk, jhi = 0;
+          for (int64_t i = i0; i < i0 + nq; ++i) {
+            const int64_t lo = vis.col_lo(i), hi = vis.col_hi(i);
+            if (lo < hi) { jlo = imin(jlo, lo); jhi = imax(jhi, hi); }
+          }
+          if (jlo < jhi) {
             load_rows(q, p.q_st.r, p.q_st.c, i0, nq, E, qbuf.data());              // (nq, E)
             load_rows(dout, p.dout_st.r, p.dout_st.c, i0, nq, Ev, dobuf.data());  // (nq, Ev)
             for (int64_t i = 0; i < nq; ++i) {
               const L l = static_cast<const L*>(p.lse)[bh * p.Lq + i0 + i];
               // A fully masked row (lse = -inf) has P = 0: exp(s - inf) = 0.
               lse[i] = l == -inf ? inf : l;
-              delta[i] = static_cast<const A*>(p.delta)[bh * p.Lq + i0 + i];
+              delta[i] = A(0);
             }
-            // P = exp(S - lse), in the lse precision: rounding s - lse
-            // (|s - lse| ~ log L) to float32 would already cost P an ulp of log L.
-            matmul_tile(qbuf.data(), E, nq, E, kt.data(), kBlockK, nk, scale, pt.data(), kBlockK);
-            mask_tile<T, A>(p, vis, b, h, i0, nq, j0, nk, pt.data(), kBlockK);
-            for (int64_t i = 0; i < nq; ++i) {
-              A* row = pt.data() + i * kBlockK;
-              using W = typename Elem<T>::wide;
-              const W li = static_cast<W>(lse[i]);
-              for (int64_t j = 0; j < nk; ++j)
-                row[j] = static_cast<A>(std::exp(static_cast<W>(row[j]) - li));
-            }
-            // dP = dO V^T
-            matmul_tile(dobuf.data(), Ev, nq, Ev, vt.data(), kBlockK, nk, A(1), dp.data(), kBlockK);
-            // With dropout, dV takes the dropped P and dP goes back through the
-            // same mask (the factors are regenerated from the counter, not stored).
-            if (p.dropout_p > 0.f) {
-              dropout_factors(p, b, h, i0, nq, j0, nk, fac.data(), kBlockK);
-              for (int64_t i = 0; i < nq; ++i)
-                for (int64_t j = 0; j < nk; ++j) {
-                  const int64_t x = i * kBlockK + j;
-                  ptt[j * kBlockQ + i] = pt[x] * fac[x];
-                  dp[x] *= fac[x];
-                }
-            } else {
-              transpose_tile(pt.data(), kBlockK, nq, nk, ptt.data(), kBlockQ);
-            }
-            // dV += P^T dO
-            matmul_tile(ptt.data(), kBlockQ, nk, nq, dobuf.data(), Ev, Ev, A(1), tv.data(), Ev);
-            add_tile(nk, Ev, tv.data(), Ev, dv.data(), Ev);
-            // dS = P * (dP - delta), stored over dp.
-            for (int64_t i = 0; i < nq; ++i) {
-              A* d = dp.data() + i * kBlockK;
-              const A* pr = pt.data() + i * kBlockK;
-              const A di = delta[i];
-#pragma omp simd
-              for (int64_t j = 0; j < nk; ++j) d[j] = pr[j] * (d[j] - di);
-            }
-            if (p.dmask != nullptr) {
+            // Sweep 1: P, dP panels (columns relative to jlo) and delta.
+            for (int64_t j0 = jlo; j0 < jhi; j0 += kBlockK) {
+              const int64_t nk = imin(kBlockK, jhi - j0), c0 = j0 - jlo;
+              A* pt = pp.data() + c0;
+              A* dpt = dpp.data() + c0;
+              matmul_tile(qbuf.data(), E, nq, E, kt.data() + j0, ldp, nk, scale, pt, ldp);
+              mask_tile<T, A>(p, vis, b, h, i0, nq, j0, nk, pt, ldp);
+              // P = exp(S - lse) with s - lse in the wide type: rounding it to
+              // float32 (|s - lse| ~ log L) would cost P an ulp of log L.
               for (int64_t i = 0; i < nq; ++i) {
-                A* dm = static_cast<A*>(p.dmask) + (bh * p.Lq + i0 + i) * p.Lk + j0;
-                for (int64_t j = 0; j < nk; ++j) dm[j] = dp[i * kBlockK + j];
+                A* row = pt + i * ldp;
+                const W li = static_cast<W>(lse[i]);
+                for (int64_t j = 0; j < nk; ++j) row[j] = static_cast<A>(std::exp(static_cast<W>(row[j]) - li));
+              }
+              matmul_tile(dobuf.data(), Ev, nq, Ev, vt.data() + j0, ldp, nk, A(1), dpt, ldp);
+              if (drop) {
+                // dP passes back through the forward's dropout mask, regenerated
+                // from the counter.  delta = rowsum(P * Z * dP) = rowsum(dO * O).
+                A* ft = fac.data() + c0;
+                dropout_factors(p, b, h, i0, nq, j0, nk, ft, ldp);
+                for (int64_t i = 0; i < nq; ++i)
+                  for (int64_t j = 0; j < nk; ++j) dpt[i * ldp + j] *= ft[i * ldp + j];
+              }
+              for (int64_t i = 0; i < nq; ++i) {
+                const A* pr = pt + i * ldp;
+                const A* dr = dpt + i * ldp;
+                A sum = A(0);
+#pragma omp simd reduction(+ : sum)
+                for (int64_t j = 0; j < nk; ++j) sum += pr[j] * dr[j];
+                delta[i] += sum;
               }
             }
-            // dQ += scale * dS K
-            matmul_tile(dp.data(), kBlockK, nq, nk, kbuf.data(), E, E, scale, tq.data(), E);
-            add_tile(nq, E, tq.data(), E, dq.data() + (g * p.Lq + i0) * E, E);
-            // dK += scale * dS^T Q
-            transpose_tile(dp.data(), kBlockK, nq, nk, ptt.data(), kBlockQ);
-            matmul_tile(ptt.data(), kBlockQ, nk, nq, qbuf.data(), E, E, scale, tk.data(), E);
-            add_tile(nk, E, tk.data(), E, dk.data(), E);
+            if (p.dlse != nullptr) {
+              // d lse / d s = P, so a gradient on lse only shifts delta.
+              for (int64_t i = 0; i < nq; ++i)
+                delta[i] -= static_cast<A>(static_cast<const L*>(p.dlse)[bh * p.Lq + i0 + i]);
+            }
+            // Sweep 2: gradients, one key tile at a time.
+            for (int64_t j0 = jlo; j0 < jhi; j0 += kBlockK) {
+              const int64_t nk = imin(kBlockK, jhi - j0), c0 = j0 - jlo;
+              A* pt = pp.data() + c0;
+              A* dst = dpp.data() + c0;
+              // dV += (P * Z)^T dO
+              for (int64_t i = 0; i < nq; ++i)
+                for (int64_t j = 0; j < nk; ++j)
+                  tt[j * kBlockQ + i] = drop ? pt[i * ldp + j] * fac[c0 + i * ldp + j] : pt[i * ldp + j];
+              matmul_tile(tt.data(), kBlockQ, nk, nq, dobuf.data(), Ev, Ev, A(1), tv.data(), Ev);
+              add_tile(nk, Ev, tv.data(), Ev, dv.data() + j0 * Ev, Ev);
+              // dS = P * (dP - delta), over the dP panel.
+              for (int64_t i = 0; i < nq; ++i) {
+                A* d = dst + i * ldp;
+                const A* pr = pt + i * ldp;
+                const A di = delta[i];
+#pragma omp simd
+                for (int64_t j = 0; j < nk; ++j) d[j] = pr[j] * (d[j] - di);
+              }
+              if (p.dmask != nullptr) {
+                for (int64_t i = 0; i < nq; ++i) {
+                  A* dm = static_cast<A*>(p.dmask) + (bh * p.Lq + i0 + i) * Lk + j0;
+                  for (int64_t j = 0; j < nk; ++j) dm[j] = dst[i * ldp + j];
+                }
+              }
+              // dQ += scale * dS K
+              matmul_tile(dst, ldp, nq, nk, kbuf.data() + j0 * E, E, E, scale, tq.data(), E);
+              add_tile(nq, E, tq.data(), E, dq.data(), E);
+              // dK += scale * dS^T Q
+              transpose_tile(dst, ldp, nq, nk, tt.data(), kBlockQ);
+              matmul_tile(tt.data(), kBlockQ, nk, nq, qbuf.data(), E, E, scale, tk.data(), E);
+              add_tile(nk, E, tk.data(), E, dk.data() + j0 * E, E);
+            }
           }
+          for (int64_t x = 0; x < nq * E; ++x) Elem<T>::store(dqp + i0 * E + x, dq[x]);
         }
-        T* dkp = static_cast<T*>(p.dk) + ((b * p.Hkv + hk) * p.Lk + j0) * E;
-        T* dvp = static_cast<T*>(p.dv) + ((b * p.Hkv + hk) * p.Lk + j0) * Ev;
-        for (int64_t x = 0; x < nk * E; ++x) Elem<T>::store(dkp + x, dk[x]);
-        for (int64_t x = 0; x < nk * Ev; ++x) Elem<T>::store(dvp + x, dv[x]);
       }
-      for (int64_t g = 0; g < group; ++g) {
-        T* dqp = static_cast<T*>(p.dq) + (b * p.Hq + hk * group + g) * p.Lq * E;
-        const A* src = dq.data() + g * p.Lq * E;
-        for (int64_t x = 0; x < p.Lq * E; ++x) Elem<T>::store(dqp + x, src[x]);
-      }
+      T* dkp = static_cast<T*>(p.dk) + (b * p.Hkv + hk) * Lk * E;
+      T* dvp = static_cast<T*>(p.dv) + (b * p.Hkv + hk) * Lk * Ev;
+      for (int64_t x = 0; x < Lk * E; ++x) Elem<T>::store(dkp + x, dk[x]);
+      for (int64_t x = 0; x < Lk * Ev; ++x) Elem<T>::store(dvp + x, dv[x]);
     }
   });
 }

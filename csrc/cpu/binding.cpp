@@ -81,7 +81,7 @@ at::ScalarType lse_dtype(const at::Tensor& q) {
   return q.scalar_type() == at::kDouble || q.scalar_type() == at::kFloat ? at::kDouble : at::kFloat;
 }
 
-// Accumulation dtype (delta and the mask-gradient scratch).
+// Accumulation dtype (of the mask gradient).
 at::ScalarType acc_dtype(const at::Tensor& q) {
   return q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
 }
@@ -200,19 +200,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bwd_cpu(
                 "attnfast cpu: dlse must match lse in shape and dtype");
     dlse_c = dlse->contiguous();
   }
-  at::Tensor delta = at::empty({p.B, p.Hq, p.Lq}, lse.options().dtype(acc_dtype(q)));
   at::Tensor dq = at::empty({p.B, p.Hq, p.Lq, p.E}, q.options());
   at::Tensor dk = at::empty({p.B, p.Hkv, p.Lk, p.E}, q.options());
   at::Tensor dv = at::empty({p.B, p.Hkv, p.Lk, p.Ev}, q.options());
-  at::Tensor dmask = mask_grad ? at::zeros({p.B, p.Hq, p.Lq, p.Lk}, delta.options())
-                               : at::empty({0}, delta.options());
+  const auto acc_opts = lse.options().dtype(acc_dtype(q));
+  at::Tensor dmask = mask_grad ? at::zeros({p.B, p.Hq, p.Lq, p.Lk}, acc_opts)
+                               : at::empty({0}, acc_opts);
   p.dout = dout.data_ptr();
   p.dout_st = strides_of(dout);
   p.out = out.data_ptr();
   p.out_st = strides_of(out);
   p.lse = lse_c.data_ptr();
   p.dlse = dlse.has_value() ? dlse_c.data_ptr() : nullptr;
-  p.delta = delta.data_ptr();
   p.dq = dq.data_ptr();
   p.dk = dk.data_ptr();
   p.dv = dv.data_ptr();

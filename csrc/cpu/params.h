@@ -66,7 +66,6 @@ struct BwdParams : AttnParams {
   Strides4 out_st;
   const void* lse;   // (B, Hq, Lq) contiguous, dtype as in FwdParams
   const void* dlse;  // (B, Hq, Lq) contiguous gradient of lse (same dtype), or nullptr
-  void* delta;       // scratch (B, Hq, Lq), accumulation dtype: rowsum(dout * out) - dlse
   void* dq;          // (B, Hq, Lq, E)   contiguous, query dtype
   void* dk;          // (B, Hkv, Lk, E)  contiguous
   void* dv;          // (B, Hkv, Lk, Ev) contiguous

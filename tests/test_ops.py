@@ -1,0 +1,93 @@
+"""torch.library integration: opcheck on every op, torch.compile fullgraph."""
+import pytest
+import torch
+
+import attnfast
+from attnfast import ops
+
+pytestmark = pytest.mark.skipif(not ops.loaded(), reason="extension not built")
+
+
+def _strided(B, H, L, D, dtype=torch.float32, requires_grad=False):
+    # (B, L, H, D) storage seen as (B, H, L, D): non-contiguous, like a projection output.
+    return torch.randn(B, L, H, D, dtype=dtype).transpose(1, 2).requires_grad_(requires_grad)
+
+
+def _fwd_samples():
+    rng = torch.tensor([1234, 0], dtype=torch.int64)
+    out = []
+    for dtype in (torch.float32, torch.bfloat16, torch.float64):
+        q = _strided(2, 4, 13, 16, dtype, True)
+        k = _strided(2, 2, 21, 16, dtype, True)
+        v = _strided(2, 2, 21, 8, dtype, True)
+        mask = torch.randn(1, 4, 13, 21, dtype=dtype).expand(2, 4, 13, 21).requires_grad_()
+        bmask = (torch.rand(13, 21) > 0.3).expand(2, 4, 13, 21)
+        out.append((q, k, v, None, 0.25, -1, -1, False, 0.0, None))
+        out.append((q, k, v, mask, 0.25, -1, 0, True, 0.0, None))
+        out.append((q, k, v, bmask, 0.25, 5, 2, False, 0.2, rng))
+    return out
+
+
+@pytest.mark.parametrize("i", range(9))
+def test_opcheck_fwd(i):
+    args = _fwd_samples()[i]
+    torch.library.opcheck(torch.ops.attnfast.fwd.default, args)
+
+
+@pytest.mark.parametrize("mask_grad", [False, True])
+def test_opcheck_bwd(mask_grad):
+    q, k, v = _strided(2, 4, 13, 16), _strided(2, 2, 21, 16), _strided(2, 2, 21, 8)
+    mask = torch.randn(2, 4, 13, 21)
+    out, lse = torch.ops.attnfast.fwd(q, k, v, mask, 0.25, -1, 0, True, 0.0, None)
+    dout = torch.randn(2, 13, 4, 8).transpose(1, 2)
+    args = (dout, q, k, v, out, lse, None, mask, 0.25, -1, 0, True, 0.0, None, mask_grad)
+    torch.library.opcheck(torch.ops.attnfast.bwd.default, args)
+
+
+def _f(q, k, v, m):
+    return attnfast.scaled_dot_product_attention(q, k, v, attn_mask=m, enable_gqa=True).sin().sum()
+
+
+def _g(q, k, v):
+    out, lse = attnfast.attention(q, k, v, is_causal=True, causal_alignment="bottom_right",
+                                  window=(8, 0), enable_gqa=True, return_lse=True)
+    return out.square().sum() + lse.sum()
+
+
+@pytest.mark.parametrize("fn", ["sdpa_mask", "attention_lse"])
+def test_compile_fullgraph_matches_eager(fn):
+    torch._dynamo.reset()
+    q, k, v = _strided(2, 4, 19, 16, requires_grad=True), _strided(2, 2, 27, 16, requires_grad=True), \
+        _strided(2, 2, 27, 16, requires_grad=True)
+    m = torch.randn(4, 19, 27, requires_grad=True)
+    if fn == "sdpa_mask":
+        f, args = _f, (q, k, v, m)
+    else:
+        f, args = _g, (q, k, v)
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    eager_args = [a.detach().clone().requires_grad_() for a in args]
+    comp_args = [a.detach().clone().requires_grad_() for a in args]
+    e = f(*eager_args)
+    c = compiled(*comp_args)
+    torch.testing.assert_close(c, e)
+    e.backward()
+    c.backward()
+    for a, b in zip(comp_args, eager_args):
+        torch.testing.assert_close(a.grad, b.grad)
+
+
+def test_compile_inductor_fullgraph():
+    torch._dynamo.reset()
+    q, k, v = (_strided(1, 2, 17, 16, requires_grad=True) for _ in range(3))
+
+    def f(q, k, v):
+        return attnfast.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+    compiled = torch.compile(f, fullgraph=True)
+    c = compiled(q, k, v)
+    e = f(q, k, v)
+    torch.testing.assert_close(c, e)
+    gc = torch.autograd.grad(c.sum(), (q, k, v))
+    ge = torch.autograd.grad(e.sum(), (q, k, v))
+    for a, b in zip(gc, ge):
+        torch.testing.assert_close(a, b)
