@@ -28,11 +28,11 @@ $(VENV)/.deps-installed:
 
 deps: $(READY)
 
-# Editable install once (maps attnfast.triton_kernels to triton_kernels/),
-# then an incremental in-place build of attnfast._C.
+# Editable install of the Python package once (it maps attnfast.triton_kernels
+# to triton_kernels/), then an incremental in-place build of attnfast._C.
 build: deps
 	@$(PY) -c "import attnfast.triton_kernels" 2>/dev/null || \
-		$(PY) -m pip install --no-build-isolation --no-deps -e .
+		ATTNFAST_SKIP_EXT=1 $(PY) -m pip install --no-build-isolation --no-deps -e .
 	$(PY) setup.py -q build_ext --inplace
 
 test: build

@@ -5,6 +5,9 @@ Environment:
   MAX_JOBS=N               parallel compile jobs (read by torch's BuildExtension)
   ATTNFAST_CUDA_ARCH_LIST  CUDA archs for csrc/cuda (default "9.0;8.0")
   ATTNFAST_NO_CUDA=1       skip the CUDA sources even where CUDA is available
+  ATTNFAST_SKIP_EXT=1      install the Python package only, without attnfast._C (the Makefile
+                           installs that way once, then builds the extension in place with
+                           `setup.py build_ext --inplace`, incrementally)
 """
 import glob
 import os
@@ -61,7 +64,7 @@ setup(
     description="Fused attention kernels for PyTorch (CPU C++, CUDA C++, Triton)",
     packages=["attnfast", "attnfast.triton_kernels"],
     package_dir={"attnfast": "attnfast", "attnfast.triton_kernels": "triton_kernels"},
-    ext_modules=[ext],
+    ext_modules=[] if os.environ.get("ATTNFAST_SKIP_EXT", "0") == "1" else [ext],
     cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},
     python_requires=">=3.10",
     install_requires=["torch>=2.11"],

@@ -65,6 +65,10 @@ def _as4d(t):
 
 def _causal_bias(attn_mask):
     """torch.nn.attention.bias.CausalBias -> alignment, or None if not one."""
+    # Plain tensors and None first: importing torch.nn.attention.bias pulls in
+    # torch._dynamo (~900 modules, ~2 s), which no ordinary call should pay.
+    if attn_mask is None or type(attn_mask) is torch.Tensor or type(attn_mask).__name__ != "CausalBias":
+        return None
     try:
         from torch.nn.attention.bias import CausalBias, CausalVariant
     except ImportError:  # pragma: no cover - older torch

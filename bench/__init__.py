@@ -1,0 +1,39 @@
+"""attnfast benchmarks: `python -m bench` (what `make bench` runs).
+
+The benchmark is a small registry of *suites*.  Each suite is a module with
+
+    DESCRIPTION = "one line"
+    def run(ctx: bench.common.Context) -> bool   # True when everything passed
+
+and is listed in `SUITES` below (imported lazily, so a suite's heavy imports
+cost nothing when it is not selected).  `python -m bench` runs the suites
+marked `default`; `--suite NAME` (repeatable) picks others, `--list` shows
+them.  Adding a suite = one module + one line here.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Suite:
+    module: str        # importable module implementing DESCRIPTION and run(ctx)
+    description: str
+    default: bool = True
+
+
+SUITES = {
+    "parity": Suite("bench.parity", "parity of the CPU kernel with the reference (attnfast.testing rule)"),
+    "cpu_kernels": Suite("bench.cpu_kernels", "CPU kernel table: attnfast cpu vs torch SDPA vs naive, "
+                                              "time, GFLOP/s, peak memory"),
+}
+
+
+def default_suites():
+    return [name for name, s in SUITES.items() if s.default]
+
+
+def load_suite(name):
+    import importlib
+
+    return importlib.import_module(SUITES[name].module)
