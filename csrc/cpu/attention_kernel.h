@@ -22,6 +22,7 @@
 
 #include "params.h"
 #include "philox.h"
+#include "simd.h"
 
 #ifndef ATTNFAST_ISA_NS
 #error "define ATTNFAST_ISA_NS before including attention_kernel.h"
@@ -114,6 +115,9 @@ struct Buffer {
   A* p_;
 };
 
+inline float exp_acc(float x) { return exp_f32(x); }
+inline double exp_acc(double x) { return std::exp(x); }
+
 inline int64_t imin(int64_t a, int64_t b) { return a < b ? a : b; }
 inline int64_t imax(int64_t a, int64_t b) { return a > b ? a : b; }
 inline int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
@@ -138,12 +142,13 @@ void run_parallel(const AttnParams& p, int64_t n, F&& f) {
   });
 }
 
-// Loads rows [r0, r0+nr) of a (row, col) slice into dst[r][c] (row-major, ld = ncols).
+// Loads rows [r0, r0+nr) of a (row, col) slice into dst[r][c] (row stride ld).
 template <typename T, typename A>
-void load_rows(const T* base, int64_t rs, int64_t cs, int64_t r0, int64_t nr, int64_t ncols, A* dst) {
+void load_rows(const T* base, int64_t rs, int64_t cs, int64_t r0, int64_t nr, int64_t ncols, A* dst,
+               int64_t ld) {
   for (int64_t r = 0; r < nr; ++r) {
     const T* src = base + (r0 + r) * rs;
-    A* d = dst + r * ncols;
+    A* d = dst + r * ld;
     for (int64_t c = 0; c < ncols; ++c) d[c] = Elem<T>::load(src + c * cs);
   }
 }
@@ -155,45 +160,6 @@ void load_rows_t(const T* base, int64_t rs, int64_t cs, int64_t r0, int64_t nr, 
   for (int64_t r = 0; r < nr; ++r) {
     const T* src = base + (r0 + r) * rs;
     for (int64_t c = 0; c < ncols; ++c) dst[c * ld + r] = Elem<T>::load(src + c * cs);
-  }
-}
-
-// c[i][0:n] = scale * sum_e a[i][e] * b[e][0:n]
-//   a: (m, d) with row stride lda;  b: (d, n) with row stride ldb;  c: ldc.
-// Every product of the kernel goes through here (S = Q K^T, dP = dO V^T,
-// O += P V, dV += P^T dO, dK += dS^T Q, dQ += dS K): tile products are
-// formed whole and only then added to a running accumulator, so sums run
-// over at most one tile before meeting it (two-level summation).  Four
-// products are summed before they meet the tile sum: a plain sequential sum
-// over d = 59 had twice the rounding error of torch's blocked matmul
-// (measured), which the parity rule then sees in every gradient.
-template <typename A>
-void matmul_tile(const A* __restrict a, int64_t lda, int64_t m, int64_t d, const A* __restrict b,
-                 int64_t ldb, int64_t n, A scale, A* __restrict c, int64_t ldc) {
-  for (int64_t i = 0; i < m; ++i) {
-    A* __restrict row = c + i * ldc;
-    for (int64_t j = 0; j < n; ++j) row[j] = A(0);
-    const A* ai = a + i * lda;
-    int64_t e = 0;
-    for (; e + 4 <= d; e += 4) {
-      const A x0 = ai[e], x1 = ai[e + 1], x2 = ai[e + 2], x3 = ai[e + 3];
-      const A* __restrict b0 = b + e * ldb;
-      const A* __restrict b1 = b0 + ldb;
-      const A* __restrict b2 = b1 + ldb;
-      const A* __restrict b3 = b2 + ldb;
-#pragma omp simd
-      for (int64_t j = 0; j < n; ++j) row[j] += (x0 * b0[j] + x1 * b1[j]) + (x2 * b2[j] + x3 * b3[j]);
-    }
-    for (; e < d; ++e) {
-      const A x = ai[e];
-      const A* __restrict be = b + e * ldb;
-#pragma omp simd
-      for (int64_t j = 0; j < n; ++j) row[j] += x * be[j];
-    }
-    if (scale != A(1)) {
-#pragma omp simd
-      for (int64_t j = 0; j < n; ++j) row[j] *= scale;
-    }
   }
 }
 
@@ -261,20 +227,47 @@ void dropout_factors(const AttnParams& p, int64_t b, int64_t h, int64_t i0, int6
 // ----------------------------------------------------------------------------
 // Forward
 // ----------------------------------------------------------------------------
+// Softmax pieces, specialised for float (vectorised) and generic (double).
+template <typename A>
+inline A row_max(const A* row, int64_t n) {
+  A mx = -std::numeric_limits<A>::infinity();
+  for (int64_t j = 0; j < n; ++j) mx = row[j] > mx ? row[j] : mx;
+  return mx;
+}
+inline float row_max(const float* row, int64_t n) { return rowmax_f32(row, n); }
+template <typename A>
+inline A row_exp_sum(A* row, int64_t n, A m) {
+  A rs = A(0);
+  for (int64_t j = 0; j < n; ++j) {
+    row[j] = std::exp(row[j] - m);
+    rs += row[j];
+  }
+  return rs;
+}
+inline float row_exp_sum(float* row, int64_t n, float m) { return softmax_row_f32(row, n, m); }
+
 template <typename T>
 void fwd_impl(const FwdParams& p) {
   using A = typename Elem<T>::acc;
   using L = typename Elem<T>::lse;
+  using W = typename Elem<T>::wide;
   const Visibility vis(p);
   const int64_t nqb = cdiv(p.Lq, kBlockQ);
   const int64_t group = p.Hq / p.Hkv;
-  const int64_t E = p.E, Ev = p.Ev;
+  const int64_t E = p.E, Ev = p.Ev, Lk = p.Lk, ldv = pad_up(Ev);
+  // Whole-head K^T pack row stride; tiles start at any column (windows), and
+  // the micro-kernel reads whole padded tiles: one kPad of slack.
+  const int64_t ldk = pad_up(Lk) + kPad;
   const A scale = static_cast<A>(p.scale);
   const A ninf = -std::numeric_limits<A>::infinity();
 
   run_parallel(p, p.B * p.Hq * nqb, [&](int64_t begin, int64_t end) {
-    Buffer<A> qbuf(kBlockQ * E), kt(E * kBlockK), vbuf(kBlockK * Ev), sc(kBlockQ * kBlockK),
-        acc(kBlockQ * Ev), pv(kBlockQ * Ev), mrow(kBlockQ), alpha(kBlockQ);
+    // K^T (E, Lk) and V (Lk, Ev) of one kv head, packed once and reused by
+    // every query block of that head this thread runs (items come in order).
+    Buffer<A> kt(E * ldk), vbuf((Lk + kPad) * ldv);
+    int64_t packed = -1;  // b * Hkv + hk of the current packs
+    Buffer<A> qbuf(kBlockQ * E), sc(kBlockQ * kBlockK), acc(kBlockQ * Ev), pv(kBlockQ * ldv),
+        mrow(kBlockQ), alpha(kBlockQ);
     // Row sums in the lse precision: the saved lse = m + log(l) is what the
     // backward rebuilds P from, so its error lands on every gradient.
     Buffer<L> lrow(kBlockQ);
@@ -284,45 +277,44 @@ void fwd_impl(const FwdParams& p) {
       const int64_t h = bh % p.Hq, b = bh / p.Hq, hk = h / group;
       const int64_t i0 = qb * kBlockQ, nq = imin(kBlockQ, p.Lq - i0);
 
+      if (packed != b * p.Hkv + hk) {
+        const T* k = static_cast<const T*>(p.k) + b * p.k_st.b + hk * p.k_st.h;
+        const T* v = static_cast<const T*>(p.v) + b * p.v_st.b + hk * p.v_st.h;
+        load_rows_t(k, p.k_st.r, p.k_st.c, 0, Lk, E, ldk, kt.data());  // (E, Lk)
+        load_rows(v, p.v_st.r, p.v_st.c, 0, Lk, Ev, vbuf.data(), ldv);  // (Lk, Ev)
+        packed = b * p.Hkv + hk;
+      }
       const T* q = static_cast<const T*>(p.q) + b * p.q_st.b + h * p.q_st.h;
-      const T* k = static_cast<const T*>(p.k) + b * p.k_st.b + hk * p.k_st.h;
-      const T* v = static_cast<const T*>(p.v) + b * p.v_st.b + hk * p.v_st.h;
-      load_rows(q, p.q_st.r, p.q_st.c, i0, nq, E, qbuf.data());  // (nq, E)
+      load_rows(q, p.q_st.r, p.q_st.c, i0, nq, E, qbuf.data(), E);  // (nq, E)
       for (int64_t i = 0; i < nq; ++i) { mrow[i] = ninf; lrow[i] = L(0); }
       acc.zero();
 
       // Keys visible to any row of this block.
-      int64_t jlo = p.Lk, jhi = 0;
+      int64_t jlo = Lk, jhi = 0;
       for (int64_t i = i0; i < i0 + nq; ++i) {
         const int64_t lo = vis.col_lo(i), hi = vis.col_hi(i);
         if (lo < hi) { jlo = imin(jlo, lo); jhi = imax(jhi, hi); }
       }
       for (int64_t j0 = jlo; j0 < jhi; j0 += kBlockK) {
         const int64_t nk = imin(kBlockK, jhi - j0);
-        load_rows_t(k, p.k_st.r, p.k_st.c, j0, nk, E, kBlockK, kt.data());  // (E, nk)
-        load_rows(v, p.v_st.r, p.v_st.c, j0, nk, Ev, vbuf.data());        // (nk, Ev)
-        matmul_tile(qbuf.data(), E, nq, E, kt.data(), kBlockK, nk, scale, sc.data(), kBlockK);
+        const int64_t nkp = imin(kBlockK, pad_up(nk));  // whole vectors
+        matmul_tile(qbuf.data(), E, nq, E, kt.data() + j0, ldk, nk, scale, sc.data(), kBlockK);
         mask_tile<T, A>(p, vis, b, h, i0, nq, j0, nk, sc.data(), kBlockK);
 
         // Online softmax: P = exp(S - m_new), l = l * alpha + rowsum(P).
         for (int64_t i = 0; i < nq; ++i) {
           A* row = sc.data() + i * kBlockK;
-          A mx = ninf;
-          for (int64_t j = 0; j < nk; ++j) mx = row[j] > mx ? row[j] : mx;
+          for (int64_t j = nk; j < nkp; ++j) row[j] = ninf;  // padding lanes give exp = 0
+          const A mx = row_max(row, nkp);
           const A m_new = mx > mrow[i] ? mx : mrow[i];
           if (m_new == ninf) {  // nothing visible in this row yet
-            for (int64_t j = 0; j < nk; ++j) row[j] = A(0);
+            for (int64_t j = 0; j < nkp; ++j) row[j] = A(0);
             alpha[i] = A(1);
             continue;
           }
-          alpha[i] = std::exp(mrow[i] - m_new);  // exp(-inf) = 0 on the first block
-          L rs = L(0);
-          for (int64_t j = 0; j < nk; ++j) {
-            const A e = std::exp(row[j] - m_new);
-            row[j] = e;
-            rs += e;
-          }
-          lrow[i] = lrow[i] * static_cast<L>(alpha[i]) + rs;
+          alpha[i] = exp_acc(mrow[i] - m_new);  // exp(-inf) = 0 on the first block
+          const A rs = row_exp_sum(row, nkp, m_new);
+          lrow[i] = lrow[i] * static_cast<L>(alpha[i]) + static_cast<L>(rs);
           mrow[i] = m_new;
         }
         if (p.dropout_p > 0.f) {
@@ -330,10 +322,10 @@ void fwd_impl(const FwdParams& p) {
           for (int64_t x = 0; x < nq * kBlockK; ++x) sc[x] *= fac[x];
         }
         // acc = acc * alpha + P V
-        matmul_tile(sc.data(), kBlockK, nq, nk, vbuf.data(), Ev, Ev, A(1), pv.data(), Ev);
+        matmul_tile(sc.data(), kBlockK, nq, nk, vbuf.data() + j0 * ldv, ldv, Ev, A(1), pv.data(), ldv);
         for (int64_t i = 0; i < nq; ++i) {
           A* o = acc.data() + i * Ev;
-          const A* t = pv.data() + i * Ev;
+          const A* t = pv.data() + i * ldv;
           const A al = alpha[i];
 #pragma omp simd
           for (int64_t c = 0; c < Ev; ++c) o[c] = o[c] * al + t[c];
@@ -345,12 +337,11 @@ void fwd_impl(const FwdParams& p) {
       for (int64_t i = 0; i < nq; ++i) {
         const L l = lrow[i];
         // One rounding: out = acc / l in the lse precision.  (acc * float(1/l)
-        // rounds twice, and the backward's delta = rowsum(dO * O) inherits it.)
+        // rounds twice.)
         const L inv = l > L(0) ? L(1) / l : L(0);  // fully masked row: output 0
         T* orow = out + (i0 + i) * p.out_st.r;
         for (int64_t c = 0; c < Ev; ++c)
           Elem<T>::store(orow + c * p.out_st.c, static_cast<A>(static_cast<L>(acc[i * Ev + c]) * inv));
-        using W = typename Elem<T>::wide;
         lse[i0 + i] = l > L(0) ? static_cast<L>(static_cast<W>(mrow[i]) + std::log(static_cast<W>(l)))
                                : -std::numeric_limits<L>::infinity();
       }
@@ -380,16 +371,19 @@ void bwd_impl(const BwdParams& p) {
   const Visibility vis(p);
   const int64_t group = p.Hq / p.Hkv;
   const int64_t E = p.E, Ev = p.Ev, Lk = p.Lk;
-  const int64_t ldp = imax(Lk, 1);  // panel row stride
+  // Panel / whole-head pack row stride.  Key tiles start at jlo (any column),
+  // and the micro-kernel reads whole padded tiles: one kPad of slack.
+  const int64_t ldp = pad_up(Lk) + kPad;
+  const int64_t lde = pad_up(E), ldv = pad_up(Ev);
   const A scale = static_cast<A>(p.scale);
   const L inf = std::numeric_limits<L>::infinity();
   const bool drop = p.dropout_p > 0.f;
 
   run_parallel(p, p.B * p.Hkv, [&](int64_t begin, int64_t end) {
     // Whole-head packs of K and V, reused by every query block of the group.
-    Buffer<A> kt(E * ldp), kbuf(Lk * E), vt(Ev * ldp), dk(Lk * E), dv(Lk * Ev);
-    Buffer<A> qbuf(kBlockQ * E), dobuf(kBlockQ * Ev), dq(kBlockQ * E), tq(kBlockQ * E),
-        tk(kBlockK * E), tv(kBlockK * Ev), tt(kBlockK * kBlockQ), delta(kBlockQ);
+    Buffer<A> kt(E * ldp), kbuf(Lk * lde), vt(Ev * ldp), dk(Lk * E), dv(Lk * Ev);
+    Buffer<A> qbuf(kBlockQ * lde), dobuf(kBlockQ * ldv), dq(kBlockQ * E), tq(kBlockQ * lde),
+        tk(kBlockK * lde), tv(kBlockK * ldv), tt(kBlockK * kBlockQ), delta(kBlockQ);
     Buffer<A> pp(kBlockQ * ldp), dpp(kBlockQ * ldp);  // P and dP panels
     Buffer<A> fac(drop ? kBlockQ * ldp : 0);
     Buffer<L> lse(kBlockQ);
@@ -398,7 +392,7 @@ void bwd_impl(const BwdParams& p) {
       const T* k = static_cast<const T*>(p.k) + b * p.k_st.b + hk * p.k_st.h;
       const T* v = static_cast<const T*>(p.v) + b * p.v_st.b + hk * p.v_st.h;
       load_rows_t(k, p.k_st.r, p.k_st.c, 0, Lk, E, ldp, kt.data());   // (E, Lk)
-      load_rows(k, p.k_st.r, p.k_st.c, 0, Lk, E, kbuf.data());        // (Lk, E)
+      load_rows(k, p.k_st.r, p.k_st.c, 0, Lk, E, kbuf.data(), lde);   // (Lk, E)
       load_rows_t(v, p.v_st.r, p.v_st.c, 0, Lk, Ev, ldp, vt.data());  // (Ev, Lk)
       dk.zero();
       dv.zero();
@@ -417,8 +411,8 @@ void bwd_impl(const BwdParams& p) {
             if (lo < hi) { jlo = imin(jlo, lo); jhi = imax(jhi, hi); }
           }
           if (jlo < jhi) {
-            load_rows(q, p.q_st.r, p.q_st.c, i0, nq, E, qbuf.data());              // (nq, E)
-            load_rows(dout, p.dout_st.r, p.dout_st.c, i0, nq, Ev, dobuf.data());  // (nq, Ev)
+            load_rows(q, p.q_st.r, p.q_st.c, i0, nq, E, qbuf.data(), lde);              // (nq, E)
+            load_rows(dout, p.dout_st.r, p.dout_st.c, i0, nq, Ev, dobuf.data(), ldv);  // (nq, Ev)
             for (int64_t i = 0; i < nq; ++i) {
               const L l = static_cast<const L*>(p.lse)[bh * p.Lq + i0 + i];
               // A fully masked row (lse = -inf) has P = 0: exp(s - inf) = 0.
@@ -430,7 +424,7 @@ void bwd_impl(const BwdParams& p) {
               const int64_t nk = imin(kBlockK, jhi - j0), c0 = j0 - jlo;
               A* pt = pp.data() + c0;
               A* dpt = dpp.data() + c0;
-              matmul_tile(qbuf.data(), E, nq, E, kt.data() + j0, ldp, nk, scale, pt, ldp);
+              matmul_tile(qbuf.data(), lde, nq, E, kt.data() + j0, ldp, nk, scale, pt, ldp);
               mask_tile<T, A>(p, vis, b, h, i0, nq, j0, nk, pt, ldp);
               // P = exp(S - lse) with s - lse in the wide type: rounding it to
               // float32 (|s - lse| ~ log L) would cost P an ulp of log L.
@@ -439,7 +433,7 @@ void bwd_impl(const BwdParams& p) {
                 const W li = static_cast<W>(lse[i]);
                 for (int64_t j = 0; j < nk; ++j) row[j] = static_cast<A>(std::exp(static_cast<W>(row[j]) - li));
               }
-              matmul_tile(dobuf.data(), Ev, nq, Ev, vt.data() + j0, ldp, nk, A(1), dpt, ldp);
+              matmul_tile(dobuf.data(), ldv, nq, Ev, vt.data() + j0, ldp, nk, A(1), dpt, ldp);
               if (drop) {
                 // dP passes back through the forward's dropout mask, regenerated
                 // from the counter.  delta = rowsum(P * Z * dP) = rowsum(dO * O).
@@ -471,8 +465,8 @@ void bwd_impl(const BwdParams& p) {
               for (int64_t i = 0; i < nq; ++i)
                 for (int64_t j = 0; j < nk; ++j)
                   tt[j * kBlockQ + i] = drop ? pt[i * ldp + j] * fac[c0 + i * ldp + j] : pt[i * ldp + j];
-              matmul_tile(tt.data(), kBlockQ, nk, nq, dobuf.data(), Ev, Ev, A(1), tv.data(), Ev);
-              add_tile(nk, Ev, tv.data(), Ev, dv.data() + j0 * Ev, Ev);
+              matmul_tile(tt.data(), kBlockQ, nk, nq, dobuf.data(), ldv, Ev, A(1), tv.data(), ldv);
+              add_tile(nk, Ev, tv.data(), ldv, dv.data() + j0 * Ev, Ev);
               // dS = P * (dP - delta), over the dP panel.
               for (int64_t i = 0; i < nq; ++i) {
                 A* d = dst + i * ldp;
@@ -488,12 +482,12 @@ void bwd_impl(const BwdParams& p) {
                 }
               }
               // dQ += scale * dS K
-              matmul_tile(dst, ldp, nq, nk, kbuf.data() + j0 * E, E, E, scale, tq.data(), E);
-              add_tile(nq, E, tq.data(), E, dq.data(), E);
+              matmul_tile(dst, ldp, nq, nk, kbuf.data() + j0 * lde, lde, E, scale, tq.data(), lde);
+              add_tile(nq, E, tq.data(), lde, dq.data(), E);
               // dK += scale * dS^T Q
               transpose_tile(dst, ldp, nq, nk, tt.data(), kBlockQ);
-              matmul_tile(tt.data(), kBlockQ, nk, nq, qbuf.data(), E, E, scale, tk.data(), E);
-              add_tile(nk, E, tk.data(), E, dk.data() + j0 * E, E);
+              matmul_tile(tt.data(), kBlockQ, nk, nq, qbuf.data(), lde, E, scale, tk.data(), lde);
+              add_tile(nk, E, tk.data(), lde, dk.data() + j0 * E, E);
             }
           }
           for (int64_t x = 0; x < nq * E; ++x) Elem<T>::store(dqp + i0 * E + x, dq[x]);

@@ -13,6 +13,7 @@
 #pragma GCC push_options
 #pragma GCC target("avx2,fma,f16c")
 #define ATTNFAST_ISA_NS isa_avx2
+#define ATTNFAST_VEC_BYTES 32
 #include "attention_kernel.h"
 #pragma GCC pop_options
 #define ATTNFAST_HAVE_AVX2_BUILD 1

@@ -13,6 +13,7 @@
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,fma,f16c")
 #define ATTNFAST_ISA_NS isa_avx512
+#define ATTNFAST_VEC_BYTES 64
 #include "attention_kernel.h"
 #pragma GCC pop_options
 #define ATTNFAST_HAVE_AVX512_BUILD 1

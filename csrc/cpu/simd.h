@@ -1,0 +1,176 @@
+// SIMD building blocks of the CPU kernel, written with GCC vector extensions
+// so that one source compiles to SSE2, AVX2 or AVX-512 depending on the
+// translation unit's target (ATTNFAST_VEC_BYTES = 16, 32 or 64).
+#pragma once
+#include <cstdint>
+#include <cstring>
+
+#ifndef ATTNFAST_VEC_BYTES
+#error "define ATTNFAST_VEC_BYTES (16, 32 or 64) before including simd.h"
+#endif
+
+namespace attnfast {
+namespace cpu {
+namespace ATTNFAST_ISA_NS {
+namespace {
+
+// Internal buffers pad their leading dimension to a multiple of kPad elements
+// so the micro-kernel can always write whole vectors (kPad >= its widest tile).
+constexpr int64_t kPad = 32;
+inline int64_t pad_up(int64_t n) { return (n + kPad - 1) / kPad * kPad; }
+
+template <typename A>
+struct Vec {
+  static constexpr int kWidth = ATTNFAST_VEC_BYTES / static_cast<int>(sizeof(A));
+  // Element-aligned vector: loads and stores through it may be unaligned.
+  typedef A type __attribute__((vector_size(ATTNFAST_VEC_BYTES), aligned(sizeof(A))));
+};
+
+// Register tile: kMR rows x kNV vectors.  6 x 2 uses 12 accumulators, 2 B
+// vectors and 1 broadcast: 15 of the 16 registers of SSE/AVX2.
+constexpr int kMR = 6;
+constexpr int kNV = 2;
+// Products are summed kKC at a time in registers and only then added to C:
+// a plain running sum over the whole head dim had twice the rounding error
+// of torch's matmul (measured; the parity rule sees it in every gradient).
+constexpr int64_t kKC = 16;
+
+// C[r][0:kNV*W] = scale * sum_{e<d} a[r][e] * b[e][0:kNV*W] for r < MR.
+template <typename A, int MR>
+inline void micro_tile(const A* __restrict a, int64_t lda, const A* __restrict b, int64_t ldb, int64_t d,
+                       A scale, A* __restrict c, int64_t ldc) {
+  using V = typename Vec<A>::type;
+  constexpr int W = Vec<A>::kWidth;
+  if (d == 0) {
+    for (int r = 0; r < MR; ++r)
+      for (int v = 0; v < kNV; ++v) *reinterpret_cast<V*>(c + r * ldc + v * W) = V{};
+    return;
+  }
+  for (int64_t e0 = 0; e0 < d; e0 += kKC) {
+    const int64_t e1 = e0 + kKC < d ? e0 + kKC : d;
+    V t[MR][kNV];
+    for (int r = 0; r < MR; ++r)
+      for (int v = 0; v < kNV; ++v) t[r][v] = V{};
+    for (int64_t e = e0; e < e1; ++e) {
+      V bv[kNV];
+      for (int v = 0; v < kNV; ++v) bv[v] = *reinterpret_cast<const V*>(b + e * ldb + v * W);
+      for (int r = 0; r < MR; ++r) {
+        const V av = V{} + a[r * lda + e];
+        for (int v = 0; v < kNV; ++v) t[r][v] += av * bv[v];
+      }
+    }
+    const bool last = e1 >= d;
+    for (int r = 0; r < MR; ++r)
+      for (int v = 0; v < kNV; ++v) {
+        V* cp = reinterpret_cast<V*>(c + r * ldc + v * W);
+        V s = e0 == 0 ? t[r][v] : *cp + t[r][v];
+        if (last) s *= scale;
+        *cp = s;
+      }
+  }
+}
+
+// c[i][0:n] = scale * sum_{e<d} a[i][e] * b[e][0:n]  for i < m.
+//   a: (m, d), row stride lda.  b: (d, n), row stride ldb.  c: row stride ldc.
+// Columns are computed in whole register tiles: b must be readable and c
+// writable up to pad_up(n) columns (internal buffers are padded so).
+template <typename A>
+void matmul_tile(const A* __restrict a, int64_t lda, int64_t m, int64_t d, const A* __restrict b,
+                 int64_t ldb, int64_t n, A scale, A* __restrict c, int64_t ldc) {
+  constexpr int64_t NR = kNV * Vec<A>::kWidth;
+  for (int64_t j = 0; j < n; j += NR) {
+    int64_t i = 0;
+    for (; i + kMR <= m; i += kMR) micro_tile<A, kMR>(a + i * lda, lda, b + j, ldb, d, scale, c + i * ldc + j, ldc);
+    const A* ai = a + i * lda;
+    A* ci = c + i * ldc + j;
+    switch (m - i) {
+      case 5: micro_tile<A, 5>(ai, lda, b + j, ldb, d, scale, ci, ldc); break;
+      case 4: micro_tile<A, 4>(ai, lda, b + j, ldb, d, scale, ci, ldc); break;
+      case 3: micro_tile<A, 3>(ai, lda, b + j, ldb, d, scale, ci, ldc); break;
+      case 2: micro_tile<A, 2>(ai, lda, b + j, ldb, d, scale, ci, ldc); break;
+      case 1: micro_tile<A, 1>(ai, lda, b + j, ldb, d, scale, ci, ldc); break;
+      default: break;
+    }
+  }
+}
+
+// exp(x) in float, branch-free so loops over it vectorise.  Cody-Waite range
+// reduction x = n ln2 + r and a degree-6 polynomial (Cephes expf
+// coefficients): about 1 ulp, like the Sleef u10 exp torch uses.  Returns
+// exactly 0 for x < -87.3 (incl. -inf), where exp is at most subnormal.
+inline float exp_f32(float x) {
+  const float kLog2e = 1.44269504088896341f;
+  const float kLn2Hi = 0.693359375f, kLn2Lo = -2.12194440e-4f;
+  const float kRound = 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer
+  const float xc = x < -87.3f ? -87.3f : (x > 88.7f ? 88.7f : x);
+  const float n = (xc * kLog2e + kRound) - kRound;
+  const float r = (xc - n * kLn2Hi) - n * kLn2Lo;
+  float y = 1.9875691500e-4f;
+  y = y * r + 1.3981999507e-3f;
+  y = y * r + 8.3334519073e-3f;
+  y = y * r + 4.1665795894e-2f;
+  y = y * r + 1.6666665459e-1f;
+  y = y * r + 5.0000001201e-1f;
+  y = y * r * r + r + 1.0f;
+  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof(scale));
+  return x < -87.3f ? 0.0f : y * scale;
+}
+
+// Vector exp_f32 (same algorithm, lane by lane).
+template <typename V>
+inline V exp_vec(V x) {
+  typedef int32_t VI __attribute__((vector_size(sizeof(V))));
+  const V lo = V{} - 87.3f, hi = V{} + 88.7f;
+  const V xc = x < lo ? lo : (x > hi ? hi : x);
+  const V n = (xc * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
+  const V r = (xc - n * 0.693359375f) - n * -2.12194440e-4f;
+  V y = V{} + 1.9875691500e-4f;
+  y = y * r + 1.3981999507e-3f;
+  y = y * r + 8.3334519073e-3f;
+  y = y * r + 4.1665795894e-2f;
+  y = y * r + 1.6666665459e-1f;
+  y = y * r + 5.0000001201e-1f;
+  y = y * r * r + r + 1.0f;
+  const VI bits = (__builtin_convertvector(n, VI) + 127) << 23;
+  V scale;
+  std::memcpy(&scale, &bits, sizeof(scale));
+  return x < lo ? V{} : y * scale;
+}
+
+// One online-softmax step on a score row (float): m_new = max(m_old, max(row)),
+// row[j] = exp(row[j] - m_new), returns rowsum.  row is readable and writable
+// up to a whole number of vectors past n (the padding is set to -inf first).
+inline float softmax_row_f32(float* row, int64_t n, float m_new) {
+  using V = Vec<float>::type;
+  constexpr int W = Vec<float>::kWidth;
+  V sum = V{};
+  for (int64_t j = 0; j < n; j += W) {
+    V* pv = reinterpret_cast<V*>(row + j);
+    const V e = exp_vec(*pv - m_new);
+    *pv = e;
+    sum += e;
+  }
+  float s = 0.f;
+  for (int l = 0; l < W; ++l) s += sum[l];
+  return s;
+}
+
+inline float rowmax_f32(const float* row, int64_t n) {
+  using V = Vec<float>::type;
+  constexpr int W = Vec<float>::kWidth;
+  V m = V{} - __builtin_inff();
+  for (int64_t j = 0; j < n; j += W) {
+    const V x = *reinterpret_cast<const V*>(row + j);
+    m = x > m ? x : m;
+  }
+  float r = -__builtin_inff();
+  for (int l = 0; l < W; ++l) r = m[l] > r ? m[l] : r;
+  return r;
+}
+
+}  // namespace
+}  // namespace ATTNFAST_ISA_NS
+}  // namespace cpu
+}  // namespace attnfast
