@@ -12,6 +12,7 @@ Environment:
 import glob
 import os
 import shutil
+import sys
 
 from setuptools import setup
 from torch.utils import cpp_extension
@@ -41,10 +42,16 @@ def cuda_available_for_build():
 
 
 opt = ["-O0", "-g"] if DEBUG else ["-O3"]
-cxx_flags = opt + ["-fopenmp-simd", "-Wall", "-Wno-unknown-pragmas"]
+# -fopenmp: at::parallel_for is a header template that, in torch's OpenMP
+# builds, expands to `#pragma omp parallel` inside this extension; without the
+# flag it silently runs on one thread.  The extension then needs libgomp.so.1,
+# which resolves to the copy torch has already loaded (same soname), so there
+# is one OpenMP runtime.
+omp = [] if sys.platform == "darwin" else ["-fopenmp"]
+cxx_flags = opt + omp + ["-Wall", "-Wno-unknown-pragmas"]
 sources = rel("csrc/cpu/*.cpp")
 use_cuda, why = cuda_available_for_build()
-ext_kwargs = dict(extra_compile_args={"cxx": cxx_flags})
+ext_kwargs = dict(extra_compile_args={"cxx": cxx_flags}, extra_link_args=omp)
 if use_cuda:
     archs = os.environ.get("ATTNFAST_CUDA_ARCH_LIST", "9.0;8.0")
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", archs)

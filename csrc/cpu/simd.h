@@ -26,6 +26,13 @@ struct Vec {
   typedef A type __attribute__((vector_size(ATTNFAST_VEC_BYTES), aligned(sizeof(A))));
 };
 
+// Broadcast.  (V{} + x is not a plain broadcast: x + 0.0 differs from x for
+// x = -0.0, so the compiler must keep the add; x - 0.0 is exact.)
+template <typename V, typename A>
+inline V splat(A x) {
+  return x - V{};
+}
+
 // Register tile: kMR rows x kNV vectors.  6 x 2 uses 12 accumulators, 2 B
 // vectors and 1 broadcast: 15 of the 16 registers of SSE/AVX2.
 constexpr int kMR = 6;
@@ -55,7 +62,7 @@ inline void micro_tile(const A* __restrict a, int64_t lda, const A* __restrict b
       V bv[kNV];
       for (int v = 0; v < kNV; ++v) bv[v] = *reinterpret_cast<const V*>(b + e * ldb + v * W);
       for (int r = 0; r < MR; ++r) {
-        const V av = V{} + a[r * lda + e];
+        const V av = splat<V>(a[r * lda + e]);
         for (int v = 0; v < kNV; ++v) t[r][v] += av * bv[v];
       }
     }
