@@ -19,6 +19,7 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <type_traits>
 
 #include "params.h"
 #include "philox.h"
@@ -246,6 +247,22 @@ inline A row_exp_sum(A* row, int64_t n, A m) {
 }
 inline float row_exp_sum(float* row, int64_t n, float m) { return softmax_row_f32(row, n, m); }
 
+// Backward P recompute: row[j] = exp(row[j] - lse) for j < n.  s - lse is
+// formed in the lse precision (double for float32 inputs), so the only
+// rounding before the exp is that of the difference itself, the same one a
+// naive softmax makes on s - max.  (With a float32 lse, P carried an extra
+// ulp of log L of error: several times a naive float32 softmax's.)
+template <typename A, typename L>
+inline void recompute_p(A* row, int64_t n, L lse) {
+  using W = typename std::conditional<sizeof(A) == 8, long double, L>::type;
+  for (int64_t j = 0; j < n; ++j) row[j] = static_cast<A>(std::exp(static_cast<W>(row[j]) - static_cast<W>(lse)));
+}
+inline void recompute_p(float* row, int64_t n, double lse) {
+#pragma omp simd
+  for (int64_t j = 0; j < n; ++j) row[j] = static_cast<float>(static_cast<double>(row[j]) - lse);
+  softmax_row_f32(row, n, 0.0f);
+}
+
 template <typename T>
 void fwd_impl(const FwdParams& p) {
   using A = typename Elem<T>::acc;
@@ -367,7 +384,6 @@ template <typename T>
 void bwd_impl(const BwdParams& p) {
   using A = typename Elem<T>::acc;
   using L = typename Elem<T>::lse;
-  using W = typename Elem<T>::wide;
   const Visibility vis(p);
   const int64_t group = p.Hq / p.Hkv;
   const int64_t E = p.E, Ev = p.Ev, Lk = p.Lk;
@@ -426,13 +442,7 @@ void bwd_impl(const BwdParams& p) {
               A* dpt = dpp.data() + c0;
               matmul_tile(qbuf.data(), lde, nq, E, kt.data() + j0, ldp, nk, scale, pt, ldp);
               mask_tile<T, A>(p, vis, b, h, i0, nq, j0, nk, pt, ldp);
-              // P = exp(S - lse) with s - lse in the wide type: rounding it to
-              // float32 (|s - lse| ~ log L) would cost P an ulp of log L.
-              for (int64_t i = 0; i < nq; ++i) {
-                A* row = pt + i * ldp;
-                const W li = static_cast<W>(lse[i]);
-                for (int64_t j = 0; j < nk; ++j) row[j] = static_cast<A>(std::exp(static_cast<W>(row[j]) - li));
-              }
+              for (int64_t i = 0; i < nq; ++i) recompute_p(pt + i * ldp, nk, lse[i]);
               matmul_tile(dobuf.data(), ldv, nq, Ev, vt.data() + j0, ldp, nk, A(1), dpt, ldp);
               if (drop) {
                 // dP passes back through the forward's dropout mask, regenerated
