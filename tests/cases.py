@@ -17,7 +17,8 @@ class Case:
     E: int = 64
     Ev: Optional[int] = None
     mask: Optional[str] = None      # None, "bool", "float", "float_grad"
-    mask_bcast: str = "full"        # "full", "batch" (1,H,..), "heads" (B,1,..), "2d" (Lq,Lk), "row" (1,1,1,Lk)
+    mask_bcast: str = "full"        # "full", "batch" (1,H,..), "heads" (B,1,..), "2d" (Lq,Lk), "row" (1,1,1,Lk),
+                                    # "keypad" (B,1,1,Lk: second half of the keys hidden), "tril" (Lq,Lk causal)
     dead_rows: bool = False         # some query rows see no key at all
     causal: bool = False
     align: str = "top_left"
@@ -74,8 +75,15 @@ def make_inputs(c: Case, dtype):
         "heads": (c.B, 1, c.Lq, c.Lk),
         "2d": (c.Lq, c.Lk),
         "row": (1, 1, 1, c.Lk),
+        "keypad": (c.B, 1, 1, c.Lk),
+        "tril": (c.Lq, c.Lk),
     }[c.mask_bcast]
     keep = torch.rand(shape) > 0.3
+    if c.mask_bcast == "keypad":  # whole key tiles hidden: exercises tile skipping
+        keep = torch.ones(shape, dtype=torch.bool)
+        keep[..., c.Lk // 2:] = False
+    elif c.mask_bcast == "tril":
+        keep = torch.ones(shape, dtype=torch.bool).tril()
     if c.dead_rows and len(shape) >= 2 and shape[-2] > 1:
         keep[..., ::3, :] = False  # every third query row sees nothing
     if c.mask == "bool":
@@ -120,6 +128,11 @@ SWEEP = [
     Case(Hq=4, Hkv=2, Lq=203, Lk=113, E=59, noncontig=True, mask="bool", causal=True),
     Case(B=1, Hq=2, Hkv=2, Lq=64, Lk=64, E=256, Ev=256),
     Case(B=1, Hq=2, Hkv=2, Lq=129, Lk=257, E=8, Ev=3),
+    Case(B=2, Hq=2, Hkv=1, Lq=300, Lk=520, E=40, mask="bool", mask_bcast="keypad"),
+    Case(B=1, Hq=2, Hkv=2, Lq=520, Lk=300, E=64, mask="bool", mask_bcast="tril"),
+    Case(B=1, Hq=2, Hkv=2, Lq=300, Lk=300, E=32, mask="float_grad", mask_bcast="tril"),
+    Case(B=2, Hq=2, Hkv=2, Lq=200, Lk=400, E=32, mask="float", mask_bcast="keypad", causal=True,
+         align="bottom_right"),
 ]
 
 # A smaller subset for the slower dtypes / paths.

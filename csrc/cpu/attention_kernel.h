@@ -181,11 +181,55 @@ void transpose_tile(const A* __restrict src, int64_t lds, int64_t rows, int64_t 
     for (int64_t c = 0; c < cols; ++c) dst[c * ldd + r] = src[r * lds + c];
 }
 
+// What the explicit mask does to the (nq, nk) tile at rows i0.., columns j0..:
+// hides all of it (the tile is skipped: no product, no exp), shows all of it
+// (a bool mask then needs no per-element pass), or a mix.  Reading the mask
+// tile costs nq*nk byte loads against the tile's nq*nk*E FMAs; rows of a mask
+// broadcast over rows are read once, and contiguous bool rows 8 bytes a time.
+enum class TileMask { kHidden, kVisible, kMixed };
+
+template <typename T>
+TileMask classify_tile(const AttnParams& p, int64_t b, int64_t h, int64_t i0, int64_t nq, int64_t j0,
+                       int64_t nk) {
+  if (p.mask_kind == MaskKind::none) return TileMask::kVisible;
+  const Strides4& st = p.mask_st;
+  const int64_t rows = st.r == 0 ? 1 : nq;
+  const int64_t off = b * st.b + h * st.h + i0 * st.r + j0 * st.c;
+  if (p.mask_kind == MaskKind::additive) {
+    for (int64_t i = 0; i < rows; ++i) {
+      const T* m = static_cast<const T*>(p.mask) + off + i * st.r;
+      for (int64_t j = 0; j < nk; ++j)
+        if (Elem<T>::load(m + j * st.c) != -std::numeric_limits<float>::infinity()) return TileMask::kMixed;
+    }
+    return TileMask::kHidden;
+  }
+  bool any = false, all = true;
+  for (int64_t i = 0; i < rows; ++i) {
+    const uint8_t* m = static_cast<const uint8_t*>(p.mask) + off + i * st.r;
+    int64_t j = 0;
+    if (st.c == 1) {
+      constexpr uint64_t kOnes = 0x0101010101010101ull;  // eight `true` bytes
+      for (; j + 8 <= nk; j += 8) {
+        uint64_t w;
+        std::memcpy(&w, m + j, sizeof(w));
+        any |= w != 0;
+        all &= w == kOnes;
+      }
+    }
+    for (; j < nk; ++j) {
+      any |= m[j * st.c] != 0;
+      all &= m[j * st.c] != 0;
+    }
+    if (any && !all) return TileMask::kMixed;
+  }
+  return any ? TileMask::kVisible : TileMask::kHidden;
+}
+
 // Sets invisible scores to -inf and applies the mask for rows [i0, i0+nq) and
 // columns [j0, j0+nk) of head (b, h).
 template <typename T, typename A>
 void mask_tile(const AttnParams& p, const Visibility& vis, int64_t b, int64_t h, int64_t i0, int64_t nq,
-               int64_t j0, int64_t nk, A* s, int64_t lds) {
+               int64_t j0, int64_t nk, A* s, int64_t lds, TileMask tm) {
   const A ninf = -std::numeric_limits<A>::infinity();
   const bool windowed = vis.left >= 0 || vis.right >= 0;
   for (int64_t i = 0; i < nq; ++i) {
@@ -197,12 +241,16 @@ void mask_tile(const AttnParams& p, const Visibility& vis, int64_t b, int64_t h,
       for (int64_t j = 0; j < lo; ++j) row[j] = ninf;
       for (int64_t j = hi; j < nk; ++j) row[j] = ninf;
     }
-    if (p.mask_kind == MaskKind::none) continue;
+    if (p.mask_kind == MaskKind::none || tm == TileMask::kVisible) continue;
     const int64_t off = b * p.mask_st.b + h * p.mask_st.h + (i0 + i) * p.mask_st.r + j0 * p.mask_st.c;
     if (p.mask_kind == MaskKind::boolean) {
       const uint8_t* m = static_cast<const uint8_t*>(p.mask) + off;
-      for (int64_t j = lo; j < hi; ++j)
-        if (!m[j * p.mask_st.c]) row[j] = ninf;
+      if (p.mask_st.c == 1) {
+#pragma omp simd
+        for (int64_t j = lo; j < hi; ++j) row[j] = m[j] ? row[j] : ninf;
+      } else {
+        for (int64_t j = lo; j < hi; ++j) row[j] = m[j * p.mask_st.c] ? row[j] : ninf;
+      }
     } else {
       const T* m = static_cast<const T*>(p.mask) + off;
       for (int64_t j = lo; j < hi; ++j) row[j] += static_cast<A>(Elem<T>::load(m + j * p.mask_st.c));
@@ -315,8 +363,10 @@ void fwd_impl(const FwdParams& p) {
       for (int64_t j0 = jlo; j0 < jhi; j0 += kBlockK) {
         const int64_t nk = imin(kBlockK, jhi - j0);
         const int64_t nkp = imin(kBlockK, pad_up(nk));  // whole vectors
+        const TileMask tm = classify_tile<T>(p, b, h, i0, nq, j0, nk);
+        if (tm == TileMask::kHidden) continue;
         matmul_tile(qbuf.data(), E, nq, E, kt.data() + j0, ldk, nk, scale, sc.data(), kBlockK);
-        mask_tile<T, A>(p, vis, b, h, i0, nq, j0, nk, sc.data(), kBlockK);
+        mask_tile<T, A>(p, vis, b, h, i0, nq, j0, nk, sc.data(), kBlockK, tm);
 
         // Online softmax: P = exp(S - m_new), l = l * alpha + rowsum(P).
         for (int64_t i = 0; i < nq; ++i) {
@@ -403,6 +453,7 @@ void bwd_impl(const BwdParams& p) {
     Buffer<A> pp(kBlockQ * ldp), dpp(kBlockQ * ldp);  // P and dP panels
     Buffer<A> fac(drop ? kBlockQ * ldp : 0);
     Buffer<L> lse(kBlockQ);
+    Buffer<uint8_t> skip(cdiv(Lk, kBlockK) + 1);  // key tiles the mask hides entirely
     for (int64_t item = begin; item < end; ++item) {
       const int64_t hk = item % p.Hkv, b = item / p.Hkv;
       const T* k = static_cast<const T*>(p.k) + b * p.k_st.b + hk * p.k_st.h;
@@ -440,8 +491,11 @@ void bwd_impl(const BwdParams& p) {
               const int64_t nk = imin(kBlockK, jhi - j0), c0 = j0 - jlo;
               A* pt = pp.data() + c0;
               A* dpt = dpp.data() + c0;
+              const TileMask tm = classify_tile<T>(p, b, h, i0, nq, j0, nk);
+              skip[c0 / kBlockK] = tm == TileMask::kHidden;
+              if (skip[c0 / kBlockK]) continue;
               matmul_tile(qbuf.data(), lde, nq, E, kt.data() + j0, ldp, nk, scale, pt, ldp);
-              mask_tile<T, A>(p, vis, b, h, i0, nq, j0, nk, pt, ldp);
+              mask_tile<T, A>(p, vis, b, h, i0, nq, j0, nk, pt, ldp, tm);
               for (int64_t i = 0; i < nq; ++i) recompute_p(pt + i * ldp, nk, lse[i]);
               matmul_tile(dobuf.data(), ldv, nq, Ev, vt.data() + j0, ldp, nk, A(1), dpt, ldp);
               if (drop) {
@@ -469,6 +523,7 @@ void bwd_impl(const BwdParams& p) {
             // Sweep 2: gradients, one key tile at a time.
             for (int64_t j0 = jlo; j0 < jhi; j0 += kBlockK) {
               const int64_t nk = imin(kBlockK, jhi - j0), c0 = j0 - jlo;
+              if (skip[c0 / kBlockK]) continue;
               A* pt = pp.data() + c0;
               A* dst = dpp.data() + c0;
               // dV += (P * Z)^T dO
