@@ -331,8 +331,8 @@ void fwd_impl(const FwdParams& p) {
     // every query block of that head this thread runs (items come in order).
     Buffer<A> kt(E * ldk), vbuf((Lk + kPad) * ldv);
     int64_t packed = -1;  // b * Hkv + hk of the current packs
-    Buffer<A> qbuf(kBlockQ * E), sc(kBlockQ * kBlockK), acc(kBlockQ * Ev), pv(kBlockQ * ldv),
-        mrow(kBlockQ), alpha(kBlockQ);
+    Buffer<A> qbuf(kBlockQ * E), sc(kBlockQ * kBlockK), acc(kBlockQ * ldv), mrow(kBlockQ),
+        alpha(kBlockQ);
     // Row sums in the lse precision: the saved lse = m + log(l) is what the
     // backward rebuilds P from, so its error lands on every gradient.
     Buffer<L> lrow(kBlockQ);
@@ -388,15 +388,9 @@ void fwd_impl(const FwdParams& p) {
           dropout_factors(p, b, h, i0, nq, j0, nk, fac.data(), kBlockK);
           for (int64_t x = 0; x < nq * kBlockK; ++x) sc[x] *= fac[x];
         }
-        // acc = acc * alpha + P V
-        matmul_tile(sc.data(), kBlockK, nq, nk, vbuf.data() + j0 * ldv, ldv, Ev, A(1), pv.data(), ldv);
-        for (int64_t i = 0; i < nq; ++i) {
-          A* o = acc.data() + i * Ev;
-          const A* t = pv.data() + i * ldv;
-          const A al = alpha[i];
-#pragma omp simd
-          for (int64_t c = 0; c < Ev; ++c) o[c] = o[c] * al + t[c];
-        }
+        // acc = acc * alpha + P V, the rescale fused into the product's epilogue.
+        matmul_tile(sc.data(), kBlockK, nq, nk, vbuf.data() + j0 * ldv, ldv, Ev, A(1), acc.data(), ldv,
+                    alpha.data());
       }
 
       T* out = static_cast<T*>(p.out) + b * p.out_st.b + h * p.out_st.h;
@@ -408,7 +402,7 @@ void fwd_impl(const FwdParams& p) {
         const L inv = l > L(0) ? L(1) / l : L(0);  // fully masked row: output 0
         T* orow = out + (i0 + i) * p.out_st.r;
         for (int64_t c = 0; c < Ev; ++c)
-          Elem<T>::store(orow + c * p.out_st.c, static_cast<A>(static_cast<L>(acc[i * Ev + c]) * inv));
+          Elem<T>::store(orow + c * p.out_st.c, static_cast<A>(static_cast<L>(acc[i * ldv + c]) * inv));
         lse[i0 + i] = l > L(0) ? static_cast<L>(static_cast<W>(mrow[i]) + std::log(static_cast<W>(l)))
                                : -std::numeric_limits<L>::infinity();
       }

@@ -42,15 +42,20 @@ constexpr int kNV = 2;
 // of torch's matmul (measured; the parity rule sees it in every gradient).
 constexpr int64_t kKC = 16;
 
-// C[r][0:kNV*W] = scale * sum_{e<d} a[r][e] * b[e][0:kNV*W] for r < MR.
+// C[r][0:kNV*W] = scale * sum_{e<d} a[r][e] * b[e][0:kNV*W] for r < MR, or,
+// when `alpha` is given, C[r] = alpha[r] * C[r] + sum (the online-softmax
+// rescale of the output accumulator, fused into the product's epilogue).
 template <typename A, int MR>
 inline void micro_tile(const A* __restrict a, int64_t lda, const A* __restrict b, int64_t ldb, int64_t d,
-                       A scale, A* __restrict c, int64_t ldc) {
+                       A scale, const A* __restrict alpha, A* __restrict c, int64_t ldc) {
   using V = typename Vec<A>::type;
   constexpr int W = Vec<A>::kWidth;
   if (d == 0) {
     for (int r = 0; r < MR; ++r)
-      for (int v = 0; v < kNV; ++v) *reinterpret_cast<V*>(c + r * ldc + v * W) = V{};
+      for (int v = 0; v < kNV; ++v) {
+        V* cp = reinterpret_cast<V*>(c + r * ldc + v * W);
+        *cp = alpha != nullptr ? *cp * alpha[r] : V{};
+      }
     return;
   }
   for (int64_t e0 = 0; e0 < d; e0 += kKC) {
@@ -70,32 +75,41 @@ inline void micro_tile(const A* __restrict a, int64_t lda, const A* __restrict b
     for (int r = 0; r < MR; ++r)
       for (int v = 0; v < kNV; ++v) {
         V* cp = reinterpret_cast<V*>(c + r * ldc + v * W);
-        V s = e0 == 0 ? t[r][v] : *cp + t[r][v];
-        if (last) s *= scale;
+        V s;
+        if (alpha != nullptr) {
+          s = e0 == 0 ? *cp * alpha[r] + t[r][v] : *cp + t[r][v];
+        } else {
+          s = e0 == 0 ? t[r][v] : *cp + t[r][v];
+          if (last) s *= scale;
+        }
         *cp = s;
       }
   }
 }
 
-// c[i][0:n] = scale * sum_{e<d} a[i][e] * b[e][0:n]  for i < m.
+// c[i][0:n] = scale * sum_{e<d} a[i][e] * b[e][0:n]  for i < m, or with
+// `alpha`: c[i][0:n] = alpha[i] * c[i][0:n] + sum (scale ignored).
 //   a: (m, d), row stride lda.  b: (d, n), row stride ldb.  c: row stride ldc.
 // Columns are computed in whole register tiles: b must be readable and c
 // writable up to pad_up(n) columns (internal buffers are padded so).
 template <typename A>
 void matmul_tile(const A* __restrict a, int64_t lda, int64_t m, int64_t d, const A* __restrict b,
-                 int64_t ldb, int64_t n, A scale, A* __restrict c, int64_t ldc) {
+                 int64_t ldb, int64_t n, A scale, A* __restrict c, int64_t ldc,
+                 const A* __restrict alpha = nullptr) {
   constexpr int64_t NR = kNV * Vec<A>::kWidth;
   for (int64_t j = 0; j < n; j += NR) {
     int64_t i = 0;
-    for (; i + kMR <= m; i += kMR) micro_tile<A, kMR>(a + i * lda, lda, b + j, ldb, d, scale, c + i * ldc + j, ldc);
+    for (; i + kMR <= m; i += kMR)
+      micro_tile<A, kMR>(a + i * lda, lda, b + j, ldb, d, scale, alpha ? alpha + i : nullptr, c + i * ldc + j, ldc);
     const A* ai = a + i * lda;
+    const A* al = alpha ? alpha + i : nullptr;
     A* ci = c + i * ldc + j;
     switch (m - i) {
-      case 5: micro_tile<A, 5>(ai, lda, b + j, ldb, d, scale, ci, ldc); break;
-      case 4: micro_tile<A, 4>(ai, lda, b + j, ldb, d, scale, ci, ldc); break;
-      case 3: micro_tile<A, 3>(ai, lda, b + j, ldb, d, scale, ci, ldc); break;
-      case 2: micro_tile<A, 2>(ai, lda, b + j, ldb, d, scale, ci, ldc); break;
-      case 1: micro_tile<A, 1>(ai, lda, b + j, ldb, d, scale, ci, ldc); break;
+      case 5: micro_tile<A, 5>(ai, lda, b + j, ldb, d, scale, al, ci, ldc); break;
+      case 4: micro_tile<A, 4>(ai, lda, b + j, ldb, d, scale, al, ci, ldc); break;
+      case 3: micro_tile<A, 3>(ai, lda, b + j, ldb, d, scale, al, ci, ldc); break;
+      case 2: micro_tile<A, 2>(ai, lda, b + j, ldb, d, scale, al, ci, ldc); break;
+      case 1: micro_tile<A, 1>(ai, lda, b + j, ldb, d, scale, al, ci, ldc); break;
       default: break;
     }
   }
