@@ -26,6 +26,7 @@ SUITES = {
     "parity": Suite("bench.parity", "parity of the CPU kernel with the reference (attnfast.testing rule)"),
     "cpu_kernels": Suite("bench.cpu_kernels", "CPU kernel table: attnfast cpu vs torch SDPA vs naive, "
                                               "time, GFLOP/s, peak memory"),
+    "cpu_ratios": Suite("bench.cpu_ratios", "CPU speed targets: SDPA/attnfast time ratios, peers alternated", default=False),
 }
 
 
