@@ -320,16 +320,19 @@ void fwd_impl(const FwdParams& p) {
   const int64_t nqb = cdiv(p.Lq, kBlockQ);
   const int64_t group = p.Hq / p.Hkv;
   const int64_t E = p.E, Ev = p.Ev, Lk = p.Lk, ldv = pad_up(Ev);
-  // Whole-head K^T pack row stride; tiles start at any column (windows), and
-  // the micro-kernel reads whole padded tiles: one kPad of slack.
-  const int64_t ldk = pad_up(Lk) + kPad;
+  const int64_t nkb = cdiv(Lk, kBlockK);
   const A scale = static_cast<A>(p.scale);
   const A ninf = -std::numeric_limits<A>::infinity();
 
   run_parallel(p, p.B * p.Hq * nqb, [&](int64_t begin, int64_t end) {
     // K^T (E, Lk) and V (Lk, Ev) of one kv head, packed once and reused by
     // every query block of that head this thread runs (items come in order).
-    Buffer<A> kt(E * ldk), vbuf((Lk + kPad) * ldv);
+    // K^T is stored tile-major, (nkb, E, kBlockK): one key tile is one
+    // contiguous 32 KiB block (E = 64).  A plain (E, Lk) layout put the E rows
+    // of a tile 4 * Lk bytes apart, a power-of-two-ish stride that fought the
+    // cache's associativity: forward fp32 fell to 0.62-0.75x torch at L >= 4096
+    // while it was 0.9x at L = 1024-2048.
+    Buffer<A> kt(nkb * E * kBlockK), vbuf((nkb * kBlockK) * ldv);
     int64_t packed = -1;  // b * Hkv + hk of the current packs
     Buffer<A> qbuf(kBlockQ * E), sc(kBlockQ * kBlockK), acc(kBlockQ * ldv), mrow(kBlockQ),
         alpha(kBlockQ);
@@ -345,7 +348,9 @@ void fwd_impl(const FwdParams& p) {
       if (packed != b * p.Hkv + hk) {
         const T* k = static_cast<const T*>(p.k) + b * p.k_st.b + hk * p.k_st.h;
         const T* v = static_cast<const T*>(p.v) + b * p.v_st.b + hk * p.v_st.h;
-        load_rows_t(k, p.k_st.r, p.k_st.c, 0, Lk, E, ldk, kt.data());  // (E, Lk)
+        for (int64_t t = 0; t < nkb; ++t)  // (nkb, E, kBlockK)
+          load_rows_t(k, p.k_st.r, p.k_st.c, t * kBlockK, imin(kBlockK, Lk - t * kBlockK), E, kBlockK,
+                      kt.data() + t * E * kBlockK);
         load_rows(v, p.v_st.r, p.v_st.c, 0, Lk, Ev, vbuf.data(), ldv);  // (Lk, Ev)
         packed = b * p.Hkv + hk;
       }
@@ -360,12 +365,14 @@ void fwd_impl(const FwdParams& p) {
         const int64_t lo = vis.col_lo(i), hi = vis.col_hi(i);
         if (lo < hi) { jlo = imin(jlo, lo); jhi = imax(jhi, hi); }
       }
-      for (int64_t j0 = jlo; j0 < jhi; j0 += kBlockK) {
+      // Tiles are aligned to the packing; columns of the first tile left of
+      // jlo are invisible to every row and get -inf from mask_tile.
+      for (int64_t j0 = jlo / kBlockK * kBlockK; j0 < jhi; j0 += kBlockK) {
         const int64_t nk = imin(kBlockK, jhi - j0);
         const int64_t nkp = imin(kBlockK, pad_up(nk));  // whole vectors
         const TileMask tm = classify_tile<T>(p, b, h, i0, nq, j0, nk);
         if (tm == TileMask::kHidden) continue;
-        matmul_tile(qbuf.data(), E, nq, E, kt.data() + j0, ldk, nk, scale, sc.data(), kBlockK);
+        matmul_tile(qbuf.data(), E, nq, E, kt.data() + j0 * E, kBlockK, nk, scale, sc.data(), kBlockK);
         mask_tile<T, A>(p, vis, b, h, i0, nq, j0, nk, sc.data(), kBlockK, tm);
 
         // Online softmax: P = exp(S - m_new), l = l * alpha + rowsum(P).
