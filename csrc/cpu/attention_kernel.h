@@ -438,9 +438,9 @@ void bwd_impl(const BwdParams& p) {
   const Visibility vis(p);
   const int64_t group = p.Hq / p.Hkv;
   const int64_t E = p.E, Ev = p.Ev, Lk = p.Lk;
-  // Panel / whole-head pack row stride.  Key tiles start at jlo (any column),
-  // and the micro-kernel reads whole padded tiles: one kPad of slack.
-  const int64_t ldp = pad_up(Lk) + kPad;
+  // K^T, V^T and the P / dP panels are stored tile-major, one contiguous
+  // block per key tile (see fwd_impl for why); ldp is a tile's row stride.
+  const int64_t nkb = cdiv(Lk, kBlockK), ldp = kBlockK, tq_sz = kBlockQ * kBlockK;
   const int64_t lde = pad_up(E), ldv = pad_up(Ev);
   const A scale = static_cast<A>(p.scale);
   const L inf = std::numeric_limits<L>::infinity();
@@ -448,20 +448,23 @@ void bwd_impl(const BwdParams& p) {
 
   run_parallel(p, p.B * p.Hkv, [&](int64_t begin, int64_t end) {
     // Whole-head packs of K and V, reused by every query block of the group.
-    Buffer<A> kt(E * ldp), kbuf(Lk * lde), vt(Ev * ldp), dk(Lk * E), dv(Lk * Ev);
+    Buffer<A> kt(nkb * E * kBlockK), kbuf(Lk * lde), vt(nkb * Ev * kBlockK), dk(Lk * E), dv(Lk * Ev);
     Buffer<A> qbuf(kBlockQ * lde), dobuf(kBlockQ * ldv), dq(kBlockQ * E), tq(kBlockQ * lde),
         tk(kBlockK * lde), tv(kBlockK * ldv), tt(kBlockK * kBlockQ), delta(kBlockQ);
-    Buffer<A> pp(kBlockQ * ldp), dpp(kBlockQ * ldp);  // P and dP panels
-    Buffer<A> fac(drop ? kBlockQ * ldp : 0);
+    Buffer<A> pp(nkb * tq_sz), dpp(nkb * tq_sz);  // P and dP panels, (nkb, kBlockQ, kBlockK)
+    Buffer<A> fac(drop ? nkb * tq_sz : 0);
     Buffer<L> lse(kBlockQ);
-    Buffer<uint8_t> skip(cdiv(Lk, kBlockK) + 1);  // key tiles the mask hides entirely
+    Buffer<uint8_t> skip(nkb);  // key tiles the mask hides entirely
     for (int64_t item = begin; item < end; ++item) {
       const int64_t hk = item % p.Hkv, b = item / p.Hkv;
       const T* k = static_cast<const T*>(p.k) + b * p.k_st.b + hk * p.k_st.h;
       const T* v = static_cast<const T*>(p.v) + b * p.v_st.b + hk * p.v_st.h;
-      load_rows_t(k, p.k_st.r, p.k_st.c, 0, Lk, E, ldp, kt.data());   // (E, Lk)
+      for (int64_t t = 0; t < nkb; ++t) {  // (nkb, E, kBlockK) and (nkb, Ev, kBlockK)
+        const int64_t n = imin(kBlockK, Lk - t * kBlockK);
+        load_rows_t(k, p.k_st.r, p.k_st.c, t * kBlockK, n, E, kBlockK, kt.data() + t * E * kBlockK);
+        load_rows_t(v, p.v_st.r, p.v_st.c, t * kBlockK, n, Ev, kBlockK, vt.data() + t * Ev * kBlockK);
+      }
       load_rows(k, p.k_st.r, p.k_st.c, 0, Lk, E, kbuf.data(), lde);   // (Lk, E)
-      load_rows_t(v, p.v_st.r, p.v_st.c, 0, Lk, Ev, ldp, vt.data());  // (Ev, Lk)
       dk.zero();
       dv.zero();
 
@@ -487,22 +490,23 @@ void bwd_impl(const BwdParams& p) {
               lse[i] = l == -inf ? inf : l;
               delta[i] = A(0);
             }
-            // Sweep 1: P, dP panels (columns relative to jlo) and delta.
-            for (int64_t j0 = jlo; j0 < jhi; j0 += kBlockK) {
-              const int64_t nk = imin(kBlockK, jhi - j0), c0 = j0 - jlo;
-              A* pt = pp.data() + c0;
-              A* dpt = dpp.data() + c0;
+            // Sweep 1: P, dP panels and delta.  Tiles are aligned to the packing;
+            // columns left of jlo are invisible to every row (-inf from mask_tile).
+            for (int64_t j0 = jlo / kBlockK * kBlockK; j0 < jhi; j0 += kBlockK) {
+              const int64_t nk = imin(kBlockK, jhi - j0), t = j0 / kBlockK;
+              A* pt = pp.data() + t * tq_sz;
+              A* dpt = dpp.data() + t * tq_sz;
               const TileMask tm = classify_tile<T>(p, b, h, i0, nq, j0, nk);
-              skip[c0 / kBlockK] = tm == TileMask::kHidden;
-              if (skip[c0 / kBlockK]) continue;
-              matmul_tile(qbuf.data(), lde, nq, E, kt.data() + j0, ldp, nk, scale, pt, ldp);
+              skip[t] = tm == TileMask::kHidden;
+              if (skip[t]) continue;
+              matmul_tile(qbuf.data(), lde, nq, E, kt.data() + t * E * kBlockK, kBlockK, nk, scale, pt, ldp);
               mask_tile<T, A>(p, vis, b, h, i0, nq, j0, nk, pt, ldp, tm);
               for (int64_t i = 0; i < nq; ++i) recompute_p(pt + i * ldp, nk, lse[i]);
-              matmul_tile(dobuf.data(), ldv, nq, Ev, vt.data() + j0, ldp, nk, A(1), dpt, ldp);
+              matmul_tile(dobuf.data(), ldv, nq, Ev, vt.data() + t * Ev * kBlockK, kBlockK, nk, A(1), dpt, ldp);
               if (drop) {
                 // dP passes back through the forward's dropout mask, regenerated
                 // from the counter.  delta = rowsum(P * Z * dP) = rowsum(dO * O).
-                A* ft = fac.data() + c0;
+                A* ft = fac.data() + t * tq_sz;
                 dropout_factors(p, b, h, i0, nq, j0, nk, ft, ldp);
                 for (int64_t i = 0; i < nq; ++i)
                   for (int64_t j = 0; j < nk; ++j) dpt[i * ldp + j] *= ft[i * ldp + j];
@@ -522,15 +526,15 @@ void bwd_impl(const BwdParams& p) {
                 delta[i] -= static_cast<A>(static_cast<const L*>(p.dlse)[bh * p.Lq + i0 + i]);
             }
             // Sweep 2: gradients, one key tile at a time.
-            for (int64_t j0 = jlo; j0 < jhi; j0 += kBlockK) {
-              const int64_t nk = imin(kBlockK, jhi - j0), c0 = j0 - jlo;
-              if (skip[c0 / kBlockK]) continue;
-              A* pt = pp.data() + c0;
-              A* dst = dpp.data() + c0;
+            for (int64_t j0 = jlo / kBlockK * kBlockK; j0 < jhi; j0 += kBlockK) {
+              const int64_t nk = imin(kBlockK, jhi - j0), t = j0 / kBlockK;
+              if (skip[t]) continue;
+              A* pt = pp.data() + t * tq_sz;
+              A* dst = dpp.data() + t * tq_sz;
               // dV += (P * Z)^T dO
               for (int64_t i = 0; i < nq; ++i)
                 for (int64_t j = 0; j < nk; ++j)
-                  tt[j * kBlockQ + i] = drop ? pt[i * ldp + j] * fac[c0 + i * ldp + j] : pt[i * ldp + j];
+                  tt[j * kBlockQ + i] = drop ? pt[i * ldp + j] * fac[t * tq_sz + i * ldp + j] : pt[i * ldp + j];
               matmul_tile(tt.data(), kBlockQ, nk, nq, dobuf.data(), ldv, Ev, A(1), tv.data(), ldv);
               add_tile(nk, Ev, tv.data(), ldv, dv.data() + j0 * Ev, Ev);
               // dS = P * (dP - delta), over the dP panel.
