@@ -35,7 +35,7 @@ namespace ATTNFAST_ISA_NS {
 namespace {
 
 // Tile sizes: a (64, 128) fp32 score tile is 32 KiB and stays in L1/L2.
-constexpr int64_t kBlockQ = 96;
+constexpr int64_t kBlockQ = 192;
 constexpr int64_t kBlockK = 128;
 
 struct bf16_t { uint16_t bits; };
