@@ -372,7 +372,7 @@ void fwd_impl(const FwdParams& p) {
         const int64_t nkp = imin(kBlockK, pad_up(nk));  // whole vectors
         const TileMask tm = classify_tile<T>(p, b, h, i0, nq, j0, nk);
         if (tm == TileMask::kHidden) continue;
-        matmul_tile(qbuf.data(), E, nq, E, kt.data() + j0 * E, kBlockK, nk, scale, sc.data(), kBlockK);
+        matmul_tile<kKCHead>(qbuf.data(), E, nq, E, kt.data() + j0 * E, kBlockK, nk, scale, sc.data(), kBlockK);
         mask_tile<T, A>(p, vis, b, h, i0, nq, j0, nk, sc.data(), kBlockK, tm);
 
         // Online softmax: P = exp(S - m_new), l = l * alpha + rowsum(P).
@@ -396,7 +396,7 @@ void fwd_impl(const FwdParams& p) {
           for (int64_t x = 0; x < nq * kBlockK; ++x) sc[x] *= fac[x];
         }
         // acc = acc * alpha + P V, the rescale fused into the product's epilogue.
-        matmul_tile(sc.data(), kBlockK, nq, nk, vbuf.data() + j0 * ldv, ldv, Ev, A(1), acc.data(), ldv,
+        matmul_tile<kKCSeq>(sc.data(), kBlockK, nq, nk, vbuf.data() + j0 * ldv, ldv, Ev, A(1), acc.data(), ldv,
                     alpha.data());
       }
 
@@ -499,10 +499,10 @@ void bwd_impl(const BwdParams& p) {
               const TileMask tm = classify_tile<T>(p, b, h, i0, nq, j0, nk);
               skip[t] = tm == TileMask::kHidden;
               if (skip[t]) continue;
-              matmul_tile(qbuf.data(), lde, nq, E, kt.data() + t * E * kBlockK, kBlockK, nk, scale, pt, ldp);
+              matmul_tile<kKCHead>(qbuf.data(), lde, nq, E, kt.data() + t * E * kBlockK, kBlockK, nk, scale, pt, ldp);
               mask_tile<T, A>(p, vis, b, h, i0, nq, j0, nk, pt, ldp, tm);
               for (int64_t i = 0; i < nq; ++i) recompute_p(pt + i * ldp, nk, lse[i]);
-              matmul_tile(dobuf.data(), ldv, nq, Ev, vt.data() + t * Ev * kBlockK, kBlockK, nk, A(1), dpt, ldp);
+              matmul_tile<kKCHead>(dobuf.data(), ldv, nq, Ev, vt.data() + t * Ev * kBlockK, kBlockK, nk, A(1), dpt, ldp);
               if (drop) {
                 // dP passes back through the forward's dropout mask, regenerated
                 // from the counter.  delta = rowsum(P * Z * dP) = rowsum(dO * O).
@@ -535,7 +535,7 @@ void bwd_impl(const BwdParams& p) {
               for (int64_t i = 0; i < nq; ++i)
                 for (int64_t j = 0; j < nk; ++j)
                   tt[j * kBlockQ + i] = drop ? pt[i * ldp + j] * fac[t * tq_sz + i * ldp + j] : pt[i * ldp + j];
-              matmul_tile(tt.data(), kBlockQ, nk, nq, dobuf.data(), ldv, Ev, A(1), tv.data(), ldv);
+              matmul_tile<kKCSeq>(tt.data(), kBlockQ, nk, nq, dobuf.data(), ldv, Ev, A(1), tv.data(), ldv);
               add_tile(nk, Ev, tv.data(), ldv, dv.data() + j0 * Ev, Ev);
               // dS = P * (dP - delta), over the dP panel.
               for (int64_t i = 0; i < nq; ++i) {
@@ -552,11 +552,11 @@ void bwd_impl(const BwdParams& p) {
                 }
               }
               // dQ += scale * dS K
-              matmul_tile(dst, ldp, nq, nk, kbuf.data() + j0 * lde, lde, E, scale, tq.data(), lde);
+              matmul_tile<kKCSeq>(dst, ldp, nq, nk, kbuf.data() + j0 * lde, lde, E, scale, tq.data(), lde);
               add_tile(nq, E, tq.data(), lde, dq.data(), E);
               // dK += scale * dS^T Q
               transpose_tile(dst, ldp, nq, nk, tt.data(), kBlockQ);
-              matmul_tile(tt.data(), kBlockQ, nk, nq, qbuf.data(), lde, E, scale, tk.data(), lde);
+              matmul_tile<kKCSeq>(tt.data(), kBlockQ, nk, nq, qbuf.data(), lde, E, scale, tk.data(), lde);
               add_tile(nk, E, tk.data(), lde, dk.data() + j0 * E, E);
             }
           }
