@@ -116,9 +116,6 @@ struct Buffer {
   A* p_;
 };
 
-inline float exp_acc(float x) { return exp_f32(x); }
-inline double exp_acc(double x) { return std::exp(x); }
-
 inline int64_t imin(int64_t a, int64_t b) { return a < b ? a : b; }
 inline int64_t imax(int64_t a, int64_t b) { return a > b ? a : b; }
 inline int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
@@ -386,7 +383,7 @@ void fwd_impl(const FwdParams& p) {
             alpha[i] = A(1);
             continue;
           }
-          alpha[i] = exp_acc(mrow[i] - m_new);  // exp(-inf) = 0 on the first block
+          alpha[i] = std::exp(mrow[i] - m_new);  // exp(-inf) = 0 on the first block
           const A rs = row_exp_sum(row, nkp, m_new);
           lrow[i] = lrow[i] * static_cast<L>(alpha[i]) + static_cast<L>(rs);
           mrow[i] = m_new;

@@ -120,31 +120,10 @@ void matmul_tile(const A* __restrict a, int64_t lda, int64_t m, int64_t d, const
   }
 }
 
-// exp(x) in float, branch-free so loops over it vectorise.  Cody-Waite range
-// reduction x = n ln2 + r and a degree-6 polynomial (Cephes expf
-// coefficients): about 1 ulp, like the Sleef u10 exp torch uses.  Returns
-// exactly 0 for x < -87.3 (incl. -inf), where exp is at most subnormal.
-inline float exp_f32(float x) {
-  const float kLog2e = 1.44269504088896341f;
-  const float kLn2Hi = 0.693359375f, kLn2Lo = -2.12194440e-4f;
-  const float kRound = 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer
-  const float xc = x < -87.3f ? -87.3f : (x > 88.7f ? 88.7f : x);
-  const float n = (xc * kLog2e + kRound) - kRound;
-  const float r = (xc - n * kLn2Hi) - n * kLn2Lo;
-  float y = 1.9875691500e-4f;
-  y = y * r + 1.3981999507e-3f;
-  y = y * r + 8.3334519073e-3f;
-  y = y * r + 4.1665795894e-2f;
-  y = y * r + 1.6666665459e-1f;
-  y = y * r + 5.0000001201e-1f;
-  y = y * r * r + r + 1.0f;
-  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
-  float scale;
-  std::memcpy(&scale, &bits, sizeof(scale));
-  return x < -87.3f ? 0.0f : y * scale;
-}
-
-// Vector exp_f32 (same algorithm, lane by lane).
+// exp(x) on float vectors, branch-free.  Cody-Waite range reduction
+// x = n ln2 + r and a degree-6 polynomial (Cephes expf coefficients): about
+// 1 ulp, like the Sleef u10 exp torch uses.  Returns exactly 0 for
+// x < -87.3 (incl. -inf), where exp is at most subnormal.
 template <typename V>
 inline V exp_vec(V x) {
   typedef int32_t VI __attribute__((vector_size(sizeof(V))));
