@@ -25,6 +25,12 @@ def _run(plan, backend, return_lse):
             causal_alignment="bottom_right" if plan.bottom_right else "top_left",
             scale=plan.scale, enable_gqa=True, dropout_mask=dmask, upcast=False,
         )
+    elif name == "triton":
+        from . import triton_ops  # noqa: F401  (registers the ops; imports triton)
+
+        out, lse = torch.ops.attnfast.triton_fwd(
+            plan.q, plan.k, plan.v, plan.mask, plan.scale, plan.window_left, plan.window_right,
+            plan.bottom_right)
     else:
         out, lse = torch.ops.attnfast.fwd(
             plan.q, plan.k, plan.v, plan.mask, plan.scale, plan.window_left, plan.window_right,

@@ -59,9 +59,11 @@ def _availability(name):
     if name == "triton":
         if importlib.util.find_spec("triton") is None:
             return False, "triton is not installed"
+        if os.environ.get("TRITON_INTERPRET", "0") == "1":
+            return True, "Triton kernels under the interpreter (TRITON_INTERPRET=1, CPU tensors)"
         if not torch.cuda.is_available():
             return False, "no CUDA device"
-        return False, "Triton attention kernels not built into this version yet"
+        return True, "Triton kernels"
     raise ValueError(f"unknown backend {name!r}; expected one of {BACKENDS}")
 
 
@@ -86,8 +88,16 @@ def _serves(name, plan):
     dev = plan.q.device.type
     if name == "cpu" and dev != "cpu":
         return f"it serves CPU tensors, got {dev} tensors"
-    if name in ("cuda", "triton") and dev != "cuda":
+    interp = _AVAILABLE["triton"][1].startswith("Triton kernels under the interpreter")
+    if name == "cuda" and dev != "cuda":
         return f"it serves CUDA tensors, got {dev} tensors"
+    if name == "triton":
+        if dev != "cuda" and not (interp and dev == "cpu"):
+            return f"it serves CUDA tensors (CPU tensors only under TRITON_INTERPRET=1), got {dev} tensors"
+        if plan.dropout_p > 0.0:
+            return "dropout is not in the Triton kernels yet"
+        if plan.q.dtype == torch.float64:
+            return "float64 is not supported by the Triton kernels"
     return None
 
 

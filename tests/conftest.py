@@ -4,6 +4,11 @@ import random
 import pytest
 import torch
 
+# Without a GPU, the Triton kernels run under Triton's interpreter on CPU
+# tensors (set before anything imports triton).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 
 @pytest.fixture(autouse=True)
 def fresh_seed(request):

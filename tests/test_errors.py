@@ -114,7 +114,7 @@ def test_backend_override_errors(monkeypatch):
     q, k, v = qkv()
     _raises(ValueError, "backend must be one of", attnfast.attention, q, k, v, backend="tpu")
     _raises(attnfast.BackendUnavailableError, "backend='triton' cannot serve this call",
-            attnfast.attention, q, k, v, backend="triton")
+            attnfast.attention, q.double(), k.double(), v.double(), backend="triton")
     monkeypatch.setenv("ATTNFAST_BACKEND", "cuda")
     _raises(attnfast.BackendUnavailableError, "ATTNFAST_BACKEND='cuda' cannot serve this call",
             attnfast.attention, q, k, v)

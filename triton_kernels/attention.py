@@ -111,19 +111,54 @@ def _fwd_kernel(Q, K, V, Mask, Out, Lse,
 
 
 @triton.jit
-def _bwd_delta_kernel(Out, DO, Delta, sob, soh, som, sod, sdb, sdh, sdm, sdd, Hq, Lq,
-                      Ev: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_DV: tl.constexpr):
-    # delta = rowsum(dO * O): d lse-weighted correction of the softmax backward.
+def _bwd_delta_kernel(Q, K, V, Mask, DO, Lse, DLse, Delta,
+                      sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
+                      smb, smh, smm, smn, sdb, sdh, sdm, sdd,
+                      Hq, Lq, Lk, group, scale, diag, wl, wr,
+                      E: tl.constexpr, Ev: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                      BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, MASK_KIND: tl.constexpr,
+                      WINDOWED: tl.constexpr, DOT: tl.constexpr, HAS_DLSE: tl.constexpr):
+    # delta = rowsum(P * dP) - dlse, from the same P and dP tiles the dK/dV and
+    # dQ kernels recompute (same code, same dots).  FlashAttention-2's
+    # rowsum(dO * O) uses the stored, rounded O: the two then do not cancel
+    # where they should (one visible key: the exact dQ, dK are 0), and the
+    # parity rule sees it.  Costs two extra tile products per (q, k) tile.
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = pid_bh // Hq
     h = pid_bh % Hq
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    hk = h // group
+    start_m = pid_m * BLOCK_M
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
-    msk = (offs_m[:, None] < Lq) & (offs_dv[None, :] < Ev)
-    o = tl.load(Out + b * sob + h * soh + offs_m[:, None] * som + offs_dv[None, :] * sod, mask=msk, other=0.0)
-    do = tl.load(DO + b * sdb + h * sdh + offs_m[:, None] * sdm + offs_dv[None, :] * sdd, mask=msk, other=0.0)
-    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqm + offs_d[None, :] * sqd,
+                mask=(offs_m[:, None] < Lq) & (offs_d[None, :] < E), other=0.0)
+    do = tl.load(DO + b * sdb + h * sdh + offs_m[:, None] * sdm + offs_dv[None, :] * sdd,
+                 mask=(offs_m[:, None] < Lq) & (offs_dv[None, :] < Ev), other=0.0)
+    lse = tl.load(Lse + pid_bh * Lq + offs_m, mask=offs_m < Lq, other=float("inf"))
+    lse = tl.where(lse == float("-inf"), float("inf"), lse)
+    delta = tl.zeros([BLOCK_M], tl.float32)
+    lo, hi = _kv_range(start_m, BLOCK_M, BLOCK_N, Lk, diag, wl, wr, WINDOWED)
+    for start_n in range(lo, hi, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        k = tl.load(K + b * skb + hk * skh + offs_n[:, None] * skn + offs_d[None, :] * skd,
+                    mask=(offs_n[:, None] < Lk) & (offs_d[None, :] < E), other=0.0)
+        v = tl.load(V + b * svb + hk * svh + offs_n[:, None] * svn + offs_dv[None, :] * svd,
+                    mask=(offs_n[:, None] < Lk) & (offs_dv[None, :] < Ev), other=0.0)
+        s = _dot(q, tl.trans(k), DOT) * scale
+        ok = _visible(offs_m, offs_n, Lk, diag, wl, wr, WINDOWED)
+        mptr = Mask + b * smb + h * smh + offs_m[:, None] * smm + offs_n[None, :] * smn
+        inb = (offs_m[:, None] < Lq) & (offs_n[None, :] < Lk)
+        if MASK_KIND == 1:
+            ok = ok & (tl.load(mptr, mask=inb, other=0) != 0)
+        if MASK_KIND == 2:
+            s = s + tl.load(mptr, mask=inb, other=0.0).to(tl.float32)
+        p = tl.where(ok, tl.exp(s - lse[:, None]), 0.0)
+        dp = _dot(do, tl.trans(v), DOT)
+        delta += tl.sum(p * dp, 1)
+    if HAS_DLSE:
+        delta -= tl.load(DLse + pid_bh * Lq + offs_m, mask=offs_m < Lq, other=0.0)
     tl.store(Delta + pid_bh * Lq + offs_m, delta, mask=offs_m < Lq)
 
 
@@ -302,7 +337,7 @@ def attention_fwd(q, k, v, mask, scale, window_left, window_right, bottom_right,
     return out, lse
 
 
-def attention_bwd(dout, q, k, v, out, lse, mask, scale, window_left, window_right, bottom_right,
+def attention_bwd(dout, q, k, v, out, lse, dlse, mask, scale, window_left, window_right, bottom_right,
                   mask_grad, launch=None):
     """(dq, dk, dv, dmask): contiguous; dmask (B, Hq, Lq, Lk) float32 or empty."""
     import torch
@@ -312,14 +347,18 @@ def attention_bwd(dout, q, k, v, out, lse, mask, scale, window_left, window_righ
     bm, bn, bd, bdv = _blocks(E, Ev)
     m, mst, kind = _mask_args(mask, q)
     delta = torch.empty((B, Hq, Lq), dtype=torch.float32, device=q.device)
+    dot = _dot_mode(q.dtype)
     launch(_bwd_delta_kernel)[(triton.cdiv(Lq, bm), B * Hq)](
-        out, dout, delta, *out.stride(), *dout.stride(), Hq, Lq, Ev=Ev, BLOCK_M=bm, BLOCK_DV=bdv)
+        q, k, v, m, dout, lse, dlse.contiguous() if dlse is not None else lse, delta,
+        *q.stride(), *k.stride(), *v.stride(), *mst, *dout.stride(),
+        Hq, Lq, Lk, Hq // Hkv, scale, diag, window_left, window_right,
+        E=E, Ev=Ev, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, BLOCK_DV=bdv, MASK_KIND=kind,
+        WINDOWED=windowed, DOT=dot, HAS_DLSE=dlse is not None)
     dq = torch.empty((B, Hq, Lq, E), dtype=q.dtype, device=q.device)
     dk = torch.empty((B, Hkv, Lk, E), dtype=q.dtype, device=q.device)
     dv = torch.empty((B, Hkv, Lk, Ev), dtype=q.dtype, device=q.device)
     dmask = (torch.zeros((B, Hq, Lq, Lk), dtype=torch.float32, device=q.device) if mask_grad
              else torch.empty((0,), dtype=torch.float32, device=q.device))
-    dot = _dot_mode(q.dtype)
     launch(_bwd_dkdv_kernel)[(triton.cdiv(Lk, bn), B * Hkv)](
         q, k, v, m, dout, lse, delta, dk, dv, dmask if mask_grad else delta,
         *q.stride(), *k.stride(), *v.stride(), *mst, *dout.stride(),

@@ -1,0 +1,83 @@
+"""Parity of the Triton backend with the reference, by the rule in attnfast/testing.py.
+
+On a machine without a GPU these run under TRITON_INTERPRET=1 on CPU tensors
+(small shapes: the interpreter is slow); with a GPU they run on CUDA tensors.
+"""
+import pytest
+import torch
+
+import attnfast
+from attnfast.testing import compare_with_reference
+from cases import Case, make_inputs
+
+pytestmark = pytest.mark.skipif(not attnfast.backends()["triton"].available,
+                                reason="triton backend unavailable")
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+CASES = [
+    Case(B=1, Hq=2, Hkv=2, Lq=17, Lk=17, E=64),
+    Case(B=1, Hq=1, Hkv=1, Lq=1, Lk=1, E=40),
+    Case(B=1, Hq=2, Hkv=2, Lq=37, Lk=83, E=59, Ev=40),
+    Case(B=1, Hq=2, Hkv=2, Lq=83, Lk=37, E=96, Ev=24),
+    Case(B=2, Hq=4, Hkv=2, Lq=70, Lk=70, E=32, causal=True),
+    Case(B=1, Hq=3, Hkv=1, Lq=37, Lk=83, E=40, causal=True, align="bottom_right"),
+    Case(B=1, Hq=2, Hkv=2, Lq=83, Lk=37, E=32, causal=True, align="bottom_right"),
+    Case(B=1, Hq=2, Hkv=2, Lq=90, Lk=90, E=32, window=(9, 4)),
+    Case(B=1, Hq=2, Hkv=2, Lq=70, Lk=90, E=32, window=(-1, 5), align="bottom_right"),
+    Case(B=2, Hq=2, Hkv=2, Lq=37, Lk=83, E=40, mask="bool", mask_bcast="heads", dead_rows=True),
+    Case(B=2, Hq=2, Hkv=2, Lq=37, Lk=83, E=40, mask="float_grad", mask_bcast="batch"),
+    Case(B=1, Hq=2, Hkv=1, Lq=70, Lk=140, E=32, mask="bool", mask_bcast="keypad", causal=True),
+    Case(B=2, Hq=2, Hkv=2, Lq=37, Lk=53, E=111, noncontig=True),
+]
+
+
+def _to(dev, t):
+    if t is None:
+        return None
+    out = t.detach().to(dev)
+    return out.requires_grad_(t.requires_grad)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["f32", "f16", "bf16"])
+@pytest.mark.parametrize("case", CASES, ids=[c.id() for c in CASES])
+def test_parity(case, dtype):
+    q, k, v, m = (_to(DEVICE, t) for t in make_inputs(case, dtype))
+
+    def run(q, k, v, m):
+        return attnfast.attention(q, k, v, attn_mask=m, return_lse=True, backend="triton",
+                                  **case.attention_kwargs())
+
+    results = compare_with_reference(run, q, k, v, m, **case.ref_kwargs())
+    bad = [r for r in results if not r.ok]
+    assert not bad, f"{case.id()} {dtype}: " + "; ".join(map(repr, bad))
+
+
+def test_lse_gradient():
+    q, k, v = (torch.randn(1, 2, 33, 16, device=DEVICE, requires_grad=True) for _ in range(3))
+    out, lse = attnfast.attention(q, k, v, return_lse=True, is_causal=True, backend="triton")
+    r_out, r_lse = attnfast.attention_ref(q, k, v, is_causal=True)
+    w = torch.randn_like(lse)
+    g = torch.autograd.grad(out.sum() + (lse * w).sum(), (q, k, v))
+    rg = torch.autograd.grad(r_out.sum() + (r_lse.float() * w).sum(), (q, k, v))
+    for a, b in zip(g, rg):
+        torch.testing.assert_close(a, b.float(), rtol=1e-4, atol=1e-5)
+
+
+def test_opcheck():
+    from attnfast import triton_ops  # noqa: F401
+
+    q = torch.randn(1, 17, 2, 32, device=DEVICE).transpose(1, 2)
+    k = torch.randn(1, 23, 2, 32, device=DEVICE).transpose(1, 2)
+    v = torch.randn(1, 23, 2, 16, device=DEVICE).transpose(1, 2)
+    m = torch.rand(17, 23, device=DEVICE) > 0.3
+    # Fake-tensor tracing launches nothing, which the interpreter cannot do
+    # (it runs kernels eagerly on host memory): on CPU only the schema test.
+    utils = ("test_schema", "test_faketensor", "test_autograd_registration") if DEVICE == "cuda" else ("test_schema",)
+    torch.library.opcheck(torch.ops.attnfast.triton_fwd.default,
+                          (q, k, v, m.expand(1, 2, 17, 23), 0.2, -1, 0, True), test_utils=utils)
+
+
+def test_rejects_what_it_cannot_serve():
+    q = torch.randn(1, 2, 8, 16, device=DEVICE)
+    with pytest.raises(attnfast.BackendUnavailableError, match="dropout"):
+        attnfast.attention(q, q, q, dropout_p=0.1, backend="triton")
