@@ -11,7 +11,9 @@ from .testing import draw_rng
 
 def _run(plan, backend, return_lse):
     name = dispatch.choose(plan, backend)
-    rng = draw_rng(plan.q.device) if plan.dropout_p > 0.0 else None
+    # The (seed, offset) pair: on the host for Triton (kernel scalars), on the
+    # inputs' device for the C++ kernels.
+    rng = draw_rng("cpu" if name == "triton" else plan.q.device) if plan.dropout_p > 0.0 else None
     if name == "reference":
         dmask = None
         if rng is not None:
@@ -28,9 +30,10 @@ def _run(plan, backend, return_lse):
     elif name == "triton":
         from . import triton_ops  # noqa: F401  (registers the ops; imports triton)
 
+        seed, offset = (0, 0) if rng is None else (int(x) for x in rng.cpu().tolist())
         out, lse = torch.ops.attnfast.triton_fwd(
             plan.q, plan.k, plan.v, plan.mask, plan.scale, plan.window_left, plan.window_right,
-            plan.bottom_right)
+            plan.bottom_right, plan.dropout_p, seed, offset)
     else:
         out, lse = torch.ops.attnfast.fwd(
             plan.q, plan.k, plan.v, plan.mask, plan.scale, plan.window_left, plan.window_right,

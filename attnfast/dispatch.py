@@ -94,8 +94,6 @@ def _serves(name, plan):
     if name == "triton":
         if dev != "cuda" and not (interp and dev == "cpu"):
             return f"it serves CUDA tensors (CPU tensors only under TRITON_INTERPRET=1), got {dev} tensors"
-        if plan.dropout_p > 0.0:
-            return "dropout is not in the Triton kernels yet"
         if plan.q.dtype == torch.float64:
             return "float64 is not supported by the Triton kernels"
     return None

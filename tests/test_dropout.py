@@ -8,7 +8,7 @@ import attnfast
 from attnfast.testing import compare_with_reference, dropout_mask
 from cases import Case, make_inputs
 
-BACKENDS = [b for b in ("cpu", "reference") if attnfast.backends()[b].available]
+BACKENDS = [b for b in ("cpu", "triton", "reference") if attnfast.backends()[b].available]
 
 
 @pytest.mark.parametrize("p", [0.1, 0.5, 0.9])

@@ -74,10 +74,10 @@ def test_opcheck():
     # (it runs kernels eagerly on host memory): on CPU only the schema test.
     utils = ("test_schema", "test_faketensor", "test_autograd_registration") if DEVICE == "cuda" else ("test_schema",)
     torch.library.opcheck(torch.ops.attnfast.triton_fwd.default,
-                          (q, k, v, m.expand(1, 2, 17, 23), 0.2, -1, 0, True), test_utils=utils)
+                          (q, k, v, m.expand(1, 2, 17, 23), 0.2, -1, 0, True, 0.0, 0, 0), test_utils=utils)
 
 
 def test_rejects_what_it_cannot_serve():
-    q = torch.randn(1, 2, 8, 16, device=DEVICE)
-    with pytest.raises(attnfast.BackendUnavailableError, match="dropout"):
-        attnfast.attention(q, q, q, dropout_p=0.1, backend="triton")
+    q = torch.randn(1, 2, 8, 16, device=DEVICE, dtype=torch.float64)
+    with pytest.raises(attnfast.BackendUnavailableError, match="float64"):
+        attnfast.attention(q, q, q, backend="triton")

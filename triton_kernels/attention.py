@@ -31,6 +31,32 @@ def _dot(a, b, DOT: tl.constexpr):
 
 
 @triton.jit
+def _dropout_scale(offs_m, offs_n, Lk, bh, seed_lo, seed_hi, offset, p_drop):
+    """0 or 1/(1-p) for elements (offs_m, offs_n) of head bh: Philox4x32-10 with
+    counter (lo32(n), hi32(n), bh, offset), n = i*Lk + j, key (seed_lo,
+    seed_hi); keep iff (word >> 8) * 2^-24 >= p.  The same stream as the CPU
+    kernel (csrc/cpu/philox.h) and attnfast.testing.dropout_mask."""
+    n = offs_m[:, None].to(tl.int64) * Lk + offs_n[None, :]
+    c0 = (n & 0xFFFFFFFF).to(tl.uint32)
+    c1 = (n >> 32).to(tl.uint32)
+    c2 = tl.zeros_like(c0) + bh.to(tl.uint32)
+    c3 = tl.zeros_like(c0) + offset.to(tl.uint32)
+    k0 = seed_lo.to(tl.uint32)
+    k1 = seed_hi.to(tl.uint32)
+    for _ in tl.static_range(10):
+        _c0 = c0
+        _c2 = c2
+        c0 = tl.umulhi(_c2, 0xCD9E8D57) ^ c1 ^ k0
+        c2 = tl.umulhi(_c0, 0xD2511F53) ^ c3 ^ k1
+        c1 = _c2 * 0xCD9E8D57
+        c3 = _c0 * 0xD2511F53
+        k0 = k0 + 0x9E3779B9
+        k1 = k1 + 0xBB67AE85
+    u = (c0 >> 8).to(tl.float32) * (1.0 / 16777216.0)
+    return tl.where(u >= p_drop, 1.0 / (1.0 - p_drop), 0.0)
+
+
+@triton.jit
 def _visible(offs_m, offs_n, Lk, diag, wl, wr, WINDOWED: tl.constexpr):
     ok = offs_n[None, :] < Lk
     if WINDOWED:
@@ -60,10 +86,10 @@ def _kv_range(start_m, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, Lk, diag, w
 def _fwd_kernel(Q, K, V, Mask, Out, Lse,
                 sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
                 smb, smh, smm, smn, sob, soh, som, sod,
-                Hq, Lq, Lk, group, scale, diag, wl, wr,
+                Hq, Lq, Lk, group, scale, diag, wl, wr, seed_lo, seed_hi, rng_offset, p_drop,
                 E: tl.constexpr, Ev: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                 BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, MASK_KIND: tl.constexpr,
-                WINDOWED: tl.constexpr, DOT: tl.constexpr):
+                WINDOWED: tl.constexpr, DOT: tl.constexpr, DROPOUT: tl.constexpr):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = pid_bh // Hq
@@ -98,6 +124,8 @@ def _fwd_kernel(Q, K, V, Mask, Out, Lse,
         p = tl.exp(s - m_safe[:, None])
         alpha = tl.exp(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, 1)
+        if DROPOUT:  # l sums the kept and the dropped; the output takes the kept
+            p = p * _dropout_scale(offs_m, offs_n, Lk, pid_bh, seed_lo, seed_hi, rng_offset, p_drop)
         v = tl.load(V + b * svb + hk * svh + offs_n[:, None] * svn + offs_dv[None, :] * svd,
                     mask=(offs_n[:, None] < Lk) & (offs_dv[None, :] < Ev), other=0.0)
         acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, DOT)
@@ -114,10 +142,11 @@ def _fwd_kernel(Q, K, V, Mask, Out, Lse,
 def _bwd_delta_kernel(Q, K, V, Mask, DO, Lse, DLse, Delta,
                       sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
                       smb, smh, smm, smn, sdb, sdh, sdm, sdd,
-                      Hq, Lq, Lk, group, scale, diag, wl, wr,
+                      Hq, Lq, Lk, group, scale, diag, wl, wr, seed_lo, seed_hi, rng_offset, p_drop,
                       E: tl.constexpr, Ev: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                       BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, MASK_KIND: tl.constexpr,
-                      WINDOWED: tl.constexpr, DOT: tl.constexpr, HAS_DLSE: tl.constexpr):
+                      WINDOWED: tl.constexpr, DOT: tl.constexpr, HAS_DLSE: tl.constexpr,
+                      DROPOUT: tl.constexpr):
     # delta = rowsum(P * dP) - dlse, from the same P and dP tiles the dK/dV and
     # dQ kernels recompute (same code, same dots).  FlashAttention-2's
     # rowsum(dO * O) uses the stored, rounded O: the two then do not cancel
@@ -156,6 +185,8 @@ def _bwd_delta_kernel(Q, K, V, Mask, DO, Lse, DLse, Delta,
             s = s + tl.load(mptr, mask=inb, other=0.0).to(tl.float32)
         p = tl.where(ok, tl.exp(s - lse[:, None]), 0.0)
         dp = _dot(do, tl.trans(v), DOT)
+        if DROPOUT:
+            dp = dp * _dropout_scale(offs_m, offs_n, Lk, pid_bh, seed_lo, seed_hi, rng_offset, p_drop)
         delta += tl.sum(p * dp, 1)
     if HAS_DLSE:
         delta -= tl.load(DLse + pid_bh * Lq + offs_m, mask=offs_m < Lq, other=0.0)
@@ -166,10 +197,11 @@ def _bwd_delta_kernel(Q, K, V, Mask, DO, Lse, DLse, Delta,
 def _bwd_dkdv_kernel(Q, K, V, Mask, DO, Lse, Delta, DK, DV, DMask,
                      sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
                      smb, smh, smm, smn, sdb, sdh, sdm, sdd,
-                     Hq, Hkv, Lq, Lk, group, scale, diag, wl, wr,
+                     Hq, Hkv, Lq, Lk, group, scale, diag, wl, wr, seed_lo, seed_hi, rng_offset, p_drop,
                      E: tl.constexpr, Ev: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                      BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, MASK_KIND: tl.constexpr,
-                     WINDOWED: tl.constexpr, MASK_GRAD: tl.constexpr, DOT: tl.constexpr):
+                     WINDOWED: tl.constexpr, MASK_GRAD: tl.constexpr, DOT: tl.constexpr,
+                     DROPOUT: tl.constexpr):
     # One program per (key block, batch * kv head): it owns that dK/dV block and
     # walks the query blocks of every q head of its GQA group.
     pid_n = tl.program_id(0)
@@ -217,8 +249,13 @@ def _bwd_dkdv_kernel(Q, K, V, Mask, DO, Lse, Delta, DK, DV, DMask,
                 s = s + tl.load(mptr, mask=inb, other=0.0).to(tl.float32)
             ok = ok & (offs_m[:, None] < Lq)
             p = tl.where(ok, tl.exp(s - lse[:, None]), 0.0)  # (M, N)
-            dv += _dot(tl.trans(p).to(do.dtype), do, DOT)
-            dp = _dot(do, tl.trans(v), DOT)
+            if DROPOUT:
+                z = _dropout_scale(offs_m, offs_n, Lk, bh, seed_lo, seed_hi, rng_offset, p_drop)
+                dv += _dot(tl.trans(p * z).to(do.dtype), do, DOT)
+                dp = _dot(do, tl.trans(v), DOT) * z
+            else:
+                dv += _dot(tl.trans(p).to(do.dtype), do, DOT)
+                dp = _dot(do, tl.trans(v), DOT)
             ds = p * (dp - delta[:, None])
             if MASK_GRAD:
                 tl.store(DMask + bh * Lq * Lk + offs_m[:, None] * Lk + offs_n[None, :], ds, mask=inb)
@@ -235,10 +272,10 @@ def _bwd_dkdv_kernel(Q, K, V, Mask, DO, Lse, Delta, DK, DV, DMask,
 def _bwd_dq_kernel(Q, K, V, Mask, DO, Lse, Delta, DQ,
                    sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
                    smb, smh, smm, smn, sdb, sdh, sdm, sdd,
-                   Hq, Lq, Lk, group, scale, diag, wl, wr,
+                   Hq, Lq, Lk, group, scale, diag, wl, wr, seed_lo, seed_hi, rng_offset, p_drop,
                    E: tl.constexpr, Ev: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                    BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, MASK_KIND: tl.constexpr,
-                   WINDOWED: tl.constexpr, DOT: tl.constexpr):
+                   WINDOWED: tl.constexpr, DOT: tl.constexpr, DROPOUT: tl.constexpr):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = pid_bh // Hq
@@ -273,6 +310,8 @@ def _bwd_dq_kernel(Q, K, V, Mask, DO, Lse, Delta, DQ,
             s = s + tl.load(mptr, mask=inb, other=0.0).to(tl.float32)
         p = tl.where(ok, tl.exp(s - lse[:, None]), 0.0)
         dp = _dot(do, tl.trans(v), DOT)
+        if DROPOUT:
+            dp = dp * _dropout_scale(offs_m, offs_n, Lk, pid_bh, seed_lo, seed_hi, rng_offset, p_drop)
         ds = p * (dp - delta[:, None])
         dq += _dot(ds.to(k.dtype), k, DOT)
     dq = dq * scale
@@ -318,7 +357,12 @@ def _common(q, k, v, window_left, window_right, bottom_right):
     return B, Hq, Hkv, Lq, Lk, E, Ev, diag, windowed
 
 
-def attention_fwd(q, k, v, mask, scale, window_left, window_right, bottom_right, launch=None):
+def _rng_args(dropout_p, seed, offset):
+    return (seed & 0xFFFFFFFF, (seed >> 32) & 0xFFFFFFFF, offset & 0xFFFFFFFF, float(dropout_p))
+
+
+def attention_fwd(q, k, v, mask, scale, window_left, window_right, bottom_right, dropout_p=0.0, seed=0,
+                  offset=0, launch=None):
     """(out, lse): out (B, Hq, Lq, Ev) contiguous, lse (B, Hq, Lq) float32."""
     import torch
 
@@ -331,14 +375,14 @@ def attention_fwd(q, k, v, mask, scale, window_left, window_right, bottom_right,
     grid = (triton.cdiv(Lq, bm), B * Hq)
     launch(_fwd_kernel)[grid](
         q, k, v, m, out, lse, *q.stride(), *k.stride(), *v.stride(), *mst, *out.stride(),
-        Hq, Lq, Lk, Hq // Hkv, scale, diag, window_left, window_right,
+        Hq, Lq, Lk, Hq // Hkv, scale, diag, window_left, window_right, *_rng_args(dropout_p, seed, offset),
         E=E, Ev=Ev, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, BLOCK_DV=bdv, MASK_KIND=kind,
-        WINDOWED=windowed, DOT=_dot_mode(q.dtype))
+        WINDOWED=windowed, DOT=_dot_mode(q.dtype), DROPOUT=dropout_p > 0)
     return out, lse
 
 
 def attention_bwd(dout, q, k, v, out, lse, dlse, mask, scale, window_left, window_right, bottom_right,
-                  mask_grad, launch=None):
+                  mask_grad, dropout_p=0.0, seed=0, offset=0, launch=None):
     """(dq, dk, dv, dmask): contiguous; dmask (B, Hq, Lq, Lk) float32 or empty."""
     import torch
 
@@ -348,12 +392,13 @@ def attention_bwd(dout, q, k, v, out, lse, dlse, mask, scale, window_left, windo
     m, mst, kind = _mask_args(mask, q)
     delta = torch.empty((B, Hq, Lq), dtype=torch.float32, device=q.device)
     dot = _dot_mode(q.dtype)
+    rng = _rng_args(dropout_p, seed, offset)
     launch(_bwd_delta_kernel)[(triton.cdiv(Lq, bm), B * Hq)](
         q, k, v, m, dout, lse, dlse.contiguous() if dlse is not None else lse, delta,
         *q.stride(), *k.stride(), *v.stride(), *mst, *dout.stride(),
-        Hq, Lq, Lk, Hq // Hkv, scale, diag, window_left, window_right,
+        Hq, Lq, Lk, Hq // Hkv, scale, diag, window_left, window_right, *rng,
         E=E, Ev=Ev, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, BLOCK_DV=bdv, MASK_KIND=kind,
-        WINDOWED=windowed, DOT=dot, HAS_DLSE=dlse is not None)
+        WINDOWED=windowed, DOT=dot, HAS_DLSE=dlse is not None, DROPOUT=dropout_p > 0)
     dq = torch.empty((B, Hq, Lq, E), dtype=q.dtype, device=q.device)
     dk = torch.empty((B, Hkv, Lk, E), dtype=q.dtype, device=q.device)
     dv = torch.empty((B, Hkv, Lk, Ev), dtype=q.dtype, device=q.device)
@@ -362,13 +407,13 @@ def attention_bwd(dout, q, k, v, out, lse, dlse, mask, scale, window_left, windo
     launch(_bwd_dkdv_kernel)[(triton.cdiv(Lk, bn), B * Hkv)](
         q, k, v, m, dout, lse, delta, dk, dv, dmask if mask_grad else delta,
         *q.stride(), *k.stride(), *v.stride(), *mst, *dout.stride(),
-        Hq, Hkv, Lq, Lk, Hq // Hkv, scale, diag, window_left, window_right,
+        Hq, Hkv, Lq, Lk, Hq // Hkv, scale, diag, window_left, window_right, *rng,
         E=E, Ev=Ev, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, BLOCK_DV=bdv, MASK_KIND=kind,
-        WINDOWED=windowed, MASK_GRAD=mask_grad, DOT=dot)
+        WINDOWED=windowed, MASK_GRAD=mask_grad, DOT=dot, DROPOUT=dropout_p > 0)
     launch(_bwd_dq_kernel)[(triton.cdiv(Lq, bm), B * Hq)](
         q, k, v, m, dout, lse, delta, dq,
         *q.stride(), *k.stride(), *v.stride(), *mst, *dout.stride(),
-        Hq, Lq, Lk, Hq // Hkv, scale, diag, window_left, window_right,
+        Hq, Lq, Lk, Hq // Hkv, scale, diag, window_left, window_right, *rng,
         E=E, Ev=Ev, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, BLOCK_DV=bdv, MASK_KIND=kind,
-        WINDOWED=windowed, DOT=dot)
+        WINDOWED=windowed, DOT=dot, DROPOUT=dropout_p > 0)
     return dq, dk, dv, dmask
