@@ -72,3 +72,54 @@ def attention(q, k, v, *, attn_mask=None, is_causal=False, causal_alignment="top
     """
     plan = prepare(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa, causal_alignment, window)
     return _run(plan, backend, return_lse)
+
+
+def _check_cu(name, cu, total, n_other=None):
+    if not isinstance(cu, torch.Tensor) or cu.dim() != 1 or cu.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"{name} must be a 1-D int32/int64 tensor of cumulative sequence lengths")
+    if cu.numel() < 1 or (n_other is not None and cu.numel() != n_other):
+        raise ValueError(f"{name} must have batch+1 entries (got {cu.numel()}, expected {n_other})")
+    vals = cu.tolist()
+    if vals[0] != 0 or vals[-1] != total or any(b < a for a, b in zip(vals, vals[1:])):
+        raise ValueError(f"{name} must start at 0, never decrease and end at the packed length {total}: {vals}")
+    return vals
+
+
+def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, *, is_causal=False,
+                     causal_alignment="top_left", window=None, scale=None, dropout_p=0.0, return_lse=False,
+                     backend=None):
+    """Attention over a batch of sequences of different lengths, packed without padding.
+
+    q: (total_q, Hq, E), k: (total_k, Hkv, E), v: (total_k, Hkv, Ev); sequence
+    i is rows cu_seqlens_q[i]:cu_seqlens_q[i+1] of q and cu_seqlens_k[i]:
+    cu_seqlens_k[i+1] of k and v.  Hq may be a multiple of Hkv (GQA/MQA).
+    Returns out (total_q, Hq, Ev) and, with return_lse, lse (Hq, total_q).
+    Each sequence runs as its own kernel call on views (no copies, no padding).
+    """
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor) or t.dim() != 3:
+            raise ValueError(f"{name} must be a packed (total_tokens, heads, head_dim) tensor, "
+                             f"got {tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__}")
+    if k.shape[0] != v.shape[0]:
+        raise ValueError(f"k and v must have the same number of tokens: {k.shape[0]} vs {v.shape[0]}")
+    cq = _check_cu("cu_seqlens_q", cu_seqlens_q, q.shape[0])
+    ck = _check_cu("cu_seqlens_k", cu_seqlens_k, k.shape[0], len(cq))
+    lens_q = [b - a for a, b in zip(cq, cq[1:])]
+    lens_k = [b - a for a, b in zip(ck, ck[1:])]
+    if max(lens_q, default=0) > max_seqlen_q or max(lens_k, default=0) > max_seqlen_k:
+        raise ValueError(f"max_seqlen_q/max_seqlen_k ({max_seqlen_q}, {max_seqlen_k}) are below the longest "
+                         f"sequences ({max(lens_q, default=0)}, {max(lens_k, default=0)})")
+    outs, lses = [], []
+    for i in range(len(cq) - 1):
+        qi = q[cq[i]:cq[i + 1]].transpose(0, 1)  # (Hq, Lq_i, E): a view
+        ki = k[ck[i]:ck[i + 1]].transpose(0, 1)
+        vi = v[ck[i]:ck[i + 1]].transpose(0, 1)
+        o, l = attention(qi, ki, vi, is_causal=is_causal, causal_alignment=causal_alignment, window=window,
+                         scale=scale, enable_gqa=True, dropout_p=dropout_p, return_lse=True, backend=backend)
+        outs.append(o.transpose(0, 1))
+        lses.append(l)
+    out = torch.cat(outs, 0) if outs else q.new_empty((0, q.shape[1], v.shape[2]))
+    if return_lse:
+        lse = torch.cat(lses, 1) if lses else q.new_empty((q.shape[1], 0), dtype=torch.float32)
+        return out, lse
+    return out
