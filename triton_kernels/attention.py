@@ -67,6 +67,22 @@ def _visible(offs_m, offs_n, Lk, diag, wl, wr, WINDOWED: tl.constexpr):
 
 
 @triton.jit
+def _mask_scores(s, offs_m, offs_n, Mask, mask_base, smm, smn, Lq, Lk, diag, wl, wr,
+                 MASK_KIND: tl.constexpr, WINDOWED: tl.constexpr):
+    """Scores with everything a query may not see set to -inf: keys past Lk,
+    outside the causal/window band, or hidden by the mask; a float mask is
+    added.  Mask tiles are read with the mask's own (broadcast) strides."""
+    ok = _visible(offs_m, offs_n, Lk, diag, wl, wr, WINDOWED)
+    mptr = Mask + mask_base + offs_m[:, None] * smm + offs_n[None, :] * smn
+    inb = (offs_m[:, None] < Lq) & (offs_n[None, :] < Lk)
+    if MASK_KIND == 1:
+        ok = ok & (tl.load(mptr, mask=inb, other=0) != 0)
+    if MASK_KIND == 2:
+        s = s + tl.load(mptr, mask=inb, other=0.0).to(tl.float32)
+    return tl.where(ok, s, float("-inf"))
+
+
+@triton.jit
 def _kv_range(start_m, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, Lk, diag, wl, wr,
               WINDOWED: tl.constexpr):
     # Key tiles that any row of the query block can see; the first one is
@@ -111,14 +127,8 @@ def _fwd_kernel(Q, K, V, Mask, Out, Lse,
         kt = tl.load(K + b * skb + hk * skh + offs_n[None, :] * skn + offs_d[:, None] * skd,
                      mask=(offs_n[None, :] < Lk) & (offs_d[:, None] < E), other=0.0)  # (D, N)
         s = _dot(q, kt, DOT) * scale
-        ok = _visible(offs_m, offs_n, Lk, diag, wl, wr, WINDOWED)
-        mptr = Mask + b * smb + h * smh + offs_m[:, None] * smm + offs_n[None, :] * smn
-        inb = (offs_m[:, None] < Lq) & (offs_n[None, :] < Lk)
-        if MASK_KIND == 1:
-            ok = ok & (tl.load(mptr, mask=inb, other=0) != 0)
-        if MASK_KIND == 2:
-            s = s + tl.load(mptr, mask=inb, other=0.0).to(tl.float32)
-        s = tl.where(ok, s, float("-inf"))
+        s = _mask_scores(s, offs_m, offs_n, Mask, b * smb + h * smh, smm, smn, Lq, Lk, diag, wl, wr,
+                         MASK_KIND, WINDOWED)
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing visible yet
         p = tl.exp(s - m_safe[:, None])
@@ -176,14 +186,9 @@ def _bwd_delta_kernel(Q, K, V, Mask, DO, Lse, DLse, Delta,
         v = tl.load(V + b * svb + hk * svh + offs_n[:, None] * svn + offs_dv[None, :] * svd,
                     mask=(offs_n[:, None] < Lk) & (offs_dv[None, :] < Ev), other=0.0)
         s = _dot(q, tl.trans(k), DOT) * scale
-        ok = _visible(offs_m, offs_n, Lk, diag, wl, wr, WINDOWED)
-        mptr = Mask + b * smb + h * smh + offs_m[:, None] * smm + offs_n[None, :] * smn
-        inb = (offs_m[:, None] < Lq) & (offs_n[None, :] < Lk)
-        if MASK_KIND == 1:
-            ok = ok & (tl.load(mptr, mask=inb, other=0) != 0)
-        if MASK_KIND == 2:
-            s = s + tl.load(mptr, mask=inb, other=0.0).to(tl.float32)
-        p = tl.where(ok, tl.exp(s - lse[:, None]), 0.0)
+        s = _mask_scores(s, offs_m, offs_n, Mask, b * smb + h * smh, smm, smn, Lq, Lk, diag, wl, wr,
+                         MASK_KIND, WINDOWED)
+        p = tl.exp(s - lse[:, None])  # masked: exp(-inf) = 0; dead rows have lse = +inf
         dp = _dot(do, tl.trans(v), DOT)
         if DROPOUT:
             dp = dp * _dropout_scale(offs_m, offs_n, Lk, pid_bh, seed_lo, seed_hi, rng_offset, p_drop)
@@ -240,15 +245,9 @@ def _bwd_dkdv_kernel(Q, K, V, Mask, DO, Lse, Delta, DK, DV, DMask,
             lse = tl.where(lse == float("-inf"), float("inf"), lse)  # dead rows: P = 0
             delta = tl.load(Delta + bh * Lq + offs_m, mask=offs_m < Lq, other=0.0)
             s = _dot(q, tl.trans(k), DOT) * scale
-            ok = _visible(offs_m, offs_n, Lk, diag, wl, wr, WINDOWED)
-            mptr = Mask + b * smb + h * smh + offs_m[:, None] * smm + offs_n[None, :] * smn
-            inb = (offs_m[:, None] < Lq) & (offs_n[None, :] < Lk)
-            if MASK_KIND == 1:
-                ok = ok & (tl.load(mptr, mask=inb, other=0) != 0)
-            if MASK_KIND == 2:
-                s = s + tl.load(mptr, mask=inb, other=0.0).to(tl.float32)
-            ok = ok & (offs_m[:, None] < Lq)
-            p = tl.where(ok, tl.exp(s - lse[:, None]), 0.0)  # (M, N)
+            s = _mask_scores(s, offs_m, offs_n, Mask, b * smb + h * smh, smm, smn, Lq, Lk, diag, wl, wr,
+                             MASK_KIND, WINDOWED)
+            p = tl.exp(s - lse[:, None])  # (M, N); rows past Lq have lse = +inf: p = 0
             if DROPOUT:
                 z = _dropout_scale(offs_m, offs_n, Lk, bh, seed_lo, seed_hi, rng_offset, p_drop)
                 dv += _dot(tl.trans(p * z).to(do.dtype), do, DOT)
@@ -258,7 +257,8 @@ def _bwd_dkdv_kernel(Q, K, V, Mask, DO, Lse, Delta, DK, DV, DMask,
                 dp = _dot(do, tl.trans(v), DOT)
             ds = p * (dp - delta[:, None])
             if MASK_GRAD:
-                tl.store(DMask + bh * Lq * Lk + offs_m[:, None] * Lk + offs_n[None, :], ds, mask=inb)
+                tl.store(DMask + bh * Lq * Lk + offs_m[:, None] * Lk + offs_n[None, :], ds,
+                         mask=(offs_m[:, None] < Lq) & (offs_n[None, :] < Lk))
             dk += _dot(tl.trans(ds).to(q.dtype), q, DOT)
     dk = dk * scale
     base = (b * Hkv + hk) * Lk
@@ -301,14 +301,9 @@ def _bwd_dq_kernel(Q, K, V, Mask, DO, Lse, Delta, DQ,
         v = tl.load(V + b * svb + hk * svh + offs_n[:, None] * svn + offs_dv[None, :] * svd,
                     mask=(offs_n[:, None] < Lk) & (offs_dv[None, :] < Ev), other=0.0)
         s = _dot(q, tl.trans(k), DOT) * scale
-        ok = _visible(offs_m, offs_n, Lk, diag, wl, wr, WINDOWED)
-        mptr = Mask + b * smb + h * smh + offs_m[:, None] * smm + offs_n[None, :] * smn
-        inb = (offs_m[:, None] < Lq) & (offs_n[None, :] < Lk)
-        if MASK_KIND == 1:
-            ok = ok & (tl.load(mptr, mask=inb, other=0) != 0)
-        if MASK_KIND == 2:
-            s = s + tl.load(mptr, mask=inb, other=0.0).to(tl.float32)
-        p = tl.where(ok, tl.exp(s - lse[:, None]), 0.0)
+        s = _mask_scores(s, offs_m, offs_n, Mask, b * smb + h * smh, smm, smn, Lq, Lk, diag, wl, wr,
+                         MASK_KIND, WINDOWED)
+        p = tl.exp(s - lse[:, None])  # masked: exp(-inf) = 0; dead rows have lse = +inf
         dp = _dot(do, tl.trans(v), DOT)
         if DROPOUT:
             dp = dp * _dropout_scale(offs_m, offs_n, Lk, pid_bh, seed_lo, seed_hi, rng_offset, p_drop)
