@@ -1,0 +1,92 @@
+"""GPU-only checks (`pytest -m gpu`): the Triton backend on CUDA tensors at real sizes.
+
+Skipped on machines without a CUDA device (see conftest.py); bench/gpu_check.sh
+runs them on a GPU machine.
+"""
+import pytest
+import torch
+
+import attnfast
+from attnfast.testing import compare_with_reference, dropout_mask
+from cases import Case, make_inputs
+
+pytestmark = pytest.mark.gpu
+
+CASES = [
+    Case(B=2, Hq=8, Hkv=8, Lq=1024, Lk=1024, E=128),
+    Case(B=2, Hq=8, Hkv=2, Lq=1024, Lk=1024, E=64, causal=True),
+    Case(B=1, Hq=4, Hkv=4, Lq=777, Lk=1500, E=96, causal=True, align="bottom_right"),
+    Case(B=1, Hq=4, Hkv=1, Lq=1024, Lk=1024, E=128, window=(128, 0)),
+    Case(B=2, Hq=4, Hkv=4, Lq=513, Lk=1025, E=64, mask="bool", mask_bcast="keypad"),
+    Case(B=2, Hq=4, Hkv=4, Lq=300, Lk=400, E=111, mask="float_grad", mask_bcast="batch"),
+    Case(B=1, Hq=2, Hkv=2, Lq=256, Lk=256, E=256, noncontig=True),
+]
+
+
+def _cuda(t):
+    if t is None:
+        return None
+    return t.detach().cuda().requires_grad_(t.requires_grad)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=["bf16", "f16", "f32"])
+@pytest.mark.parametrize("case", CASES, ids=[c.id() for c in CASES])
+def test_triton_parity_cuda(case, dtype):
+    q, k, v, m = (_cuda(t) for t in make_inputs(case, dtype))
+
+    def run(q, k, v, m):
+        return attnfast.attention(q, k, v, attn_mask=m, return_lse=True, backend="triton",
+                                  **case.attention_kwargs())
+
+    res = compare_with_reference(run, q, k, v, m, **case.ref_kwargs())
+    bad = [r for r in res if not r.ok]
+    assert not bad, f"{case.id()} {dtype}: " + "; ".join(map(repr, bad))
+
+
+def test_triton_dropout_cuda(fresh_seed):
+    case = Case(B=2, Hq=4, Hkv=2, Lq=300, Lk=500, E=64, causal=True)
+    q, k, v, _ = (_cuda(t) for t in make_inputs(case, torch.bfloat16))
+
+    def run(q, k, v, m):
+        torch.manual_seed(fresh_seed + 1)
+        return attnfast.attention(q, k, v, dropout_p=0.2, return_lse=True, backend="triton",
+                                  **case.attention_kwargs())
+
+    torch.manual_seed(fresh_seed + 1)
+    dm = dropout_mask((2, 4, 300, 500), 0.2, device="cuda")
+    res = compare_with_reference(run, q, k, v, None, dropout_mask=dm, **case.ref_kwargs())
+    assert all(r.ok for r in res), res
+
+
+def test_dispatch_picks_triton_for_cuda():
+    q = torch.randn(1, 2, 64, 64, device="cuda", dtype=torch.bfloat16)
+    from attnfast._validate import prepare
+    from attnfast import dispatch
+
+    assert dispatch.choose(prepare(q, q, q)) in ("triton", "cuda")
+
+
+def test_compile_fullgraph_cuda():
+    torch._dynamo.reset()
+    q, k, v = (torch.randn(2, 4, 256, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+               for _ in range(3))
+
+    def f(q, k, v):
+        return attnfast.scaled_dot_product_attention(q, k, v, is_causal=True).float().square().sum()
+
+    e = f(q, k, v)
+    ge = torch.autograd.grad(e, (q, k, v))
+    c = torch.compile(f, fullgraph=True)(q, k, v)
+    gc = torch.autograd.grad(c, (q, k, v))
+    torch.testing.assert_close(c, e)
+    for a, b in zip(gc, ge):
+        torch.testing.assert_close(a, b)
+
+
+def test_opcheck_cuda():
+    from attnfast import triton_ops  # noqa: F401
+
+    q = torch.randn(1, 67, 2, 64, device="cuda", dtype=torch.float16).transpose(1, 2).requires_grad_()
+    k = torch.randn(1, 90, 2, 64, device="cuda", dtype=torch.float16).transpose(1, 2).requires_grad_()
+    v = torch.randn(1, 90, 2, 32, device="cuda", dtype=torch.float16).transpose(1, 2).requires_grad_()
+    torch.library.opcheck(torch.ops.attnfast.triton_fwd.default, (q, k, v, None, 0.125, -1, 0, True, 0.0, 0, 0))
