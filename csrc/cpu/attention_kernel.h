@@ -338,7 +338,12 @@ void fwd_impl(const FwdParams& p) {
     Buffer<L> lrow(kBlockQ);
     Buffer<A> fac(p.dropout_p > 0.f ? kBlockQ * kBlockK : 0);
     for (int64_t item = begin; item < end; ++item) {
-      const int64_t qb = item % nqb, bh = item / nqb;
+      // Query blocks of a head in the order 0, n-1, 1, n-2, ...: under a causal
+      // or windowed rule the work per block grows with its index, and
+      // parallel_for hands each thread a contiguous range of items; this way
+      // each range holds light and heavy blocks alike.
+      const int64_t j = item % nqb, bh = item / nqb;
+      const int64_t qb = (j % 2 == 0) ? j / 2 : nqb - 1 - j / 2;
       const int64_t h = bh % p.Hq, b = bh / p.Hq, hk = h / group;
       const int64_t i0 = qb * kBlockQ, nq = imin(kBlockQ, p.Lq - i0);
 
