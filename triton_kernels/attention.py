@@ -149,19 +149,22 @@ def _fwd_kernel(Q, K, V, Mask, Out, Lse,
 
 
 @triton.jit
-def _bwd_delta_kernel(Q, K, V, Mask, DO, Lse, DLse, Delta,
-                      sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
-                      smb, smh, smm, smn, sdb, sdh, sdm, sdd,
-                      Hq, Lq, Lk, group, scale, diag, wl, wr, seed_lo, seed_hi, rng_offset, p_drop,
-                      E: tl.constexpr, Ev: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                      BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, MASK_KIND: tl.constexpr,
-                      WINDOWED: tl.constexpr, DOT: tl.constexpr, HAS_DLSE: tl.constexpr,
-                      DROPOUT: tl.constexpr):
-    # delta = rowsum(P * dP) - dlse, from the same P and dP tiles the dK/dV and
-    # dQ kernels recompute (same code, same dots).  FlashAttention-2's
-    # rowsum(dO * O) uses the stored, rounded O: the two then do not cancel
-    # where they should (one visible key: the exact dQ, dK are 0), and the
-    # parity rule sees it.  Costs two extra tile products per (q, k) tile.
+def _bwd_rows_kernel(Q, K, V, Mask, DO, Lse, DLse, Delta, DQ,
+                     sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
+                     smb, smh, smm, smn, sdb, sdh, sdm, sdd,
+                     Hq, Lq, Lk, group, scale, diag, wl, wr, seed_lo, seed_hi, rng_offset, p_drop,
+                     E: tl.constexpr, Ev: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, MASK_KIND: tl.constexpr,
+                     WINDOWED: tl.constexpr, DOT: tl.constexpr, HAS_DLSE: tl.constexpr,
+                     DROPOUT: tl.constexpr, DELTA_PASS: tl.constexpr):
+    # One program per (query block, batch * q head), launched twice:
+    #   DELTA_PASS: delta = rowsum(P * dP) - dlse;
+    #   else:       dQ = scale * sum_tiles (P * (dP - delta)) K.
+    # delta comes from the same P and dP tiles the dQ pass and the dK/dV kernel
+    # recompute (this very code, the same dots), not from FlashAttention-2's
+    # rowsum(dO * O): that uses the stored, rounded O, and the two then do not
+    # cancel where they should (one visible key: the exact dQ, dK are 0), which
+    # the parity rule sees.  It costs two extra tile products per (q, k) tile.
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = pid_bh // Hq
@@ -176,8 +179,12 @@ def _bwd_delta_kernel(Q, K, V, Mask, DO, Lse, DLse, Delta,
     do = tl.load(DO + b * sdb + h * sdh + offs_m[:, None] * sdm + offs_dv[None, :] * sdd,
                  mask=(offs_m[:, None] < Lq) & (offs_dv[None, :] < Ev), other=0.0)
     lse = tl.load(Lse + pid_bh * Lq + offs_m, mask=offs_m < Lq, other=float("inf"))
-    lse = tl.where(lse == float("-inf"), float("inf"), lse)
-    delta = tl.zeros([BLOCK_M], tl.float32)
+    lse = tl.where(lse == float("-inf"), float("inf"), lse)  # dead rows: P = 0
+    if DELTA_PASS:
+        delta = tl.zeros([BLOCK_M], tl.float32)
+    else:
+        delta = tl.load(Delta + pid_bh * Lq + offs_m, mask=offs_m < Lq, other=0.0)
+    dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     lo, hi = _kv_range(start_m, BLOCK_M, BLOCK_N, Lk, diag, wl, wr, WINDOWED)
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
@@ -192,10 +199,19 @@ def _bwd_delta_kernel(Q, K, V, Mask, DO, Lse, DLse, Delta,
         dp = _dot(do, tl.trans(v), DOT)
         if DROPOUT:
             dp = dp * _dropout_scale(offs_m, offs_n, Lk, pid_bh, seed_lo, seed_hi, rng_offset, p_drop)
-        delta += tl.sum(p * dp, 1)
-    if HAS_DLSE:
-        delta -= tl.load(DLse + pid_bh * Lq + offs_m, mask=offs_m < Lq, other=0.0)
-    tl.store(Delta + pid_bh * Lq + offs_m, delta, mask=offs_m < Lq)
+        if DELTA_PASS:
+            delta += tl.sum(p * dp, 1)
+        else:
+            ds = p * (dp - delta[:, None])
+            dq += _dot(ds.to(k.dtype), k, DOT)
+    if DELTA_PASS:
+        if HAS_DLSE:  # d lse / d s = P: a gradient on lse only shifts delta
+            delta -= tl.load(DLse + pid_bh * Lq + offs_m, mask=offs_m < Lq, other=0.0)
+        tl.store(Delta + pid_bh * Lq + offs_m, delta, mask=offs_m < Lq)
+    else:
+        dq = dq * scale
+        tl.store(DQ + (pid_bh * Lq + offs_m[:, None]) * E + offs_d[None, :], dq.to(DQ.dtype.element_ty),
+                 mask=(offs_m[:, None] < Lq) & (offs_d[None, :] < E))
 
 
 @triton.jit
@@ -266,52 +282,6 @@ def _bwd_dkdv_kernel(Q, K, V, Mask, DO, Lse, Delta, DK, DV, DMask,
              mask=(offs_n[:, None] < Lk) & (offs_d[None, :] < E))
     tl.store(DV + (base + offs_n[:, None]) * Ev + offs_dv[None, :], dv.to(DV.dtype.element_ty),
              mask=(offs_n[:, None] < Lk) & (offs_dv[None, :] < Ev))
-
-
-@triton.jit
-def _bwd_dq_kernel(Q, K, V, Mask, DO, Lse, Delta, DQ,
-                   sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
-                   smb, smh, smm, smn, sdb, sdh, sdm, sdd,
-                   Hq, Lq, Lk, group, scale, diag, wl, wr, seed_lo, seed_hi, rng_offset, p_drop,
-                   E: tl.constexpr, Ev: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                   BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, MASK_KIND: tl.constexpr,
-                   WINDOWED: tl.constexpr, DOT: tl.constexpr, DROPOUT: tl.constexpr):
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = pid_bh // Hq
-    h = pid_bh % Hq
-    hk = h // group
-    start_m = pid_m * BLOCK_M
-    offs_m = start_m + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    offs_dv = tl.arange(0, BLOCK_DV)
-    q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqm + offs_d[None, :] * sqd,
-                mask=(offs_m[:, None] < Lq) & (offs_d[None, :] < E), other=0.0)
-    do = tl.load(DO + b * sdb + h * sdh + offs_m[:, None] * sdm + offs_dv[None, :] * sdd,
-                 mask=(offs_m[:, None] < Lq) & (offs_dv[None, :] < Ev), other=0.0)
-    lse = tl.load(Lse + pid_bh * Lq + offs_m, mask=offs_m < Lq, other=float("inf"))
-    lse = tl.where(lse == float("-inf"), float("inf"), lse)
-    delta = tl.load(Delta + pid_bh * Lq + offs_m, mask=offs_m < Lq, other=0.0)
-    dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    lo, hi = _kv_range(start_m, BLOCK_M, BLOCK_N, Lk, diag, wl, wr, WINDOWED)
-    for start_n in range(lo, hi, BLOCK_N):
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        k = tl.load(K + b * skb + hk * skh + offs_n[:, None] * skn + offs_d[None, :] * skd,
-                    mask=(offs_n[:, None] < Lk) & (offs_d[None, :] < E), other=0.0)
-        v = tl.load(V + b * svb + hk * svh + offs_n[:, None] * svn + offs_dv[None, :] * svd,
-                    mask=(offs_n[:, None] < Lk) & (offs_dv[None, :] < Ev), other=0.0)
-        s = _dot(q, tl.trans(k), DOT) * scale
-        s = _mask_scores(s, offs_m, offs_n, Mask, b * smb + h * smh, smm, smn, Lq, Lk, diag, wl, wr,
-                         MASK_KIND, WINDOWED)
-        p = tl.exp(s - lse[:, None])  # masked: exp(-inf) = 0; dead rows have lse = +inf
-        dp = _dot(do, tl.trans(v), DOT)
-        if DROPOUT:
-            dp = dp * _dropout_scale(offs_m, offs_n, Lk, pid_bh, seed_lo, seed_hi, rng_offset, p_drop)
-        ds = p * (dp - delta[:, None])
-        dq += _dot(ds.to(k.dtype), k, DOT)
-    dq = dq * scale
-    tl.store(DQ + (pid_bh * Lq + offs_m[:, None]) * E + offs_d[None, :], dq.to(DQ.dtype.element_ty),
-             mask=(offs_m[:, None] < Lq) & (offs_d[None, :] < E))
 
 
 # ---------------------------------------------------------------------------
@@ -388,27 +358,28 @@ def attention_bwd(dout, q, k, v, out, lse, dlse, mask, scale, window_left, windo
     delta = torch.empty((B, Hq, Lq), dtype=torch.float32, device=q.device)
     dot = _dot_mode(q.dtype)
     rng = _rng_args(dropout_p, seed, offset)
-    launch(_bwd_delta_kernel)[(triton.cdiv(Lq, bm), B * Hq)](
-        q, k, v, m, dout, lse, dlse.contiguous() if dlse is not None else lse, delta,
-        *q.stride(), *k.stride(), *v.stride(), *mst, *dout.stride(),
-        Hq, Lq, Lk, Hq // Hkv, scale, diag, window_left, window_right, *rng,
-        E=E, Ev=Ev, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, BLOCK_DV=bdv, MASK_KIND=kind,
-        WINDOWED=windowed, DOT=dot, HAS_DLSE=dlse is not None, DROPOUT=dropout_p > 0)
     dq = torch.empty((B, Hq, Lq, E), dtype=q.dtype, device=q.device)
     dk = torch.empty((B, Hkv, Lk, E), dtype=q.dtype, device=q.device)
     dv = torch.empty((B, Hkv, Lk, Ev), dtype=q.dtype, device=q.device)
     dmask = (torch.zeros((B, Hq, Lq, Lk), dtype=torch.float32, device=q.device) if mask_grad
              else torch.empty((0,), dtype=torch.float32, device=q.device))
+    dlse_arg = dlse.contiguous() if dlse is not None else lse
+
+    def rows_pass(delta_pass):
+        launch(_bwd_rows_kernel)[(triton.cdiv(Lq, bm), B * Hq)](
+            q, k, v, m, dout, lse, dlse_arg, delta, dq,
+            *q.stride(), *k.stride(), *v.stride(), *mst, *dout.stride(),
+            Hq, Lq, Lk, Hq // Hkv, scale, diag, window_left, window_right, *rng,
+            E=E, Ev=Ev, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, BLOCK_DV=bdv, MASK_KIND=kind,
+            WINDOWED=windowed, DOT=dot, HAS_DLSE=dlse is not None, DROPOUT=dropout_p > 0,
+            DELTA_PASS=delta_pass)
+
+    rows_pass(True)
     launch(_bwd_dkdv_kernel)[(triton.cdiv(Lk, bn), B * Hkv)](
         q, k, v, m, dout, lse, delta, dk, dv, dmask if mask_grad else delta,
         *q.stride(), *k.stride(), *v.stride(), *mst, *dout.stride(),
         Hq, Hkv, Lq, Lk, Hq // Hkv, scale, diag, window_left, window_right, *rng,
         E=E, Ev=Ev, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, BLOCK_DV=bdv, MASK_KIND=kind,
         WINDOWED=windowed, MASK_GRAD=mask_grad, DOT=dot, DROPOUT=dropout_p > 0)
-    launch(_bwd_dq_kernel)[(triton.cdiv(Lq, bm), B * Hq)](
-        q, k, v, m, dout, lse, delta, dq,
-        *q.stride(), *k.stride(), *v.stride(), *mst, *dout.stride(),
-        Hq, Lq, Lk, Hq // Hkv, scale, diag, window_left, window_right, *rng,
-        E=E, Ev=Ev, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, BLOCK_DV=bdv, MASK_KIND=kind,
-        WINDOWED=windowed, DOT=dot, DROPOUT=dropout_p > 0)
+    rows_pass(False)
     return dq, dk, dv, dmask
