@@ -35,7 +35,7 @@ import torch.nn.functional as F
 import attnfast
 
 from .common import DTYPE_SHORT, DTYPES, Call, fmt_num, md_table, progress, time_interleaved
-from .peers import make_inputs
+from .peers import attnfast_cpu_unavailable, make_inputs
 
 DESCRIPTION = ("CPU speed targets as ratios: torch SDPA time / attnfast time, peers alternated per case "
                "(dense, fwd+bwd, masks, window, matmul roofline, thread scaling)")
@@ -409,9 +409,9 @@ def _finite_ok(r):
 
 
 def run(ctx):
-    st = attnfast.backends()["cpu"]
-    if not st.available:
-        print(f"attnfast cpu backend unavailable: {st.reason}")
+    why = attnfast_cpu_unavailable()
+    if why is not None:
+        print(f"attnfast cpu backend unavailable: {why}")
         return False
     plan = QUICK if ctx.quick else FULL
     print("sizes chosen (" + ("quick" if ctx.quick else "full") + "):")

@@ -82,11 +82,11 @@ def check(case):
 
 
 def run(ctx):
-    import attnfast
+    from .peers import attnfast_cpu_unavailable
 
-    st = attnfast.backends()["cpu"]
-    if not st.available:
-        print(f"cpu backend unavailable: {st.reason}")
+    why = attnfast_cpu_unavailable()
+    if why is not None:
+        print(f"attnfast cpu backend unavailable: {why}")
         return False
     cases = QUICK_CASES if ctx.quick else CASES
     records, n_ok = [], 0

@@ -26,7 +26,8 @@ def _attnfast_cpu(q, k, v, causal):
     return attnfast.attention(q, k, v, is_causal=causal, backend="cpu")
 
 
-def _attnfast_cpu_unavailable():
+def attnfast_cpu_unavailable():
+    """None when attnfast's CPU backend can run, else the reason it cannot."""
     import attnfast
 
     st = attnfast.backends()["cpu"]
@@ -45,7 +46,7 @@ def _naive(q, k, v, causal):
 
 CPU_PEERS = [
     Peer("attnfast", "attnfast.attention(backend='cpu'): the fused C++ kernel", _attnfast_cpu,
-         _attnfast_cpu_unavailable),
+         attnfast_cpu_unavailable),
     Peer("sdpa", "torch.nn.functional.scaled_dot_product_attention", _torch_sdpa),
     Peer("naive", "attnfast.reference.attention_ref(upcast=False): matmul, softmax, matmul in the input dtype",
          _naive),
