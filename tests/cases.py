@@ -18,7 +18,9 @@ class Case:
     Ev: Optional[int] = None
     mask: Optional[str] = None      # None, "bool", "float", "float_grad"
     mask_bcast: str = "full"        # "full", "batch" (1,H,..), "heads" (B,1,..), "2d" (Lq,Lk), "row" (1,1,1,Lk),
-                                    # "keypad" (B,1,1,Lk: second half of the keys hidden), "tril" (Lq,Lk causal)
+                                    # "keypad" (B,1,1,Lk: second half of the keys hidden), "tril" (Lq,Lk causal),
+                                    # "docs" (B,1,Lq,Lk: block-diagonal documents; a float mask is 0 inside
+                                    # all but the first document)
     dead_rows: bool = False         # some query rows see no key at all
     causal: bool = False
     align: str = "top_left"
@@ -61,6 +63,18 @@ def _qkv(B, H, L, D, dtype, noncontig):
     return torch.randn(B, H, L, D, dtype=dtype)
 
 
+def _documents(B, Lq, Lk):
+    """Document ids of query and key positions: 2-4 documents per batch with
+    random boundaries, the same fractions of Lq and of Lk."""
+    ids_q, ids_k = [], []
+    for _ in range(B):
+        n = int(torch.randint(2, 5, ()))
+        cuts = torch.sort(torch.rand(n - 1)).values
+        ids_q.append(torch.bucketize(torch.arange(Lq) / Lq, cuts, right=True))
+        ids_k.append(torch.bucketize(torch.arange(Lk) / Lk, cuts, right=True))
+    return torch.stack(ids_q), torch.stack(ids_k)
+
+
 def make_inputs(c: Case, dtype):
     """q, k, v and the mask (or None) for a case, fresh random data."""
     Ev = c.Ev or c.E
@@ -77,6 +91,7 @@ def make_inputs(c: Case, dtype):
         "row": (1, 1, 1, c.Lk),
         "keypad": (c.B, 1, 1, c.Lk),
         "tril": (c.Lq, c.Lk),
+        "docs": (c.B, 1, c.Lq, c.Lk),
     }[c.mask_bcast]
     keep = torch.rand(shape) > 0.3
     if c.mask_bcast == "keypad":  # whole key tiles hidden: exercises tile skipping
@@ -84,11 +99,17 @@ def make_inputs(c: Case, dtype):
         keep[..., c.Lk // 2:] = False
     elif c.mask_bcast == "tril":
         keep = torch.ones(shape, dtype=torch.bool).tril()
+    elif c.mask_bcast == "docs":
+        doc_q, doc_k = _documents(c.B, c.Lq, c.Lk)
+        keep = (doc_q[:, :, None] == doc_k[:, None, :])[:, None]
     if c.dead_rows and len(shape) >= 2 and shape[-2] > 1:
         keep[..., ::3, :] = False  # every third query row sees nothing
     if c.mask == "bool":
         return q, k, v, keep
-    m = torch.randn(shape, dtype=dtype).masked_fill(~keep, float("-inf"))
+    m = torch.randn(shape, dtype=dtype)
+    if c.mask_bcast == "docs":  # whole cells of zeros: the kernels need not read them
+        m = m * (doc_q == 0)[:, None, :, None]
+    m = m.masked_fill(~keep, float("-inf"))
     if c.mask == "float_grad":
         m.requires_grad_()
     return q, k, v, m
@@ -133,6 +154,8 @@ SWEEP = [
     Case(B=1, Hq=2, Hkv=2, Lq=300, Lk=300, E=32, mask="float_grad", mask_bcast="tril"),
     Case(B=2, Hq=2, Hkv=2, Lq=200, Lk=400, E=32, mask="float", mask_bcast="keypad", causal=True,
          align="bottom_right"),
+    Case(B=2, Hq=2, Hkv=1, Lq=300, Lk=520, E=64, mask="bool", mask_bcast="docs"),
+    Case(B=2, Hq=2, Hkv=2, Lq=520, Lk=300, E=40, mask="float_grad", mask_bcast="docs", window=(150, 40)),
 ]
 
 # A smaller subset for the slower dtypes / paths.

@@ -28,6 +28,10 @@ CASES = [
     Case(B=2, Hq=2, Hkv=2, Lq=37, Lk=83, E=40, mask="float_grad", mask_bcast="batch"),
     Case(B=1, Hq=2, Hkv=1, Lq=70, Lk=140, E=32, mask="bool", mask_bcast="keypad", causal=True),
     Case(B=2, Hq=2, Hkv=2, Lq=37, Lk=53, E=111, noncontig=True),
+    # block-structured masks over several list cells (64 x 64 under the interpreter)
+    Case(B=2, Hq=1, Hkv=1, Lq=100, Lk=150, E=32, mask="bool", mask_bcast="docs"),
+    Case(B=2, Hq=1, Hkv=1, Lq=150, Lk=100, E=40, mask="float_grad", mask_bcast="docs", window=(60, 20)),
+    Case(B=1, Hq=1, Hkv=1, Lq=150, Lk=150, E=32, mask="float", mask_bcast="tril"),
 ]
 
 

@@ -67,16 +67,18 @@ def _visible(offs_m, offs_n, Lk, diag, wl, wr, WINDOWED: tl.constexpr):
 
 
 @triton.jit
-def _mask_scores(s, offs_m, offs_n, Mask, mask_base, smm, smn, Lq, Lk, diag, wl, wr,
+def _mask_scores(s, offs_m, offs_n, Mask, mask_base, smm, smn, Lq, Lk, diag, wl, wr, need,
                  MASK_KIND: tl.constexpr, WINDOWED: tl.constexpr):
     """Scores with everything a query may not see set to -inf: keys past Lk,
     outside the causal/window band, or hidden by the mask; a float mask is
-    added.  Mask tiles are read with the mask's own (broadcast) strides."""
+    added.  Mask tiles are read with the mask's own (broadcast) strides, and
+    only where `need` (a tile the lists mark fully visible reads nothing)."""
     ok = _visible(offs_m, offs_n, Lk, diag, wl, wr, WINDOWED)
     mptr = Mask + mask_base + offs_m[:, None] * smm + offs_n[None, :] * smn
     inb = (offs_m[:, None] < Lq) & (offs_n[None, :] < Lk)
+    inb = inb & (tl.zeros_like(inb) | need)  # (broadcast spelled out for the interpreter)
     if MASK_KIND == 1:
-        ok = ok & (tl.load(mptr, mask=inb, other=0) != 0)
+        ok = ok & (tl.load(mptr, mask=inb, other=1) != 0)
     if MASK_KIND == 2:
         s = s + tl.load(mptr, mask=inb, other=0.0).to(tl.float32)
     return tl.where(ok, s, float("-inf"))
@@ -99,13 +101,71 @@ def _kv_range(start_m, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, Lk, diag, w
 
 
 @triton.jit
-def _fwd_kernel(Q, K, V, Mask, Out, Lse,
+def _q_range(start_n, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, Lq, diag, wl, wr,
+             WINDOWED: tl.constexpr):
+    # Query tiles that can see some key of the block; the first one aligned down.
+    lo = 0
+    hi = Lq
+    if WINDOWED:
+        if wr >= 0:
+            lo = tl.maximum(start_n - diag - wr, 0)
+            lo = (lo // BLOCK_M) * BLOCK_M
+        if wl >= 0:
+            hi = tl.minimum(start_n + BLOCK_N - 1 - diag + wl + 1, Lq)
+    return lo, hi
+
+
+# A mask tensor comes with its block lists (built by `mask_block_lists`): for
+# each (batch, head, row of SUM_M queries) an int32 record [n, e_0 .. e_{n-1}]
+# of the SUM_N-wide key columns to visit, e = 2 * column + need, where need
+# says the mask must be read there (the cell mixes visible and hidden, or holds
+# nonzero float values); a cell the mask leaves fully visible is computed
+# without reading it.  Cells it hides entirely, or that lie outside the
+# causal/window band, are not listed: never visited.  The dK/dV kernel reads
+# the transposed lists (per key column, rows of queries).  A kernel tile lies in
+# one cell (BLOCK_M <= SUM_M, BLOCK_N <= SUM_N); a cell is walked in tiles.
+
+
+@triton.jit
+def _fwd_tile(acc, m_i, l_i, q, start_n, need, offs_m, K, V, Mask, k_base, v_base, mask_base,
+              skn, skd, svn, svd, smm, smn, Lq, Lk, scale, diag, wl, wr, bh, seed_lo, seed_hi,
+              rng_offset, p_drop, E: tl.constexpr, Ev: tl.constexpr, BLOCK_N: tl.constexpr,
+              BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, MASK_KIND: tl.constexpr,
+              WINDOWED: tl.constexpr, DOT: tl.constexpr, DROPOUT: tl.constexpr):
+    """One key tile of the online softmax: (acc, m, l) updated."""
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    kt = tl.load(K + k_base + offs_n[None, :] * skn + offs_d[:, None] * skd,
+                 mask=(offs_n[None, :] < Lk) & (offs_d[:, None] < E), other=0.0)  # (D, N)
+    s = _dot(q, kt, DOT) * scale
+    s = _mask_scores(s, offs_m, offs_n, Mask, mask_base, smm, smn, Lq, Lk, diag, wl, wr, need,
+                     MASK_KIND, WINDOWED)
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing visible yet
+    p = tl.exp(s - m_safe[:, None])
+    alpha = tl.exp(m_i - m_safe)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    if DROPOUT:  # l sums the kept and the dropped; the output takes the kept
+        p = p * _dropout_scale(offs_m, offs_n, Lk, bh, seed_lo, seed_hi, rng_offset, p_drop)
+    v = tl.load(V + v_base + offs_n[:, None] * svn + offs_dv[None, :] * svd,
+                mask=(offs_n[:, None] < Lk) & (offs_dv[None, :] < Ev), other=0.0)
+    acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, DOT)
+    return acc, m_new, l_i
+
+
+@triton.jit
+def _fwd_kernel(Q, K, V, Mask, Blocks, Out, Lse,
                 sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
-                smb, smh, smm, smn, sob, soh, som, sod,
+                smb, smh, smm, smn, sbb, sbh, sbr, sob, soh, som, sod,
                 Hq, Lq, Lk, group, scale, diag, wl, wr, seed_lo, seed_hi, rng_offset, p_drop,
+                ARCH, LQ_KEY, LK_KEY,
                 E: tl.constexpr, Ev: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, MASK_KIND: tl.constexpr,
-                WINDOWED: tl.constexpr, DOT: tl.constexpr, DROPOUT: tl.constexpr):
+                BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, SUM_M: tl.constexpr,
+                SUM_N: tl.constexpr, MASK_KIND: tl.constexpr, WINDOWED: tl.constexpr,
+                DOT: tl.constexpr, DROPOUT: tl.constexpr):
+    # One program per (query block, batch * q head).  ARCH, LQ_KEY, LK_KEY only
+    # key the autotuner.
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = pid_bh // Hq
@@ -121,25 +181,26 @@ def _fwd_kernel(Q, K, V, Mask, Out, Lse,
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
-    lo, hi = _kv_range(start_m, BLOCK_M, BLOCK_N, Lk, diag, wl, wr, WINDOWED)
-    for start_n in range(lo, hi, BLOCK_N):
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        kt = tl.load(K + b * skb + hk * skh + offs_n[None, :] * skn + offs_d[:, None] * skd,
-                     mask=(offs_n[None, :] < Lk) & (offs_d[:, None] < E), other=0.0)  # (D, N)
-        s = _dot(q, kt, DOT) * scale
-        s = _mask_scores(s, offs_m, offs_n, Mask, b * smb + h * smh, smm, smn, Lq, Lk, diag, wl, wr,
-                         MASK_KIND, WINDOWED)
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing visible yet
-        p = tl.exp(s - m_safe[:, None])
-        alpha = tl.exp(m_i - m_safe)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        if DROPOUT:  # l sums the kept and the dropped; the output takes the kept
-            p = p * _dropout_scale(offs_m, offs_n, Lk, pid_bh, seed_lo, seed_hi, rng_offset, p_drop)
-        v = tl.load(V + b * svb + hk * svh + offs_n[:, None] * svn + offs_dv[None, :] * svd,
-                    mask=(offs_n[:, None] < Lk) & (offs_dv[None, :] < Ev), other=0.0)
-        acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, DOT)
-        m_i = m_new
+    k_base = b * skb + hk * skh
+    v_base = b * svb + hk * svh
+    mask_base = b * smb + h * smh
+    if MASK_KIND == 0:
+        lo, hi = _kv_range(start_m, BLOCK_M, BLOCK_N, Lk, diag, wl, wr, WINDOWED)
+        for start_n in range(lo, hi, BLOCK_N):
+            acc, m_i, l_i = _fwd_tile(
+                acc, m_i, l_i, q, start_n, False, offs_m, K, V, Mask, k_base, v_base, mask_base,
+                skn, skd, svn, svd, smm, smn, Lq, Lk, scale, diag, wl, wr, pid_bh, seed_lo, seed_hi,
+                rng_offset, p_drop, E, Ev, BLOCK_N, BLOCK_D, BLOCK_DV, 0, WINDOWED, DOT, DROPOUT)
+    else:
+        rec = Blocks + b * sbb + h * sbh + (start_m // SUM_M) * sbr
+        for t in range(0, tl.load(rec)):
+            e = tl.load(rec + 1 + t)
+            for sub in tl.static_range(SUM_N // BLOCK_N):
+                acc, m_i, l_i = _fwd_tile(
+                    acc, m_i, l_i, q, (e >> 1) * SUM_N + sub * BLOCK_N, (e & 1) != 0, offs_m, K, V, Mask,
+                    k_base, v_base, mask_base, skn, skd, svn, svd, smm, smn, Lq, Lk, scale, diag, wl, wr,
+                    pid_bh, seed_lo, seed_hi, rng_offset, p_drop, E, Ev, BLOCK_N, BLOCK_D, BLOCK_DV,
+                    MASK_KIND, WINDOWED, DOT, DROPOUT)
     alive = l_i > 0
     out = acc / tl.where(alive, l_i, 1.0)[:, None]  # fully masked rows: 0
     tl.store(Out + b * sob + h * soh + offs_m[:, None] * som + offs_dv[None, :] * sod,
@@ -149,14 +210,46 @@ def _fwd_kernel(Q, K, V, Mask, Out, Lse,
 
 
 @triton.jit
-def _bwd_rows_kernel(Q, K, V, Mask, DO, Lse, DLse, Delta, DQ,
+def _rows_tile(dq, delta_acc, q, do, lse, delta, start_n, need, offs_m, K, V, Mask, k_base, v_base,
+               mask_base, skn, skd, svn, svd, smm, smn, Lq, Lk, scale, diag, wl, wr, bh,
+               seed_lo, seed_hi, rng_offset, p_drop, E: tl.constexpr, Ev: tl.constexpr,
+               BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+               MASK_KIND: tl.constexpr, WINDOWED: tl.constexpr, DOT: tl.constexpr,
+               DROPOUT: tl.constexpr, DELTA_PASS: tl.constexpr):
+    """One key tile of the row-wise backward: delta_acc (DELTA_PASS) or dq updated."""
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    k = tl.load(K + k_base + offs_n[:, None] * skn + offs_d[None, :] * skd,
+                mask=(offs_n[:, None] < Lk) & (offs_d[None, :] < E), other=0.0)
+    v = tl.load(V + v_base + offs_n[:, None] * svn + offs_dv[None, :] * svd,
+                mask=(offs_n[:, None] < Lk) & (offs_dv[None, :] < Ev), other=0.0)
+    s = _dot(q, tl.trans(k), DOT) * scale
+    s = _mask_scores(s, offs_m, offs_n, Mask, mask_base, smm, smn, Lq, Lk, diag, wl, wr, need,
+                     MASK_KIND, WINDOWED)
+    p = tl.exp(s - lse[:, None])  # masked: exp(-inf) = 0; dead rows have lse = +inf
+    dp = _dot(do, tl.trans(v), DOT)
+    if DROPOUT:
+        dp = dp * _dropout_scale(offs_m, offs_n, Lk, bh, seed_lo, seed_hi, rng_offset, p_drop)
+    if DELTA_PASS:
+        delta_acc += tl.sum(p * dp, 1)
+    else:
+        ds = p * (dp - delta[:, None])
+        dq += _dot(ds.to(k.dtype), k, DOT)
+    return dq, delta_acc
+
+
+@triton.jit
+def _bwd_rows_kernel(Q, K, V, Mask, Blocks, DO, Lse, DLse, Delta, DQ,
                      sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
-                     smb, smh, smm, smn, sdb, sdh, sdm, sdd,
+                     smb, smh, smm, smn, sbb, sbh, sbr, sdb, sdh, sdm, sdd,
                      Hq, Lq, Lk, group, scale, diag, wl, wr, seed_lo, seed_hi, rng_offset, p_drop,
+                     ARCH, LQ_KEY, LK_KEY,
                      E: tl.constexpr, Ev: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, MASK_KIND: tl.constexpr,
-                     WINDOWED: tl.constexpr, DOT: tl.constexpr, HAS_DLSE: tl.constexpr,
-                     DROPOUT: tl.constexpr, DELTA_PASS: tl.constexpr):
+                     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, SUM_M: tl.constexpr,
+                     SUM_N: tl.constexpr, MASK_KIND: tl.constexpr, WINDOWED: tl.constexpr,
+                     DOT: tl.constexpr, HAS_DLSE: tl.constexpr, DROPOUT: tl.constexpr,
+                     DELTA_PASS: tl.constexpr):
     # One program per (query block, batch * q head), launched twice:
     #   DELTA_PASS: delta = rowsum(P * dP) - dlse;
     #   else:       dQ = scale * sum_tiles (P * (dP - delta)) K.
@@ -184,30 +277,33 @@ def _bwd_rows_kernel(Q, K, V, Mask, DO, Lse, DLse, Delta, DQ,
         delta = tl.zeros([BLOCK_M], tl.float32)
     else:
         delta = tl.load(Delta + pid_bh * Lq + offs_m, mask=offs_m < Lq, other=0.0)
+    delta_acc = tl.zeros([BLOCK_M], tl.float32)
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    lo, hi = _kv_range(start_m, BLOCK_M, BLOCK_N, Lk, diag, wl, wr, WINDOWED)
-    for start_n in range(lo, hi, BLOCK_N):
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        k = tl.load(K + b * skb + hk * skh + offs_n[:, None] * skn + offs_d[None, :] * skd,
-                    mask=(offs_n[:, None] < Lk) & (offs_d[None, :] < E), other=0.0)
-        v = tl.load(V + b * svb + hk * svh + offs_n[:, None] * svn + offs_dv[None, :] * svd,
-                    mask=(offs_n[:, None] < Lk) & (offs_dv[None, :] < Ev), other=0.0)
-        s = _dot(q, tl.trans(k), DOT) * scale
-        s = _mask_scores(s, offs_m, offs_n, Mask, b * smb + h * smh, smm, smn, Lq, Lk, diag, wl, wr,
-                         MASK_KIND, WINDOWED)
-        p = tl.exp(s - lse[:, None])  # masked: exp(-inf) = 0; dead rows have lse = +inf
-        dp = _dot(do, tl.trans(v), DOT)
-        if DROPOUT:
-            dp = dp * _dropout_scale(offs_m, offs_n, Lk, pid_bh, seed_lo, seed_hi, rng_offset, p_drop)
-        if DELTA_PASS:
-            delta += tl.sum(p * dp, 1)
-        else:
-            ds = p * (dp - delta[:, None])
-            dq += _dot(ds.to(k.dtype), k, DOT)
+    k_base = b * skb + hk * skh
+    v_base = b * svb + hk * svh
+    mask_base = b * smb + h * smh
+    if MASK_KIND == 0:
+        lo, hi = _kv_range(start_m, BLOCK_M, BLOCK_N, Lk, diag, wl, wr, WINDOWED)
+        for start_n in range(lo, hi, BLOCK_N):
+            dq, delta_acc = _rows_tile(
+                dq, delta_acc, q, do, lse, delta, start_n, False, offs_m, K, V, Mask, k_base, v_base,
+                mask_base, skn, skd, svn, svd, smm, smn, Lq, Lk, scale, diag, wl, wr, pid_bh,
+                seed_lo, seed_hi, rng_offset, p_drop, E, Ev, BLOCK_N, BLOCK_D, BLOCK_DV, 0,
+                WINDOWED, DOT, DROPOUT, DELTA_PASS)
+    else:
+        rec = Blocks + b * sbb + h * sbh + (start_m // SUM_M) * sbr
+        for t in range(0, tl.load(rec)):
+            e = tl.load(rec + 1 + t)
+            for sub in tl.static_range(SUM_N // BLOCK_N):
+                dq, delta_acc = _rows_tile(
+                    dq, delta_acc, q, do, lse, delta, (e >> 1) * SUM_N + sub * BLOCK_N, (e & 1) != 0,
+                    offs_m, K, V, Mask, k_base, v_base, mask_base, skn, skd, svn, svd, smm, smn, Lq, Lk,
+                    scale, diag, wl, wr, pid_bh, seed_lo, seed_hi, rng_offset, p_drop, E, Ev, BLOCK_N,
+                    BLOCK_D, BLOCK_DV, MASK_KIND, WINDOWED, DOT, DROPOUT, DELTA_PASS)
     if DELTA_PASS:
         if HAS_DLSE:  # d lse / d s = P: a gradient on lse only shifts delta
-            delta -= tl.load(DLse + pid_bh * Lq + offs_m, mask=offs_m < Lq, other=0.0)
-        tl.store(Delta + pid_bh * Lq + offs_m, delta, mask=offs_m < Lq)
+            delta_acc -= tl.load(DLse + pid_bh * Lq + offs_m, mask=offs_m < Lq, other=0.0)
+        tl.store(Delta + pid_bh * Lq + offs_m, delta_acc, mask=offs_m < Lq)
     else:
         dq = dq * scale
         tl.store(DQ + (pid_bh * Lq + offs_m[:, None]) * E + offs_d[None, :], dq.to(DQ.dtype.element_ty),
@@ -215,14 +311,53 @@ def _bwd_rows_kernel(Q, K, V, Mask, DO, Lse, DLse, Delta, DQ,
 
 
 @triton.jit
-def _bwd_dkdv_kernel(Q, K, V, Mask, DO, Lse, Delta, DK, DV, DMask,
+def _dkdv_tile(dk, dv, k, v, start_m, need, offs_n, h, bh, b, Q, DO, Lse, Delta, Mask, DMask,
+               sqb, sqh, sqm, sqd, sdb, sdh, sdm, sdd, smb, smh, smm, smn,
+               Lq, Lk, scale, diag, wl, wr, seed_lo, seed_hi, rng_offset, p_drop,
+               E: tl.constexpr, Ev: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+               BLOCK_DV: tl.constexpr, MASK_KIND: tl.constexpr, WINDOWED: tl.constexpr,
+               MASK_GRAD: tl.constexpr, DOT: tl.constexpr, DROPOUT: tl.constexpr):
+    """One query tile of head h against the program's key block: (dk, dv) updated;
+    the float-mask gradient dS of the tile is stored."""
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqm + offs_d[None, :] * sqd,
+                mask=(offs_m[:, None] < Lq) & (offs_d[None, :] < E), other=0.0)
+    do = tl.load(DO + b * sdb + h * sdh + offs_m[:, None] * sdm + offs_dv[None, :] * sdd,
+                 mask=(offs_m[:, None] < Lq) & (offs_dv[None, :] < Ev), other=0.0)
+    lse = tl.load(Lse + bh * Lq + offs_m, mask=offs_m < Lq, other=float("inf"))
+    lse = tl.where(lse == float("-inf"), float("inf"), lse)  # dead rows: P = 0
+    delta = tl.load(Delta + bh * Lq + offs_m, mask=offs_m < Lq, other=0.0)
+    s = _dot(q, tl.trans(k), DOT) * scale
+    s = _mask_scores(s, offs_m, offs_n, Mask, b * smb + h * smh, smm, smn, Lq, Lk, diag, wl, wr,
+                     need, MASK_KIND, WINDOWED)
+    p = tl.exp(s - lse[:, None])  # (M, N); rows past Lq have lse = +inf: p = 0
+    if DROPOUT:
+        z = _dropout_scale(offs_m, offs_n, Lk, bh, seed_lo, seed_hi, rng_offset, p_drop)
+        dv += _dot(tl.trans(p * z).to(do.dtype), do, DOT)
+        dp = _dot(do, tl.trans(v), DOT) * z
+    else:
+        dv += _dot(tl.trans(p).to(do.dtype), do, DOT)
+        dp = _dot(do, tl.trans(v), DOT)
+    ds = p * (dp - delta[:, None])
+    if MASK_GRAD:
+        tl.store(DMask + bh * Lq * Lk + offs_m[:, None] * Lk + offs_n[None, :], ds,
+                 mask=(offs_m[:, None] < Lq) & (offs_n[None, :] < Lk))
+    dk += _dot(tl.trans(ds).to(q.dtype), q, DOT)
+    return dk, dv
+
+
+@triton.jit
+def _bwd_dkdv_kernel(Q, K, V, Mask, BlocksT, DO, Lse, Delta, DK, DV, DMask,
                      sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
-                     smb, smh, smm, smn, sdb, sdh, sdm, sdd,
+                     smb, smh, smm, smn, sbb, sbh, sbr, sdb, sdh, sdm, sdd,
                      Hq, Hkv, Lq, Lk, group, scale, diag, wl, wr, seed_lo, seed_hi, rng_offset, p_drop,
+                     ARCH, LQ_KEY, LK_KEY,
                      E: tl.constexpr, Ev: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, MASK_KIND: tl.constexpr,
-                     WINDOWED: tl.constexpr, MASK_GRAD: tl.constexpr, DOT: tl.constexpr,
-                     DROPOUT: tl.constexpr):
+                     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, SUM_M: tl.constexpr,
+                     SUM_N: tl.constexpr, MASK_KIND: tl.constexpr, WINDOWED: tl.constexpr,
+                     MASK_GRAD: tl.constexpr, DOT: tl.constexpr, DROPOUT: tl.constexpr):
     # One program per (key block, batch * kv head): it owns that dK/dV block and
     # walks the query blocks of every q head of its GQA group.
     pid_n = tl.program_id(0)
@@ -239,43 +374,27 @@ def _bwd_dkdv_kernel(Q, K, V, Mask, DO, Lse, Delta, DK, DV, DMask,
                 mask=(offs_n[:, None] < Lk) & (offs_dv[None, :] < Ev), other=0.0)  # (N, DV)
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_DV], tl.float32)
-    # Query rows that can see this key block.
-    lo = 0
-    hi = Lq
-    if WINDOWED:
-        if wr >= 0:
-            lo = tl.maximum(start_n - diag - wr, 0)
-            lo = (lo // BLOCK_M) * BLOCK_M
-        if wl >= 0:
-            hi = tl.minimum(start_n + BLOCK_N - 1 - diag + wl + 1, Lq)
+    lo, hi = _q_range(start_n, BLOCK_M, BLOCK_N, Lq, diag, wl, wr, WINDOWED)
     for g in range(0, group):
         h = hk * group + g
         bh = b * Hq + h
-        for start_m in range(lo, hi, BLOCK_M):
-            offs_m = start_m + tl.arange(0, BLOCK_M)
-            q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqm + offs_d[None, :] * sqd,
-                        mask=(offs_m[:, None] < Lq) & (offs_d[None, :] < E), other=0.0)
-            do = tl.load(DO + b * sdb + h * sdh + offs_m[:, None] * sdm + offs_dv[None, :] * sdd,
-                         mask=(offs_m[:, None] < Lq) & (offs_dv[None, :] < Ev), other=0.0)
-            lse = tl.load(Lse + bh * Lq + offs_m, mask=offs_m < Lq, other=float("inf"))
-            lse = tl.where(lse == float("-inf"), float("inf"), lse)  # dead rows: P = 0
-            delta = tl.load(Delta + bh * Lq + offs_m, mask=offs_m < Lq, other=0.0)
-            s = _dot(q, tl.trans(k), DOT) * scale
-            s = _mask_scores(s, offs_m, offs_n, Mask, b * smb + h * smh, smm, smn, Lq, Lk, diag, wl, wr,
-                             MASK_KIND, WINDOWED)
-            p = tl.exp(s - lse[:, None])  # (M, N); rows past Lq have lse = +inf: p = 0
-            if DROPOUT:
-                z = _dropout_scale(offs_m, offs_n, Lk, bh, seed_lo, seed_hi, rng_offset, p_drop)
-                dv += _dot(tl.trans(p * z).to(do.dtype), do, DOT)
-                dp = _dot(do, tl.trans(v), DOT) * z
-            else:
-                dv += _dot(tl.trans(p).to(do.dtype), do, DOT)
-                dp = _dot(do, tl.trans(v), DOT)
-            ds = p * (dp - delta[:, None])
-            if MASK_GRAD:
-                tl.store(DMask + bh * Lq * Lk + offs_m[:, None] * Lk + offs_n[None, :], ds,
-                         mask=(offs_m[:, None] < Lq) & (offs_n[None, :] < Lk))
-            dk += _dot(tl.trans(ds).to(q.dtype), q, DOT)
+        if MASK_KIND == 0:
+            for start_m in range(lo, hi, BLOCK_M):
+                dk, dv = _dkdv_tile(
+                    dk, dv, k, v, start_m, False, offs_n, h, bh, b, Q, DO, Lse, Delta, Mask, DMask,
+                    sqb, sqh, sqm, sqd, sdb, sdh, sdm, sdd, smb, smh, smm, smn, Lq, Lk, scale, diag,
+                    wl, wr, seed_lo, seed_hi, rng_offset, p_drop, E, Ev, BLOCK_M, BLOCK_D, BLOCK_DV,
+                    0, WINDOWED, MASK_GRAD, DOT, DROPOUT)
+        else:
+            rec = BlocksT + b * sbb + h * sbh + (start_n // SUM_N) * sbr
+            for t in range(0, tl.load(rec)):
+                e = tl.load(rec + 1 + t)
+                for sub in tl.static_range(SUM_M // BLOCK_M):
+                    dk, dv = _dkdv_tile(
+                        dk, dv, k, v, (e >> 1) * SUM_M + sub * BLOCK_M, (e & 1) != 0, offs_n, h, bh, b, Q,
+                        DO, Lse, Delta, Mask, DMask, sqb, sqh, sqm, sqd, sdb, sdh, sdm, sdd, smb, smh,
+                        smm, smn, Lq, Lk, scale, diag, wl, wr, seed_lo, seed_hi, rng_offset, p_drop, E,
+                        Ev, BLOCK_M, BLOCK_D, BLOCK_DV, MASK_KIND, WINDOWED, MASK_GRAD, DOT, DROPOUT)
     dk = dk * scale
     base = (b * Hkv + hk) * Lk
     tl.store(DK + (base + offs_n[:, None]) * E + offs_d[None, :], dk.to(DK.dtype.element_ty),
@@ -285,45 +404,253 @@ def _bwd_dkdv_kernel(Q, K, V, Mask, DO, Lse, Delta, DK, DV, DMask,
 
 
 # ---------------------------------------------------------------------------
-# Launchers: shapes, grids, block sizes.
+# Block lists of a mask (see the comment above _fwd_tile).
 # ---------------------------------------------------------------------------
-def _blocks(E, Ev):
-    bd = max(16, triton.next_power_of_2(E))
-    bdv = max(16, triton.next_power_of_2(Ev))
-    bm = 64
-    bn = 64 if max(bd, bdv) <= 128 else 32
-    return bm, bn, bd, bdv
+def _cells_any(x, cm, cn):
+    """x (Bm, Hm, R, C) bool -> any() over cm x cn cells, ragged edges included.
+    A dimension of size 1 stands for a broadcast one and gets one cell."""
+    import torch
+
+    Bm, Hm, R, C = x.shape
+    cm = 1 if R == 1 else cm
+    cn = 1 if C == 1 else cn
+    nr, nc = triton.cdiv(R, cm), triton.cdiv(C, cn)
+    x = x.to(torch.uint8)
+    if nr * cm != R or nc * cn != C:
+        x = torch.nn.functional.pad(x, (0, nc * cn - C, 0, nr * cm - R))
+    return x.view(Bm, Hm, nr, cm, nc, cn).amax(dim=(3, 5)) != 0
+
+
+def _band_cells(nr, nc, cm, cn, Lq, Lk, diag, wl, wr, device):
+    """(nr, nc) bool: cell (r, c) has some (i, j), i < Lq, j < Lk, with
+    -wl <= j - (i + diag) <= wr (a negative bound is no bound)."""
+    import torch
+
+    r0 = torch.arange(nr, device=device) * cm
+    c0 = torch.arange(nc, device=device) * cn
+    r1 = torch.clamp(r0 + cm - 1, max=Lq - 1)
+    c1 = torch.clamp(c0 + cn - 1, max=Lk - 1)
+    ok = torch.ones((nr, nc), dtype=torch.bool, device=device)
+    if wl >= 0:  # the largest j - i in the cell reaches the band's left edge
+        ok &= (c1[None, :] - r0[:, None]) >= diag - wl
+    if wr >= 0:
+        ok &= (c0[None, :] - r1[:, None]) <= diag + wr
+    return ok
+
+
+def _records(vis, need):
+    """(..., n) bool -> (..., n + 1) int32 records [count, 2 * index + need ...]
+    of the visible cells, in index order."""
+    import torch
+
+    count = vis.sum(-1, dtype=torch.int32)
+    code = torch.arange(vis.shape[-1], device=vis.device, dtype=torch.int32) * 2 + need.to(torch.int32)
+    order = torch.argsort((~vis).to(torch.uint8), dim=-1, stable=True)
+    return torch.cat([count[..., None], torch.gather(code.expand_as(order), -1, order)], dim=-1)
+
+
+def mask_block_lists(mask, cm, cn, diag=0, window_left=-1, window_right=-1):
+    """Block lists of `mask` (B, H, Lq, Lk), a bool or float mask, expanded with
+    stride 0 where it broadcasts, for cells of cm queries x cn keys: returns
+    (lists, lists_t), int32 of shapes (B, H, R, C + 1) and (B, H, C, R + 1) with
+    R = cdiv(Lq, cm), C = cdiv(Lk, cn), stride 0 over broadcast batch/heads.
+    lists[b, h, r] = [n, 2 * c + need ...] over the key columns c that row r
+    visits, need = 1 where the mask must be read (the cell has a hidden element
+    or, for a float mask, a nonzero one); lists_t the same per key column over
+    query rows.  Cells the mask hides entirely (bool all False, float all -inf)
+    or that do not meet the causal/window band are not listed.  The mask is read
+    once, at its own (unexpanded) extent."""
+    import torch
+
+    B, H, Lq, Lk = mask.shape
+    own = mask[tuple(slice(0, 1) if st == 0 else slice(None) for st in mask.stride())]
+    if mask.dtype == torch.bool:
+        vis, need = own, ~own
+    else:
+        vis, need = own != float("-inf"), own != 0
+    nr, nc = triton.cdiv(Lq, cm), triton.cdiv(Lk, cn)
+    Bm, Hm = own.shape[:2]
+    vis = _cells_any(vis, cm, cn).expand(Bm, Hm, nr, nc)
+    need = _cells_any(need, cm, cn).expand(Bm, Hm, nr, nc)
+    if window_left >= 0 or window_right >= 0:
+        vis = vis & _band_cells(nr, nc, cm, cn, Lq, Lk, diag, window_left, window_right, mask.device)
+    lists = _records(vis, need)
+    lists_t = _records(vis.transpose(-1, -2), need.transpose(-1, -2))
+    return lists.expand(B, H, -1, -1), lists_t.expand(B, H, -1, -1)
+
+
+# ---------------------------------------------------------------------------
+# Tile shapes: fixed under the interpreter, autotuned on GPUs.
+# ---------------------------------------------------------------------------
+# Cells of the mask block lists: every kernel tile fits in one (BLOCK_M <= SUM_M,
+# BLOCK_N <= SUM_N, powers of two).  The interpreter uses small cells and tiles
+# so that the CI shapes span several cells and walk a cell in sub-tiles.
+GPU_CELL = (128, 128)
+INTERP_CELL = (64, 64)
+INTERP_TILE = (32, 32)
+
+# (BLOCK_M, BLOCK_N, num_warps, num_stages) per kernel, GPU class and head-dim
+# class (the padded max(E, Ev)).  BLOCK_M is the query tile and BLOCK_N the key
+# tile in all three kernels.  "sm90": H100/H200/B200 (227 KiB shared memory);
+# "sm80": A100 (163 KiB); "small": everything else (~100 KiB: sm86/89/120).
+# Every entry is compile-checked for sm80 and sm90 (shared memory within the
+# device limit, no register spills) by triton_kernels/compile_check.py.
+TUNING = {
+    "fwd": {
+        "sm90": {64: [(128, 128, 8, 3), (128, 64, 4, 3), (64, 64, 4, 4)],
+                 128: [(128, 128, 8, 3), (128, 64, 8, 3), (128, 64, 4, 3)],
+                 256: [(128, 64, 8, 2), (64, 64, 4, 2), (64, 32, 4, 3)]},
+        "sm80": {64: [(128, 64, 4, 3), (128, 128, 8, 3), (64, 64, 4, 3)],
+                 128: [(128, 64, 4, 3), (128, 64, 8, 3), (128, 32, 4, 3)],
+                 256: [(64, 64, 4, 2), (64, 32, 4, 2), (128, 32, 8, 2)]},
+        "small": {64: [(64, 64, 4, 2), (128, 64, 4, 2)],
+                  128: [(64, 64, 4, 2), (128, 32, 4, 2)],
+                  256: [(64, 32, 4, 1), (32, 32, 4, 1)]},
+    },
+    "rows": {
+        "sm90": {64: [(128, 64, 8, 3), (64, 64, 4, 3), (128, 128, 8, 2)],
+                 128: [(128, 64, 8, 2), (64, 64, 4, 3), (128, 32, 4, 3)],
+                 256: [(64, 32, 4, 2), (64, 64, 8, 2), (32, 64, 4, 2)]},
+        "sm80": {64: [(128, 64, 8, 2), (64, 64, 4, 3)],
+                 128: [(64, 64, 4, 2), (128, 32, 4, 2), (128, 64, 8, 2)],
+                 256: [(64, 32, 4, 2), (32, 64, 4, 2)]},
+        "small": {64: [(64, 64, 4, 2)], 128: [(64, 32, 4, 2)], 256: [(32, 32, 4, 1)]},
+    },
+    "dkdv": {
+        "sm90": {64: [(64, 128, 8, 3), (32, 128, 4, 3), (64, 64, 4, 3)],
+                 128: [(64, 128, 8, 2), (32, 128, 4, 3), (64, 64, 4, 3)],
+                 256: [(32, 64, 4, 2), (64, 64, 8, 2), (32, 32, 4, 2)]},
+        "sm80": {64: [(64, 128, 8, 2), (32, 128, 4, 3), (64, 64, 4, 3)],
+                 128: [(32, 128, 4, 2), (64, 64, 4, 2), (64, 128, 8, 2)],
+                 256: [(32, 64, 4, 2), (32, 32, 4, 2)]},
+        "small": {64: [(64, 64, 4, 2)], 128: [(32, 64, 4, 2)], 256: [(32, 32, 4, 1)]},
+    },
+}
+AUTOTUNE_ENV = "ATTNFAST_TRITON_AUTOTUNE"  # "0": take the first fitting config, no timing
+
+
+def gpu_class(arch):
+    """Tuning class of a compute capability given as major * 10 + minor."""
+    if arch in (90, 100, 103):
+        return "sm90"
+    if arch in (80, 87):
+        return "sm80"
+    return "small"
+
+
+def head_class(block_d, block_dv):
+    d = max(block_d, block_dv)
+    return 64 if d <= 64 else 128 if d <= 128 else 256
+
+
+def _config_tuple(c):
+    return (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages)
+
+
+def select_configs(kind, configs, args):
+    """The autotuner's early prune: the configs of this GPU class and head-dim
+    class, without tiles longer than the padded sequence where a shorter one is
+    listed; with ATTNFAST_TRITON_AUTOTUNE=0 only the first."""
+    import os
+
+    table = TUNING[kind][gpu_class(args["ARCH"])][head_class(args["BLOCK_D"], args["BLOCK_DV"])]
+    keep = [c for c in configs if _config_tuple(c) in table]
+    keep.sort(key=lambda c: table.index(_config_tuple(c)))
+    lq, lk = triton.next_power_of_2(args["Lq"]), triton.next_power_of_2(args["Lk"])
+    short = [c for c in keep if c.kwargs["BLOCK_M"] <= max(lq, 32) and c.kwargs["BLOCK_N"] <= max(lk, 32)]
+    keep = short or keep
+    if os.environ.get(AUTOTUNE_ENV, "1") == "0":
+        keep = keep[:1]
+    return keep
+
+
+def _prune_fwd(configs, named_args, **kwargs):
+    return select_configs("fwd", configs, {**named_args, **kwargs})
+
+
+def _prune_rows(configs, named_args, **kwargs):
+    return select_configs("rows", configs, {**named_args, **kwargs})
+
+
+def _prune_dkdv(configs, named_args, **kwargs):
+    return select_configs("dkdv", configs, {**named_args, **kwargs})
+
+
+def _all_configs(kind):
+    seen = sorted({t for per_gpu in TUNING[kind].values() for per_d in per_gpu.values() for t in per_d})
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s) for bm, bn, w, s in seen]
+
+
+_KEY = ["ARCH", "LQ_KEY", "LK_KEY", "group", "E", "Ev", "MASK_KIND", "WINDOWED", "DOT", "DROPOUT"]
+_fwd_tuned = triton.autotune(_all_configs("fwd"), key=_KEY,
+                             prune_configs_by={"early_config_prune": _prune_fwd})(_fwd_kernel)
+_rows_tuned = triton.autotune(_all_configs("rows"), key=_KEY + ["HAS_DLSE", "DELTA_PASS"],
+                              prune_configs_by={"early_config_prune": _prune_rows})(_bwd_rows_kernel)
+_dkdv_tuned = triton.autotune(_all_configs("dkdv"), key=_KEY + ["MASK_GRAD"],
+                              prune_configs_by={"early_config_prune": _prune_dkdv})(_bwd_dkdv_kernel)
+
+
+def _interpreting():
+    import os
+
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _length_key(n):
+    return min(triton.next_power_of_2(max(n, 1)), 1 << 16)
+
+
+class _Launch:
+    """Kernel choice and the arguments every kernel takes: autotuned kernels and
+    cell (128, 128) on GPUs, fixed tiles and small cells under the interpreter."""
+
+    def __init__(self, q, k, v, mask, window_left, window_right, bottom_right, dropout_p, seed, offset):
+        import torch
+
+        self.B, self.Hq, self.Lq, E = q.shape
+        self.Hkv, self.Lk, Ev = k.shape[1], k.shape[2], v.shape[3]
+        self.diag = self.Lk - self.Lq if bottom_right else 0
+        self.interp = _interpreting()
+        self.cell = INTERP_CELL if self.interp else GPU_CELL
+        if self.interp or q.device.type != "cuda":
+            arch = 0
+        else:
+            major, minor = torch.cuda.get_device_capability(q.device)
+            arch = major * 10 + minor
+        self.keys = (arch, _length_key(self.Lq), _length_key(self.Lk))
+        if mask is None:
+            self.mask, self.mask_strides, kind = q, (0, 0, 0, 0), MASK_NONE
+            empty = torch.zeros((1,), dtype=torch.int32, device=q.device)  # not read
+            self.lists = self.lists_t = empty
+            self.list_strides = self.list_t_strides = (0, 0, 0)
+        else:
+            kind = MASK_FLOAT if mask.dtype.is_floating_point else MASK_BOOL
+            self.mask, self.mask_strides = mask, tuple(mask.stride())
+            self.lists, self.lists_t = mask_block_lists(mask, *self.cell, self.diag, window_left, window_right)
+            self.list_strides = tuple(self.lists.stride()[:3])
+            self.list_t_strides = tuple(self.lists_t.stride()[:3])
+        self.rng = (seed & 0xFFFFFFFF, (seed >> 32) & 0xFFFFFFFF, offset & 0xFFFFFFFF, float(dropout_p))
+        self.meta = dict(E=E, Ev=Ev, BLOCK_D=max(16, triton.next_power_of_2(E)),
+                         BLOCK_DV=max(16, triton.next_power_of_2(Ev)), SUM_M=self.cell[0], SUM_N=self.cell[1],
+                         MASK_KIND=kind, WINDOWED=window_left >= 0 or window_right >= 0,
+                         DOT=_dot_mode(q.dtype), DROPOUT=dropout_p > 0)
+        self.window = (window_left, window_right)
+
+    def kernel(self, plain, tuned):
+        """(kernel, extra meta): the fixed-tile kernel under the interpreter."""
+        if self.interp:
+            return plain, dict(BLOCK_M=INTERP_TILE[0], BLOCK_N=INTERP_TILE[1])
+        return tuned, {}
 
 
 def _dot_mode(dtype):
-    import os
-
     import torch
 
     if dtype == torch.float32:
         return DOT_IEEE
-    if dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET", "0") == "1":
+    if dtype == torch.bfloat16 and _interpreting():
         return DOT_UPCAST
     return DOT_NATIVE
-
-
-def _mask_args(mask, q):
-    if mask is None:
-        return q, (0, 0, 0, 0), MASK_NONE
-    kind = MASK_BOOL if mask.dtype.is_floating_point is False else MASK_FLOAT
-    return mask, tuple(mask.stride()), kind
-
-
-def _common(q, k, v, window_left, window_right, bottom_right):
-    B, Hq, Lq, E = q.shape
-    Hkv, Lk, Ev = k.shape[1], k.shape[2], v.shape[3]
-    diag = Lk - Lq if bottom_right else 0
-    windowed = window_left >= 0 or window_right >= 0
-    return B, Hq, Hkv, Lq, Lk, E, Ev, diag, windowed
-
-
-def _rng_args(dropout_p, seed, offset):
-    return (seed & 0xFFFFFFFF, (seed >> 32) & 0xFFFFFFFF, offset & 0xFFFFFFFF, float(dropout_p))
 
 
 def attention_fwd(q, k, v, mask, scale, window_left, window_right, bottom_right, dropout_p=0.0, seed=0,
@@ -331,18 +658,16 @@ def attention_fwd(q, k, v, mask, scale, window_left, window_right, bottom_right,
     """(out, lse): out (B, Hq, Lq, Ev) contiguous, lse (B, Hq, Lq) float32."""
     import torch
 
-    launch = launch or (lambda kern: kern)
-    B, Hq, Hkv, Lq, Lk, E, Ev, diag, windowed = _common(q, k, v, window_left, window_right, bottom_right)
-    out = torch.empty((B, Hq, Lq, Ev), dtype=q.dtype, device=q.device)
-    lse = torch.empty((B, Hq, Lq), dtype=torch.float32, device=q.device)
-    bm, bn, bd, bdv = _blocks(E, Ev)
-    m, mst, kind = _mask_args(mask, q)
-    grid = (triton.cdiv(Lq, bm), B * Hq)
-    launch(_fwd_kernel)[grid](
-        q, k, v, m, out, lse, *q.stride(), *k.stride(), *v.stride(), *mst, *out.stride(),
-        Hq, Lq, Lk, Hq // Hkv, scale, diag, window_left, window_right, *_rng_args(dropout_p, seed, offset),
-        E=E, Ev=Ev, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, BLOCK_DV=bdv, MASK_KIND=kind,
-        WINDOWED=windowed, DOT=_dot_mode(q.dtype), DROPOUT=dropout_p > 0)
+    wrap = launch or (lambda kern: kern)
+    L = _Launch(q, k, v, mask, window_left, window_right, bottom_right, dropout_p, seed, offset)
+    out = torch.empty((L.B, L.Hq, L.Lq, v.shape[3]), dtype=q.dtype, device=q.device)
+    lse = torch.empty((L.B, L.Hq, L.Lq), dtype=torch.float32, device=q.device)
+    kern, extra = L.kernel(_fwd_kernel, _fwd_tuned)
+    grid = lambda meta: (triton.cdiv(L.Lq, meta["BLOCK_M"]), L.B * L.Hq)  # noqa: E731
+    wrap(kern)[grid](
+        q, k, v, L.mask, L.lists, out, lse, *q.stride(), *k.stride(), *v.stride(), *L.mask_strides,
+        *L.list_strides, *out.stride(), L.Hq, L.Lq, L.Lk, L.Hq // L.Hkv, scale, L.diag, *L.window, *L.rng,
+        *L.keys, **L.meta, **extra)
     return out, lse
 
 
@@ -351,35 +676,32 @@ def attention_bwd(dout, q, k, v, out, lse, dlse, mask, scale, window_left, windo
     """(dq, dk, dv, dmask): contiguous; dmask (B, Hq, Lq, Lk) float32 or empty."""
     import torch
 
-    launch = launch or (lambda kern: kern)
-    B, Hq, Hkv, Lq, Lk, E, Ev, diag, windowed = _common(q, k, v, window_left, window_right, bottom_right)
-    bm, bn, bd, bdv = _blocks(E, Ev)
-    m, mst, kind = _mask_args(mask, q)
+    wrap = launch or (lambda kern: kern)
+    L = _Launch(q, k, v, mask, window_left, window_right, bottom_right, dropout_p, seed, offset)
+    B, Hq, Hkv, Lq, Lk = L.B, L.Hq, L.Hkv, L.Lq, L.Lk
     delta = torch.empty((B, Hq, Lq), dtype=torch.float32, device=q.device)
-    dot = _dot_mode(q.dtype)
-    rng = _rng_args(dropout_p, seed, offset)
-    dq = torch.empty((B, Hq, Lq, E), dtype=q.dtype, device=q.device)
-    dk = torch.empty((B, Hkv, Lk, E), dtype=q.dtype, device=q.device)
-    dv = torch.empty((B, Hkv, Lk, Ev), dtype=q.dtype, device=q.device)
+    dq = torch.empty_like(q, memory_format=torch.contiguous_format)
+    dk = torch.empty((B, Hkv, Lk, k.shape[3]), dtype=q.dtype, device=q.device)
+    dv = torch.empty((B, Hkv, Lk, v.shape[3]), dtype=q.dtype, device=q.device)
     dmask = (torch.zeros((B, Hq, Lq, Lk), dtype=torch.float32, device=q.device) if mask_grad
              else torch.empty((0,), dtype=torch.float32, device=q.device))
     dlse_arg = dlse.contiguous() if dlse is not None else lse
+    common = (*q.stride(), *k.stride(), *v.stride(), *L.mask_strides)
+
+    rows, rows_extra = L.kernel(_bwd_rows_kernel, _rows_tuned)
+    rows_grid = lambda meta: (triton.cdiv(Lq, meta["BLOCK_M"]), B * Hq)  # noqa: E731
 
     def rows_pass(delta_pass):
-        launch(_bwd_rows_kernel)[(triton.cdiv(Lq, bm), B * Hq)](
-            q, k, v, m, dout, lse, dlse_arg, delta, dq,
-            *q.stride(), *k.stride(), *v.stride(), *mst, *dout.stride(),
-            Hq, Lq, Lk, Hq // Hkv, scale, diag, window_left, window_right, *rng,
-            E=E, Ev=Ev, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, BLOCK_DV=bdv, MASK_KIND=kind,
-            WINDOWED=windowed, DOT=dot, HAS_DLSE=dlse is not None, DROPOUT=dropout_p > 0,
-            DELTA_PASS=delta_pass)
+        wrap(rows)[rows_grid](
+            q, k, v, L.mask, L.lists, dout, lse, dlse_arg, delta, dq, *common, *L.list_strides,
+            *dout.stride(), Hq, Lq, Lk, Hq // Hkv, scale, L.diag, *L.window, *L.rng, *L.keys,
+            **L.meta, **rows_extra, HAS_DLSE=dlse is not None, DELTA_PASS=delta_pass)
 
     rows_pass(True)
-    launch(_bwd_dkdv_kernel)[(triton.cdiv(Lk, bn), B * Hkv)](
-        q, k, v, m, dout, lse, delta, dk, dv, dmask if mask_grad else delta,
-        *q.stride(), *k.stride(), *v.stride(), *mst, *dout.stride(),
-        Hq, Hkv, Lq, Lk, Hq // Hkv, scale, diag, window_left, window_right, *rng,
-        E=E, Ev=Ev, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, BLOCK_DV=bdv, MASK_KIND=kind,
-        WINDOWED=windowed, MASK_GRAD=mask_grad, DOT=dot, DROPOUT=dropout_p > 0)
+    dkdv, dkdv_extra = L.kernel(_bwd_dkdv_kernel, _dkdv_tuned)
+    wrap(dkdv)[lambda meta: (triton.cdiv(Lk, meta["BLOCK_N"]), B * Hkv)](
+        q, k, v, L.mask, L.lists_t, dout, lse, delta, dk, dv, dmask if mask_grad else delta, *common,
+        *L.list_t_strides, *dout.stride(), Hq, Hkv, Lq, Lk, Hq // Hkv, scale, L.diag, *L.window, *L.rng,
+        *L.keys, **L.meta, **dkdv_extra, MASK_GRAD=mask_grad)
     rows_pass(False)
     return dq, dk, dv, dmask
