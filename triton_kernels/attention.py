@@ -193,14 +193,15 @@ def _fwd_kernel(Q, K, V, Mask, Blocks, Out, Lse,
                 rng_offset, p_drop, E, Ev, BLOCK_N, BLOCK_D, BLOCK_DV, 0, WINDOWED, DOT, DROPOUT)
     else:
         rec = Blocks + b * sbb + h * sbh + (start_m // SUM_M) * sbr
-        for t in range(0, tl.load(rec)):
-            e = tl.load(rec + 1 + t)
-            for sub in tl.static_range(SUM_N // BLOCK_N):
-                acc, m_i, l_i = _fwd_tile(
-                    acc, m_i, l_i, q, (e >> 1) * SUM_N + sub * BLOCK_N, (e & 1) != 0, offs_m, K, V, Mask,
-                    k_base, v_base, mask_base, skn, skd, svn, svd, smm, smn, Lq, Lk, scale, diag, wl, wr,
-                    pid_bh, seed_lo, seed_hi, rng_offset, p_drop, E, Ev, BLOCK_N, BLOCK_D, BLOCK_DV,
-                    MASK_KIND, WINDOWED, DOT, DROPOUT)
+        # one loop over kernel tiles (not a nested one: one copy of the tile
+        # code, one set of pipeline buffers)
+        for t in range(0, tl.load(rec) * (SUM_N // BLOCK_N)):
+            e = tl.load(rec + 1 + t // (SUM_N // BLOCK_N))
+            start_n = (e >> 1) * SUM_N + (t % (SUM_N // BLOCK_N)) * BLOCK_N
+            acc, m_i, l_i = _fwd_tile(
+                acc, m_i, l_i, q, start_n, (e & 1) != 0, offs_m, K, V, Mask, k_base, v_base, mask_base,
+                skn, skd, svn, svd, smm, smn, Lq, Lk, scale, diag, wl, wr, pid_bh, seed_lo, seed_hi,
+                rng_offset, p_drop, E, Ev, BLOCK_N, BLOCK_D, BLOCK_DV, MASK_KIND, WINDOWED, DOT, DROPOUT)
     alive = l_i > 0
     out = acc / tl.where(alive, l_i, 1.0)[:, None]  # fully masked rows: 0
     tl.store(Out + b * sob + h * soh + offs_m[:, None] * som + offs_dv[None, :] * sod,
@@ -292,14 +293,14 @@ def _bwd_rows_kernel(Q, K, V, Mask, Blocks, DO, Lse, DLse, Delta, DQ,
                 WINDOWED, DOT, DROPOUT, DELTA_PASS)
     else:
         rec = Blocks + b * sbb + h * sbh + (start_m // SUM_M) * sbr
-        for t in range(0, tl.load(rec)):
-            e = tl.load(rec + 1 + t)
-            for sub in tl.static_range(SUM_N // BLOCK_N):
-                dq, delta_acc = _rows_tile(
-                    dq, delta_acc, q, do, lse, delta, (e >> 1) * SUM_N + sub * BLOCK_N, (e & 1) != 0,
-                    offs_m, K, V, Mask, k_base, v_base, mask_base, skn, skd, svn, svd, smm, smn, Lq, Lk,
-                    scale, diag, wl, wr, pid_bh, seed_lo, seed_hi, rng_offset, p_drop, E, Ev, BLOCK_N,
-                    BLOCK_D, BLOCK_DV, MASK_KIND, WINDOWED, DOT, DROPOUT, DELTA_PASS)
+        for t in range(0, tl.load(rec) * (SUM_N // BLOCK_N)):
+            e = tl.load(rec + 1 + t // (SUM_N // BLOCK_N))
+            start_n = (e >> 1) * SUM_N + (t % (SUM_N // BLOCK_N)) * BLOCK_N
+            dq, delta_acc = _rows_tile(
+                dq, delta_acc, q, do, lse, delta, start_n, (e & 1) != 0, offs_m, K, V, Mask, k_base,
+                v_base, mask_base, skn, skd, svn, svd, smm, smn, Lq, Lk, scale, diag, wl, wr, pid_bh,
+                seed_lo, seed_hi, rng_offset, p_drop, E, Ev, BLOCK_N, BLOCK_D, BLOCK_DV, MASK_KIND,
+                WINDOWED, DOT, DROPOUT, DELTA_PASS)
     if DELTA_PASS:
         if HAS_DLSE:  # d lse / d s = P: a gradient on lse only shifts delta
             delta_acc -= tl.load(DLse + pid_bh * Lq + offs_m, mask=offs_m < Lq, other=0.0)
@@ -387,14 +388,14 @@ def _bwd_dkdv_kernel(Q, K, V, Mask, BlocksT, DO, Lse, Delta, DK, DV, DMask,
                     0, WINDOWED, MASK_GRAD, DOT, DROPOUT)
         else:
             rec = BlocksT + b * sbb + h * sbh + (start_n // SUM_N) * sbr
-            for t in range(0, tl.load(rec)):
-                e = tl.load(rec + 1 + t)
-                for sub in tl.static_range(SUM_M // BLOCK_M):
-                    dk, dv = _dkdv_tile(
-                        dk, dv, k, v, (e >> 1) * SUM_M + sub * BLOCK_M, (e & 1) != 0, offs_n, h, bh, b, Q,
-                        DO, Lse, Delta, Mask, DMask, sqb, sqh, sqm, sqd, sdb, sdh, sdm, sdd, smb, smh,
-                        smm, smn, Lq, Lk, scale, diag, wl, wr, seed_lo, seed_hi, rng_offset, p_drop, E,
-                        Ev, BLOCK_M, BLOCK_D, BLOCK_DV, MASK_KIND, WINDOWED, MASK_GRAD, DOT, DROPOUT)
+            for t in range(0, tl.load(rec) * (SUM_M // BLOCK_M)):
+                e = tl.load(rec + 1 + t // (SUM_M // BLOCK_M))
+                start_m = (e >> 1) * SUM_M + (t % (SUM_M // BLOCK_M)) * BLOCK_M
+                dk, dv = _dkdv_tile(
+                    dk, dv, k, v, start_m, (e & 1) != 0, offs_n, h, bh, b, Q, DO, Lse, Delta, Mask, DMask,
+                    sqb, sqh, sqm, sqd, sdb, sdh, sdm, sdd, smb, smh, smm, smn, Lq, Lk, scale, diag,
+                    wl, wr, seed_lo, seed_hi, rng_offset, p_drop, E, Ev, BLOCK_M, BLOCK_D, BLOCK_DV,
+                    MASK_KIND, WINDOWED, MASK_GRAD, DOT, DROPOUT)
     dk = dk * scale
     base = (b * Hkv + hk) * Lk
     tl.store(DK + (base + offs_n[:, None]) * E + offs_d[None, :], dk.to(DK.dtype.element_ty),

@@ -6,8 +6,10 @@
 For every entry of attention.TUNING that the autotuner may pick on that GPU
 class, Triton compiles the kernel for the target (ptxas ships with triton) and
 ptxas reports registers and spills.  A config fails when its shared memory
-exceeds the device's per-block limit or when ptxas spills registers.  This is
-what an autotuner on the GPU would otherwise find out by failing to launch.
+exceeds the device's per-block limit (it could not launch); register spills
+are reported (they cost speed, which only the autotuner on a GPU can weigh),
+and the first config of each table, the one taken without autotuning, must
+not spill.
 Needs triton's CUDA backend (any triton wheel for Linux x86-64 has it).
 """
 from __future__ import annotations
@@ -87,7 +89,7 @@ def compile_one(kind, arch, cfg, head, dtype="bf16", mask_kind=0, windowed=True)
     regs = int(re.search(r"Used (\d+) registers", log).group(1))
     spills = sum(int(x) for x in re.findall(r"(\d+) bytes spill (?:stores|loads)", log))
     shared = compiled.metadata.shared
-    ok = shared <= SHARED_LIMIT[arch] and spills == 0
+    ok = shared <= SHARED_LIMIT[arch]
     return dict(kind=kind, arch=arch, config=list(cfg), head=head, dtype=dtype, mask_kind=mask_kind,
                 shared=shared, registers=regs, spill_bytes=spills, ok=ok, seconds=round(time.time() - t0, 1))
 
@@ -107,8 +109,11 @@ def main(argv=None):
             for head in map(int, a.heads.split(",")):
                 for mask in a.masks.split(","):
                     mk = {"none": A.MASK_NONE, "bool": A.MASK_BOOL, "float": A.MASK_FLOAT}[mask]
-                    for cfg in A.TUNING[kind][A.gpu_class(arch)][head]:
+                    for i, cfg in enumerate(A.TUNING[kind][A.gpu_class(arch)][head]):
                         r = compile_one(kind, arch, cfg, head, a.dtype, mk)
+                        r["first"] = i == 0
+                        if i == 0 and r["spill_bytes"]:
+                            r["ok"] = False
                         rows.append(r)
                         print(f"{kind:<5} sm{arch} D{head:<4} {mask:<5} {str(tuple(cfg)):<18} "
                               f"smem {r['shared']:>7} regs {r['registers']:>4} spill {r['spill_bytes']:>5} "
@@ -117,7 +122,7 @@ def main(argv=None):
         with open(a.json, "w") as f:
             json.dump(dict(triton=triton.__version__, rows=rows), f, indent=1)
     bad = [r for r in rows if not r["ok"]]
-    print(f"{len(rows) - len(bad)}/{len(rows)} configs fit")
+    print(f"{len(rows) - len(bad)}/{len(rows)} configs fit (shared memory; no spills in first configs)")
     return 1 if bad else 0
 
 
