@@ -1,0 +1,75 @@
+"""The Triton autotuning tables and their pruning; one config compiled for sm90.
+
+The autotuner itself runs only on a GPU; what can be checked without one is
+which configs it is offered, and that the kernels compile for the targets.
+"""
+import pytest
+
+A = pytest.importorskip("attnfast.triton_kernels.attention")
+
+
+def _args(arch, d, lq, lk):
+    return dict(ARCH=arch, BLOCK_D=d, BLOCK_DV=d, Lq=lq, Lk=lk)
+
+
+@pytest.mark.parametrize("kind", ["fwd", "rows", "dkdv"])
+def test_tables_are_valid(kind):
+    for per_gpu in A.TUNING[kind].values():
+        assert set(per_gpu) == {64, 128, 256}
+        for entries in per_gpu.values():
+            assert entries and len(set(entries)) == len(entries)
+            for bm, bn, warps, stages in entries:
+                # every kernel tile must lie in one mask-list cell
+                for block, cell in ((bm, A.GPU_CELL[0]), (bn, A.GPU_CELL[1])):
+                    assert 16 <= block <= cell and cell % block == 0 and block & (block - 1) == 0
+                assert warps in (4, 8) and 1 <= stages <= 4
+
+
+@pytest.mark.parametrize("kind", ["fwd", "rows", "dkdv"])
+@pytest.mark.parametrize("arch,cls", [(90, "sm90"), (100, "sm90"), (80, "sm80"), (86, "small"), (120, "small")])
+def test_prune_offers_the_table_of_the_gpu_and_head_dim(kind, arch, cls, monkeypatch):
+    monkeypatch.delenv(A.AUTOTUNE_ENV, raising=False)
+    configs = A._all_configs(kind)
+    for d, dclass in ((40, 64), (64, 64), (96, 128), (128, 128), (256, 256)):
+        bd = max(16, 1 << (d - 1).bit_length())
+        got = A.select_configs(kind, configs, _args(arch, bd, 4096, 4096))
+        assert [A._config_tuple(c) for c in got] == A.TUNING[kind][cls][dclass]
+
+
+def test_prune_drops_tiles_longer_than_the_sequence(monkeypatch):
+    monkeypatch.delenv(A.AUTOTUNE_ENV, raising=False)
+    got = A.select_configs("fwd", A._all_configs("fwd"), _args(90, 64, 40, 4096))
+    assert got and all(c.kwargs["BLOCK_M"] <= 64 for c in got)
+    # when every listed tile is too long, the table is kept as it is
+    got = A.select_configs("fwd", A._all_configs("fwd"), _args(90, 128, 8, 8))
+    assert [A._config_tuple(c) for c in got] == A.TUNING["fwd"]["sm90"][128]
+
+
+def test_autotune_off_takes_the_first_config(monkeypatch):
+    monkeypatch.setenv(A.AUTOTUNE_ENV, "0")
+    got = A.select_configs("dkdv", A._all_configs("dkdv"), _args(90, 128, 4096, 4096))
+    assert [A._config_tuple(c) for c in got] == A.TUNING["dkdv"]["sm90"][128][:1]
+
+
+def test_autotuners_are_keyed_explicitly():
+    for tuned in (A._fwd_tuned, A._rows_tuned, A._dkdv_tuned):
+        assert {"ARCH", "LQ_KEY", "LK_KEY", "E", "Ev", "MASK_KIND", "WINDOWED", "DOT"} <= set(tuned.keys)
+
+
+def test_first_configs_compile_for_sm90(tmp_path):
+    # in a fresh process: the interpreter (set for the other tests) cannot compile
+    import json
+    import os
+    import subprocess
+    import sys
+
+    pytest.importorskip("triton.backends.nvidia.compiler")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = tmp_path / "rows.json"
+    proc = subprocess.run([sys.executable, "-m", "attnfast.triton_kernels.compile_check", "--archs", "90",
+                           "--heads", "64", "--masks", "bool", "--first", "--json", str(out)],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["kind"] for r in rows] == ["fwd", "rows", "dkdv"]
+    assert all(r["fits"] and r["registers"] > 0 and r["shared"] > 0 for r in rows)
