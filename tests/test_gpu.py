@@ -20,6 +20,8 @@ CASES = [
     Case(B=2, Hq=4, Hkv=4, Lq=513, Lk=1025, E=64, mask="bool", mask_bcast="keypad"),
     Case(B=2, Hq=4, Hkv=4, Lq=300, Lk=400, E=111, mask="float_grad", mask_bcast="batch"),
     Case(B=1, Hq=2, Hkv=2, Lq=256, Lk=256, E=256, noncontig=True),
+    Case(B=2, Hq=4, Hkv=2, Lq=1000, Lk=1200, E=64, mask="bool", mask_bcast="docs"),
+    Case(B=2, Hq=4, Hkv=4, Lq=1200, Lk=1000, E=128, mask="float_grad", mask_bcast="docs", window=(300, 100)),
 ]
 
 
