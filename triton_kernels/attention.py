@@ -484,11 +484,12 @@ def mask_block_lists(mask, cm, cn, diag=0, window_left=-1, window_right=-1):
 # Tile shapes: fixed under the interpreter, autotuned on GPUs.
 # ---------------------------------------------------------------------------
 # Cells of the mask block lists: every kernel tile fits in one (BLOCK_M <= SUM_M,
-# BLOCK_N <= SUM_N, powers of two).  The interpreter uses small cells and tiles
-# so that the CI shapes span several cells and walk a cell in sub-tiles.
+# BLOCK_N <= SUM_N, powers of two).  The interpreter uses small cells so that
+# the CI shapes span several; with a mask it walks them in 32 x 32 sub-tiles,
+# without one it takes 64 x 64 tiles (its cost grows with the number of tiles).
 GPU_CELL = (128, 128)
 INTERP_CELL = (64, 64)
-INTERP_TILE = (32, 32)
+INTERP_TILE = {False: (64, 64), True: (32, 32)}  # masked -> tile
 
 # (BLOCK_M, BLOCK_N, num_warps, num_stages) per kernel, GPU class and head-dim
 # class (the padded max(E, Ev)).  BLOCK_M is the query tile and BLOCK_N the key
@@ -643,7 +644,8 @@ class _Launch:
     def kernel(self, plain, tuned):
         """(kernel, extra meta): the fixed-tile kernel under the interpreter."""
         if self.interp:
-            return plain, dict(BLOCK_M=INTERP_TILE[0], BLOCK_N=INTERP_TILE[1])
+            bm, bn = INTERP_TILE[self.meta["MASK_KIND"] != MASK_NONE]
+            return plain, dict(BLOCK_M=bm, BLOCK_N=bn)
         return tuned, {}
 
 
