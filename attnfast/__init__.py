@@ -3,10 +3,14 @@
     import attnfast
     out = attnfast.scaled_dot_product_attention(q, k, v, is_causal=True)
     out, lse = attnfast.attention(q, k, v, window=(256, 0), return_lse=True)
+    mha = attnfast.nn.MultiheadAttention(512, 8, batch_first=True)   # torch's module, fused
+    with attnfast.patched(): ...   # torch's F.scaled_dot_product_attention -> attnfast
 """
 from . import ops  # noqa: F401  (registers the custom ops)
+from . import nn  # noqa: F401
 from .api import attention, scaled_dot_product_attention, varlen_attention
 from .dispatch import BackendUnavailableError, backends
+from .patching import patch, patched, unpatch
 from .reference import attention_ref
 
 __version__ = "0.1.0"
@@ -16,6 +20,10 @@ __all__ = [
     "scaled_dot_product_attention",
     "varlen_attention",
     "attention_ref",
+    "nn",
+    "patch",
+    "unpatch",
+    "patched",
     "backends",
     "BackendUnavailableError",
     "__version__",
