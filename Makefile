@@ -5,7 +5,7 @@
 VENV      := .venv
 PYTHON    ?=
 TORCH_PIN := torch==2.13.0
-DEPS      := triton pytest numpy hypothesis tqdm matplotlib ninja expecttest
+DEPS      := triton pytest numpy hypothesis tqdm matplotlib ninja expecttest transformers
 
 ifeq ($(PYTHON),)
 PY    := $(VENV)/bin/python
