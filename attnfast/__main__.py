@@ -1,4 +1,5 @@
-"""python -m attnfast info: versions, CPU ISA path, GPU, backends."""
+"""python -m attnfast info: versions, CPU ISA path, GPU, backends.
+python -m attnfast bench {kernels,encoders,all} [...]: the benchmarks (bench/, in the source tree)."""
 import platform
 import sys
 
@@ -34,12 +35,31 @@ def info():
     return "\n".join(lines)
 
 
+def _bench(argv):
+    import importlib.util
+    from pathlib import Path
+
+    if importlib.util.find_spec("bench") is None:  # run from elsewhere: the tree next to the package
+        root = Path(__file__).resolve().parent.parent
+        if not (root / "bench" / "cli.py").exists():
+            print("the benchmarks ship with the attnfast source tree (bench/); run from a checkout",
+                  file=sys.stderr)
+            return 2
+        sys.path.insert(0, str(root))
+    from bench.cli import main as bench_main
+
+    return bench_main(argv)
+
+
 def main(argv):
-    if len(argv) < 1 or argv[0] != "info":
-        print("usage: python -m attnfast info", file=sys.stderr)
-        return 2
-    print(info())
-    return 0
+    if argv[:1] == ["info"]:
+        print(info())
+        return 0
+    if argv[:1] == ["bench"]:
+        return _bench(argv[1:])
+    print("usage: python -m attnfast info\n       python -m attnfast bench {kernels,encoders,all} [--help]",
+          file=sys.stderr)
+    return 2
 
 
 if __name__ == "__main__":
