@@ -73,7 +73,7 @@ class Case:
 
 @dataclass(frozen=True)
 class Plan:
-    Ls: Tuple[int, ...]
+    Ls: Tuple[int, ...]              # lengths of the dense and causal cases
     D: int
     variants: Tuple[str, ...]
     modes: Tuple[str, ...]
@@ -82,6 +82,8 @@ class Plan:
     naive_max_L: int = 2048          # the naive reference is O(L^2) in memory and slow
     mem_Ls: Tuple[int, ...] = ()     # forward peak-memory probes (CPU)
     H: int = 8
+    other_Ls: Optional[Tuple[int, ...]] = None   # lengths of the other variants (default: Ls)
+    grad_max_L: Optional[int] = None             # no backward cases above this length (time)
 
     def cases(self):
         out = []
@@ -89,7 +91,10 @@ class Plan:
             for mode in self.modes:
                 if v != "none" and mode == "bwd":
                     continue  # backward alone: for the dense case only
-                out += [_case(v, mode, L, self.D, self.H) for L in self.Ls]
+                Ls = self.Ls if v in ("none", "causal") or self.other_Ls is None else self.other_Ls
+                if mode != "fwd" and self.grad_max_L is not None:
+                    Ls = [L for L in Ls if L <= self.grad_max_L]
+                out += [_case(v, mode, L, self.D, self.H) for L in Ls]
         for L, D, variants in self.extra:
             out += [_case(v, m, L, D, self.H) for v in variants for m in self.modes if m != "bwd"]
         return out
@@ -106,8 +111,9 @@ PLANS = {
                       modes=("fwd", "bwd", "fwdbwd"), reps=3, H=4, naive_max_L=1024, mem_Ls=(1024,)),
         "full": Plan(Ls=(512, 1024, 2048, 4096), D=64,
                      variants=("none", "causal", "causal-tensor", "keypad", "window", "gqa"),
-                     modes=("fwd", "bwd", "fwdbwd"), extra=((2048, 128, ("none", "causal")),),
-                     reps=3, naive_max_L=2048, mem_Ls=(1024, 4096)),
+                     modes=("fwd", "bwd", "fwdbwd"), extra=((1024, 128, ("none", "causal")),),
+                     reps=3, H=4, naive_max_L=2048, mem_Ls=(1024, 4096), other_Ls=(1024, 2048),
+                     grad_max_L=2048),
     },
     "cuda": {
         "smoke": Plan(Ls=(256,), D=64, variants=("none", "keypad"), modes=("fwd", "bwd"), reps=1),
