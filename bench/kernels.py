@@ -430,8 +430,12 @@ def plot(payload, out):
     files = []
     for metric, fname, ylabel in (("median_ms", "kernels_time.png", "median ms (forward)"),
                                   ("tflops", "kernels_tflops.png", "TFLOP/s (forward)")):
-        fig, axes = plt.subplots(1, len(variants), figsize=(4 * len(variants), 3.5), squeeze=False)
-        for ax, variant in zip(axes[0], variants):
+        ncol = min(3, len(variants))
+        nrow = -(-len(variants) // ncol)
+        fig, axes = plt.subplots(nrow, ncol, figsize=(4.2 * ncol, 3.4 * nrow), squeeze=False)
+        for ax in axes.flat[len(variants):]:
+            ax.set_visible(False)
+        for ax, variant in zip(axes.flat, variants):
             rs = [r for r in payload["results"] if r["case"]["variant"] == variant and r["case"]["mode"] == "fwd"
                   and r["case"]["D"] == D0]
             for name in payload["peers"]:
