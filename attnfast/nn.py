@@ -17,6 +17,11 @@ probabilities, so it takes an unfused path: scores, softmax and the weighted
 sum as separate ops, O(N*heads*L*S) memory, as slow as torch's own path.
 Pass need_weights=False for speed.
 
+The projections run on torch's internal (L, N, E) layout whatever batch_first
+is, so they round exactly as torch's module does and the attention kernel is
+the only numerical difference between the two (batch_first output is then a
+transposed view, as torch's is).
+
 Differences from torch, on purpose:
   * rows with no visible key give 0 (attnfast's rule), not NaN, in both paths;
   * training-mode dropout draws from attnfast's counter-based generator, so
@@ -202,6 +207,9 @@ class MultiheadAttention(Module):
         for name, t in (("query", query), ("key", key), ("value", value)):
             if not isinstance(t, Tensor):
                 raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        for name, m in (("key_padding_mask", key_padding_mask), ("attn_mask", attn_mask)):
+            if m is not None and not isinstance(m, Tensor):
+                raise TypeError(f"{name} must be a torch.Tensor or None, got {type(m).__name__}")
         if query.dim() not in (2, 3):
             raise ValueError(f"query should be unbatched 2D or batched 3D tensor but received {query.dim()}-D "
                              "query tensor")

@@ -16,6 +16,7 @@ from attnfast.patching import kernel_calls
 from attnfast.testing import parity
 
 E, H = 32, 4
+pytestmark = pytest.mark.filterwarnings("ignore:Support for mismatched key_padding_mask and attn_mask")
 BATCH, LQ, LK = 4, 24, 20
 
 
@@ -56,7 +57,10 @@ CASES = {
     "cross": dict(cross=True),
     "cross-kdim-vdim-masks": dict(cross=True, kdim=24, vdim=20, attn_mask="2d-float", kpm="bool"),
     "cross-shared-kv-eval": dict(cross="kv", attn_mask="3d-bool", eval=True),
-    "bias-kv-zero-attn": dict(cross=True, add_bias_kv=True, add_zero_attn=True, attn_mask="2d-bool", kpm="bool"),
+    # batch 8: bias_k's gradient sums the appended key's gradient over the batch; with a small
+    # batch a few elements dominate its max error and the parity ratio is a coin toss.
+    "bias-kv-zero-attn": dict(cross=True, add_bias_kv=True, add_zero_attn=True, attn_mask="2d-bool", kpm="bool",
+                              batch=8),
     # torch's fused path would apply is_causal to the appended zero key too (hiding it from most
     # queries) while its need_weights path shows it to every query; ours shows it on both paths,
     # so both are compared with torch's need_weights path.
@@ -85,7 +89,7 @@ def _build(case, batch_first, dtype=torch.float32):
 
 
 def _inputs(case, batch_first, dtype=torch.float32):
-    N, L, S = BATCH, LQ, LQ if not case.get("cross") else LK
+    N, L, S = case.get("batch", BATCH), LQ, LQ if not case.get("cross") else LK
     kdim, vdim = case.get("kdim") or E, case.get("vdim") or E
 
     def seq(n, d):
@@ -329,6 +333,7 @@ def test_forward_errors():
            attn_mask=torch.zeros(6, 6, dtype=torch.int32))
     raises(RuntimeError, "Need attn_mask if specifying the is_causal hint", x, x, x, is_causal=True)
     raises(TypeError, "query must be a torch.Tensor", [1.0], x, x)
+    raises(TypeError, "key_padding_mask must be a torch.Tensor or None", x, x, x, key_padding_mask=[[True]])
 
 
 def test_exported_from_package():

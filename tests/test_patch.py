@@ -9,7 +9,10 @@ import attnfast
 from attnfast.patching import is_patched, kernel_calls
 from attnfast.testing import parity
 
-D_MODEL, NHEAD, LAYERS = 32, 4, 2
+D_MODEL, NHEAD, LAYERS = 64, 4, 2
+
+pytestmark = [pytest.mark.filterwarnings("ignore:enable_nested_tensor is True"),
+              pytest.mark.filterwarnings("ignore:The PyTorch API of nested tensors is in prototype")]
 
 
 @pytest.fixture(autouse=True)
@@ -31,7 +34,7 @@ def _transformer(batch_first):
 def _pad(N, L):
     """(N, L) key padding mask (True = padding), right-padded, every sequence at least 3 long."""
     lengths = torch.randint(3, L + 1, (N,))
-    lengths[0] = L
+    lengths[0], lengths[-1] = L, torch.randint(3, L, ())  # one full row, one padded row at least
     return torch.arange(L)[None, :] >= lengths[:, None]
 
 
@@ -40,7 +43,7 @@ def _data(batch_first, N=3, S=19, T=13):
     if batch_first:
         src, tgt = src.transpose(0, 1).contiguous(), tgt.transpose(0, 1).contiguous()
     src_pad, tgt_pad = _pad(N, S), _pad(N, T)
-    masks = dict(tgt_mask=torch.nn.Transformer.generate_square_subsequent_mask(T), tgt_is_causal=True,
+    masks = dict(tgt_mask=torch.ones(T, T, dtype=torch.bool).triu(1), tgt_is_causal=True,
                  src_key_padding_mask=src_pad, tgt_key_padding_mask=tgt_pad, memory_key_padding_mask=src_pad)
     return src, tgt, masks
 
