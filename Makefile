@@ -1,5 +1,5 @@
 # make test  : install (venv, torch, triton, ...), build the extension, run the tests
-# make bench : install, build, parity summary, CPU benchmark -> bench/results/
+# make bench : install, build, parity summary, kernel and encoder benchmarks (quick plan), REPORT.md -> bench/results/
 # PYTHON=python3 uses an existing interpreter as it is (nothing is installed
 # into it but attnfast itself); by default a .venv is created here.
 VENV      := .venv
@@ -39,7 +39,7 @@ test: build
 	$(PY) -m pytest -q tests
 
 bench: build
-	$(PY) -m bench
+	$(PY) -m attnfast bench all --quick
 
 info: build
 	$(PY) -m attnfast info
