@@ -27,6 +27,7 @@ SUITES = {
     "cpu_kernels": Suite("bench.cpu_kernels", "CPU kernel table: attnfast cpu vs torch SDPA vs naive, "
                                               "time, GFLOP/s, peak memory"),
     "cpu_ratios": Suite("bench.cpu_ratios", "CPU speed targets: SDPA/attnfast time ratios, peers alternated", default=False),
+    "encoders": Suite("bench.encoders", "attention vs RNN/LSTM/GRU encoders: tokens/s, memory, long-range recall", default=False),
     "gpu_kernels": Suite("bench.gpu_kernels", "GPU kernel table: attnfast triton/cuda vs torch SDPA backends, TFLOP/s", default=False),
 }
 
