@@ -22,8 +22,8 @@ so the machine's noise hits them alike; round 0 is an untimed warm-up that
 also measures memory, the median of the timed rounds is reported.  Thread
 count: on a CPU each encoder is timed at 1 thread and at torch's thread count
 (entries interleaved) up to a length, and the row keeps the faster; beyond
-it the recurrent layers run at 1 thread and the attention encoder at the
-count that paid at that length (see _threads_to_keep).  Small parallel
+it the recurrent layers run at 1 thread and the attention encoder at torch's
+count (see _threads_beyond).  Small parallel
 regions (a recurrent step, a LayerNorm at short L) stall for a scheduler time
 slice whenever a core is busy with another process, so on a shared machine
 a single thread can be many times faster for them; the count used is in
@@ -100,7 +100,6 @@ class SpeedPlan:
     reps: Tuple[Tuple[int, int], ...]      # (up to L, timed rounds): first entry with L <= it
     both_threads_upto: int                 # L <= this: every encoder also timed at 1 thread
     threads: Optional[int] = None          # an int: that thread count only (no 1-thread entries)
-    more_threads_gain: float = 0.15        # beyond both_threads_upto: more threads only if they saved this much
 
     @property
     def ff(self):
@@ -408,26 +407,22 @@ def _thread_options(device):
     return (n,) if torch.device(device).type != "cpu" or n == 1 else (1, n)
 
 
-def _threads_to_keep(median_s, gain, recurrent):
-    """Thread count for longer L: the fewest for a recurrent layer; for attention the most threads that
-    saved >= `gain` over the fewest, else the fewest.
+def _threads_beyond(options, recurrent):
+    """Thread count past both_threads_upto: the fewest for a recurrent layer, the most for attention.
 
     On a shared machine every parallel region waits for all its threads, so it stalls for a scheduler
-    time slice whenever another process holds one of their cores.  A recurrent layer opens regions at
-    every time step (thousands per call): with 2 threads an LSTM forward at L=8192 was seen to take 10 s
-    instead of 0.14 s, while at L <= 1024 the second thread saved it little.
+    time slice whenever another process holds one of their cores.  A recurrent layer opens regions of
+    constant, small work at every time step (thousands per call): with 2 threads an LSTM forward at
+    L=8192 was seen to take 10 s instead of 0.14 s, while at L <= 1024 the second thread saved it little.
+    Attention's work per region grows as L^2, and so does what a second thread saves it.
     """
-    few = min(median_s)
-    if recurrent:
-        return few
-    return max((t for t in median_s if median_s[t] <= (1 - gain) * median_s[few]), default=few)
+    return min(options) if recurrent else max(options)
 
 
 def measure_speed(plan: SpeedPlan, models, device, dtype, show_progress=True):
     """Rows: one per (model, L, mode), with the times of the thread count used."""
     n_threads = torch.get_num_threads()
     options = _thread_options(device) if plan.threads is None else (plan.threads,)
-    chosen = {}                          # (model, mode) -> threads kept beyond both_threads_upto
     mem = PeakMemory(device)
     params = [p for m in models for p in m.module.parameters()]
     rows = []
@@ -443,8 +438,8 @@ def measure_speed(plan: SpeedPlan, models, device, dtype, show_progress=True):
                 g = gs.get(m.hidden)
                 if grad and g is None:
                     g = gs[m.hidden] = torch.randn(plan.B, L, m.hidden, device=device, dtype=dtype)
-                both = L <= plan.both_threads_upto or (m.name, mode) not in chosen
-                for t in (options if both else (chosen[(m.name, mode)],)):
+                both = L <= plan.both_threads_upto
+                for t in (options if both else (_threads_beyond(options, m.encoder in RECURRENT),)):
                     entries.append((m, t, g))
             reps = plan.reps_for(L)
             t_shape = time.perf_counter()
@@ -478,9 +473,6 @@ def measure_speed(plan: SpeedPlan, models, device, dtype, show_progress=True):
             for m in models:
                 med = {t: statistics.median(ts) for (name, t), ts in times.items() if name == m.name}
                 best = min(med, key=med.get)
-                if L <= plan.both_threads_upto or (m.name, mode) not in chosen:
-                    chosen[(m.name, mode)] = _threads_to_keep(med, plan.more_threads_gain,
-                                                              m.encoder in RECURRENT)
                 rows.append(dict(
                     model=m.name, encoder=m.encoder, variant=m.variant, hidden=m.hidden, params=m.params,
                     B=plan.B, L=L, mode=mode, threads=best, reps=reps,
@@ -1037,10 +1029,10 @@ def markdown(result):
         + "; median",
         ("- threads: each encoder at " + " and ".join(map(str, c["thread_options"])) + " (interleaved) up to "
          f"L={sp['both_threads_upto']}, the row keeps the faster; beyond it the recurrent layers run at 1 thread "
-         f"and each attention (encoder, mode) at {max(c['thread_options'])} threads if they saved "
-         f">= {sp['more_threads_gain']:.0%} at L={sp['both_threads_upto']}, else 1 (on a shared machine a "
-         "parallel region stalls whenever another process holds one of its cores; a recurrent layer opens one "
-         "per time step: a 2-thread LSTM forward at L=8192 once took 10 s instead of 0.14 s); used: "
+         f"and attention at {max(c['thread_options'])} (on a shared machine a parallel region stalls whenever "
+         "another process holds one of its cores; a recurrent layer opens one of constant small work per time "
+         "step: a 2-thread LSTM forward at L=8192 once took 10 s instead of 0.14 s; attention's work per region "
+         "grows as L^2); used: "
          if len(c["thread_options"]) > 1 else
          f"- threads: {c['thread_options'][0]}; ") + _threads_line(rows),
         f"- memory: {meas['memory']}; zero means the call fit in memory the allocator already held; one call "
