@@ -52,3 +52,19 @@ def test_flops_formula():
     assert Case("none", "fwdbwd", 1024, 64, 2, 8).flops() == 3.5 * c.flops()
     w = Case("window", "fwd", 1024, 64, 2, 8)
     assert c.flops() / 4 > w.flops() > c.flops() / 8  # 257 keys of 1024 at most, fewer at the start
+
+
+def test_report_assembles_the_sections(smoke, tmp_path):
+    import shutil
+
+    from bench.report import write_report
+
+    out, _ = smoke
+    for name in ("kernels.md", "kernels.json", "kernels_time.png", "kernels_tflops.png"):
+        shutil.copy(out / name, tmp_path / name)
+    cond = json.loads((out / "kernels.json").read_text())["conditions"]
+    report = write_report(tmp_path, cond, "smoke", {"kernels": 1.0}).read_text()
+    assert "# attnfast benchmark report" in report and "## Kernels" in report
+    assert "![kernels_time.png](kernels_time.png)" in report
+    assert "encoders.md missing" in report  # a section that did not run says so
+    assert cond["cpu_isa"] in report
