@@ -100,6 +100,7 @@ class SpeedPlan:
     reps: Tuple[Tuple[int, int], ...]      # (up to L, timed rounds): first entry with L <= it
     both_threads_upto: int                 # L <= this: every encoder also timed at 1 thread
     threads: Optional[int] = None          # an int: that thread count only (no 1-thread entries)
+    stall_factor: float = 3.0              # an entry whose warm-up took this x the model's best is not timed
 
     @property
     def ff(self):
@@ -419,6 +420,25 @@ def _threads_beyond(options, recurrent):
     return min(options) if recurrent else max(options)
 
 
+def _drop_stalled(entries, warm_s, factor):
+    """Leave out of the timed rounds a multi-thread entry whose warm-up call took > `factor` x the same
+    model's warm-up at its fewest threads: a stalled multi-thread run (another process holding a core)
+    says nothing about the encoder, and on a busy machine each such call can cost seconds.  The
+    fewest-threads entry always stays (it cannot stall that way, and it ran first at this size, so its
+    warm-up also paid the one-time costs)."""
+    fewest = {}
+    for name, t in warm_s:
+        fewest[name] = min(fewest.get(name, t), t)
+    keep, dropped = [], {}
+    for m, t, g in entries:
+        s, ref = warm_s[(m.name, t)], warm_s[(m.name, fewest[m.name])]
+        if t != fewest[m.name] and s > factor * ref:
+            dropped[(m.name, t)] = f"warm-up {s * 1e3:.1f} ms vs {ref * 1e3:.1f} ms at {fewest[m.name]} thread(s)"
+        else:
+            keep.append((m, t, g))
+    return keep, dropped
+
+
 def measure_speed(plan: SpeedPlan, models, device, dtype, show_progress=True):
     """Rows: one per (model, L, mode), with the times of the thread count used."""
     n_threads = torch.get_num_threads()
@@ -444,8 +464,10 @@ def measure_speed(plan: SpeedPlan, models, device, dtype, show_progress=True):
             reps = plan.reps_for(L)
             t_shape = time.perf_counter()
             times = {(m.name, t): [] for m, t, _ in entries}
-            peak, saved = {}, {}
+            peak, saved, warm, dropped = {}, {}, {}, {}
             for r in range(1 + reps):        # round 0: warm-up + memory, untimed
+                if r == 1:
+                    entries, dropped = _drop_stalled(entries, warm, plan.stall_factor)
                 for m, t, g in entries:
                     torch.set_num_threads(t)
                     m.module.train(grad)
@@ -458,8 +480,10 @@ def measure_speed(plan: SpeedPlan, models, device, dtype, show_progress=True):
                         if r == 0:
                             mem.start()
                             ctx = saved_for_backward(params + [x]) if grad else contextlib.nullcontext({})
+                            t0 = time.perf_counter()
                             with ctx as box:
                                 _run_once(m.forward, x, mode, g)
+                            warm[(m.name, t)] = time.perf_counter() - t0
                             peak[(m.name, t)] = mem.stop()
                             saved[(m.name, t)] = box.get("mib")
                         else:
@@ -471,7 +495,7 @@ def measure_speed(plan: SpeedPlan, models, device, dtype, show_progress=True):
                     finally:
                         leave()
             for m in models:
-                med = {t: statistics.median(ts) for (name, t), ts in times.items() if name == m.name}
+                med = {t: statistics.median(ts) for (name, t), ts in times.items() if name == m.name and ts}
                 best = min(med, key=med.get)
                 rows.append(dict(
                     model=m.name, encoder=m.encoder, variant=m.variant, hidden=m.hidden, params=m.params,
@@ -480,7 +504,8 @@ def measure_speed(plan: SpeedPlan, models, device, dtype, show_progress=True):
                     median_ms=round(med[best] * 1e3, 4), tokens_per_s=round(plan.B * L / med[best], 1),
                     median_ms_by_threads={str(t): round(v * 1e3, 4) for t, v in med.items()},
                     max_ms_by_threads={str(t): round(max(ts) * 1e3, 4) for (name, t), ts in times.items()
-                                       if name == m.name},
+                                       if name == m.name and ts},
+                    stalled_threads_dropped={str(t): v for (name, t), v in dropped.items() if name == m.name},
                     shape_wall_s=round(time.perf_counter() - t_shape, 2),
                     peak_mib=peak[(m.name, best)], saved_for_backward_mib=saved[(m.name, best)]))
             del x, gs
@@ -1032,7 +1057,9 @@ def markdown(result):
          f"and attention at {max(c['thread_options'])} (on a shared machine a parallel region stalls whenever "
          "another process holds one of its cores; a recurrent layer opens one of constant small work per time "
          "step: a 2-thread LSTM forward at L=8192 once took 10 s instead of 0.14 s; attention's work per region "
-         "grows as L^2); used: "
+         f"grows as L^2); a {max(c['thread_options'])}-thread entry whose warm-up call took > "
+         f"{sp['stall_factor']:g}x the 1-thread one is left out of the timed rounds (a stall; listed in the JSON "
+         "as stalled_threads_dropped); used: "
          if len(c["thread_options"]) > 1 else
          f"- threads: {c['thread_options'][0]}; ") + _threads_line(rows),
         f"- memory: {meas['memory']}; zero means the call fit in memory the allocator already held; one call "

@@ -133,3 +133,19 @@ def test_registered():
     assert "encoders" in SUITES and not SUITES["encoders"].default
     mod = load_suite("encoders")
     assert mod.DESCRIPTION and callable(mod.run)
+
+
+def test_stalled_multithread_entries_are_dropped():
+    from bench.encoders import _drop_stalled
+
+    class Model:
+        def __init__(self, name):
+            self.name = name
+
+    a, b = Model("a"), Model("b")
+    entries = [(a, 1, None), (a, 2, None), (b, 1, None), (b, 2, None)]
+    # a at 2 threads stalled (50x); b at 1 thread paid the first call at this size (slow) and must stay
+    warm = {("a", 1): 0.01, ("a", 2): 0.5, ("b", 1): 0.05, ("b", 2): 0.008}
+    keep, dropped = _drop_stalled(entries, warm, 3.0)
+    assert [(m.name, t) for m, t, _ in keep] == [("a", 1), ("b", 1), ("b", 2)]
+    assert list(dropped) == [("a", 2)]
