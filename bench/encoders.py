@@ -73,6 +73,7 @@ import torch.nn.functional as F
 
 from .common import fmt_num, machine_info, md_table
 from .common import progress as _progress_bar
+from .memprobe import _reset_peak, _status_mib
 
 DESCRIPTION = ("encoders: attention (attnfast, torch SDPA) vs RNN/LSTM/GRU: tokens/s, peak memory, crossover "
                "lengths, long-range recall accuracy and gradient norms")
@@ -316,17 +317,6 @@ def _run_once(fn, x, mode, g=None):
 # ---------------------------------------------------------------------------
 # Memory
 # ---------------------------------------------------------------------------
-def _proc_status_mib(field):
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return None
-
-
 class PeakMemory:
     """Peak memory increase of one call: CPU from the peak RSS, CUDA from the allocator."""
 
@@ -340,17 +330,12 @@ class PeakMemory:
                 self._trim = ctypes.CDLL(lib).malloc_trim if lib else None
             except (OSError, AttributeError):
                 self._trim = None
-            self.ok = self._reset() and _proc_status_mib("VmHWM") is not None
+            self.ok = self._reset() and _status_mib("VmHWM") is not None
         self.base = 0.0
 
     @staticmethod
     def _reset():
-        try:
-            with open("/proc/self/clear_refs", "w") as f:
-                f.write("5")      # peak RSS := current RSS
-            return True
-        except OSError:
-            return False
+        return _reset_peak()  # peak RSS := current RSS
 
     def start(self):
         if not self.ok:
@@ -363,7 +348,7 @@ class PeakMemory:
         if self._trim is not None:
             self._trim(0)         # hand freed heap pages back, so the baseline is what is live
         self._reset()
-        self.base = _proc_status_mib("VmRSS")
+        self.base = _status_mib("VmRSS")
 
     def stop(self):
         if not self.ok:
@@ -371,7 +356,7 @@ class PeakMemory:
         if self.cuda:
             torch.cuda.synchronize()
             return round(max(0.0, torch.cuda.max_memory_allocated() / 2**20 - self.base), 2)
-        return round(max(0.0, _proc_status_mib("VmHWM") - self.base), 2)
+        return round(max(0.0, _status_mib("VmHWM") - self.base), 2)
 
 
 @contextlib.contextmanager
