@@ -450,10 +450,11 @@ def _records(vis, need):
     return torch.cat([count[..., None], torch.gather(code.expand_as(order), -1, order)], dim=-1)
 
 
-def mask_block_lists(mask, cm, cn, diag=0, window_left=-1, window_right=-1):
+def mask_block_lists(mask, cm, cn, diag=0, window_left=-1, window_right=-1, transposed=True):
     """Block lists of `mask` (B, H, Lq, Lk), a bool or float mask, expanded with
     stride 0 where it broadcasts, for cells of cm queries x cn keys: returns
-    (lists, lists_t), int32 of shapes (B, H, R, C + 1) and (B, H, C, R + 1) with
+    (lists, lists_t), int32 of shapes (B, H, R, C + 1) and (B, H, C, R + 1)
+    (lists_t None unless `transposed`, which only the backward needs) with
     R = cdiv(Lq, cm), C = cdiv(Lk, cn), stride 0 over broadcast batch/heads.
     lists[b, h, r] = [n, 2 * c + need ...] over the key columns c that row r
     visits, need = 1 where the mask must be read (the cell has a hidden element
@@ -476,6 +477,8 @@ def mask_block_lists(mask, cm, cn, diag=0, window_left=-1, window_right=-1):
     if window_left >= 0 or window_right >= 0:
         vis = vis & _band_cells(nr, nc, cm, cn, Lq, Lk, diag, window_left, window_right, mask.device)
     lists = _records(vis, need)
+    if not transposed:  # the forward reads only the row lists
+        return lists.expand(B, H, -1, -1), None
     lists_t = _records(vis.transpose(-1, -2), need.transpose(-1, -2))
     return lists.expand(B, H, -1, -1), lists_t.expand(B, H, -1, -1)
 
@@ -609,7 +612,8 @@ class _Launch:
     """Kernel choice and the arguments every kernel takes: autotuned kernels and
     cell (128, 128) on GPUs, fixed tiles and small cells under the interpreter."""
 
-    def __init__(self, q, k, v, mask, window_left, window_right, bottom_right, dropout_p, seed, offset):
+    def __init__(self, q, k, v, mask, window_left, window_right, bottom_right, dropout_p, seed, offset,
+                 backward):
         import torch
 
         self.B, self.Hq, self.Lq, E = q.shape
@@ -631,9 +635,10 @@ class _Launch:
         else:
             kind = MASK_FLOAT if mask.dtype.is_floating_point else MASK_BOOL
             self.mask, self.mask_strides = mask, tuple(mask.stride())
-            self.lists, self.lists_t = mask_block_lists(mask, *self.cell, self.diag, window_left, window_right)
+            self.lists, self.lists_t = mask_block_lists(mask, *self.cell, self.diag, window_left, window_right,
+                                                        transposed=backward)
             self.list_strides = tuple(self.lists.stride()[:3])
-            self.list_t_strides = tuple(self.lists_t.stride()[:3])
+            self.list_t_strides = tuple(self.lists_t.stride()[:3]) if backward else None
         self.rng = (seed & 0xFFFFFFFF, (seed >> 32) & 0xFFFFFFFF, offset & 0xFFFFFFFF, float(dropout_p))
         self.meta = dict(E=E, Ev=Ev, BLOCK_D=max(16, triton.next_power_of_2(E)),
                          BLOCK_DV=max(16, triton.next_power_of_2(Ev)), SUM_M=self.cell[0], SUM_N=self.cell[1],
@@ -665,7 +670,7 @@ def attention_fwd(q, k, v, mask, scale, window_left, window_right, bottom_right,
     import torch
 
     wrap = launch or (lambda kern: kern)
-    L = _Launch(q, k, v, mask, window_left, window_right, bottom_right, dropout_p, seed, offset)
+    L = _Launch(q, k, v, mask, window_left, window_right, bottom_right, dropout_p, seed, offset, False)
     out = torch.empty((L.B, L.Hq, L.Lq, v.shape[3]), dtype=q.dtype, device=q.device)
     lse = torch.empty((L.B, L.Hq, L.Lq), dtype=torch.float32, device=q.device)
     kern, extra = L.kernel(_fwd_kernel, _fwd_tuned)
@@ -683,7 +688,7 @@ def attention_bwd(dout, q, k, v, out, lse, dlse, mask, scale, window_left, windo
     import torch
 
     wrap = launch or (lambda kern: kern)
-    L = _Launch(q, k, v, mask, window_left, window_right, bottom_right, dropout_p, seed, offset)
+    L = _Launch(q, k, v, mask, window_left, window_right, bottom_right, dropout_p, seed, offset, True)
     B, Hq, Hkv, Lq, Lk = L.B, L.Hq, L.Hkv, L.Lq, L.Lk
     delta = torch.empty((B, Hq, Lq), dtype=torch.float32, device=q.device)
     dq = torch.empty_like(q, memory_format=torch.contiguous_format)
