@@ -4,7 +4,7 @@
   encoders  attention encoders vs RNN/LSTM/GRU encoders: speed, memory, long-range recall
   all       parity summary, kernels, encoders, then REPORT.md with the tables and plots
 
-Plans: default ("full"; `all` about 10 minutes on a 2-core CPU), `--quick` (about 2 minutes),
+Plans: default ("full"; `all` about 7 minutes on a 2-core CPU), `--quick` (about 1.5 minutes),
 `--smoke` (seconds; for tests).  Results: OUT/{kernels,encoders}.{json,md,png...}, OUT/REPORT.md;
 every JSON carries the conditions (machine, CPU ISA path, GPU, threads, dtype, versions, time).
 """
@@ -30,7 +30,7 @@ def parse_args(argv):
     p.add_argument("--dtype", choices=sorted(DTYPES), default=None,
                    help="kernels dtype (default: float32 on cpu, bfloat16 on cuda); encoders run in float32")
     plan = p.add_mutually_exclusive_group()
-    plan.add_argument("--quick", action="store_true", help="the short plan (about 2 minutes for all)")
+    plan.add_argument("--quick", action="store_true", help="the short plan (about 1.5 minutes for all)")
     plan.add_argument("--smoke", action="store_true", help="tiny shapes, seconds (tests)")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="result directory (default: bench/results)")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")

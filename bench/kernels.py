@@ -79,7 +79,7 @@ class Plan:
     modes: Tuple[str, ...]
     extra: Tuple[Tuple[int, int, Tuple[str, ...]], ...] = ()  # (L, D, variants) more cases
     reps: int = 3
-    naive_max_L: int = 2048          # the naive reference is O(L^2) in memory and slow
+    naive_max_L: int = 2048          # naive and sdpa-math materialize the L x L scores: slow, O(L^2) memory
     mem_Ls: Tuple[int, ...] = ()     # forward peak-memory probes (CPU)
     H: int = 8
     other_Ls: Optional[Tuple[int, ...]] = None   # lengths of the other variants (default: Ls)
@@ -104,6 +104,9 @@ def _case(variant, mode, L, D, H):
     return Case(variant, mode, L, D, H=H, Hkv=H // 4 if variant == "gqa" else None)
 
 
+# Peers that build the whole L x L score matrix; the plan's naive_max_L bounds their lengths.
+SCORE_MATERIALIZING = ("naive", "sdpa-math")
+
 PLANS = {
     "cpu": {
         "smoke": Plan(Ls=(64,), D=32, variants=("none", "keypad"), modes=("fwd", "bwd"), reps=1, H=2),
@@ -112,7 +115,7 @@ PLANS = {
         "full": Plan(Ls=(512, 1024, 2048, 4096), D=64,
                      variants=("none", "causal", "causal-tensor", "keypad", "window", "gqa"),
                      modes=("fwd", "bwd", "fwdbwd"), extra=((1024, 128, ("none", "causal")),),
-                     reps=3, H=4, naive_max_L=2048, mem_Ls=(1024, 4096), other_Ls=(1024, 2048),
+                     reps=3, H=4, naive_max_L=1024, mem_Ls=(1024, 4096), other_Ls=(1024, 2048),
                      grad_max_L=2048),
     },
     "cuda": {
@@ -302,7 +305,7 @@ def time_case(peers, case, dtype, device, reps, naive_max_L):
     runnable = {}
     for p in peers:
         why = p.refuses(case)
-        if p.name == "naive" and case.L > naive_max_L:
+        if p.name in SCORE_MATERIALIZING and case.L > naive_max_L:
             why = f"skipped above L={naive_max_L} (time and O(L^2) memory)"
         if why is None:
             try:
@@ -362,7 +365,7 @@ def run_kernels(mode="quick", device="cpu", dtype="float32", out=None, threads=N
         for L in plan.Ls:
             case = _case("none", "fwd", L, plan.D, plan.H)
             for p in peers:
-                if p.name == "naive" and L > plan.naive_max_L:
+                if p.name in SCORE_MATERIALIZING and L > plan.naive_max_L:
                     continue
                 try:
                     memory.append(dict(peer=p.name, L=L, D=plan.D, peak_mib=_cuda_peak_mib(p, case, tdtype)))
