@@ -1,5 +1,6 @@
 # make test  : install (venv, torch, triton, ...), build the extension, run the tests
 # make bench : install, build, parity summary, kernel and encoder benchmarks (quick plan), REPORT.md -> bench/results/
+# make harness : build/attnfast_harness, the CUDA kernels' standalone test and timing binary (nvcc only, no torch)
 # PYTHON=python3 uses an existing interpreter as it is (nothing is installed
 # into it but attnfast itself); by default a .venv is created here.
 VENV      := .venv
@@ -15,7 +16,7 @@ PY    := $(PYTHON)
 READY :=
 endif
 
-.PHONY: all deps build test test-fast bench info clean
+.PHONY: all deps build test test-fast bench info clean harness
 
 all: test
 
@@ -43,6 +44,17 @@ bench: build
 
 info: build
 	$(PY) -m attnfast info
+
+# Needs only nvcc; runs on sm_80+ (`build/attnfast_harness --help` lists the modes).
+NVCC         ?= nvcc
+HARNESS_ARCH := -gencode=arch=compute_80,code=sm_80 -gencode=arch=compute_90,code=sm_90
+HARNESS_SRC  := csrc/cuda/tools/harness.cu csrc/cuda/flash_fwd.cu csrc/cuda/flash_bwd.cu
+
+harness: build/attnfast_harness
+
+build/attnfast_harness: $(HARNESS_SRC) $(wildcard csrc/cuda/*.h csrc/cuda/*.cuh)
+	mkdir -p build
+	$(NVCC) -O3 -std=c++17 $(HARNESS_ARCH) -Icsrc/cuda $(HARNESS_SRC) -o $@
 
 clean:
 	rm -rf build *.egg-info attnfast/*.so
