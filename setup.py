@@ -3,7 +3,8 @@
 Environment:
   DEBUG=1                  build with -O0 -g (default -O3)
   MAX_JOBS=N               parallel compile jobs (read by torch's BuildExtension)
-  ATTNFAST_CUDA_ARCH_LIST  CUDA archs for csrc/cuda (default "9.0;8.0")
+  ATTNFAST_CUDA_ARCH_LIST  CUDA archs for csrc/cuda, "80;90" or "8.0;9.0" (default "80;90")
+  NVCC_THREADS=N           nvcc --threads per compile job (default 2)
   ATTNFAST_NO_CUDA=1       skip the CUDA sources even where CUDA is available
   ATTNFAST_SKIP_EXT=1      install the Python package only, without attnfast._C (the Makefile
                            installs that way once, then builds the extension in place with
@@ -53,16 +54,21 @@ sources = rel("csrc/cpu/*.cpp")
 use_cuda, why = cuda_available_for_build()
 ext_kwargs = dict(extra_compile_args={"cxx": cxx_flags}, extra_link_args=omp)
 if use_cuda:
-    archs = os.environ.get("ATTNFAST_CUDA_ARCH_LIST", "9.0;8.0")
-    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", archs)
-    ext_kwargs["extra_compile_args"]["nvcc"] = opt + ["-lineinfo", "-Xptxas=--warn-on-spills"]
+    archs = [a.replace(".", "") for a in os.environ.get("ATTNFAST_CUDA_ARCH_LIST", "80;90").split(";") if a]
+    # Explicit -gencode flags: torch then adds none of its own (TORCH_CUDA_ARCH_LIST is ignored).
+    gencode = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in archs]
+    ext_kwargs["extra_compile_args"]["nvcc"] = opt + gencode + [
+        "-lineinfo", "-Xptxas=--warn-on-spills",
+        f"--threads={os.environ.get('NVCC_THREADS', '2')}",
+    ]
     ext_kwargs["define_macros"] = [("ATTNFAST_WITH_CUDA", "1")]
-    ext = cpp_extension.CUDAExtension("attnfast._C", sources + rel("csrc/cuda/*.cu"), **ext_kwargs)
+    cuda_sources = rel("csrc/cuda/*.cu") + rel("csrc/cuda/*.cpp")
+    ext = cpp_extension.CUDAExtension("attnfast._C", sources + cuda_sources, **ext_kwargs)
 else:
     ext = cpp_extension.CppExtension("attnfast._C", sources, **ext_kwargs)
 print(
     f"attnfast build: DEBUG={int(DEBUG)} MAX_JOBS={os.environ.get('MAX_JOBS', 'auto')} "
-    f"cuda={'yes' if use_cuda else 'no'} ({why})"
+    f"cuda={'yes' if use_cuda else 'no'} ({why})" + (f" archs={';'.join(archs)}" if use_cuda else "")
 )
 
 setup(

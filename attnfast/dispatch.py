@@ -89,13 +89,38 @@ def _serves(name, plan):
     if name == "cpu" and dev != "cpu":
         return f"it serves CPU tensors, got {dev} tensors"
     interp = _AVAILABLE["triton"][1].startswith("Triton kernels under the interpreter")
-    if name == "cuda" and dev != "cuda":
-        return f"it serves CUDA tensors, got {dev} tensors"
+    if name == "cuda":
+        if dev != "cuda":
+            return f"it serves CUDA tensors, got {dev} tensors"
+        return _cuda_refuses(plan)
     if name == "triton":
         if dev != "cuda" and not (interp and dev == "cpu"):
             return f"it serves CUDA tensors (CPU tensors only under TRITON_INTERPRET=1), got {dev} tensors"
         if plan.q.dtype == torch.float64:
             return "float64 is not supported by the Triton kernels"
+    return None
+
+
+# Head dims with CUDA C++ kernels (csrc/cuda/flash.h); others go to Triton.
+CUDA_FWD_HEAD_DIMS = (64, 96, 128, 256)
+CUDA_BWD_HEAD_DIMS = (64, 96, 128)
+
+
+def _cuda_refuses(plan):
+    """None if the CUDA C++ kernels serve `plan`, else why not."""
+    if plan.q.dtype not in (torch.float16, torch.bfloat16):
+        return f"it serves float16 and bfloat16 (fp32 goes to Triton), got {plan.q.dtype}"
+    E, Ev = plan.q.shape[-1], plan.v.shape[-1]
+    if E != Ev:
+        return f"it needs equal query and value head dims, got {E} and {Ev}"
+    grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (plan.q, plan.k, plan.v, plan.mask))
+    dims = CUDA_BWD_HEAD_DIMS if grad else CUDA_FWD_HEAD_DIMS
+    if E not in dims:
+        what = "forward and backward" if grad else "forward"
+        return f"it has {what} kernels for head dims {dims}, got {E}"
+    if plan.dropout_p > 0.0:
+        return "dropout is served by the Triton backend"
     return None
 
 

@@ -1,4 +1,4 @@
-"""GPU-only checks (`pytest -m gpu`): the Triton backend on CUDA tensors at real sizes.
+"""GPU-only checks (`pytest -m gpu`): the Triton and CUDA C++ backends on CUDA tensors at real sizes.
 
 Skipped on machines without a CUDA device (see conftest.py); bench/gpu_check.sh
 runs them on a GPU machine.
@@ -43,6 +43,43 @@ def test_triton_parity_cuda(case, dtype):
     res = compare_with_reference(run, q, k, v, m, **case.ref_kwargs())
     bad = [r for r in res if not r.ok]
     assert not bad, f"{case.id()} {dtype}: " + "; ".join(map(repr, bad))
+
+
+CUDA_CASES = [c for c in CASES if c.E in (64, 96, 128)] + [
+    Case(B=1, Hq=4, Hkv=2, Lq=1, Lk=203, E=64, causal=True, align="bottom_right"),
+    Case(B=2, Hq=2, Hkv=2, Lq=1025, Lk=17, E=128, causal=True),
+    Case(B=1, Hq=6, Hkv=3, Lq=113, Lk=113, E=96, mask="bool", mask_bcast="heads"),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "f16"])
+@pytest.mark.parametrize("case", CUDA_CASES, ids=[c.id() for c in CUDA_CASES])
+def test_cuda_cpp_parity(case, dtype):
+    """The CUDA C++ kernels (csrc/cuda), forward and backward, by the parity rule."""
+    if not attnfast.backends()["cuda"].available:
+        pytest.fail(f"the cuda backend should be built on a GPU machine: {attnfast.backends()['cuda'].reason}")
+    q, k, v, m = (_cuda(t) for t in make_inputs(case, dtype))
+
+    def run(q, k, v, m):
+        return attnfast.attention(q, k, v, attn_mask=m, return_lse=True, backend="cuda",
+                                  **case.attention_kwargs())
+
+    res = compare_with_reference(run, q, k, v, m, **case.ref_kwargs())
+    bad = [r for r in res if not r.ok]
+    assert not bad, f"{case.id()} {dtype}: " + "; ".join(map(repr, bad))
+
+
+@pytest.mark.parametrize("E", [64, 128, 256])
+def test_cuda_cpp_forward_only(E):
+    """Forward without gradients, including the head dim with a forward kernel only (256)."""
+    if not attnfast.backends()["cuda"].available:
+        pytest.fail(attnfast.backends()["cuda"].reason)
+    case = Case(B=2, Hq=4, Hkv=1, Lq=300, Lk=517, E=E, causal=True, align="bottom_right")
+    q, k, v, _ = (_cuda(t) for t in make_inputs(case, torch.bfloat16))
+    res = compare_with_reference(
+        lambda q, k, v, m: attnfast.attention(q, k, v, return_lse=True, backend="cuda", **case.attention_kwargs()),
+        q, k, v, None, grads=False, **case.ref_kwargs())
+    assert all(r.ok for r in res), res
 
 
 def test_triton_dropout_cuda(fresh_seed):

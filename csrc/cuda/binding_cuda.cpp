@@ -1,0 +1,196 @@
+// Torch binding of the CUDA kernels: checks, tensors -> params, CUDA impls of
+// the attnfast::fwd / attnfast::bwd schemas (declared in csrc/cpu/binding.cpp).
+//
+// attnfast/dispatch.py sends a call here only when these kernels serve it
+// (fp16/bf16, equal q/v head dims with a kernel, no dropout); the checks below
+// keep any other call from reaching a kernel.
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <cuda_runtime_api.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+
+#include "flash.h"
+
+namespace attnfast {
+namespace cuda {
+namespace {
+
+constexpr int64_t kMaxGrid = 65535;  // grid y/z limit: heads and batch
+
+// Column stride 1, other strides multiples of 8 elements, 16-byte aligned
+// base: what the kernels' 16-byte copies need.  Otherwise a contiguous copy.
+at::Tensor aligned(const at::Tensor& t) {
+  const bool ok = t.stride(3) == 1 && t.stride(0) % 8 == 0 && t.stride(1) % 8 == 0 &&
+                  t.stride(2) % 8 == 0 && reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0;
+  return ok ? t : t.contiguous();
+}
+
+Strides3 strides3(const at::Tensor& t) { return Strides3{t.stride(0), t.stride(1), t.stride(2)}; }
+
+void fill_common(AttnParams& p, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                 const std::optional<at::Tensor>& mask, double scale, int64_t window_left,
+                 int64_t window_right, bool bottom_right, double dropout_p, bool backward) {
+  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, "attnfast cuda: q, k, v must be 4-D");
+  TORCH_CHECK(q.is_cuda() && k.device() == q.device() && v.device() == q.device(),
+              "attnfast cuda: q, k, v must be CUDA tensors on one device");
+  TORCH_CHECK(q.scalar_type() == at::kHalf || q.scalar_type() == at::kBFloat16,
+              "attnfast cuda: q must be float16 or bfloat16, got ", q.scalar_type());
+  TORCH_CHECK(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type(),
+              "attnfast cuda: q, k, v must share one dtype");
+  TORCH_CHECK(dropout_p == 0.0, "attnfast cuda: dropout is served by the Triton backend");
+  const int64_t B = q.size(0), Hq = q.size(1), Lq = q.size(2), D = q.size(3);
+  const int64_t Hkv = k.size(1), Lk = k.size(2);
+  TORCH_CHECK(k.size(0) == B && v.size(0) == B, "attnfast cuda: batch sizes differ");
+  TORCH_CHECK(v.size(1) == Hkv && Hkv > 0 && Hq % Hkv == 0,
+              "attnfast cuda: key/value heads must divide query heads");
+  TORCH_CHECK(v.size(2) == Lk, "attnfast cuda: key and value lengths differ");
+  TORCH_CHECK(k.size(3) == D && v.size(3) == D,
+              "attnfast cuda: q, k and v must share one head dim, got ", D, ", ", k.size(3), ", ", v.size(3));
+  TORCH_CHECK(backward ? bwd_supports_head_dim(static_cast<int>(D)) : fwd_supports_head_dim(static_cast<int>(D)),
+              "attnfast cuda: no ", backward ? "backward" : "forward", " kernel for head dim ", D);
+  TORCH_CHECK(B <= kMaxGrid && Hq <= kMaxGrid, "attnfast cuda: batch and heads must be <= ", kMaxGrid);
+  // Band arithmetic (row + diagonal + window) stays below 3 * 2^29 < 2^31.
+  TORCH_CHECK(Lq < (int64_t{1} << 29) && Lk < (int64_t{1} << 29),
+              "attnfast cuda: sequence lengths must be < 2^29");
+  p.elem = q.scalar_type() == at::kBFloat16 ? Elem::bf16 : Elem::f16;
+  p.B = static_cast<int>(B);
+  p.Hq = static_cast<int>(Hq);
+  p.Hkv = static_cast<int>(Hkv);
+  p.Lq = static_cast<int>(Lq);
+  p.Lk = static_cast<int>(Lk);
+  p.D = static_cast<int>(D);
+  p.q = q.data_ptr();
+  p.k = k.data_ptr();
+  p.v = v.data_ptr();
+  p.q_st = strides3(q);
+  p.k_st = strides3(k);
+  p.v_st = strides3(v);
+
+  p.mask_kind = MaskKind::none;
+  p.mask = nullptr;
+  for (auto& s : p.mask_st) s = 0;
+  if (mask.has_value()) {
+    const at::Tensor& m = *mask;
+    TORCH_CHECK(m.dim() == 4 && m.size(0) == B && m.size(1) == Hq && m.size(2) == Lq && m.size(3) == Lk,
+                "attnfast cuda: attn_mask must be expanded to (B, Hq, Lq, Lk)");
+    TORCH_CHECK(m.device() == q.device(), "attnfast cuda: attn_mask must be on q's device");
+    if (m.scalar_type() == at::kBool) {
+      p.mask_kind = MaskKind::boolean;
+    } else {
+      TORCH_CHECK(m.scalar_type() == q.scalar_type(), "attnfast cuda: a float attn_mask must have the query dtype");
+      p.mask_kind = MaskKind::additive;
+    }
+    p.mask = m.data_ptr();
+    for (int i = 0; i < 4; ++i) p.mask_st[i] = m.stride(i);
+  }
+  p.scale = static_cast<float>(scale);
+  p.scale_log2 = static_cast<float>(scale * 1.4426950408889634);
+  const int64_t diag = bottom_right ? Lk - Lq : 0;
+  // Windows wider than both sequences are unbounded; clamping keeps the index
+  // arithmetic in 32 bits.
+  const int64_t far = std::max(Lq, Lk) + 1;
+  p.diag_offset = static_cast<int>(diag);
+  p.window_left = static_cast<int>(window_left < 0 ? -1 : std::min(window_left, far));
+  p.window_right = static_cast<int>(window_right < 0 ? -1 : std::min(window_right, far));
+}
+
+void check_launch(int err, const char* what) {
+  TORCH_CHECK(err == 0, "attnfast cuda: ", what, " failed: ", cudaGetErrorString(static_cast<cudaError_t>(err)));
+}
+
+std::tuple<at::Tensor, at::Tensor> fwd_cuda(const at::Tensor& q_in, const at::Tensor& k_in,
+                                            const at::Tensor& v_in, const std::optional<at::Tensor>& attn_mask,
+                                            double scale, int64_t window_left, int64_t window_right,
+                                            bool bottom_right, double dropout_p,
+                                            const std::optional<at::Tensor>& rng) {
+  (void)rng;
+  const c10::cuda::CUDAGuard guard(q_in.device());
+  const at::Tensor q = aligned(q_in), k = aligned(k_in), v = aligned(v_in);
+  FwdParams p;
+  fill_common(p, q, k, v, attn_mask, scale, window_left, window_right, bottom_right, dropout_p, false);
+  at::Tensor out = at::empty({p.B, p.Hq, p.Lq, p.D}, q.options());
+  at::Tensor lse = at::empty({p.B, p.Hq, p.Lq}, q.options().dtype(at::kFloat));
+  if (out.numel() == 0) return {out, lse};
+  if (p.Lk == 0) {  // no key anywhere: zeros, lse -inf
+    out.zero_();
+    lse.fill_(-std::numeric_limits<float>::infinity());
+    return {out, lse};
+  }
+  p.out = out.data_ptr();
+  p.out_st = strides3(out);
+  p.lse = lse.data_ptr<float>();
+  check_launch(run_fwd(p, c10::cuda::getCurrentCUDAStream().stream()), "forward launch");
+  return {out, lse};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bwd_cuda(
+    const at::Tensor& dout_in, const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
+    const at::Tensor& out_in, const at::Tensor& lse, const std::optional<at::Tensor>& dlse,
+    const std::optional<at::Tensor>& attn_mask, double scale, int64_t window_left, int64_t window_right,
+    bool bottom_right, double dropout_p, const std::optional<at::Tensor>& rng, bool mask_grad) {
+  (void)rng;
+  const c10::cuda::CUDAGuard guard(q_in.device());
+  const at::Tensor q = aligned(q_in), k = aligned(k_in), v = aligned(v_in);
+  const at::Tensor dout = aligned(dout_in), out = aligned(out_in);
+  BwdParams p;
+  fill_common(p, q, k, v, attn_mask, scale, window_left, window_right, bottom_right, dropout_p, true);
+  TORCH_CHECK(dout.dim() == 4 && dout.sizes() == out.sizes() && out.size(0) == p.B && out.size(1) == p.Hq &&
+                  out.size(2) == p.Lq && out.size(3) == p.D,
+              "attnfast cuda: dout and out must be (B, Hq, Lq, D)");
+  TORCH_CHECK(dout.scalar_type() == q.scalar_type() && out.scalar_type() == q.scalar_type() &&
+                  dout.device() == q.device() && out.device() == q.device(),
+              "attnfast cuda: dout and out must have q's dtype and device");
+  TORCH_CHECK(lse.scalar_type() == at::kFloat && lse.dim() == 3 && lse.size(0) == p.B && lse.size(1) == p.Hq &&
+                  lse.size(2) == p.Lq && lse.device() == q.device(),
+              "attnfast cuda: lse must be float32 (B, Hq, Lq) on q's device");
+  TORCH_CHECK(!mask_grad || p.mask_kind == MaskKind::additive, "attnfast cuda: mask_grad needs a float attn_mask");
+  const at::Tensor lse_c = lse.contiguous();
+  at::Tensor dlse_c;
+  if (dlse.has_value()) {
+    TORCH_CHECK(dlse->sizes() == lse.sizes() && dlse->scalar_type() == at::kFloat && dlse->device() == q.device(),
+                "attnfast cuda: dlse must match lse in shape, dtype and device");
+    dlse_c = dlse->contiguous();
+  }
+  at::Tensor dq = at::empty({p.B, p.Hq, p.Lq, p.D}, q.options());
+  at::Tensor dk = at::empty({p.B, p.Hkv, p.Lk, p.D}, q.options());
+  at::Tensor dv = at::empty({p.B, p.Hkv, p.Lk, p.D}, q.options());
+  const auto f32 = q.options().dtype(at::kFloat);
+  at::Tensor dmask = mask_grad ? at::zeros({p.B, p.Hq, p.Lq, p.Lk}, f32) : at::empty({0}, f32);
+  if (static_cast<int64_t>(p.B) * p.Hq * p.Lq == 0 || p.Lk == 0) {
+    dq.zero_();
+    dk.zero_();
+    dv.zero_();
+    return {dq, dk, dv, dmask};
+  }
+  at::Tensor dq_accum = at::empty({p.B, p.Hq, p.Lq, p.D}, f32);
+  at::Tensor delta = at::empty({p.B, p.Hq, p.Lq}, f32);
+  p.out = out.data_ptr();
+  p.out_st = strides3(out);
+  p.dout = dout.data_ptr();
+  p.dout_st = strides3(dout);
+  p.lse = lse_c.data_ptr<float>();
+  p.dlse = dlse.has_value() ? dlse_c.data_ptr<float>() : nullptr;
+  p.delta = delta.data_ptr<float>();
+  p.dq_accum = dq_accum.data_ptr<float>();
+  p.dq = dq.data_ptr();
+  p.dk = dk.data_ptr();
+  p.dv = dv.data_ptr();
+  p.dmask = mask_grad ? dmask.data_ptr<float>() : nullptr;
+  check_launch(run_bwd(p, c10::cuda::getCurrentCUDAStream().stream()), "backward launch");
+  return {dq, dk, dv, dmask};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(attnfast, CUDA, m) {
+  m.impl("fwd", &fwd_cuda);
+  m.impl("bwd", &bwd_cuda);
+}
+
+}  // namespace cuda
+}  // namespace attnfast

@@ -1,0 +1,90 @@
+// Parameter blocks of the CUDA attention kernels.
+//
+// Plain pointers, sizes and element strides: no torch type reaches the
+// kernels, so they compile with nvcc alone (tools/harness.cu, the CI compile
+// check) as well as inside attnfast._C (binding_cuda.cpp fills these).
+#pragma once
+#include <cstdint>
+
+namespace attnfast {
+namespace cuda {
+
+enum class Elem : int { f16 = 0, bf16 = 1 };
+enum class MaskKind : int { none = 0, boolean = 1, additive = 2 };
+
+// Strides in elements of a (batch, head, row, column) operand.  Every q/k/v/o/
+// dout operand has column stride 1 and row stride a multiple of 8 elements
+// (16-byte rows: the kernels copy 16-byte chunks); the binding copies inputs
+// that are not so.
+struct Strides3 {
+  int64_t b, h, r;
+};
+
+struct AttnParams {
+  Elem elem;
+  // q: (B, Hq, Lq, D), k: (B, Hkv, Lk, D), v: (B, Hkv, Lk, D); Hq % Hkv == 0.
+  int B, Hq, Hkv, Lq, Lk, D;
+  const void* q;
+  const void* k;
+  const void* v;
+  Strides3 q_st, k_st, v_st;
+
+  // Optional mask of logical shape (B, Hq, Lq, Lk); stride 0 where it
+  // broadcasts.  bool (1 byte, nonzero = visible) or additive in q's dtype.
+  MaskKind mask_kind;
+  const void* mask;
+  int64_t mask_st[4];
+
+  float scale;       // softmax scale
+  float scale_log2;  // scale * log2(e)
+  // Visible keys for query row i: lo <= j <= hi with d = i + diag_offset,
+  // lo = d - window_left (window_left >= 0), hi = d + window_right
+  // (window_right >= 0); -1 = unbounded.  Causal is window_right = 0.
+  int diag_offset;
+  int window_left;
+  int window_right;
+};
+
+struct FwdParams : AttnParams {
+  void* out;        // (B, Hq, Lq, D), strides out_st, q's dtype
+  Strides3 out_st;
+  float* lse;       // (B, Hq, Lq) contiguous, natural log; -inf for rows that see no key
+};
+
+struct BwdParams : AttnParams {
+  const void* out;   // (B, Hq, Lq, D)
+  Strides3 out_st;
+  const void* dout;  // (B, Hq, Lq, D)
+  Strides3 dout_st;
+  const float* lse;   // (B, Hq, Lq) contiguous
+  const float* dlse;  // (B, Hq, Lq) contiguous gradient of lse, or nullptr
+  float* delta;       // (B, Hq, Lq) scratch: rowsum(dout * out) - dlse
+  float* dq_accum;    // (B, Hq, Lq, D) fp32 scratch, zeroed by the preprocess kernel
+  void* dq;           // (B, Hq, Lq, D) contiguous, q's dtype
+  void* dk;           // (B, Hkv, Lk, D) contiguous
+  void* dv;           // (B, Hkv, Lk, D) contiguous
+  float* dmask;       // (B, Hq, Lq, Lk) contiguous fp32 (additive masks), or nullptr
+};
+
+// Head dims with kernels; other sizes are served by the Triton backend.
+constexpr int kFwdHeadDims[] = {64, 96, 128, 256};
+constexpr int kBwdHeadDims[] = {64, 96, 128};
+
+inline bool fwd_supports_head_dim(int d) {
+  for (int x : kFwdHeadDims)
+    if (x == d) return true;
+  return false;
+}
+inline bool bwd_supports_head_dim(int d) {
+  for (int x : kBwdHeadDims)
+    if (x == d) return true;
+  return false;
+}
+
+// Launchers (flash_fwd.cu, flash_bwd.cu).  They return the CUDA error of the
+// launch (cudaSuccess when it was queued); `stream` is a cudaStream_t.
+int run_fwd(const FwdParams& p, void* stream);
+int run_bwd(const BwdParams& p, void* stream);
+
+}  // namespace cuda
+}  // namespace attnfast

@@ -1,0 +1,317 @@
+// FlashAttention-2-style backward on tensor cores (sm80+).
+//
+// Three launches:
+//   1. preprocess: delta = rowsum(dO * O) - dlse per query row (fp32), and
+//      zero the fp32 dQ accumulator;
+//   2. main: one CTA per block of kBlockN keys of one (batch, kv head).  It
+//      keeps K, V and its dK, dV accumulators for the whole pass and walks
+//      every query block (of every query head of its GQA group) that can see
+//      its keys.  Each warp owns 16 keys and computes S^T = K Q^T and
+//      dP^T = V dO^T for them, so P^T and dS^T come out of the accumulators
+//      already in the A-fragment layout of dV += P^T dO and dK += dS^T Q.
+//      dS^T goes through shared memory for dQ += dS K, which is added to the
+//      fp32 accumulator with atomics (several key blocks share a query row);
+//   3. convert: dQ = scale * accumulator in the input dtype.
+// P is recomputed from the saved lse: P = exp2(s * scale * log2e - lse * log2e).
+#pragma once
+#include <cuda_runtime.h>
+
+#include "band.cuh"
+#include "flash.h"
+#include "mma.cuh"
+
+namespace attnfast {
+namespace cuda {
+
+template <int kHeadDim_, int kBlockM_>
+struct BwdTraits {
+  static constexpr int kHeadDim = kHeadDim_;
+  static constexpr int kNWarps = 8;
+  static constexpr int kNThreads = 32 * kNWarps;
+  static constexpr int kBlockN = 16 * kNWarps;  // 16 keys per warp
+  static constexpr int kBlockM = kBlockM_;      // query rows per step
+  static constexpr int kStride = kHeadDim + 8;  // smem row stride of Q, dO, K, V (elements)
+  static constexpr int kStrideS = kBlockM + 8;  // smem row stride of dS^T
+  static constexpr int kNTilesM = kBlockM / 8;  // n8 tiles of S^T per warp
+  static constexpr int kNTilesD = kHeadDim / 8;  // n8 tiles of dK, dV per warp
+  // dQ (kBlockM x kHeadDim) over the warps: kBlockM / 16 row groups x the rest as column groups.
+  static constexpr int kDqRowGroups = kBlockM / 16;
+  static constexpr int kDqColGroups = kNWarps / kDqRowGroups;
+  static constexpr int kDqCols = kHeadDim / kDqColGroups;
+  static constexpr int kNTilesDq = kDqCols / 8;
+  static constexpr int kSmemKV = kBlockN * kStride;
+  static constexpr int kSmemQ = kBlockM * kStride;
+  static constexpr int kSmemS = kBlockN * kStrideS;
+  static constexpr int kSmemBytes = (2 * kSmemKV + 2 * kSmemQ + kSmemS) * 2 + 2 * kBlockM * 4;
+
+  static_assert(kHeadDim % 16 == 0 && kBlockM % 16 == 0, "k-steps of 16");
+  static_assert(kNWarps % kDqRowGroups == 0 && kHeadDim % (8 * kDqColGroups) == 0,
+                "dQ must split into whole n8 tiles over the warps");
+  static_assert(kBlockM <= kNThreads, "one thread per query row loads lse and delta");
+  static_assert((kStride * 2) % 16 == 0 && (kStrideS * 2) % 16 == 0, "smem rows must be 16-byte aligned");
+  static_assert(kSmemBytes <= 163 * 1024, "shared memory must fit sm80");
+};
+
+// Per head dim, the query step: 64 rows at D=64; 32 above, so that the dK and
+// dV accumulators (kHeadDim floats per thread) plus S^T and dP^T (kBlockM
+// floats) stay in registers without spills (compile check).
+template <int D>
+struct BwdConfig {
+  using Traits = BwdTraits<D, D <= 64 ? 64 : 32>;
+};
+
+template <typename T>
+__global__ void flash_bwd_preprocess_kernel(const BwdParams p) {
+  // One warp per query row.
+  const int lane = threadIdx.x % 32;
+  const int64_t row = static_cast<int64_t>(blockIdx.x) * (blockDim.x / 32) + threadIdx.x / 32;
+  const int64_t rows = static_cast<int64_t>(p.B) * p.Hq * p.Lq;
+  if (row >= rows) return;
+  const int i = static_cast<int>(row % p.Lq);
+  const int h = static_cast<int>((row / p.Lq) % p.Hq);
+  const int b = static_cast<int>(row / (static_cast<int64_t>(p.Lq) * p.Hq));
+  const T* o = static_cast<const T*>(p.out) + b * p.out_st.b + h * p.out_st.h + i * p.out_st.r;
+  const T* dout = static_cast<const T*>(p.dout) + b * p.dout_st.b + h * p.dout_st.h + i * p.dout_st.r;
+  float* dq = p.dq_accum + row * p.D;
+  float acc = 0.f;
+  for (int d = lane; d < p.D; d += 32) {
+    acc += ElemOps<T>::to_float(o[d]) * ElemOps<T>::to_float(dout[d]);
+    dq[d] = 0.f;
+  }
+#pragma unroll
+  for (int off = 16; off > 0; off /= 2) acc += __shfl_xor_sync(0xffffffffu, acc, off);
+  if (lane == 0) p.delta[row] = acc - (p.dlse != nullptr ? p.dlse[row] : 0.f);
+}
+
+template <typename T>
+__global__ void flash_bwd_convert_dq_kernel(const BwdParams p) {
+  const int64_t n = static_cast<int64_t>(p.B) * p.Hq * p.Lq * p.D;
+  T* dq = static_cast<T*>(p.dq);
+  for (int64_t x = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; x < n;
+       x += static_cast<int64_t>(gridDim.x) * blockDim.x)
+    dq[x] = ElemOps<T>::from_float(p.dq_accum[x] * p.scale);
+}
+
+template <typename T, typename Tr, bool kHasMask>
+__global__ void __launch_bounds__(Tr::kNThreads, 1) flash_bwd_kernel(const BwdParams p) {
+  constexpr int D = Tr::kHeadDim, BM = Tr::kBlockM, BN = Tr::kBlockN, S = Tr::kStride, SS = Tr::kStrideS;
+  extern __shared__ __align__(16) char smem_raw[];
+  T* sK = reinterpret_cast<T*>(smem_raw);
+  T* sV = sK + Tr::kSmemKV;
+  T* sQ = sV + Tr::kSmemKV;
+  T* sdO = sQ + Tr::kSmemQ;
+  T* sdS = sdO + Tr::kSmemQ;  // dS^T: (BN keys, BM queries)
+  float* sLse = reinterpret_cast<float*>(sdS + Tr::kSmemS);  // lse * log2e; +inf for dead rows
+  float* sDelta = sLse + BM;
+
+  const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
+  const int g = lane / 4, t = lane % 4;
+  const int n0 = blockIdx.x * BN;
+  const int hk = blockIdx.y, b = blockIdx.z;
+  const int group = p.Hq / p.Hkv;
+  const Band band(p);
+  const int wkey = warp * 16;  // this warp's keys: n0 + wkey + g (+ 8)
+
+  const T* k = static_cast<const T*>(p.k) + b * p.k_st.b + hk * p.k_st.h;
+  const T* v = static_cast<const T*>(p.v) + b * p.v_st.b + hk * p.v_st.h;
+  load_tile_async<BN, D, Tr::kNThreads>(sK, k + static_cast<int64_t>(n0) * p.k_st.r, p.k_st.r, 0, p.Lk - n0, tid);
+  load_tile_async<BN, D, Tr::kNThreads>(sV, v + static_cast<int64_t>(n0) * p.v_st.r, p.v_st.r, 0, p.Lk - n0, tid);
+  cp_async_commit();
+
+  float acc_dk[Tr::kNTilesD][4], acc_dv[Tr::kNTilesD][4];
+#pragma unroll
+  for (int i = 0; i < Tr::kNTilesD; ++i)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) acc_dk[i][e] = acc_dv[i][e] = 0.f;
+
+  const int m_lo = band.query_lo(n0), m_hi = band.query_hi(min(n0 + BN, p.Lk));
+  const int mb_lo = m_lo / BM, mb_hi = m_hi > m_lo ? (m_hi + BM - 1) / BM : mb_lo;
+
+  for (int h = hk * group; h < (hk + 1) * group; ++h) {
+    const T* q = static_cast<const T*>(p.q) + b * p.q_st.b + h * p.q_st.h;
+    const T* dout = static_cast<const T*>(p.dout) + b * p.dout_st.b + h * p.dout_st.h;
+    const int64_t row_base = (static_cast<int64_t>(b) * p.Hq + h) * p.Lq;
+    float* dq_accum = p.dq_accum + row_base * D;
+    float* dmask = p.dmask != nullptr ? p.dmask + row_base * p.Lk : nullptr;
+    const MaskReader<T> mask = kHasMask ? MaskReader<T>(p, b, h) : MaskReader<T>{};
+
+    for (int mb = mb_lo; mb < mb_hi; ++mb) {
+      const int m0 = mb * BM;
+      load_tile_async<BM, D, Tr::kNThreads>(sQ, q + static_cast<int64_t>(m0) * p.q_st.r, p.q_st.r, 0, p.Lq - m0, tid);
+      load_tile_async<BM, D, Tr::kNThreads>(sdO, dout + static_cast<int64_t>(m0) * p.dout_st.r, p.dout_st.r, 0,
+                                            p.Lq - m0, tid);
+      cp_async_commit();
+      if (tid < BM) {
+        const int i = m0 + tid;
+        float l = i < p.Lq ? p.lse[row_base + i] : INFINITY;
+        sLse[tid] = l == -INFINITY ? INFINITY : l * kLog2e;  // rows that saw nothing: P = 0
+        sDelta[tid] = i < p.Lq ? p.delta[row_base + i] : 0.f;
+      }
+      cp_async_wait<0>();
+      __syncthreads();
+
+      // S^T = K Q^T and dP^T = V dO^T for this warp's 16 keys x BM queries.
+      float acc_s[Tr::kNTilesM][4], acc_dp[Tr::kNTilesM][4];
+#pragma unroll
+      for (int i = 0; i < Tr::kNTilesM; ++i)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) acc_s[i][e] = acc_dp[i][e] = 0.f;
+#pragma unroll
+      for (int kk = 0; kk < D / 16; ++kk) {
+        uint32_t ak[4], av[4];
+        ldmatrix_x4(ak, sK + (wkey + (lane & 15)) * S + kk * 16 + (lane >> 4) * 8);
+        ldmatrix_x4(av, sV + (wkey + (lane & 15)) * S + kk * 16 + (lane >> 4) * 8);
+#pragma unroll
+        for (int np = 0; np < BM / 16; ++np) {
+          const int off = (np * 16 + (lane >> 4) * 8 + (lane & 7)) * S + kk * 16 + ((lane >> 3) & 1) * 8;
+          uint32_t bq[4], bo[4];
+          ldmatrix_x4(bq, sQ + off);
+          ldmatrix_x4(bo, sdO + off);
+          ElemOps<T>::mma(acc_s[2 * np], ak, bq);
+          ElemOps<T>::mma(acc_s[2 * np + 1], ak, bq + 2);
+          ElemOps<T>::mma(acc_dp[2 * np], av, bo);
+          ElemOps<T>::mma(acc_dp[2 * np + 1], av, bo + 2);
+        }
+      }
+
+      // P^T and dS^T = P^T (dP^T - delta), elementwise; element e of tile j is
+      // key n0 + wkey + g (+8 for e >= 2), query m0 + 8j + 2t + (e & 1).
+      const bool inside = !kHasMask && band.tile_inside(m0, m0 + BM, n0, n0 + BN);
+#pragma unroll
+      for (int j = 0; j < Tr::kNTilesM; ++j)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int qc = 8 * j + 2 * t + (e & 1);
+          const int key = n0 + wkey + g + (e >= 2 ? 8 : 0), i = m0 + qc;
+          float s2 = acc_s[j][e] * p.scale_log2;
+          if (!inside) {
+            if (!band.visible(i, key)) s2 = -INFINITY;
+            else if (kHasMask) s2 = mask.apply(s2, i, key);
+          }
+          const float pr = exp2f(s2 - sLse[qc]);  // hidden: exp2(-inf) = 0; dead rows: exp2(-inf) = 0
+          const float ds = pr * (acc_dp[j][e] - sDelta[qc]);
+          acc_s[j][e] = pr;
+          acc_dp[j][e] = ds;
+          if (dmask != nullptr && i < p.Lq && key < p.Lk) dmask[static_cast<int64_t>(i) * p.Lk + key] = ds;
+        }
+
+      // dV += P^T dO and dK += dS^T Q (k = queries), and dS^T -> smem for dQ.
+#pragma unroll
+      for (int kq = 0; kq < BM / 16; ++kq) {
+        uint32_t ap[4], as[4];
+        ap[0] = ElemOps<T>::pack(acc_s[2 * kq][0], acc_s[2 * kq][1]);
+        ap[1] = ElemOps<T>::pack(acc_s[2 * kq][2], acc_s[2 * kq][3]);
+        ap[2] = ElemOps<T>::pack(acc_s[2 * kq + 1][0], acc_s[2 * kq + 1][1]);
+        ap[3] = ElemOps<T>::pack(acc_s[2 * kq + 1][2], acc_s[2 * kq + 1][3]);
+        as[0] = ElemOps<T>::pack(acc_dp[2 * kq][0], acc_dp[2 * kq][1]);
+        as[1] = ElemOps<T>::pack(acc_dp[2 * kq][2], acc_dp[2 * kq][3]);
+        as[2] = ElemOps<T>::pack(acc_dp[2 * kq + 1][0], acc_dp[2 * kq + 1][1]);
+        as[3] = ElemOps<T>::pack(acc_dp[2 * kq + 1][2], acc_dp[2 * kq + 1][3]);
+        // dS^T rows (keys) wkey + g and + 8, columns (queries) 16 kq + 2t (+8).
+        *reinterpret_cast<uint32_t*>(sdS + (wkey + g) * SS + kq * 16 + 2 * t) = as[0];
+        *reinterpret_cast<uint32_t*>(sdS + (wkey + g + 8) * SS + kq * 16 + 2 * t) = as[1];
+        *reinterpret_cast<uint32_t*>(sdS + (wkey + g) * SS + kq * 16 + 8 + 2 * t) = as[2];
+        *reinterpret_cast<uint32_t*>(sdS + (wkey + g + 8) * SS + kq * 16 + 8 + 2 * t) = as[3];
+#pragma unroll
+        for (int dp = 0; dp < D / 16; ++dp) {
+          const int off = (kq * 16 + ((lane >> 3) & 1) * 8 + (lane & 7)) * S + dp * 16 + (lane >> 4) * 8;
+          uint32_t bo[4], bq[4];
+          ldmatrix_x4_trans(bo, sdO + off);
+          ldmatrix_x4_trans(bq, sQ + off);
+          ElemOps<T>::mma(acc_dv[2 * dp], ap, bo);
+          ElemOps<T>::mma(acc_dv[2 * dp + 1], ap, bo + 2);
+          ElemOps<T>::mma(acc_dk[2 * dp], as, bq);
+          ElemOps<T>::mma(acc_dk[2 * dp + 1], as, bq + 2);
+        }
+      }
+      __syncthreads();  // dS^T complete
+
+      // dQ[rows qm0.., cols dc0..] += dS K, split over the warps by row and column groups.
+      {
+        const int qm0 = (warp % Tr::kDqRowGroups) * 16, dc0 = (warp / Tr::kDqRowGroups) * Tr::kDqCols;
+        float acc_dq[Tr::kNTilesDq][4];
+#pragma unroll
+        for (int i = 0; i < Tr::kNTilesDq; ++i)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) acc_dq[i][e] = 0.f;
+#pragma unroll
+        for (int kk = 0; kk < BN / 16; ++kk) {
+          uint32_t a[4];
+          const int mi = lane >> 3;
+          ldmatrix_x4_trans(a, sdS + (kk * 16 + (mi >> 1) * 8 + (lane & 7)) * SS + qm0 + (mi & 1) * 8);
+          const T* krow = sK + (kk * 16 + ((lane >> 3) & 1) * 8 + (lane & 7)) * S + dc0;
+#pragma unroll
+          for (int dp = 0; dp < Tr::kNTilesDq / 2; ++dp) {
+            uint32_t bk[4];
+            ldmatrix_x4_trans(bk, krow + dp * 16 + (lane >> 4) * 8);
+            ElemOps<T>::mma(acc_dq[2 * dp], a, bk);
+            ElemOps<T>::mma(acc_dq[2 * dp + 1], a, bk + 2);
+          }
+          if constexpr (Tr::kNTilesDq % 2 == 1) {  // odd n8 tile: two matrices
+            uint32_t bk[2];
+            ldmatrix_x2_trans(bk, krow + (Tr::kNTilesDq - 1) * 8);
+            ElemOps<T>::mma(acc_dq[Tr::kNTilesDq - 1], a, bk);
+          }
+        }
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+          const int i = m0 + qm0 + g + 8 * r;
+          if (i >= p.Lq) continue;
+          float* dst = dq_accum + static_cast<int64_t>(i) * D + dc0 + 2 * t;
+#pragma unroll
+          for (int d = 0; d < Tr::kNTilesDq; ++d) {
+            atomicAdd(dst + d * 8, acc_dq[d][2 * r]);
+            atomicAdd(dst + d * 8 + 1, acc_dq[d][2 * r + 1]);
+          }
+        }
+      }
+      __syncthreads();  // before the next step overwrites Q, dO, dS^T
+    }
+  }
+
+  cp_async_wait<0>();  // K/V copies are still in flight when no query block saw these keys
+
+  // dK = scale * sum dS^T Q, dV = sum P^T dO; keys past Lk are not written.
+  T* dk = static_cast<T*>(p.dk) + (static_cast<int64_t>(b) * p.Hkv + hk) * p.Lk * D;
+  T* dv = static_cast<T*>(p.dv) + (static_cast<int64_t>(b) * p.Hkv + hk) * p.Lk * D;
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const int key = n0 + wkey + g + 8 * r;
+    if (key >= p.Lk) continue;
+#pragma unroll
+    for (int d = 0; d < Tr::kNTilesD; ++d) {
+      const int64_t off = static_cast<int64_t>(key) * D + d * 8 + 2 * t;
+      *reinterpret_cast<uint32_t*>(dk + off) =
+          ElemOps<T>::pack(acc_dk[d][2 * r] * p.scale, acc_dk[d][2 * r + 1] * p.scale);
+      *reinterpret_cast<uint32_t*>(dv + off) = ElemOps<T>::pack(acc_dv[d][2 * r], acc_dv[d][2 * r + 1]);
+    }
+  }
+}
+
+template <typename T, int D, bool kHasMask>
+int launch_bwd(const BwdParams& p, cudaStream_t stream) {
+  using Tr = typename BwdConfig<D>::Traits;
+  const int64_t rows = static_cast<int64_t>(p.B) * p.Hq * p.Lq;
+  const int rows_per_block = 8;
+  flash_bwd_preprocess_kernel<T><<<static_cast<unsigned>((rows + rows_per_block - 1) / rows_per_block),
+                                   32 * rows_per_block, 0, stream>>>(p);
+  cudaError_t e = cudaGetLastError();
+  if (e != cudaSuccess) return e;
+
+  auto kernel = flash_bwd_kernel<T, Tr, kHasMask>;
+  e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Tr::kSmemBytes);
+  if (e != cudaSuccess) return e;
+  const dim3 grid((p.Lk + Tr::kBlockN - 1) / Tr::kBlockN, p.Hkv, p.B);
+  kernel<<<grid, Tr::kNThreads, Tr::kSmemBytes, stream>>>(p);
+  e = cudaGetLastError();
+  if (e != cudaSuccess) return e;
+
+  const int64_t n = rows * D;
+  const int64_t blocks = (n + 255) / 256;
+  flash_bwd_convert_dq_kernel<T><<<static_cast<unsigned>(blocks < 65535 * 8 ? blocks : 65535 * 8), 256, 0,
+                                   stream>>>(p);
+  return cudaGetLastError();
+}
+
+}  // namespace cuda
+}  // namespace attnfast

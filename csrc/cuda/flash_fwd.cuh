@@ -1,0 +1,230 @@
+// FlashAttention-2-style forward on tensor cores (sm80+: cp.async, ldmatrix,
+// mma.sync m16n8k16, fp32 accumulation).
+//
+// One CTA = one block of kBlockM query rows of one (batch, head); each warp
+// owns 16 of those rows for the whole pass, so the online softmax needs only
+// quad shuffles (a row's values live in the 4 lanes of one quad).  K and V
+// tiles of kBlockN keys stream through shared memory: the V copy overlaps
+// S = Q K^T, the next K copy overlaps the softmax and O += P V.  Tiles that
+// lie entirely inside the causal/window band and inside both sequences skip
+// the per-element test; tiles outside the band are never visited.
+#pragma once
+#include <cuda_runtime.h>
+
+#include "band.cuh"
+#include "flash.h"
+#include "mma.cuh"
+
+namespace attnfast {
+namespace cuda {
+
+template <int kHeadDim_, int kBlockN_, int kNWarps_>
+struct FwdTraits {
+  static constexpr int kHeadDim = kHeadDim_;
+  static constexpr int kNWarps = kNWarps_;
+  static constexpr int kNThreads = 32 * kNWarps;
+  static constexpr int kBlockM = 16 * kNWarps;  // 16 query rows per warp
+  static constexpr int kBlockN = kBlockN_;
+  static constexpr int kStride = kHeadDim + 8;  // smem row stride (elements): +16 B keeps ldmatrix conflict-free
+  static constexpr int kNTilesS = kBlockN / 8;  // n8 tiles of S per warp
+  static constexpr int kNTilesO = kHeadDim / 8;  // n8 tiles of O per warp
+  static constexpr int kSmemQ = kBlockM * kStride;
+  static constexpr int kSmemKV = kBlockN * kStride;
+  static constexpr int kSmemBytes = (kSmemQ + 2 * kSmemKV) * 2;
+
+  static_assert(kHeadDim % 16 == 0, "head dim must be a multiple of 16 (k-steps of the mma)");
+  static_assert(kBlockN % 16 == 0, "kBlockN must be a multiple of 16 (ldmatrix.x4 loads two n8 tiles)");
+  static_assert((kStride * 2) % 16 == 0, "smem rows must stay 16-byte aligned for cp.async/ldmatrix");
+};
+
+// Per head dim: (kBlockN, kNWarps).  Chosen so the fp32 accumulators of O
+// (kHeadDim / 2 per thread) and S (kBlockN / 2) fit the register file without
+// spills (see the compile check) and shared memory fits sm80's 163 KB.
+template <int D>
+struct FwdConfig;
+template <>
+struct FwdConfig<64> {
+  using Traits = FwdTraits<64, 64, 8>;
+};
+template <>
+struct FwdConfig<96> {
+  using Traits = FwdTraits<96, 64, 8>;
+};
+template <>
+struct FwdConfig<128> {
+  using Traits = FwdTraits<128, 64, 8>;
+};
+template <>
+struct FwdConfig<256> {
+  using Traits = FwdTraits<256, 32, 4>;
+};
+
+template <typename T, typename Tr, bool kHasMask>
+__global__ void __launch_bounds__(Tr::kNThreads, 1) flash_fwd_kernel(const FwdParams p) {
+  constexpr int D = Tr::kHeadDim, BM = Tr::kBlockM, BN = Tr::kBlockN, S = Tr::kStride;
+  extern __shared__ __align__(16) char smem_raw[];
+  T* sQ = reinterpret_cast<T*>(smem_raw);
+  T* sK = sQ + Tr::kSmemQ;
+  T* sV = sK + Tr::kSmemKV;
+
+  const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
+  const int g = lane / 4, t = lane % 4;
+  const int m0 = blockIdx.x * BM;
+  const int h = blockIdx.y, b = blockIdx.z;
+  const int hk = h / (p.Hq / p.Hkv);
+  const Band band(p);
+
+  const T* q = static_cast<const T*>(p.q) + b * p.q_st.b + h * p.q_st.h;
+  const T* k = static_cast<const T*>(p.k) + b * p.k_st.b + hk * p.k_st.h;
+  const T* v = static_cast<const T*>(p.v) + b * p.v_st.b + hk * p.v_st.h;
+  T* out = static_cast<T*>(p.out) + b * p.out_st.b + h * p.out_st.h;
+  float* lse = p.lse + (static_cast<int64_t>(b) * p.Hq + h) * p.Lq;
+
+  const int n_lo = band.key_lo(m0), n_hi = band.key_hi(min(m0 + BM, p.Lq));
+  const int nb_lo = n_lo / BN, nb_hi = n_hi > n_lo ? (n_hi + BN - 1) / BN : nb_lo;
+
+  // Rows of this warp: r = 0 -> row wrow + g, r = 1 -> row wrow + g + 8.
+  const int wrow = warp * 16;
+  float acc_o[Tr::kNTilesO][4];
+#pragma unroll
+  for (int i = 0; i < Tr::kNTilesO; ++i)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) acc_o[i][e] = 0.f;
+  float row_max[2] = {-INFINITY, -INFINITY};
+  float row_sum[2] = {0.f, 0.f};  // this lane's share; reduced over the quad at the end
+
+  if (nb_lo < nb_hi) {
+    load_tile_async<BM, D, Tr::kNThreads>(sQ, q + m0 * p.q_st.r, p.q_st.r, 0, p.Lq - m0, tid);
+    load_tile_async<BN, D, Tr::kNThreads>(sK, k + static_cast<int64_t>(nb_lo) * BN * p.k_st.r, p.k_st.r,
+                                          0, p.Lk - nb_lo * BN, tid);
+    cp_async_commit();
+  }
+  const MaskReader<T> mask = kHasMask ? MaskReader<T>(p, b, h) : MaskReader<T>{};
+
+  for (int nb = nb_lo; nb < nb_hi; ++nb) {
+    const int n0 = nb * BN;
+    cp_async_wait<0>();
+    __syncthreads();  // K[nb] (and Q) landed; every warp is done with V[nb - 1]
+    load_tile_async<BN, D, Tr::kNThreads>(sV, v + static_cast<int64_t>(n0) * p.v_st.r, p.v_st.r, 0,
+                                          p.Lk - n0, tid);
+    cp_async_commit();
+
+    // S = Q K^T for this warp's 16 rows x BN keys.
+    float acc_s[Tr::kNTilesS][4];
+#pragma unroll
+    for (int i = 0; i < Tr::kNTilesS; ++i)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) acc_s[i][e] = 0.f;
+#pragma unroll
+    for (int kk = 0; kk < D / 16; ++kk) {
+      uint32_t a[4];
+      ldmatrix_x4(a, sQ + (wrow + (lane & 15)) * S + kk * 16 + (lane >> 4) * 8);
+#pragma unroll
+      for (int np = 0; np < BN / 16; ++np) {
+        uint32_t bf[4];
+        ldmatrix_x4(bf, sK + (np * 16 + (lane >> 4) * 8 + (lane & 7)) * S + kk * 16 + ((lane >> 3) & 1) * 8);
+        ElemOps<T>::mma(acc_s[2 * np], a, bf);
+        ElemOps<T>::mma(acc_s[2 * np + 1], a, bf + 2);
+      }
+    }
+
+    cp_async_wait<0>();
+    __syncthreads();  // V[nb] landed; every warp is done with K[nb]
+    if (nb + 1 < nb_hi) {
+      load_tile_async<BN, D, Tr::kNThreads>(sK, k + static_cast<int64_t>(n0 + BN) * p.k_st.r, p.k_st.r, 0,
+                                            p.Lk - n0 - BN, tid);
+      cp_async_commit();
+    }
+
+    // Scores in log2 units; hidden pairs -inf.
+    const bool inside = !kHasMask && band.tile_inside(m0, m0 + BM, n0, n0 + BN);
+#pragma unroll
+    for (int j = 0; j < Tr::kNTilesS; ++j)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        float s2 = acc_s[j][e] * p.scale_log2;
+        if (!inside) {
+          const int i = m0 + wrow + g + (e >= 2 ? 8 : 0), key = n0 + j * 8 + 2 * t + (e & 1);
+          if (!band.visible(i, key)) s2 = -INFINITY;
+          else if (kHasMask) s2 = mask.apply(s2, i, key);
+        }
+        acc_s[j][e] = s2;
+      }
+
+    // Online softmax: rescale O only by how much the row max grew.
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      float mx = row_max[r];
+#pragma unroll
+      for (int j = 0; j < Tr::kNTilesS; ++j) mx = fmaxf(mx, fmaxf(acc_s[j][2 * r], acc_s[j][2 * r + 1]));
+      mx = quad_max(mx);
+      const float m_use = mx == -INFINITY ? 0.f : mx;  // nothing visible yet: keep P = 0, no NaN
+      const float alpha = exp2f(row_max[r] - m_use);
+      row_max[r] = mx;
+      float sum = 0.f;
+#pragma unroll
+      for (int j = 0; j < Tr::kNTilesS; ++j)
+#pragma unroll
+        for (int e = 2 * r; e < 2 * r + 2; ++e) {
+          acc_s[j][e] = exp2f(acc_s[j][e] - m_use);
+          sum += acc_s[j][e];
+        }
+      row_sum[r] = row_sum[r] * alpha + sum;
+#pragma unroll
+      for (int i = 0; i < Tr::kNTilesO; ++i) {
+        acc_o[i][2 * r] *= alpha;
+        acc_o[i][2 * r + 1] *= alpha;
+      }
+    }
+
+    // O += P V: P's accumulator layout is the A-fragment layout of the next mma.
+#pragma unroll
+    for (int kp = 0; kp < BN / 16; ++kp) {
+      uint32_t a[4];
+      a[0] = ElemOps<T>::pack(acc_s[2 * kp][0], acc_s[2 * kp][1]);
+      a[1] = ElemOps<T>::pack(acc_s[2 * kp][2], acc_s[2 * kp][3]);
+      a[2] = ElemOps<T>::pack(acc_s[2 * kp + 1][0], acc_s[2 * kp + 1][1]);
+      a[3] = ElemOps<T>::pack(acc_s[2 * kp + 1][2], acc_s[2 * kp + 1][3]);
+#pragma unroll
+      for (int dp = 0; dp < D / 16; ++dp) {
+        uint32_t bf[4];
+        ldmatrix_x4_trans(bf, sV + (kp * 16 + ((lane >> 3) & 1) * 8 + (lane & 7)) * S + dp * 16 + (lane >> 4) * 8);
+        ElemOps<T>::mma(acc_o[2 * dp], a, bf);
+        ElemOps<T>::mma(acc_o[2 * dp + 1], a, bf + 2);
+      }
+    }
+  }
+
+  // Epilogue: O / l, lse = m ln2 + ln l; rows that saw nothing get O = 0, lse = -inf.
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const float l = quad_sum(row_sum[r]);
+    const int i = m0 + wrow + g + 8 * r;
+    if (i >= p.Lq) continue;
+    const float inv = l > 0.f ? 1.f / l : 0.f;
+    T* orow = out + static_cast<int64_t>(i) * p.out_st.r;
+#pragma unroll
+    for (int d = 0; d < Tr::kNTilesO; ++d) {
+      const uint32_t packed = ElemOps<T>::pack(acc_o[d][2 * r] * inv, acc_o[d][2 * r + 1] * inv);
+      *reinterpret_cast<uint32_t*>(orow + d * 8 + 2 * t) = packed;
+    }
+    if (t == 0) lse[i] = l > 0.f ? row_max[r] * kLn2 + logf(l) : -INFINITY;
+  }
+}
+
+template <typename T, int D, bool kHasMask>
+int launch_fwd(const FwdParams& p, cudaStream_t stream) {
+  using Tr = typename FwdConfig<D>::Traits;
+  auto kernel = flash_fwd_kernel<T, Tr, kHasMask>;
+  if (Tr::kSmemBytes > 48 * 1024) {
+    const cudaError_t e =
+        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Tr::kSmemBytes);
+    if (e != cudaSuccess) return e;
+  }
+  const dim3 grid((p.Lq + Tr::kBlockM - 1) / Tr::kBlockM, p.Hq, p.B);
+  kernel<<<grid, Tr::kNThreads, Tr::kSmemBytes, stream>>>(p);
+  return cudaGetLastError();
+}
+
+}  // namespace cuda
+}  // namespace attnfast
