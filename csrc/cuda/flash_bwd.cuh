@@ -14,11 +14,10 @@
 //   3. convert: dQ = scale * accumulator in the input dtype.
 // P is recomputed from the saved lse: P = exp2(s * scale * log2e - lse * log2e).
 #pragma once
-#include <cuda_runtime.h>
-
 #include "band.cuh"
 #include "flash.h"
 #include "mma.cuh"
+#include "switch.h"
 
 namespace attnfast {
 namespace cuda {
@@ -288,29 +287,34 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1) flash_bwd_kernel(const BwdPa
   }
 }
 
-template <typename T, int D, bool kHasMask>
-int launch_bwd(const BwdParams& p, cudaStream_t stream) {
+// Grids and launches of one backward instance (preprocess, main, convert),
+// queued in order by `launch` (see launch_fwd).
+template <typename T, int D, bool kHasMask, typename Launch>
+int launch_bwd(const BwdParams& p, const Launch& launch) {
   using Tr = typename BwdConfig<D>::Traits;
   const int64_t rows = static_cast<int64_t>(p.B) * p.Hq * p.Lq;
-  const int rows_per_block = 8;
-  flash_bwd_preprocess_kernel<T><<<static_cast<unsigned>((rows + rows_per_block - 1) / rows_per_block),
-                                   32 * rows_per_block, 0, stream>>>(p);
-  cudaError_t e = cudaGetLastError();
-  if (e != cudaSuccess) return e;
+  constexpr int kRowsPerBlock = 8;  // one warp per row
+  int e = launch(flash_bwd_preprocess_kernel<T>, dim3(static_cast<unsigned>((rows + kRowsPerBlock - 1) / kRowsPerBlock)),
+                 32 * kRowsPerBlock, 0, p);
+  if (e != 0) return e;
+  e = launch(flash_bwd_kernel<T, Tr, kHasMask>, dim3((p.Lk + Tr::kBlockN - 1) / Tr::kBlockN, p.Hkv, p.B),
+             Tr::kNThreads, Tr::kSmemBytes, p);
+  if (e != 0) return e;
+  const int64_t blocks = (rows * D + 255) / 256;  // grid-stride loop beyond 2^19 blocks
+  return launch(flash_bwd_convert_dq_kernel<T>, dim3(static_cast<unsigned>(blocks < (1 << 19) ? blocks : (1 << 19))),
+                256, 0, p);
+}
 
-  auto kernel = flash_bwd_kernel<T, Tr, kHasMask>;
-  e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Tr::kSmemBytes);
-  if (e != cudaSuccess) return e;
-  const dim3 grid((p.Lk + Tr::kBlockN - 1) / Tr::kBlockN, p.Hkv, p.B);
-  kernel<<<grid, Tr::kNThreads, Tr::kSmemBytes, stream>>>(p);
-  e = cudaGetLastError();
-  if (e != cudaSuccess) return e;
-
-  const int64_t n = rows * D;
-  const int64_t blocks = (n + 255) / 256;
-  flash_bwd_convert_dq_kernel<T><<<static_cast<unsigned>(blocks < 65535 * 8 ? blocks : 65535 * 8), 256, 0,
-                                   stream>>>(p);
-  return cudaGetLastError();
+// The one place turning (dtype, head dim, mask or not) into a bwd instance.
+template <typename Launch>
+int dispatch_bwd(const BwdParams& p, const Launch& launch) {
+  if (!bwd_supports_head_dim(p.D)) return 1;  // cudaErrorInvalidValue
+  return ATTNFAST_ELEM_SWITCH(p.elem, T, [&] {
+    return ATTNFAST_BWD_HEADDIM_SWITCH(p.D, kD, [&] {
+      return ATTNFAST_BOOL_SWITCH(p.mask_kind != MaskKind::none, kHasMask,
+                                  [&] { return launch_bwd<T, kD, kHasMask>(p, launch); });
+    });
+  });
 }
 
 }  // namespace cuda

@@ -9,11 +9,10 @@
 // lie entirely inside the causal/window band and inside both sequences skip
 // the per-element test; tiles outside the band are never visited.
 #pragma once
-#include <cuda_runtime.h>
-
 #include "band.cuh"
 #include "flash.h"
 #include "mma.cuh"
+#include "switch.h"
 
 namespace attnfast {
 namespace cuda {
@@ -212,18 +211,26 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1) flash_fwd_kernel(const FwdPa
   }
 }
 
-template <typename T, int D, bool kHasMask>
-int launch_fwd(const FwdParams& p, cudaStream_t stream) {
+// Grid and launch of one forward instance.  `launch(kernel, grid, threads,
+// smem_bytes, params)` queues it: on a GPU (flash_fwd.cu) or on the host
+// emulator of the tests (tools/emu.h).
+template <typename T, int D, bool kHasMask, typename Launch>
+int launch_fwd(const FwdParams& p, const Launch& launch) {
   using Tr = typename FwdConfig<D>::Traits;
-  auto kernel = flash_fwd_kernel<T, Tr, kHasMask>;
-  if (Tr::kSmemBytes > 48 * 1024) {
-    const cudaError_t e =
-        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Tr::kSmemBytes);
-    if (e != cudaSuccess) return e;
-  }
   const dim3 grid((p.Lq + Tr::kBlockM - 1) / Tr::kBlockM, p.Hq, p.B);
-  kernel<<<grid, Tr::kNThreads, Tr::kSmemBytes, stream>>>(p);
-  return cudaGetLastError();
+  return launch(flash_fwd_kernel<T, Tr, kHasMask>, grid, Tr::kNThreads, Tr::kSmemBytes, p);
+}
+
+// The one place turning (dtype, head dim, mask or not) into a fwd instance.
+template <typename Launch>
+int dispatch_fwd(const FwdParams& p, const Launch& launch) {
+  if (!fwd_supports_head_dim(p.D)) return 1;  // cudaErrorInvalidValue
+  return ATTNFAST_ELEM_SWITCH(p.elem, T, [&] {
+    return ATTNFAST_FWD_HEADDIM_SWITCH(p.D, kD, [&] {
+      return ATTNFAST_BOOL_SWITCH(p.mask_kind != MaskKind::none, kHasMask,
+                                  [&] { return launch_fwd<T, kD, kHasMask>(p, launch); });
+    });
+  });
 }
 
 }  // namespace cuda

@@ -1,0 +1,65 @@
+"""The CUDA C++ kernels' own source, run by the host emulator, against the reference.
+
+csrc/cuda/tools/emu.h stands in for the GPU: every CUDA thread is a fiber, the
+warp-collective instructions (ldmatrix, mma.sync m16n8k16, shuffles) are
+computed from the PTX ISA's fragment layouts, cp.async copies land only at the
+cp.async.wait_group that covers them, and shared memory starts as NaN.  So a
+wrong fragment index, a missing barrier or wait, or a bad band/mask rule fails
+these tests on a machine without a GPU.  Held to the same parity rule as every
+backend (forward, lse, dq, dk, dv and a float mask's gradient).
+"""
+import pytest
+import torch
+
+from attnfast.testing import compare_with_reference
+from cases import Case, make_inputs
+
+cuda_emu = pytest.importorskip("cuda_emu")
+
+if cuda_emu.cuda_include() is None:
+    pytest.skip("CUDA headers (cuda_bf16.h) not installed", allow_module_level=True)
+
+# Lengths straddle the tiles (forward: 128 query rows x 64 keys at D <= 128,
+# 64 x 32 at D = 256; backward: 128 keys x 64 or 32 query rows).
+CASES = [
+    Case(B=1, Hq=2, Hkv=2, Lq=70, Lk=70, E=64),
+    Case(B=2, Hq=2, Hkv=1, Lq=1, Lk=203, E=64, causal=True, align="bottom_right"),
+    Case(B=1, Hq=2, Hkv=2, Lq=203, Lk=17, E=96, causal=True, align="bottom_right"),
+    Case(B=1, Hq=2, Hkv=2, Lq=150, Lk=203, E=128, causal=True),
+    Case(B=1, Hq=4, Hkv=2, Lq=130, Lk=130, E=64, window=(20, 5)),
+    Case(B=1, Hq=4, Hkv=1, Lq=65, Lk=200, E=96, noncontig=True),
+    Case(B=2, Hq=2, Hkv=2, Lq=70, Lk=140, E=64, mask="bool", mask_bcast="keypad"),
+    Case(B=2, Hq=2, Hkv=2, Lq=40, Lk=150, E=64, mask="bool", mask_bcast="heads", dead_rows=True),
+    Case(B=1, Hq=2, Hkv=2, Lq=129, Lk=129, E=128, mask="float_grad", mask_bcast="docs", causal=True),
+    Case(B=2, Hq=2, Hkv=1, Lq=33, Lk=70, E=64, mask="float_grad", mask_bcast="batch", dead_rows=True),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "f16"])
+@pytest.mark.parametrize("case", CASES, ids=[c.id() for c in CASES])
+def test_emulated_cuda_kernels_parity(case, dtype):
+    cuda_emu.set_schedule(0 if dtype == torch.bfloat16 else 1)  # both warp orders over the sweep
+    q, k, v, m = make_inputs(case, dtype)
+    res = compare_with_reference(lambda q, k, v, m: cuda_emu.attention(q, k, v, m, **case.attention_kwargs()),
+                                 q, k, v, m, **case.ref_kwargs())
+    bad = [r for r in res if not r.ok]
+    assert not bad, f"{case.id()} {dtype}: " + "; ".join(map(repr, bad))
+
+
+@pytest.mark.parametrize("case", [Case(B=1, Hq=2, Hkv=1, Lq=70, Lk=90, E=256, causal=True, align="bottom_right"),
+                                  Case(B=1, Hq=1, Hkv=1, Lq=40, Lk=33, E=256, mask="bool", mask_bcast="full")],
+                         ids=["causal", "bool"])
+def test_emulated_forward_head_dim_256(case):
+    q, k, v, m = make_inputs(case, torch.bfloat16)
+    res = compare_with_reference(lambda q, k, v, m: cuda_emu.attention(q, k, v, m, **case.attention_kwargs()),
+                                 q, k, v, m, grads=False, **case.ref_kwargs())
+    assert all(r.ok for r in res), res
+
+
+def test_fully_masked_rows_give_zero_and_minus_inf_lse():
+    q, k, v, _ = make_inputs(Case(B=1, Hq=2, Hkv=2, Lq=20, Lk=30, E=64), torch.bfloat16)
+    keep = torch.ones(1, 2, 20, 30, dtype=torch.bool)
+    keep[:, :, 5] = False
+    out, lse = cuda_emu.attention(q, k, v, keep)
+    assert torch.equal(out[:, :, 5], torch.zeros_like(out[:, :, 5]))
+    assert torch.isneginf(lse[:, :, 5]).all() and torch.isfinite(lse[:, :, :5]).all()
