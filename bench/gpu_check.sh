@@ -5,13 +5,14 @@
 #
 # For a machine with an NVIDIA GPU and a CUDA build of torch, where triton, pytest,
 # setuptools and ninja are already installed: nothing is downloaded.
-# Writes OUT_DIR/{build,info,tests,bench}.txt and the benchmark's gpu_kernels.{json,md}.
+# Writes OUT_DIR/{build,info,harness,tests,bench}.txt and the benchmark's gpu_kernels.{json,md}.
 #
 # Environment:
 #   PYTHON                      interpreter (default python3)
 #   MAX_JOBS                    parallel compile jobs (default: number of cores)
 #   GPU_CHECK_SECONDS           time budget of the whole script (default 470 s, under 8 minutes)
 #   ATTNFAST_GPU_BENCH_SECONDS  benchmark deadline (default 330 s; lowered to fit the budget)
+#   HARNESS_SM                  SM version the CUDA harness is built for (default 90)
 #
 # Test failures do not stop the script; their exit codes are printed at the end.
 # Exit status: non-zero when the build failed, else 0.
@@ -69,7 +70,18 @@ fi
 : >"$OUT/info.txt"
 step "info" 60 "$OUT/info.txt" "$PY" -m attnfast info
 
-# (c) GPU tests, then the Triton parity tests (on CUDA tensors when a GPU is present); 150 s for both
+# (b2) the CUDA C++ kernels alone: the standalone harness (nvcc only) against its CPU reference, then its timing
+: >"$OUT/harness.txt"
+mkdir -p build
+step "harness build" 180 "$OUT/harness.txt" nvcc -O3 -std=c++17 \
+    "-gencode=arch=compute_${HARNESS_SM:-90},code=sm_${HARNESS_SM:-90}" -Icsrc/cuda \
+    csrc/cuda/tools/harness.cu csrc/cuda/flash_fwd.cu csrc/cuda/flash_bwd.cu -o build/attnfast_harness
+if [[ $RC -eq 0 ]]; then
+    step "harness (parity)" 120 "$OUT/harness.txt" build/attnfast_harness
+    step "harness --bench" 60 "$OUT/harness.txt" build/attnfast_harness --bench
+fi
+
+# (c) GPU tests (Triton and CUDA C++ backends), then the Triton parity tests (on CUDA tensors when a GPU is present); 150 s for both
 tests_end=$((SECONDS + TEST_SECONDS))
 step "tests: -m gpu" "$TEST_SECONDS" "$OUT/tests.txt" "$PY" -m pytest -q -m gpu tests
 GPU_TESTS_RC=$RC
