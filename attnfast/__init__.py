@@ -9,7 +9,7 @@
 from . import ops  # noqa: F401  (registers the custom ops)
 from . import nn  # noqa: F401
 from .api import attention, scaled_dot_product_attention, varlen_attention
-from .dispatch import BackendUnavailableError, backends
+from .dispatch import BackendUnavailableError, DegradedWarning, backends
 from .patching import patch, patched, unpatch
 from .reference import attention_ref
 
@@ -26,5 +26,6 @@ __all__ = [
     "patched",
     "backends",
     "BackendUnavailableError",
+    "DegradedWarning",
     "__version__",
 ]

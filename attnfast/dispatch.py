@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -21,6 +22,37 @@ ENV_VAR = "ATTNFAST_BACKEND"
 
 class BackendUnavailableError(RuntimeError):
     """A backend was asked for but cannot serve this input."""
+
+
+class DegradedWarning(RuntimeWarning):
+    """attnfast runs a slower path than this package offers (once per cause and process);
+    attnfast.backends() says why."""
+
+
+_WARNED = set()
+
+
+def _warn_once(cause, message):
+    if cause not in _WARNED:
+        _WARNED.add(cause)
+        warnings.warn(message, DegradedWarning, stacklevel=4)
+
+
+def _note_degraded(name, plan):
+    """One warning per cause when the default choice is a fallback (eager calls only: a
+    warning inside a torch.compile trace would break the graph)."""
+    if torch.compiler.is_compiling():
+        return
+    if plan.q.device.type == "cpu":
+        if name == "reference":
+            _warn_once("cpu", f"attnfast: the C++ CPU kernel is unavailable ({_AVAILABLE['cpu'][1]}); "
+                              "calls run the naive reference (correct, but O(L^2) memory and slow)")
+        elif name == "cpu" and _CPU_ISA_BEST != "avx512":
+            _warn_once("cpu-isa", f"attnfast: this CPU lacks AVX-512 (with avx512_bf16); the CPU kernel runs its "
+                                  f"{_CPU_ISA_BEST} path")
+    elif name == "reference":
+        why = "; ".join(f"{b}: {_serves(b, plan)}" for b in ("triton", "cuda"))
+        _warn_once(f"gpu:{why}", f"attnfast: no GPU kernel serves this call ({why}); it runs the naive reference")
 
 
 @dataclass(frozen=True)
@@ -68,6 +100,7 @@ def _availability(name):
 
 
 _AVAILABLE = {name: _availability(name) for name in BACKENDS}
+_CPU_ISA_BEST = ops._C.cpu_isa_best() if ops.loaded() else None  # fixed per machine
 
 
 def backends():
@@ -76,6 +109,8 @@ def backends():
     for name, (ok, reason) in _AVAILABLE.items():
         if name == "cpu" and ok:
             reason += f", ISA path {ops._C.cpu_isa()}"
+            if _CPU_ISA_BEST != "avx512":
+                reason += " (this CPU lacks AVX-512 with avx512_bf16)"
         out[name] = BackendStatus(name, ok, reason)
     return out
 
@@ -138,5 +173,6 @@ def choose(plan, backend=None):
     order = ("triton", "cuda", "reference") if plan.q.device.type == "cuda" else ("cpu", "reference")
     for name in order:
         if _serves(name, plan) is None:
+            _note_degraded(name, plan)
             return name
     return "reference"

@@ -277,7 +277,7 @@ void dropout_factors(const AttnParams& p, int64_t b, int64_t h, int64_t i0, int6
 template <typename A>
 inline A row_max(const A* row, int64_t n) {
   A mx = -std::numeric_limits<A>::infinity();
-  for (int64_t j = 0; j < n; ++j) mx = row[j] > mx ? row[j] : mx;
+  for (int64_t j = 0; j < n; ++j) mx = (row[j] > mx || row[j] != row[j]) ? row[j] : mx;  // NaN wins
   return mx;
 }
 inline float row_max(const float* row, int64_t n) { return rowmax_f32(row, n); }
@@ -382,7 +382,7 @@ void fwd_impl(const FwdParams& p) {
           A* row = sc.data() + i * kBlockK;
           for (int64_t j = nk; j < nkp; ++j) row[j] = ninf;  // padding lanes give exp = 0
           const A mx = row_max(row, nkp);
-          const A m_new = mx > mrow[i] ? mx : mrow[i];
+          const A m_new = (mx > mrow[i] || mx != mx) ? mx : mrow[i];  // a NaN row stays NaN
           if (m_new == ninf) {  // nothing visible in this row yet
             for (int64_t j = 0; j < nkp; ++j) row[j] = A(0);
             alpha[i] = A(1);
@@ -408,12 +408,12 @@ void fwd_impl(const FwdParams& p) {
         const L l = lrow[i];
         // One rounding: out = acc / l in the lse precision.  (acc * float(1/l)
         // rounds twice.)
-        const L inv = l > L(0) ? L(1) / l : L(0);  // fully masked row: output 0
+        const L inv = l != l ? l : l > L(0) ? L(1) / l : L(0);  // fully masked row: output 0; NaN row: NaN
         T* orow = out + (i0 + i) * p.out_st.r;
         for (int64_t c = 0; c < Ev; ++c)
           Elem<T>::store(orow + c * p.out_st.c, static_cast<A>(static_cast<L>(acc[i * ldv + c]) * inv));
         lse[i0 + i] = l > L(0) ? static_cast<L>(static_cast<W>(mrow[i]) + std::log(static_cast<W>(l)))
-                               : -std::numeric_limits<L>::infinity();
+                      : l != l ? l : -std::numeric_limits<L>::infinity();
       }
     }
   });

@@ -49,13 +49,16 @@ Isa isa_in_use() {
   return static_cast<int>(cap) < static_cast<int>(best) ? cap : best;
 }
 
-std::string isa_name() {
-  switch (isa_in_use()) {
+std::string name_of(Isa isa) {
+  switch (isa) {
     case Isa::kAvx512: return "avx512";
     case Isa::kAvx2: return "avx2";
     default: return "default";
   }
 }
+
+std::string isa_name() { return name_of(isa_in_use()); }
+std::string best_isa_name() { return name_of(best_isa()); }
 
 template <typename P>
 void run_isa(const P& p, void (*f512)(const P&), void (*f2)(const P&), void (*f0)(const P&)) {
@@ -249,4 +252,6 @@ TORCH_LIBRARY_IMPL(attnfast, CPU, m) {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("cpu_isa", &attnfast::cpu::isa_name,
         "CPU instruction-set path the kernels take now ('avx512', 'avx2' or 'default').");
+  m.def("cpu_isa_best", &attnfast::cpu::best_isa_name,
+        "Best instruction-set path this CPU supports (ignores ATTNFAST_CPU_ISA).");
 }

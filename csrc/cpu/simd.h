@@ -162,16 +162,18 @@ inline float softmax_row_f32(float* row, int64_t n, float m_new) {
   return s;
 }
 
+// Row max that propagates NaN: a NaN score (a NaN or inf in q or k) must make
+// its row NaN, not look like a row with no visible key (which gives 0).
 inline float rowmax_f32(const float* row, int64_t n) {
   using V = Vec<float>::type;
   constexpr int W = Vec<float>::kWidth;
   V m = V{} - __builtin_inff();
   for (int64_t j = 0; j < n; j += W) {
     const V x = *reinterpret_cast<const V*>(row + j);
-    m = x > m ? x : m;
+    m = (x > m) | (x != x) ? x : m;
   }
   float r = -__builtin_inff();
-  for (int l = 0; l < W; ++l) r = m[l] > r ? m[l] : r;
+  for (int l = 0; l < W; ++l) r = (m[l] > r || m[l] != m[l]) ? m[l] : r;
   return r;
 }
 
