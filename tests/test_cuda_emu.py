@@ -63,3 +63,13 @@ def test_fully_masked_rows_give_zero_and_minus_inf_lse():
     out, lse = cuda_emu.attention(q, k, v, keep)
     assert torch.equal(out[:, :, 5], torch.zeros_like(out[:, :, 5]))
     assert torch.isneginf(lse[:, :, 5]).all() and torch.isfinite(lse[:, :, :5]).all()
+
+
+def test_nan_in_a_query_row_reaches_exactly_that_row():
+    q, k, v, _ = make_inputs(Case(B=1, Hq=2, Hkv=2, Lq=70, Lk=90, E=64), torch.bfloat16)
+    q[0, 1, 33, 5] = float("nan")
+    out, lse = cuda_emu.attention(q, k, v)
+    bad = ~torch.isfinite(out.float()).all(-1)
+    expected = torch.zeros_like(bad)
+    expected[0, 1, 33] = True
+    assert torch.equal(bad, expected) and torch.isnan(lse[0, 1, 33]) and torch.isfinite(lse[~expected]).all()

@@ -321,3 +321,16 @@ def test_without_the_extension_calls_fall_back_with_one_warning():
 def test_a_cpu_without_avx512_warns_once():
     r = _run_py(_ISA)
     assert r.returncode == 0, r.stderr[-3000:]
+
+
+def test_triton_nan_query_row_reaches_exactly_that_row():
+    """The same rule in the Triton kernels (interpreter on CPU tensors)."""
+    if not attnfast.backends()["triton"].available:
+        pytest.skip(attnfast.backends()["triton"].reason)
+    q, k, v = (_rand(1, 2, 70, 32) for _ in range(3))
+    q[0, 1, 33, 5] = float("nan")
+    out, lse = attnfast.attention(q, k, v, return_lse=True, backend="triton")
+    bad = ~torch.isfinite(out).all(-1)
+    expected = torch.zeros_like(bad)
+    expected[0, 1, 33] = True
+    assert torch.equal(bad, expected) and torch.isnan(lse[0, 1, 33]) and torch.isfinite(lse[~expected]).all()

@@ -127,6 +127,11 @@ def _q_range(start_n, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, Lq, diag, wl
 
 
 @triton.jit
+def _nan_max(a, b):
+    return tl.maximum(a, b, propagate_nan=tl.PropagateNan.ALL)
+
+
+@triton.jit
 def _fwd_tile(acc, m_i, l_i, q, start_n, need, offs_m, K, V, Mask, k_base, v_base, mask_base,
               skn, skd, svn, svd, smm, smn, Lq, Lk, scale, diag, wl, wr, bh, seed_lo, seed_hi,
               rng_offset, p_drop, E: tl.constexpr, Ev: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -141,7 +146,9 @@ def _fwd_tile(acc, m_i, l_i, q, start_n, need, offs_m, K, V, Mask, k_base, v_bas
     s = _dot(q, kt, DOT) * scale
     s = _mask_scores(s, offs_m, offs_n, Mask, mask_base, smm, smn, Lq, Lk, diag, wl, wr, need,
                      MASK_KIND, WINDOWED)
-    m_new = tl.maximum(m_i, tl.max(s, 1))
+    # NaN-propagating max (tl.max drops NaN): a NaN score must make its row NaN, not
+    # look like a row with no visible key.
+    m_new = tl.maximum(m_i, tl.reduce(s, 1, _nan_max), propagate_nan=tl.PropagateNan.ALL)
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing visible yet
     p = tl.exp(s - m_safe[:, None])
     alpha = tl.exp(m_i - m_safe)
@@ -206,7 +213,8 @@ def _fwd_kernel(Q, K, V, Mask, Blocks, Out, Lse,
     out = acc / tl.where(alive, l_i, 1.0)[:, None]  # fully masked rows: 0
     tl.store(Out + b * sob + h * soh + offs_m[:, None] * som + offs_dv[None, :] * sod,
              out.to(Out.dtype.element_ty), mask=(offs_m[:, None] < Lq) & (offs_dv[None, :] < Ev))
-    lse = tl.where(alive, m_i + tl.log(tl.where(alive, l_i, 1.0)), float("-inf"))
+    lse = tl.where(alive, m_i + tl.log(tl.where(alive, l_i, 1.0)),
+                   tl.where(l_i != l_i, l_i, float("-inf")))  # NaN rows keep NaN
     tl.store(Lse + pid_bh * Lq + offs_m, lse, mask=offs_m < Lq)
 
 

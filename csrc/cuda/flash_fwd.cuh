@@ -155,7 +155,7 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1) flash_fwd_kernel(const FwdPa
     for (int r = 0; r < 2; ++r) {
       float mx = row_max[r];
 #pragma unroll
-      for (int j = 0; j < Tr::kNTilesS; ++j) mx = fmaxf(mx, fmaxf(acc_s[j][2 * r], acc_s[j][2 * r + 1]));
+      for (int j = 0; j < Tr::kNTilesS; ++j) mx = nan_max(mx, nan_max(acc_s[j][2 * r], acc_s[j][2 * r + 1]));
       mx = quad_max(mx);
       const float m_use = mx == -INFINITY ? 0.f : mx;  // nothing visible yet: keep P = 0, no NaN
       const float alpha = exp2f(row_max[r] - m_use);
@@ -194,20 +194,21 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1) flash_fwd_kernel(const FwdPa
     }
   }
 
-  // Epilogue: O / l, lse = m ln2 + ln l; rows that saw nothing get O = 0, lse = -inf.
+  // Epilogue: O / l, lse = m ln2 + ln l; rows that saw nothing get O = 0, lse = -inf;
+  // rows with a NaN score stay NaN.
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
     const float l = quad_sum(row_sum[r]);
     const int i = m0 + wrow + g + 8 * r;
     if (i >= p.Lq) continue;
-    const float inv = l > 0.f ? 1.f / l : 0.f;
+    const float inv = l != l ? l : l > 0.f ? 1.f / l : 0.f;  // NaN row stays NaN
     T* orow = out + static_cast<int64_t>(i) * p.out_st.r;
 #pragma unroll
     for (int d = 0; d < Tr::kNTilesO; ++d) {
       const uint32_t packed = ElemOps<T>::pack(acc_o[d][2 * r] * inv, acc_o[d][2 * r + 1] * inv);
       *reinterpret_cast<uint32_t*>(orow + d * 8 + 2 * t) = packed;
     }
-    if (t == 0) lse[i] = l > 0.f ? row_max[r] * kLn2 + logf(l) : -INFINITY;
+    if (t == 0) lse[i] = l > 0.f ? row_max[r] * kLn2 + logf(l) : l != l ? l : -INFINITY;
   }
 }
 
