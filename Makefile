@@ -1,5 +1,8 @@
 # make test  : install (venv, torch, triton, ...), build the extension, run the tests
 # make bench : install, build, parity summary, kernel and encoder benchmarks (quick plan), REPORT.md -> bench/results/
+# make test-asan : the C++ extension built with ASan + UBSan into build/asan/ (the in-place build
+#                  stays as it is), then the CPU parity, error, op and fuzz tests under it
+# make fuzz  : the fuzz tests with their large profile
 # make harness : build/attnfast_harness, the CUDA kernels' standalone test and timing binary (nvcc only, no torch)
 # PYTHON=python3 uses an existing interpreter as it is (nothing is installed
 # into it but attnfast itself); by default a .venv is created here.
@@ -16,7 +19,7 @@ PY    := $(PYTHON)
 READY :=
 endif
 
-.PHONY: all deps build test test-fast bench info clean harness
+.PHONY: all deps build test test-fast test-asan fuzz bench info clean harness
 
 all: test
 
@@ -38,6 +41,15 @@ build: deps
 
 test: build
 	$(PY) -m pytest -q tests
+
+# Needs only the deps: it builds its own (sanitized) extension and imports no other.
+test-asan: deps
+	tools/asan_test.sh $(PY)
+
+FUZZ := ATTNFAST_FUZZ_PROFILE=fuzz $(PY) -m pytest -q tests/test_fuzz.py
+
+fuzz: build
+	$(FUZZ)
 
 bench: build
 	$(PY) -m attnfast bench all --quick

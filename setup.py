@@ -2,6 +2,9 @@
 
 Environment:
   DEBUG=1                  build with -O0 -g (default -O3)
+  ATTNFAST_SANITIZE=1      build the CPU sources with AddressSanitizer + UndefinedBehaviorSanitizer
+                           (-O1 -g1; tools/asan_test.sh builds that way into build/asan/ and runs
+                           the tests under it; the process needs the sanitizer runtimes preloaded)
   MAX_JOBS=N               parallel compile jobs (read by torch's BuildExtension)
   ATTNFAST_CUDA_ARCH_LIST  CUDA archs for csrc/cuda, "80;90" or "8.0;9.0" (default "80;90")
   NVCC_THREADS=N           nvcc --threads per compile job (default 2)
@@ -20,6 +23,7 @@ from torch.utils import cpp_extension
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DEBUG = os.environ.get("DEBUG", "0") == "1"
+SANITIZE = os.environ.get("ATTNFAST_SANITIZE", "0") == "1"
 
 
 def rel(pattern):
@@ -43,16 +47,23 @@ def cuda_available_for_build():
 
 
 opt = ["-O0", "-g"] if DEBUG else ["-O3"]
+# -O1 -fno-omit-frame-pointer: usable report stacks at a bearable speed; -g1: file:line in
+# them, and binding.cpp (all of torch's headers) compiles in 2/3 of the time of -g.
+# -fno-sanitize-recover: undefined behaviour aborts like an ASan report instead of printing
+# and carrying on, so the test run fails.  -fno-wrapv: Python's CFLAGS bring -fwrapv, which
+# defines signed overflow and so hides an overflowing index computation from UBSan.
+san = ["-fsanitize=address,undefined", "-fno-omit-frame-pointer",
+       "-fno-sanitize-recover=undefined", "-fno-wrapv", "-g1", "-O1"] if SANITIZE else []
 # -fopenmp: at::parallel_for is a header template that, in torch's OpenMP
 # builds, expands to `#pragma omp parallel` inside this extension; without the
 # flag it silently runs on one thread.  The extension then needs libgomp.so.1,
 # which resolves to the copy torch has already loaded (same soname), so there
 # is one OpenMP runtime.
 omp = [] if sys.platform == "darwin" else ["-fopenmp"]
-cxx_flags = opt + omp + ["-Wall", "-Wno-unknown-pragmas"]
+cxx_flags = opt + omp + ["-Wall", "-Wno-unknown-pragmas"] + san
 sources = rel("csrc/cpu/*.cpp")
 use_cuda, why = cuda_available_for_build()
-ext_kwargs = dict(extra_compile_args={"cxx": cxx_flags}, extra_link_args=omp)
+ext_kwargs = dict(extra_compile_args={"cxx": cxx_flags}, extra_link_args=omp + san)
 if use_cuda:
     archs = [a.replace(".", "") for a in os.environ.get("ATTNFAST_CUDA_ARCH_LIST", "80;90").split(";") if a]
     # Explicit -gencode flags: torch then adds none of its own (TORCH_CUDA_ARCH_LIST is ignored).
@@ -67,7 +78,7 @@ if use_cuda:
 else:
     ext = cpp_extension.CppExtension("attnfast._C", sources, **ext_kwargs)
 print(
-    f"attnfast build: DEBUG={int(DEBUG)} MAX_JOBS={os.environ.get('MAX_JOBS', 'auto')} "
+    f"attnfast build: DEBUG={int(DEBUG)} SANITIZE={int(SANITIZE)} MAX_JOBS={os.environ.get('MAX_JOBS', 'auto')} "
     f"cuda={'yes' if use_cuda else 'no'} ({why})" + (f" archs={';'.join(archs)}" if use_cuda else "")
 )
 
