@@ -4,10 +4,27 @@ import random
 import pytest
 import torch
 
+try:
+    import hypothesis
+except ImportError:  # an interpreter with torch but not the test extras: the fuzz tests skip
+    hypothesis = None
+
 # Without a GPU, the Triton kernels run under Triton's interpreter on CPU
 # tensors (set before anything imports triton).
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+if hypothesis is not None:
+    # Profiles of the property-based tests, chosen by ATTNFAST_FUZZ_PROFILE or --hypothesis-profile.
+    # max_examples is a unit: tests/test_fuzz.py gives its tests shares adding up to 5 units, so
+    # "ci" (default) runs 500 examples in all and "fuzz" 12,000 (or ATTNFAST_FUZZ_EXAMPLES).
+    # No deadline: timings on a shared machine are noise, and a slow example is not a failure.
+    _common = dict(deadline=None, derandomize=False, print_blob=True,
+                   suppress_health_check=[hypothesis.HealthCheck.too_slow])
+    hypothesis.settings.register_profile("ci", max_examples=100, **_common)
+    hypothesis.settings.register_profile(
+        "fuzz", max_examples=max(1, int(os.environ.get("ATTNFAST_FUZZ_EXAMPLES", 12000)) // 5), **_common)
+    hypothesis.settings.load_profile(os.environ.get("ATTNFAST_FUZZ_PROFILE", "ci"))
 
 
 @pytest.fixture(autouse=True)
@@ -15,6 +32,10 @@ def fresh_seed(request):
     """Fresh random data every run; the seed is printed on failure to replay it."""
     seed = int(os.environ.get("ATTNFAST_TEST_SEED", random.SystemRandom().randrange(2**31)))
     torch.manual_seed(seed)
+    if (hypothesis is not None and hypothesis.is_hypothesis_test(request.function)
+            and request.config.getoption("hypothesis_seed", None) is None):
+        # The same seed drives hypothesis' choices, so ATTNFAST_TEST_SEED replays a fuzz test too.
+        hypothesis.seed(seed)(request.function)
     request.node.user_properties.append(("seed", seed))
     yield seed
 
