@@ -48,6 +48,8 @@ def _check_tensor(name, t):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if t.dim() < 2:
         raise ValueError(f"{name} must have shape (..., L, E) with at least 2 dims, got {_shape(t)}")
+    if t.layout != torch.strided:
+        raise TypeError(f"{name} must be a dense (strided) tensor, got layout {t.layout}")
     if t.dtype not in FLOAT_DTYPES:
         raise TypeError(f"{name} must be float16, bfloat16, float32 or float64, got {t.dtype}")
 
@@ -60,7 +62,8 @@ def _as4d(t):
         return t.unsqueeze(0)
     if t.dim() == 4:
         return t
-    return t.reshape((-1,) + tuple(t.shape[-3:]))
+    # Explicit batch size: reshape cannot infer -1 when a dim is 0.
+    return t.reshape((math.prod(t.shape[:-3]),) + tuple(t.shape[-3:]))
 
 
 def _causal_bias(attn_mask):
@@ -91,6 +94,8 @@ def _window(window):
             raise ValueError(f"window {side} must be an int >= 0, or -1/None for unbounded, got {w!r}")
         if w < -1:
             raise ValueError(f"window {side} must be >= 0, or -1/None for unbounded, got {w}")
+        if w >= 2**63:
+            raise ValueError(f"window {side} must be < 2**63 (use -1 or None for unbounded), got {w}")
         out.append(int(w))
     return tuple(out)
 
@@ -125,7 +130,8 @@ def prepare(
     if bias_alignment is not None:
         is_causal, causal_alignment, attn_mask = True, bias_alignment, None
     if not isinstance(is_causal, bool):
-        raise TypeError(f"is_causal must be a bool, got {type(is_causal).__name__}")
+        kind = type(is_causal)
+        raise TypeError(f"is_causal must be a Python bool, got {kind.__module__}.{kind.__qualname__}")
 
     Lq, E = query.shape[-2:]
     Lk = key.shape[-2]
@@ -158,9 +164,12 @@ def prepare(
     else:
         if isinstance(scale, torch.Tensor) or not isinstance(scale, (int, float)) or isinstance(scale, bool):
             raise TypeError(f"scale must be a float or None, got {type(scale).__name__}")
+        try:
+            scale = float(scale)
+        except OverflowError:
+            raise ValueError(f"scale must be finite, got an int of {scale.bit_length()} bits") from None
         if not math.isfinite(scale):
             raise ValueError(f"scale must be finite, got {scale}")
-        scale = float(scale)
     if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)):
         raise TypeError(f"dropout_p must be a float, got {type(dropout_p).__name__}")
     if not 0.0 <= dropout_p < 1.0:
@@ -175,6 +184,8 @@ def prepare(
     if attn_mask is not None:
         if not isinstance(attn_mask, torch.Tensor):
             raise TypeError(f"attn_mask must be a torch.Tensor, a CausalBias or None, got {type(attn_mask).__name__}")
+        if attn_mask.layout != torch.strided:
+            raise TypeError(f"attn_mask must be a dense (strided) tensor, got layout {attn_mask.layout}")
         if attn_mask.device != query.device:
             raise ValueError(f"attn_mask is on {attn_mask.device} but query is on {query.device}")
         if attn_mask.dtype != torch.bool and not attn_mask.is_floating_point():

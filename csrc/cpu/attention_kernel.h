@@ -259,8 +259,8 @@ void mask_tile(const AttnParams& p, const Visibility& vis, int64_t b, int64_t h,
 template <typename A>
 void dropout_factors(const AttnParams& p, int64_t b, int64_t h, int64_t i0, int64_t nq, int64_t j0,
                      int64_t nk, A* fac, int64_t ld) {
-  const float prob = p.dropout_p;
-  const A inv_keep = A(1) / (A(1) - static_cast<A>(prob));
+  const float prob = static_cast<float>(p.dropout_p);
+  const A inv_keep = A(1) / (A(1) - static_cast<A>(p.dropout_p));
   const int64_t bh = b * p.Hq + h;
   for (int64_t i = 0; i < nq; ++i) {
     A* row = fac + i * ld;

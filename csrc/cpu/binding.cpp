@@ -111,7 +111,7 @@ void fill_common(AttnParams& p, const at::Tensor& q, const at::Tensor& k, const 
   p.Lk = k.size(2);
   p.Ev = v.size(3);
   TORCH_CHECK(k.size(0) == p.B && v.size(0) == p.B, "attnfast cpu: batch sizes differ");
-  TORCH_CHECK(v.size(1) == p.Hkv && p.Hkv > 0 && p.Hq % p.Hkv == 0,
+  TORCH_CHECK(v.size(1) == p.Hkv && ((p.Hkv > 0 && p.Hq % p.Hkv == 0) || (p.Hq == 0 && p.Hkv == 0)),
               "attnfast cpu: key/value heads must divide query heads");
   TORCH_CHECK(v.size(2) == p.Lk, "attnfast cpu: key and value lengths differ");
   TORCH_CHECK(k.size(3) == p.E, "attnfast cpu: query and key head dims differ");
@@ -146,7 +146,7 @@ void fill_common(AttnParams& p, const at::Tensor& q, const at::Tensor& k, const 
   p.window_left = window_left;
   p.window_right = window_right;
   TORCH_CHECK(dropout_p >= 0.0 && dropout_p < 1.0, "attnfast cpu: dropout_p must be in [0, 1)");
-  p.dropout_p = static_cast<float>(dropout_p);
+  p.dropout_p = dropout_p;
   p.seed = 0;
   p.offset = 0;
   if (dropout_p > 0.0) {
@@ -169,6 +169,7 @@ std::tuple<at::Tensor, at::Tensor> fwd_cpu(const at::Tensor& q, const at::Tensor
   fill_common(p, q, k, v, attn_mask, scale, window_left, window_right, bottom_right, dropout_p, rng);
   at::Tensor out = at::empty({p.B, p.Hq, p.Lq, p.Ev}, q.options());
   at::Tensor lse = at::empty({p.B, p.Hq, p.Lq}, q.options().dtype(lse_dtype(q)));
+  if (out.numel() == 0 && lse.numel() == 0) return {out, lse};  // nothing to compute (no rows)
   p.out = out.data_ptr();
   p.out_st = strides_of(out);
   p.lse = lse.data_ptr();
@@ -209,6 +210,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bwd_cpu(
   const auto acc_opts = lse.options().dtype(acc_dtype(q));
   at::Tensor dmask = mask_grad ? at::zeros({p.B, p.Hq, p.Lq, p.Lk}, acc_opts)
                                : at::empty({0}, acc_opts);
+  if (p.B * p.Hq * p.Lq == 0) {  // no query rows: every gradient is zero
+    dk.zero_();
+    dv.zero_();
+    return {dq, dk, dv, dmask};
+  }
   p.dout = dout.data_ptr();
   p.dout_st = strides_of(dout);
   p.out = out.data_ptr();

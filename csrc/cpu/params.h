@@ -46,7 +46,7 @@ struct AttnParams {
   int64_t window_right;  // -1: unbounded
 
   // Dropout on the attention probabilities (Philox4x32-10, see philox.h).
-  float dropout_p;
+  double dropout_p;  // keep test in float32 (as every backend draws it); 1/(1-p) in the accumulation type
   uint64_t seed;
   uint64_t offset;
 

@@ -46,7 +46,7 @@ void fill_common(AttnParams& p, const at::Tensor& q, const at::Tensor& k, const 
   const int64_t B = q.size(0), Hq = q.size(1), Lq = q.size(2), D = q.size(3);
   const int64_t Hkv = k.size(1), Lk = k.size(2);
   TORCH_CHECK(k.size(0) == B && v.size(0) == B, "attnfast cuda: batch sizes differ");
-  TORCH_CHECK(v.size(1) == Hkv && Hkv > 0 && Hq % Hkv == 0,
+  TORCH_CHECK(v.size(1) == Hkv && ((Hkv > 0 && Hq % Hkv == 0) || (Hq == 0 && Hkv == 0)),
               "attnfast cuda: key/value heads must divide query heads");
   TORCH_CHECK(v.size(2) == Lk, "attnfast cuda: key and value lengths differ");
   TORCH_CHECK(k.size(3) == D && v.size(3) == D,
