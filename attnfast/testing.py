@@ -82,6 +82,11 @@ def dropout_mask(shape, dropout_p, rng=None, device="cpu"):
 # where truth is the float64 reference and same_precision_ref is the naive
 # reference computed in the kernel's own dtype (for float64, with the ops
 # reordered, since upcasting changes nothing there).
+# For lse the floor takes the larger of max|truth| and the scores' rounding scale,
+# max over pairs of |scale| * sum_d |q_d k_d| (+ max|float mask|): a score, and so
+# an lse, is a dot product whose rounding error scales with its terms, not with its
+# possibly cancelling sum (a 1 x 1 problem's lse is a single score; there the naive
+# reference's own error is a lucky draw ~5% of the time).
 # For float64 inputs there is no more precise truth: the float64 truth itself
 # carries the rounding noise of its length-n reductions, ~sqrt(n)·eps, and
 # the floor admits that noise: floor += sqrt(n) * eps * max|truth| with n the
@@ -103,8 +108,9 @@ class ParityResult:
                 f"(same-precision ref err {self.ref_err:.3g}): {'ok' if self.ok else 'FAIL'}")
 
 
-def parity(name, actual, same_precision, truth, n=1):
-    """Apply the parity rule to one tensor (see the comment above)."""
+def parity(name, actual, same_precision, truth, n=1, magnitude=0.0):
+    """Apply the parity rule to one tensor (see the comment above); `magnitude`
+    raises the floor's scale (lse: the scores' rounding scale)."""
     truth = truth.detach().to(torch.float64)
     a = actual.detach().to(torch.float64)
     r = same_precision.detach().to(torch.float64)
@@ -119,8 +125,25 @@ def parity(name, actual, same_precision, truth, n=1):
     ref_err = (r - t).abs().nan_to_num(posinf=0.0).max().item()
     eps = torch.finfo(actual.dtype).eps
     floor_ulps = FLOOR_ULPS + (math.sqrt(n) if actual.dtype == torch.float64 else 0.0)
-    tol = PARITY_FACTOR * ref_err + floor_ulps * eps * t.abs().max().item()
+    tol = PARITY_FACTOR * ref_err + floor_ulps * eps * max(t.abs().max().item(), magnitude)
     return ParityResult(name, err, ref_err, tol)
+
+
+def _score_scale(q, k, attn_mask, scale):
+    """max over (query, key) pairs of |scale| * sum_d |q_d k_d| (+ max|finite float mask|)."""
+    if q.numel() == 0 or k.numel() == 0:
+        return 0.0
+    E = q.shape[-1]
+    scale = (1.0 / math.sqrt(E) if E > 0 else 1.0) if scale is None else float(scale)
+    qa, ka = q.detach().abs().double(), k.detach().abs().double()
+    if q.dim() >= 3 and ka.shape[-3] != qa.shape[-3]:  # GQA: each key head serves a group of query heads
+        ka = ka.repeat_interleave(qa.shape[-3] // ka.shape[-3], dim=-3)
+    mag = (qa @ ka.transpose(-1, -2)).nan_to_num(posinf=0.0).max().item() * abs(scale)
+    if attn_mask is not None and attn_mask.is_floating_point() and attn_mask.numel():
+        m = attn_mask.detach().double()
+        m = m[torch.isfinite(m)]
+        mag += m.abs().max().item() if m.numel() else 0.0
+    return mag
 
 
 def compare_with_reference(run, q, k, v, attn_mask=None, grads=True, **ref_kwargs):
@@ -147,7 +170,8 @@ def compare_with_reference(run, q, k, v, attn_mask=None, grads=True, **ref_kwarg
     r_out, r_lse = attention_ref(*ref_ins, upcast=False, reorder_ops=reorder, **ref_kwargs)
     t_out, t_lse = attention_ref(*tru_ins, upcast=True, **ref_kwargs)
     n = max(q.shape[-2], k.shape[-2], q.shape[-1], v.shape[-1])
-    results = [parity("out", out, r_out, t_out, n), parity("lse", lse, r_lse, t_lse, n)]
+    results = [parity("out", out, r_out, t_out, n),
+               parity("lse", lse, r_lse, t_lse, n, _score_scale(q, k, attn_mask, ref_kwargs.get("scale")))]
     if grads:
         dout = torch.randn_like(t_out).to(q.dtype)
         wrt = [0, 1, 2] + ([3] if mask_grad else [])

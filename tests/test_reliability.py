@@ -334,3 +334,24 @@ def test_triton_nan_query_row_reaches_exactly_that_row():
     expected = torch.zeros_like(bad)
     expected[0, 1, 33] = True
     assert torch.equal(bad, expected) and torch.isnan(lse[0, 1, 33]) and torch.isfinite(lse[~expected]).all()
+
+
+def test_lse_floor_follows_the_scores_rounding_scale_and_still_catches_errors():
+    """The lse floor scales with |scale| * sum|q k| (the rounding scale of a score), so a
+    1 x 1 problem's lse is not judged against a lucky naive draw; an lse off by 1e-5
+    relative to that scale still fails."""
+    from attnfast.testing import _score_scale
+
+    q, k = torch.tensor([[[[1.0, -1.0]]]]), torch.tensor([[[[3.0, 2.0]]]])
+    assert _score_scale(q, k, None, 0.5) == 2.5
+    assert _score_scale(q, torch.zeros(1, 1, 1, 2), torch.full((1, 1, 1, 1), -4.0), 1.0) == 4.0
+    q, k, v = (_rand(1, 1, 1, 40) for _ in range(3))
+
+    def off_by(delta):
+        def run(q, k, v, m):
+            out, lse = attnfast.attention(q, k, v, return_lse=True)
+            return out, lse + delta * _score_scale(q, k, None, None)
+        return {r.name: r.ok for r in compare_with_reference(run, q, k, v, grads=False)}
+
+    assert off_by(0.0)["lse"]
+    assert not off_by(1e-5)["lse"]
