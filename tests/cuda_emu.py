@@ -8,8 +8,8 @@ parity rule without a GPU.
 from __future__ import annotations
 
 import ctypes
+import importlib.util
 import os
-import shutil
 import subprocess
 from ctypes import POINTER, Structure, c_float, c_int, c_int64, c_longlong, c_void_p
 from pathlib import Path
@@ -21,16 +21,16 @@ CUDA_DIR = ROOT / "csrc" / "cuda"
 LIB = ROOT / "build" / "libattnfast_emu.so"
 
 
+def _compile_check():
+    """csrc/cuda/tools/compile_check.py, which knows where the CUDA headers are."""
+    spec = importlib.util.spec_from_file_location("compile_check", CUDA_DIR / "tools" / "compile_check.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
 def cuda_include():
-    for c in (os.environ.get("CUDA_HOME"), "/usr/local/cuda"):
-        if c and (Path(c) / "include" / "cuda_bf16.h").exists():
-            return Path(c) / "include"
-    nvcc = shutil.which("nvcc")
-    if nvcc:
-        inc = Path(nvcc).resolve().parent.parent / "include"
-        if (inc / "cuda_bf16.h").exists():
-            return inc
-    return None
+    return _compile_check().cuda_include()
 
 
 def build():

@@ -32,35 +32,28 @@
     }                                                \
   }()
 
+// One head-dim case of the switches below.
+#define ATTNFAST_HEADDIM_CASE(D, VALUE, NAME, ...) \
+  if ((D) == VALUE) {                              \
+    constexpr static int NAME = VALUE;             \
+    return __VA_ARGS__();                          \
+  }
+
 // Forward head dims: 64, 96, 128, 256 (flash.h: kFwdHeadDims).
-#define ATTNFAST_FWD_HEADDIM_SWITCH(D, NAME, ...) \
-  [&] {                                           \
-    if ((D) == 64) {                              \
-      constexpr static int NAME = 64;             \
-      return __VA_ARGS__();                       \
-    } else if ((D) == 96) {                       \
-      constexpr static int NAME = 96;             \
-      return __VA_ARGS__();                       \
-    } else if ((D) == 128) {                      \
-      constexpr static int NAME = 128;            \
-      return __VA_ARGS__();                       \
-    } else {                                      \
-      constexpr static int NAME = 256;            \
-      return __VA_ARGS__();                       \
-    }                                             \
+#define ATTNFAST_FWD_HEADDIM_SWITCH(D, NAME, ...)          \
+  [&] {                                                    \
+    ATTNFAST_HEADDIM_CASE(D, 64, NAME, __VA_ARGS__)        \
+    ATTNFAST_HEADDIM_CASE(D, 96, NAME, __VA_ARGS__)        \
+    ATTNFAST_HEADDIM_CASE(D, 128, NAME, __VA_ARGS__)       \
+    constexpr static int NAME = 256;                       \
+    return __VA_ARGS__();                                  \
   }()
 
 // Backward head dims: 64, 96, 128 (flash.h: kBwdHeadDims).
-#define ATTNFAST_BWD_HEADDIM_SWITCH(D, NAME, ...) \
-  [&] {                                           \
-    if ((D) == 64) {                              \
-      constexpr static int NAME = 64;             \
-      return __VA_ARGS__();                       \
-    } else if ((D) == 96) {                       \
-      constexpr static int NAME = 96;             \
-      return __VA_ARGS__();                       \
-    } else {                                      \
-      constexpr static int NAME = 128;            \
-      return __VA_ARGS__();                       \
-    }                                             \
+#define ATTNFAST_BWD_HEADDIM_SWITCH(D, NAME, ...)          \
+  [&] {                                                    \
+    ATTNFAST_HEADDIM_CASE(D, 64, NAME, __VA_ARGS__)        \
+    ATTNFAST_HEADDIM_CASE(D, 96, NAME, __VA_ARGS__)        \
+    constexpr static int NAME = 128;                       \
+    return __VA_ARGS__();                                  \
   }()

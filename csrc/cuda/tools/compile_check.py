@@ -39,7 +39,7 @@ def find_nvcc():
 
 
 def cuda_include():
-    """The CUDA toolkit's include folder (cuda_runtime.h)."""
+    """The CUDA toolkit's include folder (cuda_runtime.h, cuda_bf16.h), or None."""
     nvcc = find_nvcc()
     cands = [os.environ.get("CUDA_HOME"), "/usr/local/cuda"]
     if nvcc:
@@ -47,7 +47,7 @@ def cuda_include():
     for c in cands:
         if c and (Path(c) / "include" / "cuda_runtime.h").exists():
             return str(Path(c) / "include")
-    return "/usr/local/cuda/include"
+    return None
 
 
 def find_cuobjdump():
@@ -160,7 +160,10 @@ def compile_binding(workdir):
     except ImportError:
         return dict(ok=False, error="torch is not importable")
     cxx = shutil.which("c++") or shutil.which("g++")
-    incs = [f"-I{p}" for p in cpp_extension.include_paths()] + [f"-I{cuda_include()}", f"-I{CUDA_DIR}"]
+    inc = cuda_include()
+    if inc is None:
+        return dict(ok=False, error="CUDA headers (cuda_runtime.h) not found: set CUDA_HOME")
+    incs = [f"-I{p}" for p in cpp_extension.include_paths()] + [f"-I{inc}", f"-I{CUDA_DIR}"]
     # A CPU build of torch ships c10/cuda's headers but not the one its CMake
     # generates; its whole content is this macro, so a stand-in lets the
     # binding compile against the headers (a CUDA build of torch has the real one).
