@@ -6,14 +6,17 @@ Ops:
   attnfast::fwd(q, k, v, attn_mask, scale, window_left, window_right,
                 bottom_right, dropout_p, rng) -> (out, lse)
   attnfast::bwd(dout, q, k, v, out, lse, dlse, attn_mask, scale, window_left,
-                window_right, bottom_right, dropout_p, rng, mask_grad)
+                window_right, bottom_right, dropout_p, rng, mask_grad, delta=None)
                 -> (dq, dk, dv, dmask)
 Shapes: q (B, Hq, Lq, E), k (B, Hkv, Lk, E), v (B, Hkv, Lk, Ev); out
 (B, Hq, Lq, Ev) contiguous; lse (B, Hq, Lq) float64 for float32/float64
 inputs (the backward recomputes P from it, and a float32 lse would cost
 float32 gradients several ulps), float32 for half types; dmask (B, Hq, Lq, Lk)
 in the accumulation dtype (float64 for float64, else float32) when mask_grad,
-else empty.  The public API returns lse as float32 (float64 for float64).
+else empty.  delta (B, Hq, Lq), lse's dtype: the caller's rowsum(dout * out), used
+in place of the kernels' own row sums (ring attention passes it: there one call's
+keys are only some of a row's).  The public API returns lse as float32 (float64 for
+float64).
 """
 from __future__ import annotations
 
@@ -60,7 +63,7 @@ if _C is not None:
 
     @torch.library.register_fake("attnfast::bwd")
     def _bwd_fake(dout, q, k, v, out, lse, dlse, attn_mask, scale, window_left, window_right,
-                  bottom_right, dropout_p, rng, mask_grad):
+                  bottom_right, dropout_p, rng, mask_grad, delta=None):
         B, Hq, Lq, _ = q.shape
         Lk = k.shape[2]
         dq = q.new_empty(q.shape)  # contiguous, like the kernel's outputs

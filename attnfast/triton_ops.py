@@ -31,9 +31,10 @@ def triton_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Te
                lse: torch.Tensor, dlse: torch.Tensor | None, attn_mask: torch.Tensor | None,
                scale: float, window_left: int,
                window_right: int, bottom_right: bool, mask_grad: bool, dropout_p: float, seed: int,
-               offset: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+               offset: int, delta: torch.Tensor | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     return attention_bwd(dout, q, k, v, out, lse, dlse, attn_mask, scale, window_left, window_right,
-                         bottom_right, mask_grad, dropout_p, seed, offset, launch=wrap_triton)
+                         bottom_right, mask_grad, dropout_p, seed, offset, launch=wrap_triton, delta=delta)
 
 
 def _setup_context(ctx, inputs, output):

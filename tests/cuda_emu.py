@@ -71,7 +71,8 @@ class FwdParams(Structure):
 class BwdParams(Structure):
     _fields_ = [("a", AttnParams), ("out", c_void_p), ("out_st", Strides3), ("dout", c_void_p),
                 ("dout_st", Strides3), ("lse", c_void_p), ("dlse", c_void_p), ("delta", c_void_p),
-                ("dq_accum", c_void_p), ("dq", c_void_p), ("dk", c_void_p), ("dv", c_void_p), ("dmask", c_void_p)]
+                ("dq_accum", c_void_p), ("dq", c_void_p), ("dk", c_void_p), ("dv", c_void_p), ("dmask", c_void_p),
+                ("delta_in", c_void_p)]
 
 
 _lib = None
@@ -83,11 +84,11 @@ def lib():
         _lib = ctypes.CDLL(str(build()))
         _lib.attnfast_emu_fwd.argtypes = [POINTER(FwdParams)]
         _lib.attnfast_emu_bwd.argtypes = [POINTER(BwdParams)]
-        layout = (c_longlong * 7)()
+        layout = (c_longlong * 8)()
         _lib.attnfast_emu_layout(layout)
         mine = [ctypes.sizeof(AttnParams), ctypes.sizeof(FwdParams), ctypes.sizeof(BwdParams),
                 AttnParams.mask_st.offset, AttnParams.window_right.offset, FwdParams.lse.offset,
-                BwdParams.dmask.offset]
+                BwdParams.dmask.offset, BwdParams.delta_in.offset]
         assert list(layout) == mine, f"ctypes mirror of flash.h is stale: C {list(layout)} vs ctypes {mine}"
     return _lib
 

@@ -691,19 +691,26 @@ def attention_fwd(q, k, v, mask, scale, window_left, window_right, bottom_right,
 
 
 def attention_bwd(dout, q, k, v, out, lse, dlse, mask, scale, window_left, window_right, bottom_right,
-                  mask_grad, dropout_p=0.0, seed=0, offset=0, launch=None):
-    """(dq, dk, dv, dmask): contiguous; dmask (B, Hq, Lq, Lk) float32 or empty."""
+                  mask_grad, dropout_p=0.0, seed=0, offset=0, launch=None, delta=None):
+    """(dq, dk, dv, dmask): contiguous; dmask (B, Hq, Lq, Lk) float32 or empty.
+
+    delta: the caller's rowsum(dout * out), float32 (B, Hq, Lq), in place of the
+    kernels' rowsum(P * dP) (ring attention: P covers only some of a row's keys)."""
     import torch
 
     wrap = launch or (lambda kern: kern)
     L = _Launch(q, k, v, mask, window_left, window_right, bottom_right, dropout_p, seed, offset, True)
     B, Hq, Hkv, Lq, Lk = L.B, L.Hq, L.Hkv, L.Lq, L.Lk
+    given = delta
     delta = torch.empty((B, Hq, Lq), dtype=torch.float32, device=q.device)
+    if given is not None:
+        delta.copy_(given if dlse is None else given - dlse)
     dq = torch.empty_like(q, memory_format=torch.contiguous_format)
     dk = torch.empty((B, Hkv, Lk, k.shape[3]), dtype=q.dtype, device=q.device)
     dv = torch.empty((B, Hkv, Lk, v.shape[3]), dtype=q.dtype, device=q.device)
     dmask = (torch.zeros((B, Hq, Lq, Lk), dtype=torch.float32, device=q.device) if mask_grad
              else torch.empty((0,), dtype=torch.float32, device=q.device))
+    lse = lse.contiguous()  # the kernels index it as (B * Hq, Lq)
     dlse_arg = dlse.contiguous() if dlse is not None else lse
     common = (*q.stride(), *k.stride(), *v.stride(), *L.mask_strides)
 
@@ -716,7 +723,8 @@ def attention_bwd(dout, q, k, v, out, lse, dlse, mask, scale, window_left, windo
             *dout.stride(), Hq, Lq, Lk, Hq // Hkv, scale, L.diag, *L.window, *L.rng, *L.keys,
             **L.meta, **rows_extra, HAS_DLSE=dlse is not None, DELTA_PASS=delta_pass)
 
-    rows_pass(True)
+    if given is None:
+        rows_pass(True)
     dkdv, dkdv_extra = L.kernel(_bwd_dkdv_kernel, _dkdv_tuned)
     wrap(dkdv)[lambda meta: (triton.cdiv(Lk, meta["BLOCK_N"]), B * Hkv)](
         q, k, v, L.mask, L.lists_t, dout, lse, delta, dk, dv, dmask if mask_grad else delta, *common,

@@ -513,6 +513,7 @@ void bwd_impl(const BwdParams& p) {
                 for (int64_t i = 0; i < nq; ++i)
                   for (int64_t j = 0; j < nk; ++j) dpt[i * ldp + j] *= ft[i * ldp + j];
               }
+              if (p.delta != nullptr) continue;  // the caller's delta replaces the row sums
               for (int64_t i = 0; i < nq; ++i) {
                 const A* pr = pt + i * ldp;
                 const A* dr = dpt + i * ldp;
@@ -521,6 +522,10 @@ void bwd_impl(const BwdParams& p) {
                 for (int64_t j = 0; j < nk; ++j) sum += pr[j] * dr[j];
                 delta[i] += sum;
               }
+            }
+            if (p.delta != nullptr) {
+              for (int64_t i = 0; i < nq; ++i)
+                delta[i] = static_cast<A>(static_cast<const L*>(p.delta)[bh * p.Lq + i0 + i]);
             }
             if (p.dlse != nullptr) {
               // d lse / d s = P, so a gradient on lse only shifts delta.

@@ -183,7 +183,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bwd_cpu(
     const at::Tensor& out, const at::Tensor& lse, const std::optional<at::Tensor>& dlse,
     const std::optional<at::Tensor>& attn_mask,
     double scale, int64_t window_left, int64_t window_right, bool bottom_right, double dropout_p,
-    const std::optional<at::Tensor>& rng, bool mask_grad) {
+    const std::optional<at::Tensor>& rng, bool mask_grad, const std::optional<at::Tensor>& delta) {
   BwdParams p;
   fill_common(p, q, k, v, attn_mask, scale, window_left, window_right, bottom_right, dropout_p, rng);
   TORCH_CHECK(dout.dim() == 4 && out.dim() == 4 && dout.sizes() == out.sizes() &&
@@ -204,6 +204,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bwd_cpu(
                 "attnfast cpu: dlse must match lse in shape and dtype");
     dlse_c = dlse->contiguous();
   }
+  at::Tensor delta_c;
+  if (delta.has_value()) {
+    TORCH_CHECK(delta->sizes() == lse.sizes() && delta->scalar_type() == lse.scalar_type() && delta->device().is_cpu(),
+                "attnfast cpu: delta must match lse in shape, dtype and device");
+    delta_c = delta->contiguous();
+  }
   at::Tensor dq = at::empty({p.B, p.Hq, p.Lq, p.E}, q.options());
   at::Tensor dk = at::empty({p.B, p.Hkv, p.Lk, p.E}, q.options());
   at::Tensor dv = at::empty({p.B, p.Hkv, p.Lk, p.Ev}, q.options());
@@ -221,6 +227,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bwd_cpu(
   p.out_st = strides_of(out);
   p.lse = lse_c.data_ptr();
   p.dlse = dlse.has_value() ? dlse_c.data_ptr() : nullptr;
+  p.delta = delta.has_value() ? delta_c.data_ptr() : nullptr;
   p.dq = dq.data_ptr();
   p.dk = dk.data_ptr();
   p.dv = dv.data_ptr();
@@ -244,7 +251,7 @@ TORCH_LIBRARY(attnfast, m) {
       "bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor? dlse, "
       "Tensor? attn_mask, "
       "float scale, int window_left, int window_right, bool bottom_right, float dropout_p, "
-      "Tensor? rng, bool mask_grad) -> (Tensor, Tensor, Tensor, Tensor)");
+      "Tensor? rng, bool mask_grad, Tensor? delta=None) -> (Tensor, Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(attnfast, CPU, m) {

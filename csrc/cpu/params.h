@@ -70,6 +70,10 @@ struct BwdParams : AttnParams {
   void* dk;          // (B, Hkv, Lk, E)  contiguous
   void* dv;          // (B, Hkv, Lk, Ev) contiguous
   void* dmask;       // (B, Hq, Lq, Lk) contiguous, accumulation dtype, or nullptr
+  // (B, Hq, Lq) contiguous rowsum(dO * O) given by the caller (lse dtype), used in place
+  // of the kernel's rowsum(P * dP); or nullptr.  Ring attention gives it: there P and dP
+  // of one call cover only some of a row's keys.
+  const void* delta = nullptr;
 };
 
 // One set of entry points per ISA; the binding picks one at run time.

@@ -132,7 +132,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bwd_cuda(
     const at::Tensor& dout_in, const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
     const at::Tensor& out_in, const at::Tensor& lse, const std::optional<at::Tensor>& dlse,
     const std::optional<at::Tensor>& attn_mask, double scale, int64_t window_left, int64_t window_right,
-    bool bottom_right, double dropout_p, const std::optional<at::Tensor>& rng, bool mask_grad) {
+    bool bottom_right, double dropout_p, const std::optional<at::Tensor>& rng, bool mask_grad,
+    const std::optional<at::Tensor>& delta_in) {
   (void)rng;
   const c10::cuda::CUDAGuard guard(q_in.device());
   const at::Tensor q = aligned(q_in), k = aligned(k_in), v = aligned(v_in);
@@ -156,6 +157,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bwd_cuda(
                 "attnfast cuda: dlse must match lse in shape, dtype and device");
     dlse_c = dlse->contiguous();
   }
+  at::Tensor delta_in_c;
+  if (delta_in.has_value()) {
+    TORCH_CHECK(delta_in->sizes() == lse.sizes() && delta_in->scalar_type() == at::kFloat &&
+                    delta_in->device() == q.device(),
+                "attnfast cuda: delta must match lse in shape, dtype and device");
+    delta_in_c = delta_in->contiguous();
+  }
   at::Tensor dq = at::empty({p.B, p.Hq, p.Lq, p.D}, q.options());
   at::Tensor dk = at::empty({p.B, p.Hkv, p.Lk, p.D}, q.options());
   at::Tensor dv = at::empty({p.B, p.Hkv, p.Lk, p.D}, q.options());
@@ -176,6 +184,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bwd_cuda(
   p.lse = lse_c.data_ptr<float>();
   p.dlse = dlse.has_value() ? dlse_c.data_ptr<float>() : nullptr;
   p.delta = delta.data_ptr<float>();
+  p.delta_in = delta_in.has_value() ? delta_in_c.data_ptr<float>() : nullptr;
   p.dq_accum = dq_accum.data_ptr<float>();
   p.dq = dq.data_ptr();
   p.dk = dk.data_ptr();

@@ -64,6 +64,7 @@ struct BwdParams : AttnParams {
   void* dk;           // (B, Hkv, Lk, D) contiguous
   void* dv;           // (B, Hkv, Lk, D) contiguous
   float* dmask;       // (B, Hq, Lq, Lk) contiguous fp32 (additive masks), or nullptr
+  const float* delta_in = nullptr;  // (B, Hq, Lq) rowsum(dout * out) given by the caller, or nullptr
 };
 
 // Head dims with kernels; other sizes are served by the Triton backend.

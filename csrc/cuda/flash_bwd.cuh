@@ -1,7 +1,7 @@
 // FlashAttention-2-style backward on tensor cores (sm80+).
 //
 // Three launches:
-//   1. preprocess: delta = rowsum(dO * O) - dlse per query row (fp32), and
+//   1. preprocess: delta = rowsum(dO * O) (or the caller's delta_in) - dlse per query row (fp32), and
 //      zero the fp32 dQ accumulator;
 //   2. main: one CTA per block of kBlockN keys of one (batch, kv head).  It
 //      keeps K, V and its dK, dV accumulators for the whole pass and walks
@@ -79,7 +79,8 @@ __global__ void flash_bwd_preprocess_kernel(const BwdParams p) {
   }
 #pragma unroll
   for (int off = 16; off > 0; off /= 2) acc += __shfl_xor_sync(0xffffffffu, acc, off);
-  if (lane == 0) p.delta[row] = acc - (p.dlse != nullptr ? p.dlse[row] : 0.f);
+  if (lane == 0)
+    p.delta[row] = (p.delta_in != nullptr ? p.delta_in[row] : acc) - (p.dlse != nullptr ? p.dlse[row] : 0.f);
 }
 
 template <typename T>

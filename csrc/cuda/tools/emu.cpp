@@ -32,5 +32,6 @@ void attnfast_emu_layout(long long* out) {
   out[4] = off(&f, &f.window_right);
   out[5] = off(&f, &f.lse);
   out[6] = off(&b, &b.dmask);
+  out[7] = off(&b, &b.delta_in);
 }
 }
