@@ -332,16 +332,18 @@ def _rows(t, span):
 
 
 def ring_forward(ctx, q, k, v, trace=None):
-    """(out, lse) of local queries against every rank's keys, both in the merge dtype
-    (the wider of float32 or the backend's lse dtype; float64 for float64)."""
+    """(out, lse) of local queries against every rank's keys, both in the merge dtype:
+    float32 for half types, float64 for float32 and float64 (a float32 merge of float32
+    partials measurably loosened the gradients' parity on the Triton backend, whose
+    lse is float32)."""
     ring, kern = ctx.ring, ctx.kernels
     B, Hq, Lq = q.shape[:3]
-    acc_dtype = torch.promote_types(kern.lse_dtype, ops.acc_dtype(q.dtype))
+    acc_dtype = ops.lse_dtype(q.dtype)
     out = torch.zeros((B, Hq, Lq, v.shape[3]), dtype=acc_dtype, device=q.device)
     lse = torch.full((B, Hq, Lq), float("-inf"), dtype=acc_dtype, device=q.device)
     kv = (k, v)
     for step in range(ring.world):
-        pending = ring.exchange(kv, "passing K/V", step, tag=0) if step + 1 < ring.world else None
+        pending = ring.exchange(kv, "passing K/V (forward)", step, tag=0) if step + 1 < ring.world else None
         t0 = time.perf_counter()
         for qs, ks, wr in ctx.plan(step):
             o_b, lse_b = kern.fwd(_rows(q, qs), _rows(kv[0], ks), _rows(kv[1], ks), ctx.scale, wr)
@@ -364,7 +366,7 @@ def ring_backward(ctx, dout, q, k, v, out, lse, trace=None):
     dq = torch.zeros(q.shape, dtype=acc, device=q.device)
     kv, grads, pending_grads = (k, v), None, None
     for step in range(ring.world):
-        pending_kv = ring.exchange(kv, "passing K/V", step, tag=0) if step + 1 < ring.world else None
+        pending_kv = ring.exchange(kv, "passing K/V (backward)", step, tag=0) if step + 1 < ring.world else None
         t0 = time.perf_counter()
         dk_b = torch.zeros(k.shape, dtype=acc, device=k.device)
         dv_b = torch.zeros(v.shape, dtype=acc, device=v.device)

@@ -28,6 +28,8 @@ SUITES = {
                                               "time, GFLOP/s, peak memory"),
     "cpu_ratios": Suite("bench.cpu_ratios", "CPU speed targets: SDPA/attnfast time ratios, peers alternated", default=False),
     "encoders": Suite("bench.encoders", "attention vs RNN/LSTM/GRU encoders: tokens/s, memory, long-range recall", default=False),
+    "ring": Suite("bench.ring", "ring attention on 2 and 4 CPU processes: time per step, communication share, "
+                                "GPU scaling model", default=False),
     "gpu_kernels": Suite("bench.gpu_kernels", "GPU kernel table: attnfast triton/cuda vs torch SDPA backends, TFLOP/s", default=False),
 }
 

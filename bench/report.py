@@ -21,10 +21,10 @@ def _conditions_table(cond, plan, timings):
     return "\n".join(lines)
 
 
-def _section(out, md_name, json_name, title):
+def _section(out, md_name, json_name, title, optional=False):
     md = out / md_name
     if not md.exists():
-        return [f"## {title}", "", f"(not run: {md_name} missing)", ""]
+        return [] if optional else [f"## {title}", "", f"(not run: {md_name} missing)", ""]
     lines = [f"## {title}", "", md.read_text().strip(), ""]
     js = out / json_name
     if js.exists():
@@ -44,6 +44,8 @@ def write_report(out, cond, plan, timings):
                   "(out, lse, dq, dk, dv; `parity.json`).", ""]
     parts += _section(out, "kernels.md", "kernels.json", "Kernels")
     parts += _section(out, "encoders.md", "encoders.json", "Encoders: attention vs RNN, LSTM, GRU")
+    parts += _section(out, "ring.md", "ring.json", "Context parallelism: ring attention",
+                      optional=True)
     path = out / "REPORT.md"
     path.write_text("\n".join(parts).rstrip() + "\n")
     return path

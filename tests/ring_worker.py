@@ -2,7 +2,7 @@
 bench/launch.py; gloo on CPU).
 
     python tests/ring_worker.py parity OUT.json [REPEATS]   every case: ring result vs the parity rule
-    python tests/ring_worker.py dies|absent|late|mismatch  failure drills (see test_distributed.py)
+    python tests/ring_worker.py dies|late|idle|absent|mismatch  failure drills (see test_distributed.py)
 
 parity: every rank draws the same global q, k, v, dout (one seed), runs
 ring_attention on its shards (forward and backward), and the shards are
@@ -23,10 +23,13 @@ import torch.distributed as dist
 
 RANK, WORLD = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
 TIMEOUT = datetime.timedelta(seconds=float(os.environ.get("RING_TEST_TIMEOUT", "60")))
+DEVICE = os.environ.get("RING_DEVICE", "cpu")  # "cuda": NCCL, one GPU per rank
 
 
 def init():
-    dist.init_process_group("gloo", rank=RANK, world_size=WORLD, timeout=TIMEOUT)
+    if DEVICE == "cuda":
+        torch.cuda.set_device(RANK)
+    dist.init_process_group("nccl" if DEVICE == "cuda" else "gloo", rank=RANK, world_size=WORLD, timeout=TIMEOUT)
 
 
 # name, (B, Hq, Hkv, Lq, Lk, E, Ev), dtype, is_causal, layout, backend, 3-D input (no batch dim)
@@ -44,8 +47,12 @@ CASES = [
     ("causal-fp64", (1, 2, 2, 8, 8, 16, 16), torch.float64, True, "zigzag", None, False),
     ("causal-reference-backend", (1, 2, 1, 8, 8, 16, 16), torch.float32, True, "zigzag", "reference", False),
 ]
-if os.environ.get("TRITON_INTERPRET") == "1":
+if DEVICE == "cuda":  # the CUDA C++ kernels serve half types at head dims 64/96/128
+    CASES.append(("causal-cuda-backend", (1, 4, 2, 64, 64, 64, 64), torch.bfloat16, True, "zigzag", "cuda", False))
+if os.environ.get("TRITON_INTERPRET") == "1" or DEVICE == "cuda":
     CASES.append(("causal-triton-backend", (1, 2, 1, 8, 8, 16, 16), torch.float32, True, "zigzag", "triton", False))
+if os.environ.get("RING_CASES"):  # a comma-separated subset, for sweeps over seeds
+    CASES = [c for c in CASES if c[0] in os.environ["RING_CASES"].split(",")]
 
 
 def gather_unshard(x, layout):
@@ -67,10 +74,10 @@ def run_case(name, dims, dtype, causal, layout, backend, three_d, seed):
     g = torch.Generator().manual_seed(seed)
     lead = (Hq,) if three_d else (B, Hq)
     lead_kv = (Hkv,) if three_d else (B, Hkv)
-    q = torch.randn(lead + (Lq, E), generator=g).to(dtype)
-    k = torch.randn(lead_kv + (Lk, E), generator=g).to(dtype)
-    v = torch.randn(lead_kv + (Lk, Ev), generator=g).to(dtype)
-    dout = torch.randn(lead + (Lq, Ev), generator=g).to(dtype)
+    q = torch.randn(lead + (Lq, E), generator=g).to(DEVICE, dtype)
+    k = torch.randn(lead_kv + (Lk, E), generator=g).to(DEVICE, dtype)
+    v = torch.randn(lead_kv + (Lk, Ev), generator=g).to(DEVICE, dtype)
+    dout = torch.randn(lead + (Lq, Ev), generator=g).to(DEVICE, dtype)
     scale = 0.3 if three_d else None
     gqa = Hq != Hkv
 
@@ -133,7 +140,8 @@ def drill(mode):
         init()
     except Exception as e:  # noqa: BLE001
         print(f"CAUGHT {type(e).__name__} after {time.monotonic() - t0:.1f}s: {e}")
-        return
+        sys.stdout.flush()
+        os._exit(0)
     q = torch.randn(1, 2, 8 if mode != "mismatch" or RANK == 0 else 12, 16, requires_grad=True)
     if RANK == 1:
         if mode == "dies":
@@ -141,6 +149,9 @@ def drill(mode):
         if mode == "late":  # calls forward, then dies instead of running the backward
             ring_attention(q, q, q, is_causal=True)
             os._exit(3)
+        if mode == "idle":  # alive, but never calls
+            time.sleep(TIMEOUT.total_seconds() + 10)
+            os._exit(0)
     try:
         out = ring_attention(q, q, q, is_causal=True)
         out.sum().backward()
