@@ -10,9 +10,11 @@ and global length L (B=1, H=4, D=64, float32, zigzag layout), rank by rank:
                          ring (wait: the communication compute did not hide);
   exchange alone         the same transfers with no compute (the ring's raw
                          communication time).
-Reported: per-step time (total / W), the exposed communication share (wait /
-total), the hidden fraction of the transfers (1 - wait / exchange alone), and
-the model's threshold length for this machine's measured FLOP/s and bandwidth.
+Reported: per-step time (total / W) and, as shares of the total, the time
+blocked on the ring, the transfers alone, and the spread of compute time between
+ranks (blocked time is transfer that compute did not hide plus waiting for a
+slower rank: where blocked < transfers alone, the overlap hid the rest); and the
+model's threshold length for this machine's measured FLOP/s and bandwidth.
 Medians over repeats; the slowest rank's total (a ring step waits for it).
 """
 from __future__ import annotations
@@ -121,18 +123,22 @@ def summarize(world, row):
         x = per_rank[:, :, i]
         vals = x.max(0).values if name.endswith(("total", "exchange")) else x.mean(0)
         med[name] = statistics.median(vals.tolist())
+        if name.endswith("compute"):  # max - min over ranks, per repeat
+            med[name.replace("compute", "spread")] = statistics.median((x.max(0).values - x.min(0).values).tolist())
     L, causal = row["L"], row["causal"]
     l = L // world
     flops_fwd = 4.0 * B * H * L * L * D * (0.5 if causal else 1.0) / world  # per rank
     kv_bytes = 2 * B * H * l * D * 4  # one step's K and V, float32
-    out = dict(world=world, L=L, l=l, causal=causal, reps=reps, **{k + "_s": v for k, v in med.items()})
+    out = dict(world=world, L=L, l=l, causal=causal, reps=reps, **{k + "_s": v for k, v in med.items()},
+               per_rank_s=dict(zip(FIELDS, per_rank.permute(2, 0, 1).tolist())))
     # bytes one rank sends: K/V W-1 times (forward); K/V W-1 times and float32 dK/dV W times (backward)
     for m, flops, sent in (("fwd", flops_fwd, kv_bytes * (world - 1)),
                            ("bwd", 2.5 * flops_fwd, kv_bytes * (2 * world - 1))):
         total, comp, wait, ex = (med[f"{m}_{x}"] for x in ("total", "compute", "wait", "exchange"))
         out[f"{m}_step_ms"] = total / world * 1e3
-        out[f"{m}_comm_share"] = wait / total
-        out[f"{m}_hidden"] = max(0.0, 1.0 - wait / ex) if ex > 0 else None
+        out[f"{m}_blocked_share"] = wait / total
+        out[f"{m}_transfer_share"] = ex / total
+        out[f"{m}_spread_share"] = med[f"{m}_spread"] / total
         out[f"{m}_gflops"] = flops / comp / 1e9
         out[f"{m}_gbps"] = sent / ex / 1e9 if ex > 0 and sent else None  # the transfers measured alone
     from attnfast.distributed import model_hidden_length
@@ -189,18 +195,20 @@ def write_results(ctx, records, cond):
     from .common import fmt_num, md_table
 
     md = ["Ring attention on this machine's CPU processes (gloo over loopback; B=1, H=4, D=64, float32, "
-          "zigzag layout; torch threads split between the ranks). `step` = wall time / W; `comm share` = "
-          "time blocked on the ring / wall time; `hidden` = 1 − blocked / the same transfers alone; "
-          "`l*` = the model's threshold for the measured GFLOP/s and GB/s.", ""]
-    header = ["W", "L", "l = L/W", "causal", "fwd step ms", "fwd comm share", "fwd hidden", "bwd step ms",
-              "bwd comm share", "bwd hidden", "GFLOP/s per rank (fwd)", "GB/s (exchange alone)", "model l*"]
+          "zigzag layout; torch threads split between the ranks). `step` = wall time / W. As shares of the "
+          "wall time: `blocked` = time waiting on the ring (transfer compute did not hide, plus waiting for "
+          "a slower rank), `transfers` = the same transfers run alone, `spread` = max − min compute time "
+          "over ranks. `blocked` below `transfers` means the overlap hid the rest; `blocked` above it is "
+          "rank imbalance (see `spread`). `l*` = the model's threshold for the measured GFLOP/s and GB/s.", ""]
+    header = ["W", "L", "l = L/W", "causal", "fwd step ms", "blocked", "transfers", "spread", "bwd step ms",
+              "blocked", "transfers", "spread", "GFLOP/s per rank (fwd)", "GB/s (fwd transfers)", "model l*"]
     rows = []
     for r in records:
-        pct = lambda x: "-" if x is None else f"{100 * x:.0f}%"  # noqa: E731
-        rows.append([r["world"], r["L"], r["l"], "yes" if r["causal"] else "no", fmt_num(r["fwd_step_ms"]),
-                     pct(r["fwd_comm_share"]), pct(r["fwd_hidden"]), fmt_num(r["bwd_step_ms"]),
-                     pct(r["bwd_comm_share"]), pct(r["bwd_hidden"]), fmt_num(r["fwd_gflops"]),
-                     fmt_num(r["fwd_gbps"]), r.get("fwd_l_star", "-")])
+        pct = lambda x: "-" if x is None else f"{100 * x:.1f}%"  # noqa: E731
+        rows.append([r["world"], r["L"], r["l"], "yes" if r["causal"] else "no"]
+                    + [x for m in ("fwd", "bwd") for x in (fmt_num(r[f"{m}_step_ms"]), pct(r[f"{m}_blocked_share"]),
+                                                           pct(r[f"{m}_transfer_share"]), pct(r[f"{m}_spread_share"]))]
+                    + [fmt_num(r["fwd_gflops"]), fmt_num(r["fwd_gbps"]), r.get("fwd_l_star", "-")])
     md += [md_table(header, rows), "", MODEL_TEXT]
     model = gpu_model_rows()
     mrows = [[m["link"], m["kernel"], m["heads"], *[f"{x:,}" for x in m["l_star"]]] for m in model]

@@ -140,7 +140,7 @@ def fwd(q, k, v, mask, scale, wl, wr, bottom_right):
     return out, lse
 
 
-def bwd(dout, q, k, v, out, lse, dlse, mask, scale, wl, wr, bottom_right, mask_grad):
+def bwd(dout, q, k, v, out, lse, dlse, mask, scale, wl, wr, bottom_right, mask_grad, delta_in=None):
     q, k, v, dout, out = (_aligned(t) for t in (q, k, v, dout, out))
     p = BwdParams()
     p.a = _common(q, k, v, mask, scale, wl, wr, bottom_right)
@@ -160,6 +160,8 @@ def bwd(dout, q, k, v, out, lse, dlse, mask, scale, wl, wr, bottom_right, mask_g
     p.delta, p.dq_accum = delta.data_ptr(), dq_accum.data_ptr()
     p.dq, p.dk, p.dv = dq.data_ptr(), dk.data_ptr(), dv.data_ptr()
     p.dmask = None if dmask is None else dmask.data_ptr()
+    delta_in = None if delta_in is None else delta_in.float().contiguous()
+    p.delta_in = None if delta_in is None else delta_in.data_ptr()
     rc = lib().attnfast_emu_bwd(ctypes.byref(p))
     assert rc == 0, f"backward launch failed: {rc}"
     return dq, dk, dv, dmask

@@ -73,3 +73,20 @@ def test_nan_in_a_query_row_reaches_exactly_that_row():
     expected = torch.zeros_like(bad)
     expected[0, 1, 33] = True
     assert torch.equal(bad, expected) and torch.isnan(lse[0, 1, 33]) and torch.isfinite(lse[~expected]).all()
+
+
+def test_caller_given_delta_lets_key_blocks_add_up():
+    """With the whole rows' lse and delta_in = rowsum(dO * O), backward launches on two key
+    blocks add up to the whole backward (what ring attention relies on)."""
+    q = torch.randn(1, 2, 70, 64).bfloat16()
+    k, v = (torch.randn(1, 1, 140, 64).bfloat16() for _ in range(2))
+    dout = torch.randn(1, 2, 70, 64).bfloat16()
+    out, lse = cuda_emu.fwd(q, k, v, None, 0.125, -1, -1, False)
+    whole = cuda_emu.bwd(dout, q, k, v, out, lse, None, None, 0.125, -1, -1, False, False)
+    delta = (dout.float() * out.float()).sum(-1)
+    a = cuda_emu.bwd(dout, q, k[:, :, :64], v[:, :, :64], out, lse, None, None, 0.125, -1, -1, False, False, delta)
+    b = cuda_emu.bwd(dout, q, k[:, :, 64:], v[:, :, 64:], out, lse, None, None, 0.125, -1, -1, False, False, delta)
+    tol = dict(rtol=2e-2, atol=2e-2)  # bf16 outputs: a few roundings apart
+    torch.testing.assert_close(a[0].float() + b[0].float(), whole[0].float(), **tol)
+    torch.testing.assert_close(torch.cat([a[1], b[1]], 2).float(), whole[1].float(), **tol)
+    torch.testing.assert_close(torch.cat([a[2], b[2]], 2).float(), whole[2].float(), **tol)

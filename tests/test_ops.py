@@ -44,6 +44,41 @@ def test_opcheck_bwd(mask_grad):
     torch.library.opcheck(torch.ops.attnfast.bwd.default, args)
 
 
+def test_opcheck_bwd_with_given_delta():
+    q, k, v = _strided(2, 4, 13, 16), _strided(2, 2, 21, 16), _strided(2, 2, 21, 8)
+    out, lse = torch.ops.attnfast.fwd(q, k, v, None, 0.25, -1, -1, False, 0.0, None)
+    dout = torch.randn(2, 13, 4, 8).transpose(1, 2)
+    delta = (dout.double() * out.double()).sum(-1)
+    args = (dout, q, k, v, out, lse, None, None, 0.25, -1, -1, False, 0.0, None, False, delta)
+    torch.library.opcheck(torch.ops.attnfast.bwd.default, args)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_bwd_with_given_delta_splits_over_key_blocks(dtype):
+    """With the whole rows' lse and delta = rowsum(dO * O), backward calls on key blocks add up
+    to the backward over all keys (what ring attention relies on); without delta they do not."""
+    q, k, v = _strided(2, 4, 13, 16, dtype), _strided(2, 2, 21, 16, dtype), _strided(2, 2, 21, 8, dtype)
+    out, lse = torch.ops.attnfast.fwd(q, k, v, None, 0.25, -1, 0, True, 0.0, None)
+    dout = torch.randn(2, 13, 4, 8, dtype=dtype).transpose(1, 2)
+    whole = torch.ops.attnfast.bwd(dout, q, k, v, out, lse, None, None, 0.25, -1, 0, True, 0.0, None, False)
+    delta = (dout.to(lse.dtype) * out.to(lse.dtype)).sum(-1)
+
+    # The second block's window (j <= i - 2 in its own coordinates) is negative: give rows 2: only.
+    a = torch.ops.attnfast.bwd(dout, q, k[:, :, :10], v[:, :, :10], out, lse, None, None, 0.25, -1, 8, False,
+                               0.0, None, False, delta)
+    b = torch.ops.attnfast.bwd(dout[:, :, 2:], q[:, :, 2:], k[:, :, 10:], v[:, :, 10:], out[:, :, 2:],
+                               lse[:, :, 2:], None, None, 0.25, -1, 0, False, 0.0, None, False, delta[:, :, 2:])
+    dq = a[0].float()
+    dq[:, :, 2:] += b[0].float()
+    tol = dict(rtol=0, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(dq, whole[0].float(), **tol)
+    torch.testing.assert_close(torch.cat([a[1], b[1]], 2).float(), whole[1].float(), **tol)
+    torch.testing.assert_close(torch.cat([a[2], b[2]], 2).float(), whole[2].float(), **tol)
+    own = torch.ops.attnfast.bwd(dout, q, k[:, :, :10], v[:, :, :10], out, lse, None, None, 0.25, -1, 8, False,
+                                 0.0, None, False)  # delta from this block's keys alone
+    assert (own[0].float() - a[0].float()).abs().max() > 10 * tol["atol"]
+
+
 def _f(q, k, v, m):
     return attnfast.scaled_dot_product_attention(q, k, v, attn_mask=m, enable_gqa=True).sin().sum()
 

@@ -81,6 +81,31 @@ def test_opcheck():
                           (q, k, v, m.expand(1, 2, 17, 23), 0.2, -1, 0, True, 0.0, 0, 0), test_utils=utils)
 
 
+def test_bwd_with_given_delta_splits_over_key_blocks():
+    """Backward calls on key blocks with the whole rows' lse (strided: sliced from the whole
+    call's) and delta add up to the whole backward (what ring attention relies on)."""
+    from attnfast import triton_ops  # noqa: F401
+
+    q = torch.randn(1, 2, 24, 16, device=DEVICE)
+    k, v = (torch.randn(1, 1, 24, 16, device=DEVICE) for _ in range(2))
+    dout = torch.randn(1, 2, 24, 16, device=DEVICE)
+    out, lse = torch.ops.attnfast.triton_fwd(q, k, v, None, 0.25, -1, 0, False, 0.0, 0, 0)
+    whole = torch.ops.attnfast.triton_bwd(dout, q, k, v, out, lse, None, None, 0.25, -1, 0, False, False,
+                                          0.0, 0, 0)
+    delta = (dout * out).sum(-1)
+    # keys 0:12 are seen in full by rows 12:, causally by rows :12; keys 12: causally by rows 12:
+    a = torch.ops.attnfast.triton_bwd(dout, q, k[:, :, :12], v[:, :, :12], out, lse, None, None, 0.25, -1, 0,
+                                      False, False, 0.0, 0, 0, delta)
+    r = slice(12, 24)
+    b = torch.ops.attnfast.triton_bwd(dout[:, :, r], q[:, :, r], k[:, :, r], v[:, :, r], out[:, :, r],
+                                      lse[:, :, r], None, None, 0.25, -1, 0, False, False, 0.0, 0, 0, delta[:, :, r])
+    dq = a[0].clone()
+    dq[:, :, r] += b[0]
+    torch.testing.assert_close(dq, whole[0], rtol=0, atol=1e-5)
+    torch.testing.assert_close(torch.cat([a[1], b[1]], 2), whole[1], rtol=0, atol=1e-5)
+    torch.testing.assert_close(torch.cat([a[2], b[2]], 2), whole[2], rtol=0, atol=1e-5)
+
+
 def test_rejects_what_it_cannot_serve():
     q = torch.randn(1, 2, 8, 16, device=DEVICE, dtype=torch.float64)
     with pytest.raises(attnfast.BackendUnavailableError, match="float64"):
