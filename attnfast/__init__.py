@@ -12,6 +12,7 @@ from .api import attention, scaled_dot_product_attention, varlen_attention
 from .dispatch import BackendUnavailableError, DegradedWarning, backends
 from .patching import patch, patched, unpatch
 from .reference import attention_ref
+from .variants import additive_attention, topk_attention
 
 __version__ = "0.1.0"
 
@@ -19,6 +20,8 @@ __all__ = [
     "attention",
     "scaled_dot_product_attention",
     "varlen_attention",
+    "additive_attention",
+    "topk_attention",
     "attention_ref",
     "nn",
     "patch",

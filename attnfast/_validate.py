@@ -100,6 +100,28 @@ def _window(window):
     return tuple(out)
 
 
+def check_mask(attn_mask, query, target, what="(..., Hq, Lq, Lk)", what_types="a torch.Tensor, a CausalBias"):
+    """A bool or float mask that broadcasts to `target`, float masks in query's dtype
+    (converted before any expansion, so only the mask's own size is copied)."""
+    if not isinstance(attn_mask, torch.Tensor):
+        raise TypeError(f"attn_mask must be {what_types} or None, got {type(attn_mask).__name__}")
+    if attn_mask.layout != torch.strided:
+        raise TypeError(f"attn_mask must be a dense (strided) tensor, got layout {attn_mask.layout}")
+    if attn_mask.device != query.device:
+        raise ValueError(f"attn_mask is on {attn_mask.device} but query is on {query.device}")
+    if attn_mask.dtype != torch.bool and not attn_mask.is_floating_point():
+        raise TypeError(f"attn_mask must be bool or floating point, got {attn_mask.dtype}")
+    try:
+        ok = torch.broadcast_shapes(tuple(attn_mask.shape), target) == target
+    except RuntimeError:
+        ok = False
+    if not ok:
+        raise ValueError(f"attn_mask of shape {_shape(attn_mask)} does not broadcast to {what} = {target}")
+    if attn_mask.dtype != torch.bool and attn_mask.dtype != query.dtype:
+        return attn_mask.to(query.dtype)
+    return attn_mask
+
+
 def prepare(
     query,
     key,
@@ -182,27 +204,8 @@ def prepare(
     q4, k4, v4 = _as4d(query), _as4d(key), _as4d(value)
     mask4 = None
     if attn_mask is not None:
-        if not isinstance(attn_mask, torch.Tensor):
-            raise TypeError(f"attn_mask must be a torch.Tensor, a CausalBias or None, got {type(attn_mask).__name__}")
-        if attn_mask.layout != torch.strided:
-            raise TypeError(f"attn_mask must be a dense (strided) tensor, got layout {attn_mask.layout}")
-        if attn_mask.device != query.device:
-            raise ValueError(f"attn_mask is on {attn_mask.device} but query is on {query.device}")
-        if attn_mask.dtype != torch.bool and not attn_mask.is_floating_point():
-            raise TypeError(f"attn_mask must be bool or floating point, got {attn_mask.dtype}")
         target = tuple(query.shape[:-2]) + (Lq, Lk)
-        try:
-            ok = torch.broadcast_shapes(tuple(attn_mask.shape), target) == target
-        except RuntimeError:
-            ok = False
-        if not ok:
-            raise ValueError(
-                f"attn_mask of shape {_shape(attn_mask)} does not broadcast to (..., Hq, Lq, Lk) = {target}"
-            )
-        m = attn_mask
-        if m.dtype != torch.bool and m.dtype != query.dtype:
-            m = m.to(query.dtype)  # before expanding, so only the mask's own size is copied
-        mask4 = m.expand(target)
+        mask4 = check_mask(attn_mask, query, target).expand(target)
         mask4 = mask4.reshape(q4.shape[:2] + (Lq, Lk))
     return Plan(
         q=q4,

@@ -85,13 +85,24 @@ def attention_ref(
     vis = visible_mask(
         Lq, Lk, is_causal=is_causal, causal_alignment=causal_alignment, window=window, device=q.device
     )
+    return _softmax_attend(_apply_mask(s, attn_mask, vis), v, dropout_mask, reorder_ops)
+
+
+def _apply_mask(s, attn_mask, vis):
+    """Scores with a float mask added and hidden entries (bool mask False, vis False) at -inf."""
     if attn_mask is not None:
         if attn_mask.dtype == torch.bool:
             vis = attn_mask if vis is None else (vis & attn_mask)
         else:
-            s = s + attn_mask.to(dtype)
+            s = s + attn_mask.to(s.dtype)
     if vis is not None:
         s = s.masked_fill(~vis, float("-inf"))
+    return s
+
+
+def _softmax_attend(s, v, dropout_mask=None, reorder_ops=False):
+    """(out, lse) from masked scores s (..., Lq, Lk) and values v (..., Lk, Ev) of s's dtype."""
+    dtype, Lk = s.dtype, v.size(-2)
     if Lk == 0:
         s = s.new_full(s.shape[:-1] + (1,), float("-inf"))
     # Rows with no visible key: lse -inf, p 0, and no NaN in any gradient (the
@@ -113,3 +124,67 @@ def attention_ref(
     else:
         out = torch.matmul(p, v)
     return out, lse
+
+
+def additive_scores(qp, kp, v_a):
+    """Bahdanau scores s[..., i, j] = sum_d v_a[d] tanh(qp[..., i, d] + kp[..., j, d]).
+
+    qp (..., H, Lq, Da), kp (..., H, Lk, Da): the projected queries and keys;
+    v_a (Da,) or (H, Da).  Materialises the (..., H, Lq, Lk, Da) tensor."""
+    va = v_a if v_a.dim() == 1 else v_a.unsqueeze(-2).unsqueeze(-2)  # (H, 1, 1, Da)
+    return (torch.tanh(qp.unsqueeze(-2) + kp.unsqueeze(-3)) * va).sum(-1)
+
+
+def additive_attention_ref(q, k, v, w_q, w_k, v_a, attn_mask=None, is_causal=False, upcast=True):
+    """Naive additive (Bahdanau) attention returning `(out, lse)`.
+
+    q (..., H, Lq, Eq), k (..., H, Lk, Ek), v (..., H, Lk, Ev); w_q (Da, Eq) or
+    (H, Da, Eq), w_k (Da, Ek) or (H, Da, Ek), v_a (Da,) or (H, Da) (shared by
+    every head, or one per head).  s[i, j] = v_aᵀ tanh(W_q q_i + W_k k_j),
+    masked like `attention_ref` (bool: True takes part; float: added; causal:
+    top-left), softmax over j, out = Σ_j p[i, j] v_j.  Fully masked rows give
+    out 0 and lse -inf.
+    """
+    dtype = torch.float64 if upcast else q.dtype
+    q, k, v, w_q, w_k, v_a = (t.to(dtype) for t in (q, k, v, w_q, w_k, v_a))
+    qp = torch.matmul(q, w_q.transpose(-1, -2))  # (..., H, Lq, Da)
+    kp = torch.matmul(k, w_k.transpose(-1, -2))  # (..., H, Lk, Da)
+    s = additive_scores(qp, kp, v_a)
+    vis = visible_mask(q.size(-2), k.size(-2), is_causal=is_causal, device=q.device)
+    return _softmax_attend(_apply_mask(s, attn_mask, vis), v)
+
+
+def topk_select(s, top_k):
+    """Bool mask of each row's `top_k` highest finite scores; ties go to the lower key
+    index (a stable descending sort keeps equal scores in index order).  Rows with
+    fewer than `top_k` visible keys keep all of them."""
+    order = torch.sort(s, dim=-1, descending=True, stable=True).indices[..., :top_k]
+    sel = torch.zeros_like(s, dtype=torch.bool).scatter_(-1, order, True)
+    return sel & ~torch.isneginf(s)
+
+
+def topk_attention_ref(q, k, v, top_k, attn_mask=None, is_causal=False, scale=None, enable_gqa=False,
+                       upcast=True):
+    """Naive hard (top-k) attention returning `(out, lse)`.
+
+    Scores as `attention_ref` (scaled q·k, float mask added, bool/causal
+    entries hidden); each query keeps its `top_k` highest visible scores (ties
+    to the lower key index, see `topk_select`), softmax over those.  The
+    selection is made without gradient: the backward is the straight-through
+    one of softmax attention over the selected entries.
+    """
+    dtype = torch.float64 if upcast else q.dtype
+    q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
+    if scale is None:
+        scale = 1.0 / math.sqrt(q.size(-1))
+    if q.dim() >= 3 and k.size(-3) != q.size(-3):
+        if not enable_gqa:
+            raise ValueError("key/value heads differ from query heads; pass enable_gqa=True")
+        rep = q.size(-3) // k.size(-3)
+        k, v = k.repeat_interleave(rep, dim=-3), v.repeat_interleave(rep, dim=-3)
+    s = torch.matmul(q, k.transpose(-2, -1)) * scale
+    vis = visible_mask(q.size(-2), k.size(-2), is_causal=is_causal, device=q.device)
+    s = _apply_mask(s, attn_mask, vis)
+    with torch.no_grad():
+        sel = topk_select(s, top_k)
+    return _softmax_attend(s.masked_fill(~sel, float("-inf")), v)

@@ -1,0 +1,156 @@
+"""Additive (Bahdanau) and hard (top-k) attention against their references by the parity rule."""
+import pytest
+import torch
+
+import attnfast
+from attnfast import variants
+from attnfast.reference import additive_attention_ref, topk_attention_ref, topk_select
+from attnfast.testing import parity
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float64]
+
+
+def _check(run, ref, inputs, grads=True):
+    """Parity of run(*inputs) -> (out, lse) and of every input's gradient against ref(*inputs, upcast=...)."""
+    leaves = lambda: [t.detach().clone().requires_grad_(grads and t.is_floating_point()) for t in inputs]  # noqa: E731
+    a_in, r_in, t_in = leaves(), leaves(), leaves()
+    out, lse = run(*a_in)
+    r_out, r_lse = ref(*r_in, upcast=False)
+    t_out, t_lse = ref(*t_in, upcast=True)
+    n = max(max(t.shape) for t in inputs)
+    res = [parity("out", out, r_out, t_out, n), parity("lse", lse, r_lse.float() if lse.dtype == torch.float32
+                                                       else r_lse, t_lse, n, magnitude=t_lse.abs().max().item())]
+    if grads:
+        dout = torch.randn_like(t_out)
+        g = torch.autograd.grad(out, a_in, dout.to(out.dtype), allow_unused=True)
+        rg = torch.autograd.grad(r_out, r_in, dout.to(r_out.dtype), allow_unused=True)
+        tg = torch.autograd.grad(t_out, t_in, dout, allow_unused=True)
+        for i, (a, r, t) in enumerate(zip(g, rg, tg)):
+            res.append(parity(f"grad[{i}]", a, r, t, n))
+    bad = [r for r in res if not r.ok]
+    assert not bad, bad
+
+
+ADDITIVE = [  # (B, H, Lq, Lk, Eq, Ek, Ev, Da, per_head, mask, causal)
+    (2, 2, 9, 13, 8, 6, 5, 16, True, None, False),
+    (1, 3, 17, 17, 16, 16, 16, 8, False, None, True),
+    (2, 1, 5, 21, 12, 4, 7, 32, False, "keypad", False),
+    (1, 2, 11, 7, 8, 8, 8, 12, True, "float", True),
+    (1, 1, 1, 1, 4, 4, 4, 4, False, None, False),
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", ADDITIVE)
+@pytest.mark.parametrize("chunk", [None, 40], ids=["one-chunk", "small-chunks"])
+def test_additive_parity(case, dtype, chunk, monkeypatch):
+    if chunk is not None:
+        monkeypatch.setattr(variants, "CHUNK_ELEMENTS", chunk)
+    B, H, Lq, Lk, Eq, Ek, Ev, Da, per_head, mask_kind, causal = case
+    q, k, v = torch.randn(B, H, Lq, Eq), torch.randn(B, H, Lk, Ek), torch.randn(B, H, Lk, Ev)
+    lead = (H,) if per_head else ()
+    w_q, w_k, v_a = torch.randn(lead + (Da, Eq)) / Eq ** 0.5, torch.randn(lead + (Da, Ek)) / Ek ** 0.5, \
+        torch.randn(lead + (Da,))
+    mask = None
+    if mask_kind == "keypad":
+        mask = (torch.rand(B, 1, 1, Lk) > 0.3)
+        mask[0, 0, 0, :] = False  # batch 0: every key hidden, rows give 0
+    elif mask_kind == "float":
+        mask = torch.randn(Lq, Lk)
+    ins = [t.to(dtype) for t in (q, k, v, w_q, w_k, v_a)]
+    m = None if mask is None else (mask if mask.dtype == torch.bool else mask.to(dtype))
+
+    def run(*t):
+        return attnfast.additive_attention(*t, attn_mask=m, is_causal=causal, return_lse=True)
+
+    def ref(*t, upcast):
+        return additive_attention_ref(*t, attn_mask=m, is_causal=causal, upcast=upcast)
+
+    _check(run, ref, ins)
+
+
+TOPK = [  # (B, Hq, Hkv, Lq, Lk, E, Ev, top_k, mask, causal)
+    (2, 2, 2, 9, 13, 8, 8, 4, None, False),
+    (1, 4, 2, 17, 17, 16, 8, 3, None, True),
+    (1, 2, 1, 6, 30, 8, 8, 30, "keypad", False),
+    (2, 2, 2, 12, 12, 8, 8, 1, "float", True),
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", TOPK)
+@pytest.mark.parametrize("chunk", [None, 50], ids=["one-chunk", "small-chunks"])
+def test_topk_parity(case, dtype, chunk, monkeypatch):
+    if chunk is not None:
+        monkeypatch.setattr(variants, "CHUNK_ELEMENTS", chunk)
+    B, Hq, Hkv, Lq, Lk, E, Ev, top_k, mask_kind, causal = case
+    q, k, v = torch.randn(B, Hq, Lq, E), torch.randn(B, Hkv, Lk, E), torch.randn(B, Hkv, Lk, Ev)
+    mask = None
+    if mask_kind == "keypad":
+        mask = torch.rand(B, 1, 1, Lk) > 0.5
+    elif mask_kind == "float":
+        mask = torch.randn(Lq, Lk).to(dtype)
+    ins = [t.to(dtype) for t in (q, k, v)]
+
+    def run(*t):
+        return attnfast.topk_attention(*t, top_k, attn_mask=mask, is_causal=causal, enable_gqa=True,
+                                       return_lse=True)
+
+    def ref(*t, upcast):
+        return topk_attention_ref(*t, top_k, attn_mask=mask, is_causal=causal, enable_gqa=True, upcast=upcast)
+
+    _check(run, ref, ins)
+
+
+def test_topk_equals_dense_when_k_is_every_key():
+    q, k, v = (torch.randn(2, 3, 10, 8, dtype=torch.float64) for _ in range(3))
+    out = attnfast.topk_attention(q, k, v, 10, is_causal=True)
+    torch.testing.assert_close(out, attnfast.attention(q, k, v, is_causal=True), rtol=0, atol=1e-12)
+
+
+def test_topk_ties_go_to_the_lower_index():
+    s = torch.tensor([[1.0, 3.0, 3.0, 2.0, 3.0, float("-inf")]])
+    assert topk_select(s, 2).tolist() == [[False, True, True, False, False, False]]
+    assert topk_select(s, 6).tolist() == [[True, True, True, True, True, False]]  # -inf is never chosen
+    q = torch.zeros(1, 1, 1, 4)  # every score 0: a four-way tie
+    v = torch.arange(4.0).view(1, 1, 4, 1)
+    out = attnfast.topk_attention(q, torch.randn(1, 1, 4, 4), v, 2)
+    assert out.item() == 0.5  # keys 0 and 1, equally weighted
+
+
+def test_topk_backward_is_straight_through():
+    """Keys outside every row's top-k get no gradient at all."""
+    q = torch.randn(1, 1, 3, 8)
+    k = torch.randn(1, 1, 9, 8, requires_grad=True)
+    v = torch.randn(1, 1, 9, 4, requires_grad=True)
+    attnfast.topk_attention(q, k, v, 2).sum().backward()
+    chosen = topk_select(q @ k.detach().transpose(-1, -2) / 8 ** 0.5, 2).any(-2).squeeze()
+    assert (k.grad[0, 0, ~chosen] == 0).all() and (v.grad[0, 0, ~chosen] == 0).all()
+    assert (v.grad[0, 0, chosen].abs().sum(-1) > 0).all()
+
+
+def test_bad_input():
+    q, k, v = torch.randn(1, 2, 5, 8), torch.randn(1, 2, 7, 8), torch.randn(1, 2, 7, 4)
+    with pytest.raises(ValueError, match=r"top_k must be in \[1, Lk\] = \[1, 7\], got 0"):
+        attnfast.topk_attention(q, k, v, 0)
+    with pytest.raises(ValueError, match=r"top_k must be in \[1, Lk\] = \[1, 7\], got 8"):
+        attnfast.topk_attention(q, k, v, 8)
+    with pytest.raises(TypeError, match="top_k must be an int"):
+        attnfast.topk_attention(q, k, v, 2.0)
+    with pytest.raises(ValueError, match="enable_gqa"):
+        attnfast.topk_attention(q, k[:, :1], v[:, :1], 2)
+    with pytest.raises(ValueError, match="does not broadcast"):
+        attnfast.topk_attention(q, k, v, 2, attn_mask=torch.ones(5, 6, dtype=torch.bool))
+    w_q, w_k, v_a = torch.randn(16, 8), torch.randn(16, 8), torch.randn(16)
+    with pytest.raises(ValueError, match=r"w_q must be \(Da, 8\) or \(2, Da, 8\)"):
+        attnfast.additive_attention(q, k, v, torch.randn(16, 7), w_k, v_a)
+    with pytest.raises(ValueError, match=r"w_k must be \(Da, 8\) or \(2, Da, 8\)"):
+        attnfast.additive_attention(q, k, v, w_q, torch.randn(3, 16, 8), v_a)
+    with pytest.raises(ValueError, match="same attention dim: 16 vs 12"):
+        attnfast.additive_attention(q, k, v, w_q, torch.randn(12, 8), v_a)
+    with pytest.raises(ValueError, match=r"v_a must be \(16,\) or \(2, 16\)"):
+        attnfast.additive_attention(q, k, v, w_q, w_k, torch.randn(15))
+    with pytest.raises(TypeError, match="w_q dtype torch.float64 must match"):
+        attnfast.additive_attention(q, k, v, w_q.double(), w_k, v_a)
+    with pytest.raises(ValueError, match="must share query's batch dims"):
+        attnfast.additive_attention(q, k[:, :, :6], v, w_q, w_k, v_a)
