@@ -89,3 +89,26 @@ if _C is not None:
         return dq, dk, dv, dmask, None, None, None, None, None, None
 
     torch.library.register_autograd("attnfast::fwd", _backward, setup_context=_setup_context)
+
+    # Additive attention (csrc/cpu/additive_kernel.h): float32 qp, kp, va, v; lse float64.
+    @torch.library.register_fake("attnfast::additive_fwd")
+    def _additive_fwd_fake(qp, kp, va, v, mask, causal):
+        B, H, Lq, _ = qp.shape
+        return qp.new_empty((B, H, Lq, v.shape[-1])), qp.new_empty((B, H, Lq), dtype=torch.float64)
+
+    @torch.library.register_fake("attnfast::additive_bwd")
+    def _additive_bwd_fake(dout, qp, kp, va, v, mask, causal, out, lse, dlse):
+        return (qp.new_empty(qp.shape), kp.new_empty(kp.shape), qp.new_empty(qp.shape[:2] + qp.shape[3:]),
+                v.new_empty(v.shape))
+
+    def _additive_setup(ctx, inputs, output):
+        qp, kp, va, v, mask, causal = inputs
+        ctx.save_for_backward(qp, kp, va, v, mask, *output)
+        ctx.causal = causal
+
+    def _additive_backward(ctx, dout, dlse):
+        qp, kp, va, v, mask, out, lse = ctx.saved_tensors
+        dqp, dkp, dva, dv = torch.ops.attnfast.additive_bwd(dout, qp, kp, va, v, mask, ctx.causal, out, lse, dlse)
+        return dqp, dkp, dva.sum(0), dv, None, None  # dva per (batch, head) -> per head
+
+    torch.library.register_autograd("attnfast::additive_fwd", _additive_backward, setup_context=_additive_setup)

@@ -5,10 +5,13 @@
 
 Both are exact (they match `attention_ref`-style references in
 attnfast/reference.py by the parity rule) and never hold the whole score
-tensor: queries are processed in row chunks sized to a fixed budget, and the
-backward recomputes each chunk (activation checkpointing), so memory is
-O(chunk) instead of O(Lq·Lk·Da) (additive) or O(Lq·Lk) (top-k).  The
-arithmetic runs in float32 for half types.
+tensor.  Additive attention on CPU tensors (float32, bfloat16, float16) runs
+the fused C++ kernel (csrc/cpu/additive_kernel.h: projections once, then tanh
+scores block by block with an online softmax, O(L·Da) memory).  The other
+calls ("torch" path) process queries in row chunks sized to a fixed budget
+and recompute each chunk in the backward (activation checkpointing), so
+memory is O(chunk) instead of O(Lq·Lk·Da) (additive) or O(Lq·Lk) (top-k).
+The arithmetic runs in float32 for half types.
 """
 from __future__ import annotations
 
@@ -17,6 +20,7 @@ import math
 import torch
 from torch.utils.checkpoint import checkpoint
 
+from . import ops
 from ._validate import FLOAT_DTYPES, check_mask
 from .reference import _apply_mask, _softmax_attend, additive_scores, topk_select
 
@@ -82,7 +86,25 @@ def _run_chunks(rows_fn, Lq, rows, *tensors):
     return torch.cat(outs, -2), torch.cat(lses, -1)
 
 
-def additive_attention(q, k, v, w_q, w_k, v_a, *, attn_mask=None, is_causal=False, return_lse=False):
+ADDITIVE_BACKENDS = ("cpu", "torch")
+
+
+def _additive_backend(q, backend):
+    fused = q.device.type == "cpu" and ops.loaded() and q.dtype != torch.float64
+    if backend is None:
+        return "cpu" if fused else "torch"
+    if backend not in ADDITIVE_BACKENDS:
+        raise ValueError(f"backend must be one of {ADDITIVE_BACKENDS} or None, got {backend!r}")
+    if backend == "cpu" and not fused:
+        from .dispatch import BackendUnavailableError
+
+        raise BackendUnavailableError("backend='cpu' cannot serve this call: the fused additive kernel takes CPU "
+                                      "tensors of float32, bfloat16 or float16 (extension built)")
+    return backend
+
+
+def additive_attention(q, k, v, w_q, w_k, v_a, *, attn_mask=None, is_causal=False, return_lse=False,
+                       backend=None):
     """Additive (Bahdanau) attention: s[i, j] = v_aᵀ tanh(W_q q_i + W_k k_j), softmax over j,
     out_i = Σ_j p[i, j] v_j.
 
@@ -92,7 +114,9 @@ def additive_attention(q, k, v, w_q, w_k, v_a, *, attn_mask=None, is_causal=Fals
     or float (added to the scores), broadcastable to (..., H, Lq, Lk);
     is_causal: key j visible from query i iff j <= i.  Fully masked rows give 0.
     Returns out (..., H, Lq, Ev), and lse (..., H, Lq) (float32; float64 for
-    float64) with return_lse.  Differentiable in every tensor argument.
+    float64) with return_lse.  Differentiable in q, k, v, w_q, w_k and v_a (not
+    in a float mask).  backend: "cpu" (the fused kernel) or "torch" (row
+    chunks); default: "cpu" where it serves.
     """
     _check_qkv(q, k, v, same_head_dim=False)
     H, Lq, Eq = q.shape[-3:]
@@ -113,11 +137,25 @@ def additive_attention(q, k, v, w_q, w_k, v_a, *, attn_mask=None, is_causal=Fals
     mask = None
     if attn_mask is not None:
         mask = check_mask(attn_mask, q, tuple(q.shape[:-1]) + (Lk,), "(..., H, Lq, Lk)", "a torch.Tensor")
+    name = _additive_backend(q, backend)
     cd = _compute_dtype(q.dtype)
     # Project once: (..., H, L, Da).  The projections are ordinary matmuls under autograd.
     qp = torch.matmul(q.to(cd), w_q.to(cd).transpose(-1, -2))
     kp = torch.matmul(k.to(cd), w_k.to(cd).transpose(-1, -2))
     lead = math.prod(q.shape[:-2])
+    lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    if name == "cpu":
+        B = lead // H if H else 0
+        bias = None
+        if mask is not None:
+            m = mask.detach()
+            m = torch.zeros((), dtype=cd).masked_fill(~m, float("-inf")) if m.dtype == torch.bool else m.to(cd)
+            bias = m.expand(tuple(q.shape[:-1]) + (Lk,)).reshape(B, H, Lq, Lk)
+        out, lse = torch.ops.attnfast.additive_fwd(
+            qp.reshape(B, H, Lq, Da), kp.reshape(B, H, Lk, Da), v_a.to(cd).expand(H, Da),
+            v.to(cd).reshape(B, H, Lk, v.shape[-1]), bias, is_causal)
+        out = out.reshape(q.shape[:-1] + (v.shape[-1],)).to(q.dtype)
+        return (out, lse.reshape(q.shape[:-1]).to(lse_dtype)) if return_lse else out
 
     def rows_fn(i0, n, qp, kp, va, v, mask):
         s = additive_scores(qp.narrow(-2, i0, n), kp, va)
@@ -128,7 +166,7 @@ def additive_attention(q, k, v, w_q, w_k, v_a, *, attn_mask=None, is_causal=Fals
     rows = _rows_per_chunk(lead * Lk * Da, Lq)
     out, lse = _run_chunks(rows_fn, Lq, rows, qp, kp, v_a.to(cd), v.to(cd), mask)
     out = out.to(q.dtype)
-    return (out, lse.to(torch.float64 if q.dtype == torch.float64 else torch.float32)) if return_lse else out
+    return (out, lse.to(lse_dtype)) if return_lse else out
 
 
 def topk_attention(q, k, v, top_k, *, attn_mask=None, is_causal=False, scale=None, enable_gqa=False,

@@ -40,12 +40,18 @@ ADDITIVE = [  # (B, H, Lq, Lk, Eq, Ek, Ev, Da, per_head, mask, causal)
 ]
 
 
+needs_ext = pytest.mark.skipif(not attnfast.ops.loaded(), reason="extension not built")
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("case", ADDITIVE)
-@pytest.mark.parametrize("chunk", [None, 40], ids=["one-chunk", "small-chunks"])
-def test_additive_parity(case, dtype, chunk, monkeypatch):
-    if chunk is not None:
-        monkeypatch.setattr(variants, "CHUNK_ELEMENTS", chunk)
+@pytest.mark.parametrize("backend", [pytest.param("cpu", marks=needs_ext), "torch", "torch-small-chunks"])
+def test_additive_parity(case, dtype, backend, monkeypatch):
+    if backend == "cpu" and dtype == torch.float64:
+        pytest.skip("the fused kernel serves float32 and half types (float64 runs the torch path)")
+    if backend == "torch-small-chunks":
+        monkeypatch.setattr(variants, "CHUNK_ELEMENTS", 40)
+        backend = "torch"
     B, H, Lq, Lk, Eq, Ek, Ev, Da, per_head, mask_kind, causal = case
     q, k, v = torch.randn(B, H, Lq, Eq), torch.randn(B, H, Lk, Ek), torch.randn(B, H, Lk, Ev)
     lead = (H,) if per_head else ()
@@ -61,12 +67,36 @@ def test_additive_parity(case, dtype, chunk, monkeypatch):
     m = None if mask is None else (mask if mask.dtype == torch.bool else mask.to(dtype))
 
     def run(*t):
-        return attnfast.additive_attention(*t, attn_mask=m, is_causal=causal, return_lse=True)
+        return attnfast.additive_attention(*t, attn_mask=m, is_causal=causal, return_lse=True, backend=backend)
 
     def ref(*t, upcast):
         return additive_attention_ref(*t, attn_mask=m, is_causal=causal, upcast=upcast)
 
     _check(run, ref, ins)
+
+
+@pytest.mark.parametrize("backend", [pytest.param("cpu", marks=needs_ext), "torch"])
+def test_additive_lse_gradient(backend):
+    """A loss on lse as well as out: d lse / d s = P reaches every input."""
+    q, k, v = torch.randn(2, 2, 7, 6), torch.randn(2, 2, 9, 5), torch.randn(2, 2, 9, 4)
+    ws = [torch.randn(2, 8, 6) / 3, torch.randn(8, 5) / 3, torch.randn(2, 8)]
+    ins = [t.clone().requires_grad_() for t in (q, k, v, *ws)]
+    out, lse = attnfast.additive_attention(*ins, is_causal=True, return_lse=True, backend=backend)
+    g = torch.autograd.grad((out * out).sum() + 3 * lse.sum(), ins)
+    ref_in = [t.clone().double().requires_grad_() for t in (q, k, v, *ws)]
+    r_out, r_lse = additive_attention_ref(*ref_in, is_causal=True)
+    rg = torch.autograd.grad((r_out * r_out).sum() + 3 * r_lse.sum(), ref_in)
+    for a, b in zip(g, rg):
+        torch.testing.assert_close(a.double(), b, rtol=1e-4, atol=1e-5)
+
+
+def test_additive_backend_choice():
+    q = torch.randn(1, 1, 3, 4, dtype=torch.float64)
+    w = torch.randn(4, 4, dtype=torch.float64)
+    with pytest.raises(attnfast.BackendUnavailableError, match="float32, bfloat16 or float16"):
+        attnfast.additive_attention(q, q, q, w, w, w[0], backend="cpu")
+    with pytest.raises(ValueError, match="backend must be one of"):
+        attnfast.additive_attention(q, q, q, w, w, w[0], backend="triton")
 
 
 TOPK = [  # (B, Hq, Hkv, Lq, Lk, E, Ev, top_k, mask, causal)
@@ -154,3 +184,26 @@ def test_bad_input():
         attnfast.additive_attention(q, k, v, w_q.double(), w_k, v_a)
     with pytest.raises(ValueError, match="must share query's batch dims"):
         attnfast.additive_attention(q, k[:, :, :6], v, w_q, w_k, v_a)
+
+
+@needs_ext
+def test_opcheck_additive():
+    """The fused additive op's fake kernel, schema and autograd registration (strided inputs)."""
+    qp = torch.randn(2, 9, 3, 16).transpose(1, 2)
+    kp = torch.randn(2, 13, 3, 16).transpose(1, 2)
+    va = torch.randn(3, 16)
+    v = torch.randn(2, 13, 3, 5).transpose(1, 2)
+    bias = torch.randn(9, 13).expand(2, 3, 9, 13)
+    for mask, causal in ((None, False), (bias, True)):
+        args = (qp.requires_grad_(), kp.requires_grad_(), va.requires_grad_(), v.requires_grad_(), mask, causal)
+        torch.library.opcheck(torch.ops.attnfast.additive_fwd.default, args)
+
+
+@needs_ext
+def test_additive_nan_reaches_only_its_row():
+    q, k, v = torch.randn(1, 1, 6, 4), torch.randn(1, 1, 9, 4), torch.randn(1, 1, 9, 3)
+    w = torch.randn(8, 4)
+    q[0, 0, 2, 1] = float("nan")
+    out = attnfast.additive_attention(q, k, v, w, w, torch.randn(8), backend="cpu")
+    assert torch.isnan(out[0, 0, 2]).all()
+    assert torch.isfinite(out[0, 0, [0, 1, 3, 4, 5]]).all()

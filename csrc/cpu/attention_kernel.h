@@ -601,3 +601,5 @@ void attention_bwd(const BwdParams& p) {
 }  // namespace ATTNFAST_ISA_NS
 }  // namespace cpu
 }  // namespace attnfast
+
+#include "additive_kernel.h"

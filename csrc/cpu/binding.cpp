@@ -237,6 +237,81 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bwd_cpu(
   return {dq, dk, dv, dmask};
 }
 
+// Additive attention (additive_kernel.h): float32 CPU tensors, made contiguous here.
+AdditiveParams additive_params(const at::Tensor& qp, const at::Tensor& kp, const at::Tensor& va,
+                               const at::Tensor& v, const std::optional<at::Tensor>& mask, bool causal) {
+  for (const at::Tensor* t : {&qp, &kp, &va, &v})
+    TORCH_CHECK(t->device().is_cpu() && t->scalar_type() == at::kFloat,
+                "attnfast cpu additive: qp, kp, va, v must be float32 CPU tensors");
+  TORCH_CHECK(qp.dim() == 4 && kp.dim() == 4 && v.dim() == 4 && va.dim() == 2, "attnfast cpu additive: "
+              "qp (B, H, Lq, Da), kp (B, H, Lk, Da), v (B, H, Lk, Ev), va (H, Da) expected");
+  AdditiveParams p{};
+  p.B = qp.size(0), p.H = qp.size(1), p.Lq = qp.size(2), p.Da = qp.size(3);
+  p.Lk = kp.size(2), p.Ev = v.size(3);
+  TORCH_CHECK(kp.size(0) == p.B && kp.size(1) == p.H && kp.size(3) == p.Da && v.size(0) == p.B &&
+                  v.size(1) == p.H && v.size(2) == p.Lk && va.size(0) == p.H && va.size(1) == p.Da,
+              "attnfast cpu additive: qp, kp, va, v shapes disagree");
+  if (mask.has_value()) {
+    const at::Tensor& m = *mask;
+    TORCH_CHECK(m.device().is_cpu() && m.scalar_type() == at::kFloat && m.dim() == 4 && m.size(0) == p.B &&
+                    m.size(1) == p.H && m.size(2) == p.Lq && m.size(3) == p.Lk,
+                "attnfast cpu additive: mask must be a float32 (B, H, Lq, Lk) bias (expanded views allowed)");
+    p.mask = m.data_ptr<float>();
+    p.mask_st = {m.stride(0), m.stride(1), m.stride(2), m.stride(3)};
+  }
+  p.causal = causal;
+  p.parallel_for = torch_parallel_for;
+  return p;
+}
+
+std::tuple<at::Tensor, at::Tensor> additive_fwd_cpu(const at::Tensor& qp_in, const at::Tensor& kp_in,
+                                                    const at::Tensor& va_in, const at::Tensor& v_in,
+                                                    const std::optional<at::Tensor>& mask, bool causal) {
+  const at::Tensor qp = qp_in.contiguous(), kp = kp_in.contiguous(), va = va_in.contiguous(),
+                   v = v_in.contiguous();
+  AdditiveParams p = additive_params(qp, kp, va, v, mask, causal);
+  p.qp = qp.data_ptr<float>(), p.kp = kp.data_ptr<float>(), p.va = va.data_ptr<float>(), p.v = v.data_ptr<float>();
+  at::Tensor out = at::empty({p.B, p.H, p.Lq, p.Ev}, qp.options());
+  at::Tensor lse = at::empty({p.B, p.H, p.Lq}, qp.options().dtype(at::kDouble));
+  if (out.numel() == 0 && lse.numel() == 0) return {out, lse};
+  p.out = out.data_ptr<float>();
+  p.lse = lse.data_ptr<double>();
+  run_isa<AdditiveParams>(p, isa_avx512::additive_fwd, isa_avx2::additive_fwd, isa_default::additive_fwd);
+  return {out, lse};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> additive_bwd_cpu(
+    const at::Tensor& dout_in, const at::Tensor& qp_in, const at::Tensor& kp_in, const at::Tensor& va_in,
+    const at::Tensor& v_in, const std::optional<at::Tensor>& mask, bool causal, const at::Tensor& out,
+    const at::Tensor& lse_in, const std::optional<at::Tensor>& dlse) {
+  const at::Tensor qp = qp_in.contiguous(), kp = kp_in.contiguous(), va = va_in.contiguous(),
+                   v = v_in.contiguous(), dout = dout_in.contiguous(), lse = lse_in.contiguous();
+  AdditiveParams p = additive_params(qp, kp, va, v, mask, causal);
+  TORCH_CHECK(dout.scalar_type() == at::kFloat && out.scalar_type() == at::kFloat && dout.sizes() == out.sizes() &&
+                  out.dim() == 4 && out.size(0) == p.B && out.size(1) == p.H && out.size(2) == p.Lq &&
+                  out.size(3) == p.Ev,
+              "attnfast cpu additive: dout and out must be float32 (B, H, Lq, Ev)");
+  TORCH_CHECK(lse.scalar_type() == at::kDouble && lse.dim() == 3 && lse.size(0) == p.B && lse.size(1) == p.H &&
+                  lse.size(2) == p.Lq,
+              "attnfast cpu additive: lse must be float64 (B, H, Lq)");
+  at::Tensor dlse_c;
+  if (dlse.has_value()) {
+    TORCH_CHECK(dlse->sizes() == lse.sizes(), "attnfast cpu additive: dlse must match lse's shape");
+    dlse_c = dlse->to(at::kDouble).contiguous();
+  }
+  at::Tensor dqp = at::empty_like(qp), dkp = at::empty_like(kp), dv = at::empty_like(v);
+  at::Tensor dva = at::empty({p.B, p.H, p.Da}, qp.options());
+  if (p.B * p.H == 0) return {dqp, dkp, dva, dv};
+  p.qp = qp.data_ptr<float>(), p.kp = kp.data_ptr<float>(), p.va = va.data_ptr<float>(), p.v = v.data_ptr<float>();
+  p.dout = dout.data_ptr<float>();
+  p.dlse = dlse.has_value() ? dlse_c.data_ptr<double>() : nullptr;
+  p.lse = const_cast<double*>(lse.data_ptr<double>());
+  p.dqp = dqp.data_ptr<float>(), p.dkp = dkp.data_ptr<float>(), p.dv = dv.data_ptr<float>();
+  p.dva = dva.data_ptr<float>();
+  run_isa<AdditiveParams>(p, isa_avx512::additive_bwd, isa_avx2::additive_bwd, isa_default::additive_bwd);
+  return {dqp, dkp, dva, dv};
+}
+
 }  // namespace
 
 TORCH_LIBRARY(attnfast, m) {
@@ -252,11 +327,20 @@ TORCH_LIBRARY(attnfast, m) {
       "Tensor? attn_mask, "
       "float scale, int window_left, int window_right, bool bottom_right, float dropout_p, "
       "Tensor? rng, bool mask_grad, Tensor? delta=None) -> (Tensor, Tensor, Tensor, Tensor)");
+  // Additive (Bahdanau) attention on projected queries/keys: qp (B, H, Lq, Da), kp (B, H, Lk, Da),
+  // va (H, Da), v (B, H, Lk, Ev), mask a float bias (B, H, Lq, Lk); float32.  -> (out, lse float64)
+  m.def("additive_fwd(Tensor qp, Tensor kp, Tensor va, Tensor v, Tensor? mask, bool causal) -> (Tensor, Tensor)");
+  // -> (dqp, dkp, dva per (batch, head) (B, H, Da), dv)
+  m.def(
+      "additive_bwd(Tensor dout, Tensor qp, Tensor kp, Tensor va, Tensor v, Tensor? mask, bool causal, "
+      "Tensor out, Tensor lse, Tensor? dlse) -> (Tensor, Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(attnfast, CPU, m) {
   m.impl("fwd", &fwd_cpu);
   m.impl("bwd", &bwd_cpu);
+  m.impl("additive_fwd", &additive_fwd_cpu);
+  m.impl("additive_bwd", &additive_bwd_cpu);
 }
 
 }  // namespace cpu

@@ -77,10 +77,34 @@ struct BwdParams : AttnParams {
 };
 
 // One set of entry points per ISA; the binding picks one at run time.
+// Additive (Bahdanau) attention on projected queries/keys (additive_kernel.h), float32,
+// every tensor contiguous: qp (B, H, Lq, Da), kp (B, H, Lk, Da), va (H, Da), v (B, H, Lk, Ev).
+struct AdditiveParams {
+  int64_t B, H, Lq, Lk, Da, Ev;
+  const float* qp;
+  const float* kp;
+  const float* va;
+  const float* v;
+  const float* mask;  // float bias of logical shape (B, H, Lq, Lk) (stride 0 where it broadcasts), or nullptr
+  Strides4 mask_st;
+  bool causal;        // key j visible from query i iff j <= i
+  double* lse;        // (B, H, Lq): forward output, backward input; -inf for rows with no visible key
+  float* out;         // forward: (B, H, Lq, Ev)
+  const float* dout;  // backward inputs: (B, H, Lq, Ev) and the lse's gradient (B, H, Lq) or nullptr
+  const double* dlse;
+  float* dqp;         // backward outputs: (B, H, Lq, Da), (B, H, Lk, Da), (B, H, Lk, Ev),
+  float* dkp;         // and dva per (batch, head): (B, H, Da)
+  float* dv;
+  float* dva;
+  ParallelFor parallel_for;
+};
+
 #define ATTNFAST_DECLARE_ISA(ns)                 \
   namespace ns {                                 \
   void attention_fwd(const FwdParams& p);        \
   void attention_bwd(const BwdParams& p);        \
+  void additive_fwd(const AdditiveParams& p);    \
+  void additive_bwd(const AdditiveParams& p);    \
   }
 ATTNFAST_DECLARE_ISA(isa_default)
 ATTNFAST_DECLARE_ISA(isa_avx2)
