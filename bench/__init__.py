@@ -30,6 +30,8 @@ SUITES = {
     "encoders": Suite("bench.encoders", "attention vs RNN/LSTM/GRU encoders: tokens/s, memory, long-range recall", default=False),
     "ring": Suite("bench.ring", "ring attention on 2 and 4 CPU processes: time per step, communication share, "
                                 "GPU scaling model", default=False),
+    "variants": Suite("bench.variants", "additive attention fused vs naive (time, memory, where naive stops "
+                                        "fitting); top-k vs dense", default=False),
     "gpu_kernels": Suite("bench.gpu_kernels", "GPU kernel table: attnfast triton/cuda vs torch SDPA backends, TFLOP/s", default=False),
 }
 
