@@ -67,16 +67,7 @@ def attention_ref(
     so it rounds differently: the same-precision yardstick for float64, where
     upcasting changes nothing.
     """
-    dtype = torch.float64 if upcast else q.dtype
-    q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
-    if scale is None:
-        scale = 1.0 / math.sqrt(q.size(-1))
-    if q.dim() >= 3 and k.size(-3) != q.size(-3):
-        if not enable_gqa:
-            raise ValueError("key/value heads differ from query heads; pass enable_gqa=True")
-        rep = q.size(-3) // k.size(-3)
-        k = k.repeat_interleave(rep, dim=-3)
-        v = v.repeat_interleave(rep, dim=-3)
+    q, k, v, scale = _prepare_qkv(q, k, v, scale, enable_gqa, upcast)
     Lq, Lk = q.size(-2), k.size(-2)
     if reorder_ops:
         s = torch.matmul(q * scale, k.transpose(-2, -1))
@@ -86,6 +77,21 @@ def attention_ref(
         Lq, Lk, is_causal=is_causal, causal_alignment=causal_alignment, window=window, device=q.device
     )
     return _softmax_attend(_apply_mask(s, attn_mask, vis), v, dropout_mask, reorder_ops)
+
+
+def _prepare_qkv(q, k, v, scale, enable_gqa, upcast):
+    """q, k, v in the computing dtype (float64 with upcast), key/value heads repeated
+    to the query heads (GQA), and the default scale 1/sqrt(E)."""
+    dtype = torch.float64 if upcast else q.dtype
+    q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
+    if scale is None:
+        scale = 1.0 / math.sqrt(q.size(-1))
+    if q.dim() >= 3 and k.size(-3) != q.size(-3):
+        if not enable_gqa:
+            raise ValueError("key/value heads differ from query heads; pass enable_gqa=True")
+        rep = q.size(-3) // k.size(-3)
+        k, v = k.repeat_interleave(rep, dim=-3), v.repeat_interleave(rep, dim=-3)
+    return q, k, v, scale
 
 
 def _apply_mask(s, attn_mask, vis):
@@ -173,15 +179,7 @@ def topk_attention_ref(q, k, v, top_k, attn_mask=None, is_causal=False, scale=No
     selection is made without gradient: the backward is the straight-through
     one of softmax attention over the selected entries.
     """
-    dtype = torch.float64 if upcast else q.dtype
-    q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
-    if scale is None:
-        scale = 1.0 / math.sqrt(q.size(-1))
-    if q.dim() >= 3 and k.size(-3) != q.size(-3):
-        if not enable_gqa:
-            raise ValueError("key/value heads differ from query heads; pass enable_gqa=True")
-        rep = q.size(-3) // k.size(-3)
-        k, v = k.repeat_interleave(rep, dim=-3), v.repeat_interleave(rep, dim=-3)
+    q, k, v, scale = _prepare_qkv(q, k, v, scale, enable_gqa, upcast)
     s = torch.matmul(q, k.transpose(-2, -1)) * scale
     vis = visible_mask(q.size(-2), k.size(-2), is_causal=is_causal, device=q.device)
     s = _apply_mask(s, attn_mask, vis)
