@@ -132,16 +132,22 @@ def _softmax_attend(s, v, dropout_mask=None, reorder_ops=False):
     return out, lse
 
 
-def additive_scores(qp, kp, v_a):
+def additive_scores(qp, kp, v_a, reorder_ops=False):
     """Bahdanau scores s[..., i, j] = sum_d v_a[d] tanh(qp[..., i, d] + kp[..., j, d]).
 
     qp (..., H, Lq, Da), kp (..., H, Lk, Da): the projected queries and keys;
-    v_a (Da,) or (H, Da).  Materialises the (..., H, Lq, Lk, Da) tensor."""
+    v_a (Da,) or (H, Da).  Materialises the (..., H, Lq, Lk, Da) tensor.
+    reorder_ops: the sum over d as a matrix product (another rounding order)."""
+    t = torch.tanh(qp.unsqueeze(-2) + kp.unsqueeze(-3))
+    if reorder_ops:
+        va = v_a.unsqueeze(-1) if v_a.dim() == 1 else v_a.unsqueeze(-2).unsqueeze(-1)  # (H, 1, Da, 1)
+        return torch.matmul(t, va).squeeze(-1)
     va = v_a if v_a.dim() == 1 else v_a.unsqueeze(-2).unsqueeze(-2)  # (H, 1, 1, Da)
-    return (torch.tanh(qp.unsqueeze(-2) + kp.unsqueeze(-3)) * va).sum(-1)
+    return (t * va).sum(-1)
 
 
-def additive_attention_ref(q, k, v, w_q, w_k, v_a, attn_mask=None, is_causal=False, upcast=True):
+def additive_attention_ref(q, k, v, w_q, w_k, v_a, attn_mask=None, is_causal=False, upcast=True,
+                           reorder_ops=False):
     """Naive additive (Bahdanau) attention returning `(out, lse)`.
 
     q (..., H, Lq, Eq), k (..., H, Lk, Ek), v (..., H, Lk, Ev); w_q (Da, Eq) or
@@ -149,15 +155,20 @@ def additive_attention_ref(q, k, v, w_q, w_k, v_a, attn_mask=None, is_causal=Fal
     every head, or one per head).  s[i, j] = v_aᵀ tanh(W_q q_i + W_k k_j),
     masked like `attention_ref` (bool: True takes part; float: added; causal:
     top-left), softmax over j, out = Σ_j p[i, j] v_j.  Fully masked rows give
-    out 0 and lse -inf.
+    out 0 and lse -inf.  reorder_ops: the same maths in another rounding order
+    (the float64 same-precision yardstick, as in `attention_ref`).
     """
     dtype = torch.float64 if upcast else q.dtype
     q, k, v, w_q, w_k, v_a = (t.to(dtype) for t in (q, k, v, w_q, w_k, v_a))
-    qp = torch.matmul(q, w_q.transpose(-1, -2))  # (..., H, Lq, Da)
-    kp = torch.matmul(k, w_k.transpose(-1, -2))  # (..., H, Lk, Da)
-    s = additive_scores(qp, kp, v_a)
+    if reorder_ops:  # (W qᵀ)ᵀ
+        qp = torch.matmul(w_q, q.transpose(-1, -2)).transpose(-1, -2)
+        kp = torch.matmul(w_k, k.transpose(-1, -2)).transpose(-1, -2)
+    else:
+        qp = torch.matmul(q, w_q.transpose(-1, -2))  # (..., H, Lq, Da)
+        kp = torch.matmul(k, w_k.transpose(-1, -2))  # (..., H, Lk, Da)
+    s = additive_scores(qp, kp, v_a, reorder_ops)
     vis = visible_mask(q.size(-2), k.size(-2), is_causal=is_causal, device=q.device)
-    return _softmax_attend(_apply_mask(s, attn_mask, vis), v)
+    return _softmax_attend(_apply_mask(s, attn_mask, vis), v, reorder_ops=reorder_ops)
 
 
 def topk_select(s, top_k):
@@ -170,19 +181,20 @@ def topk_select(s, top_k):
 
 
 def topk_attention_ref(q, k, v, top_k, attn_mask=None, is_causal=False, scale=None, enable_gqa=False,
-                       upcast=True):
+                       upcast=True, reorder_ops=False):
     """Naive hard (top-k) attention returning `(out, lse)`.
 
     Scores as `attention_ref` (scaled q·k, float mask added, bool/causal
     entries hidden); each query keeps its `top_k` highest visible scores (ties
     to the lower key index, see `topk_select`), softmax over those.  The
     selection is made without gradient: the backward is the straight-through
-    one of softmax attention over the selected entries.
+    one of softmax attention over the selected entries.  reorder_ops as in
+    `attention_ref`.
     """
     q, k, v, scale = _prepare_qkv(q, k, v, scale, enable_gqa, upcast)
-    s = torch.matmul(q, k.transpose(-2, -1)) * scale
+    s = torch.matmul(q * scale, k.transpose(-2, -1)) if reorder_ops else torch.matmul(q, k.transpose(-2, -1)) * scale
     vis = visible_mask(q.size(-2), k.size(-2), is_causal=is_causal, device=q.device)
     s = _apply_mask(s, attn_mask, vis)
     with torch.no_grad():
         sel = topk_select(s, top_k)
-    return _softmax_attend(s.masked_fill(~sel, float("-inf")), v)
+    return _softmax_attend(s.masked_fill(~sel, float("-inf")), v, reorder_ops=reorder_ops)
