@@ -9,9 +9,8 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+from .common import REPO_ROOT
 
 
 def free_port():
