@@ -112,3 +112,28 @@ if _C is not None:
         return dqp, dkp, dva.sum(0), dv, None, None  # dva per (batch, head) -> per head
 
     torch.library.register_autograd("attnfast::additive_fwd", _additive_backward, setup_context=_additive_setup)
+
+    # Hard (top-k) attention (csrc/cpu/topk_kernel.h): lse as fwd's; idx int32 (B, Hq, Lq, top_k).
+    @torch.library.register_fake("attnfast::topk_fwd")
+    def _topk_fwd_fake(q, k, v, attn_mask, causal, scale, top_k):
+        B, Hq, Lq, _ = q.shape
+        return (q.new_empty((B, Hq, Lq, v.shape[-1])), q.new_empty((B, Hq, Lq), dtype=lse_dtype(q.dtype)),
+                q.new_empty((B, Hq, Lq, top_k), dtype=torch.int32))
+
+    @torch.library.register_fake("attnfast::topk_bwd")
+    def _topk_bwd_fake(dout, q, k, v, attn_mask, scale, lse, idx, dlse):
+        return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+    def _topk_setup(ctx, inputs, output):
+        q, k, v, attn_mask, causal, scale, top_k = inputs
+        _, lse, idx = output
+        ctx.save_for_backward(q, k, v, attn_mask, lse, idx)
+        ctx.scale = scale
+        ctx.mark_non_differentiable(idx)
+
+    def _topk_backward(ctx, dout, dlse, _didx):
+        q, k, v, attn_mask, lse, idx = ctx.saved_tensors
+        dq, dk, dv = torch.ops.attnfast.topk_bwd(dout, q, k, v, attn_mask, ctx.scale, lse, idx, dlse)
+        return dq, dk, dv, None, None, None, None
+
+    torch.library.register_autograd("attnfast::topk_fwd", _topk_backward, setup_context=_topk_setup)

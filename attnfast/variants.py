@@ -169,8 +169,25 @@ def additive_attention(q, k, v, w_q, w_k, v_a, *, attn_mask=None, is_causal=Fals
     return (out, lse.to(lse_dtype)) if return_lse else out
 
 
+TOPK_BACKENDS = ("cpu", "torch")
+
+
+def _topk_backend(q, mask, backend):
+    fused = q.device.type == "cpu" and ops.loaded() and not (mask is not None and mask.requires_grad)
+    if backend is None:
+        return "cpu" if fused else "torch"
+    if backend not in TOPK_BACKENDS:
+        raise ValueError(f"backend must be one of {TOPK_BACKENDS} or None, got {backend!r}")
+    if backend == "cpu" and not fused:
+        from .dispatch import BackendUnavailableError
+
+        raise BackendUnavailableError("backend='cpu' cannot serve this call: the fused top-k kernel takes CPU "
+                                      "tensors (extension built) and gives no gradient to a float attn_mask")
+    return backend
+
+
 def topk_attention(q, k, v, top_k, *, attn_mask=None, is_causal=False, scale=None, enable_gqa=False,
-                   return_lse=False):
+                   return_lse=False, backend=None):
     """Hard attention: each query attends to its `top_k` highest-scoring visible keys only.
 
     Scores are scaled dot products (scale default 1/sqrt(E)) plus a float mask;
@@ -180,7 +197,10 @@ def topk_attention(q, k, v, top_k, *, attn_mask=None, is_causal=False, scale=Non
     Softmax over the chosen keys; the backward is straight-through (the choice
     is held fixed: gradients reach q and k through the chosen scores only).
     q (..., Hq, Lq, E), k (..., Hkv, Lk, E), v (..., Hkv, Lk, Ev); enable_gqa
-    as in scaled_dot_product_attention.  1 <= top_k <= Lk.
+    as in scaled_dot_product_attention.  1 <= top_k <= Lk.  backend: "cpu"
+    (the fused kernel: a per-row top-k heap over streamed score tiles, then
+    softmax over the kept keys; O(Lq * top_k) memory) or "torch" (row chunks);
+    default: "cpu" where it serves (not for a float mask that needs a gradient).
     """
     _check_qkv(q, k, v, same_head_dim=True)
     Hq, Lq, E = q.shape[-3:]
@@ -204,6 +224,16 @@ def topk_attention(q, k, v, top_k, *, attn_mask=None, is_causal=False, scale=Non
     mask = None
     if attn_mask is not None:
         mask = check_mask(attn_mask, q, tuple(q.shape[:-1]) + (Lk,), "(..., Hq, Lq, Lk)", "a torch.Tensor")
+    name = _topk_backend(q, mask, backend)
+    lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    if name == "cpu":
+        lead = q.shape[:-3]
+        B = math.prod(lead)
+        m = None if mask is None else mask.detach().expand(tuple(q.shape[:-1]) + (Lk,)).reshape(B, Hq, Lq, Lk)
+        out, lse, _ = torch.ops.attnfast.topk_fwd(q.reshape(B, Hq, Lq, E), k.reshape(B, Hkv, Lk, E),
+                                                  v.reshape(B, Hkv, Lk, v.shape[-1]), m, is_causal, scale, top_k)
+        out = out.reshape(q.shape[:-1] + (v.shape[-1],))
+        return (out, lse.reshape(q.shape[:-1]).to(lse_dtype)) if return_lse else out
     cd = _compute_dtype(q.dtype)
     rep = Hq // Hkv
 
@@ -220,4 +250,4 @@ def topk_attention(q, k, v, top_k, *, attn_mask=None, is_causal=False, scale=Non
     rows = _rows_per_chunk(math.prod(q.shape[:-2]) * Lk, Lq)
     out, lse = _run_chunks(rows_fn, Lq, rows, q.to(cd), k.to(cd), v.to(cd), mask)
     out = out.to(q.dtype)
-    return (out, lse.to(torch.float64 if q.dtype == torch.float64 else torch.float32)) if return_lse else out
+    return (out, lse.to(lse_dtype)) if return_lse else out

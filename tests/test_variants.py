@@ -108,12 +108,15 @@ TOPK = [  # (B, Hq, Hkv, Lq, Lk, E, Ev, top_k, mask, causal)
 ]
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("dtype", DTYPES + [torch.float16], ids=str)
 @pytest.mark.parametrize("case", TOPK)
-@pytest.mark.parametrize("chunk", [None, 50], ids=["one-chunk", "small-chunks"])
-def test_topk_parity(case, dtype, chunk, monkeypatch):
-    if chunk is not None:
-        monkeypatch.setattr(variants, "CHUNK_ELEMENTS", chunk)
+@pytest.mark.parametrize("backend", [pytest.param("cpu", marks=needs_ext), "torch", "torch-small-chunks"])
+def test_topk_parity(case, dtype, backend, monkeypatch):
+    if backend == "torch-small-chunks":
+        monkeypatch.setattr(variants, "CHUNK_ELEMENTS", 50)
+        backend = "torch"
+    elif dtype == torch.float16 and backend == "torch":
+        pytest.skip("float16 runs on the fused kernel's test only")
     B, Hq, Hkv, Lq, Lk, E, Ev, top_k, mask_kind, causal = case
     q, k, v = torch.randn(B, Hq, Lq, E), torch.randn(B, Hkv, Lk, E), torch.randn(B, Hkv, Lk, Ev)
     mask = None
@@ -125,7 +128,7 @@ def test_topk_parity(case, dtype, chunk, monkeypatch):
 
     def run(*t):
         return attnfast.topk_attention(*t, top_k, attn_mask=mask, is_causal=causal, enable_gqa=True,
-                                       return_lse=True)
+                                       return_lse=True, backend=backend)
 
     def ref(*t, upcast, reorder_ops=False):
         return topk_attention_ref(*t, top_k, attn_mask=mask, is_causal=causal, enable_gqa=True, upcast=upcast,
@@ -138,6 +141,80 @@ def test_topk_equals_dense_when_k_is_every_key():
     q, k, v = (torch.randn(2, 3, 10, 8, dtype=torch.float64) for _ in range(3))
     out = attnfast.topk_attention(q, k, v, 10, is_causal=True)
     torch.testing.assert_close(out, attnfast.attention(q, k, v, is_causal=True), rtol=0, atol=1e-12)
+
+
+TOPK_FUSED = [  # (B, Hq, Hkv, Lq, Lk, E, top_k, mask, causal): several key tiles and query blocks
+    (1, 2, 1, 200, 300, 16, 37, None, True),
+    (2, 2, 2, 40, 260, 8, 200, "keypad", False),
+    (1, 1, 1, 30, 129, 8, 1, "float", False),
+]
+
+
+@needs_ext
+@pytest.mark.parametrize("case", TOPK_FUSED)
+def test_topk_fused_keeps_the_reference_choice(case):
+    """The kernel's kept keys (idx) are exactly topk_select's, over several key tiles and query blocks;
+    float64 scores differ between the two only in rounding, far below the gaps between keys."""
+    B, Hq, Hkv, Lq, Lk, E, top_k, mask_kind, causal = case
+    q, k, v = (torch.randn(B, h, n, E, dtype=torch.float64) for h, n in ((Hq, Lq), (Hkv, Lk), (Hkv, Lk)))
+    mask = None
+    if mask_kind == "keypad":
+        mask = torch.rand(B, 1, 1, Lk) > 0.3
+        mask[1, 0, 0, 10:] = False  # 10 visible keys for batch 1: fewer than top_k
+    elif mask_kind == "float":
+        mask = torch.randn(Lq, Lk, dtype=torch.float64)
+    m4 = None if mask is None else mask.expand(B, Hq, Lq, Lk)
+    _, _, idx = torch.ops.attnfast.topk_fwd(q, k, v, m4, causal, E ** -0.5, top_k)
+    s = torch.matmul(q, k.repeat_interleave(Hq // Hkv, 1).transpose(-1, -2)) * E ** -0.5
+    if mask is not None:
+        s = s.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else s + mask
+    if causal:
+        s = s.masked_fill(torch.ones(Lq, Lk, dtype=torch.bool).triu(1), float("-inf"))
+    chosen = torch.zeros(B, Hq, Lq, Lk + 1, dtype=torch.bool).scatter_(-1, idx.long() % (Lk + 1), True)[..., :Lk]
+    assert torch.equal(chosen, topk_select(s, top_k))
+    n_kept = (idx >= 0).sum(-1)
+    assert torch.equal(n_kept, topk_select(s, top_k).sum(-1))
+    assert (idx[..., :1] >= -1).all() and ((idx >= 0).long().diff(dim=-1) <= 0).all()  # -1 only at the end
+
+
+@needs_ext
+def test_topk_fused_ties_nan_and_empty_rows():
+    q = torch.zeros(1, 1, 3, 4)  # every score 0: ties everywhere
+    k, v = torch.randn(1, 1, 300, 4), torch.randn(1, 1, 300, 2)
+    mask = torch.ones(1, 1, 3, 300, dtype=torch.bool)
+    mask[0, 0, 2] = False  # row 2 sees nothing
+    out, lse, idx = torch.ops.attnfast.topk_fwd(q, k, v, mask, False, 0.5, 5)
+    assert sorted(idx[0, 0, 0].tolist()) == [0, 1, 2, 3, 4]  # the lowest indices win every tie
+    assert idx[0, 0, 2].tolist() == [-1] * 5 and out[0, 0, 2].eq(0).all() and lse[0, 0, 2] == float("-inf")
+    torch.testing.assert_close(out[0, 0, 0], v[0, 0, :5].mean(0))
+    q2 = torch.randn(1, 1, 3, 4)
+    k2 = k.clone()
+    k2[0, 0, 150, 1] = float("nan")  # key 150's score is NaN in every row: chosen, the rows go NaN
+    out = attnfast.topk_attention(q2, k2, v, 3, backend="cpu")
+    assert torch.isnan(out).all()
+    g = torch.zeros(1, 1, 3, 2)
+    dq, dk, dv = torch.ops.attnfast.topk_bwd(g, q, k, v, mask, 0.5, lse, idx, None)
+    assert dq.eq(0).all() and dk.eq(0).all() and dv.eq(0).all()
+
+
+@needs_ext
+def test_opcheck_topk():
+    q = torch.randn(2, 9, 4, 8).transpose(1, 2)
+    k = torch.randn(2, 13, 2, 8).transpose(1, 2)
+    v = torch.randn(2, 13, 2, 5).transpose(1, 2)
+    bias = torch.randn(9, 13).expand(2, 4, 9, 13)
+    for mask, causal in ((None, False), (bias, True), (bias > 0, False)):
+        args = (q.requires_grad_(), k.requires_grad_(), v.requires_grad_(), mask, causal, 0.3, 4)
+        torch.library.opcheck(torch.ops.attnfast.topk_fwd.default, args)
+
+
+@needs_ext
+def test_topk_bwd_rejects_bad_indices():
+    q, k, v = torch.randn(1, 1, 3, 4), torch.randn(1, 1, 5, 4), torch.randn(1, 1, 5, 2)
+    out, lse, idx = torch.ops.attnfast.topk_fwd(q, k, v, None, False, 0.5, 2)
+    for bad in (5, -2):
+        with pytest.raises(RuntimeError, match=r"idx entries must be key indices in \[0, Lk\) or -1"):
+            torch.ops.attnfast.topk_bwd(out, q, k, v, None, 0.5, lse, idx.clone().fill_(bad), None)
 
 
 def test_topk_ties_go_to_the_lower_index():

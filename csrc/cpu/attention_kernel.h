@@ -603,3 +603,4 @@ void attention_bwd(const BwdParams& p) {
 }  // namespace attnfast
 
 #include "additive_kernel.h"
+#include "topk_kernel.h"

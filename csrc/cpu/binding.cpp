@@ -7,6 +7,7 @@
 #include <torch/extension.h>
 #include <torch/library.h>
 
+#include <cstdint>
 #include <cstdlib>
 #include <cstring>
 #include <string>
@@ -312,6 +313,69 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> additive_bwd_cpu(
   return {dqp, dkp, dva, dv};
 }
 
+// Hard (top-k) attention (topk_kernel.h): q, k, v, mask as for fwd; causal is top-left.
+TopkParams topk_params(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                       const std::optional<at::Tensor>& mask, bool causal, double scale, int64_t top_k) {
+  TopkParams p{};
+  fill_common(p, q, k, v, mask, scale, -1, causal ? 0 : -1, false, 0.0, std::nullopt);
+  TORCH_CHECK(top_k >= 1 && top_k <= p.Lk && p.Lk <= INT32_MAX, "attnfast cpu topk: top_k must be in [1, Lk]");
+  p.top_k = top_k;
+  return p;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> topk_fwd_cpu(const at::Tensor& q, const at::Tensor& k,
+                                                            const at::Tensor& v,
+                                                            const std::optional<at::Tensor>& attn_mask,
+                                                            bool causal, double scale, int64_t top_k) {
+  TopkParams p = topk_params(q, k, v, attn_mask, causal, scale, top_k);
+  at::Tensor out = at::empty({p.B, p.Hq, p.Lq, p.Ev}, q.options());
+  at::Tensor lse = at::empty({p.B, p.Hq, p.Lq}, q.options().dtype(lse_dtype(q)));
+  at::Tensor idx = at::empty({p.B, p.Hq, p.Lq, top_k}, q.options().dtype(at::kInt));
+  if (lse.numel() == 0) return {out, lse, idx};
+  p.out = out.data_ptr();
+  p.lse = lse.data_ptr();
+  p.idx = idx.data_ptr<int32_t>();
+  run_isa<TopkParams>(p, isa_avx512::topk_fwd, isa_avx2::topk_fwd, isa_default::topk_fwd);
+  return {out, lse, idx};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> topk_bwd_cpu(
+    const at::Tensor& dout_in, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const std::optional<at::Tensor>& attn_mask, double scale, const at::Tensor& lse_in, const at::Tensor& idx_in,
+    const std::optional<at::Tensor>& dlse) {
+  TopkParams p = topk_params(q, k, v, attn_mask, false, scale, idx_in.dim() == 4 ? idx_in.size(3) : 0);
+  const at::Tensor dout = dout_in.contiguous(), lse = lse_in.contiguous(), idx = idx_in.contiguous();
+  TORCH_CHECK(dout.scalar_type() == q.scalar_type() && dout.dim() == 4 && dout.size(0) == p.B &&
+                  dout.size(1) == p.Hq && dout.size(2) == p.Lq && dout.size(3) == p.Ev,
+              "attnfast cpu topk: dout must be (B, Hq, Lq, Ev) of the query dtype");
+  TORCH_CHECK(lse.scalar_type() == lse_dtype(q) && lse.dim() == 3 && lse.size(0) == p.B && lse.size(1) == p.Hq &&
+                  lse.size(2) == p.Lq,
+              "attnfast cpu topk: lse must be (B, Hq, Lq), float64 for float32/float64 inputs, else float32");
+  TORCH_CHECK(idx.scalar_type() == at::kInt && idx.size(0) == p.B && idx.size(1) == p.Hq && idx.size(2) == p.Lq,
+              "attnfast cpu topk: idx must be int32 (B, Hq, Lq, top_k)");
+  // The kernel reads the k/v rows idx names (up to a row's first -1): each must be a key or -1.
+  TORCH_CHECK(idx.numel() == 0 || (idx.min().item<int32_t>() >= -1 && idx.max().item<int32_t>() < p.Lk),
+              "attnfast cpu topk: idx entries must be key indices in [0, Lk) or -1");
+  at::Tensor dlse_c;
+  if (dlse.has_value()) {
+    TORCH_CHECK(dlse->sizes() == lse.sizes(), "attnfast cpu topk: dlse must match lse's shape");
+    dlse_c = dlse->to(lse.scalar_type()).contiguous();
+  }
+  at::Tensor dq = at::empty({p.B, p.Hq, p.Lq, p.E}, q.options());
+  at::Tensor dk = at::empty({p.B, p.Hkv, p.Lk, p.E}, q.options());
+  at::Tensor dv = at::empty({p.B, p.Hkv, p.Lk, p.Ev}, q.options());
+  if (p.B * p.Hkv == 0) return {dq, dk, dv};
+  p.dout = dout.data_ptr();
+  p.lse = const_cast<void*>(lse.data_ptr());
+  p.idx = const_cast<int32_t*>(idx.data_ptr<int32_t>());
+  p.dlse = dlse.has_value() ? dlse_c.data_ptr() : nullptr;
+  p.dq = dq.data_ptr();
+  p.dk = dk.data_ptr();
+  p.dv = dv.data_ptr();
+  run_isa<TopkParams>(p, isa_avx512::topk_bwd, isa_avx2::topk_bwd, isa_default::topk_bwd);
+  return {dq, dk, dv};
+}
+
 }  // namespace
 
 TORCH_LIBRARY(attnfast, m) {
@@ -334,6 +398,15 @@ TORCH_LIBRARY(attnfast, m) {
   m.def(
       "additive_bwd(Tensor dout, Tensor qp, Tensor kp, Tensor va, Tensor v, Tensor? mask, bool causal, "
       "Tensor out, Tensor lse, Tensor? dlse) -> (Tensor, Tensor, Tensor, Tensor)");
+  // Hard (top-k) attention: q, k, v and attn_mask as in fwd, causal top-left.
+  // -> (out, lse (dtype as fwd's), idx int32 (B, Hq, Lq, top_k): the kept keys, -1 in unused slots)
+  m.def(
+      "topk_fwd(Tensor q, Tensor k, Tensor v, Tensor? attn_mask, bool causal, float scale, int top_k) "
+      "-> (Tensor, Tensor, Tensor)");
+  // Straight-through backward over the kept keys -> (dq, dk, dv)
+  m.def(
+      "topk_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor? attn_mask, float scale, Tensor lse, "
+      "Tensor idx, Tensor? dlse) -> (Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(attnfast, CPU, m) {
@@ -341,6 +414,8 @@ TORCH_LIBRARY_IMPL(attnfast, CPU, m) {
   m.impl("bwd", &bwd_cpu);
   m.impl("additive_fwd", &additive_fwd_cpu);
   m.impl("additive_bwd", &additive_bwd_cpu);
+  m.impl("topk_fwd", &topk_fwd_cpu);
+  m.impl("topk_bwd", &topk_bwd_cpu);
 }
 
 }  // namespace cpu

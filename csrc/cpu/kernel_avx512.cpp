@@ -28,6 +28,8 @@ void attention_fwd(const FwdParams& p) { isa_default::attention_fwd(p); }
 void attention_bwd(const BwdParams& p) { isa_default::attention_bwd(p); }
 void additive_fwd(const AdditiveParams& p) { isa_default::additive_fwd(p); }
 void additive_bwd(const AdditiveParams& p) { isa_default::additive_bwd(p); }
+void topk_fwd(const TopkParams& p) { isa_default::topk_fwd(p); }
+void topk_bwd(const TopkParams& p) { isa_default::topk_bwd(p); }
 }  // namespace isa_avx512
 }  // namespace cpu
 }  // namespace attnfast

@@ -76,6 +76,20 @@ struct BwdParams : AttnParams {
   const void* delta = nullptr;
 };
 
+// Hard (top-k) attention (topk_kernel.h): scores, mask and causal rule as in AttnParams (no
+// dropout); each row keeps its top_k highest visible scores, equal scores by the lower key.
+struct TopkParams : AttnParams {
+  int64_t top_k;
+  int32_t* idx;       // (B, Hq, Lq, top_k) contiguous: the kept keys, -1 in unused slots (fwd output)
+  void* out;          // forward output (B, Hq, Lq, Ev), contiguous, query dtype
+  void* lse;          // (B, Hq, Lq) contiguous, dtype as in FwdParams (fwd output, bwd input)
+  const void* dout;   // backward inputs: (B, Hq, Lq, Ev) contiguous, and lse's gradient or nullptr
+  const void* dlse;
+  void* dq;           // backward outputs, contiguous, query dtype
+  void* dk;
+  void* dv;
+};
+
 // One set of entry points per ISA; the binding picks one at run time.
 // Additive (Bahdanau) attention on projected queries/keys (additive_kernel.h), float32,
 // every tensor contiguous: qp (B, H, Lq, Da), kp (B, H, Lk, Da), va (H, Da), v (B, H, Lk, Ev).
@@ -105,6 +119,8 @@ struct AdditiveParams {
   void attention_bwd(const BwdParams& p);        \
   void additive_fwd(const AdditiveParams& p);    \
   void additive_bwd(const AdditiveParams& p);    \
+  void topk_fwd(const TopkParams& p);            \
+  void topk_bwd(const TopkParams& p);            \
   }
 ATTNFAST_DECLARE_ISA(isa_default)
 ATTNFAST_DECLARE_ISA(isa_avx2)

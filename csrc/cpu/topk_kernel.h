@@ -1,0 +1,273 @@
+// Fused hard (top-k) attention: each query row attends to its top_k highest
+// visible scores only, softmax over those.
+//
+//   forward : per query block, the score tiles of the dense forward (the
+//             same packed K^T, micro-kernel and mask_tile) stream through a
+//             per-row bounded heap of (score, key) pairs, so no row ever holds
+//             more than top_k scores; the heap's entries are then the row's
+//             softmax.  The chosen keys are saved, (B, Hq, Lq, top_k) int32
+//             (-1 in unused slots): O(Lq * top_k) memory instead of the
+//             (Lq, Lk) score matrix.
+//   backward: straight-through, over the saved keys only: P = exp(s - lse)
+//             recomputed per chosen key (and normalised over them), dS = P (dP - rowsum(P dP)), then dQ
+//             and the scattered dK, dV.  O(Lq * top_k * (E + Ev)) work.
+// Ordering: a higher score first; equal scores, the lower key index first (the
+// order of a stable descending sort); NaN ranks above everything, so a NaN
+// score is chosen and makes its row NaN, as in the dense softmax.  Hidden keys
+// (-inf) are never chosen; a row with fewer visible keys keeps them all.
+// Included by attention_kernel.h: one build per ISA, internal linkage.
+#pragma once
+
+namespace attnfast {
+namespace cpu {
+namespace ATTNFAST_ISA_NS {
+namespace {
+
+// (s1, j1) comes before (s2, j2) in the selection order.
+template <typename A>
+inline bool ranks_before(A s1, int32_t j1, A s2, int32_t j2) {
+  const bool n1 = s1 != s1, n2 = s2 != s2;
+  if (n1 || n2) return n1 && (!n2 || j1 < j2);
+  return s1 > s2 || (s1 == s2 && j1 < j2);
+}
+
+template <typename A>
+inline void swap_entries(A* s, int32_t* j, int64_t x, int64_t y) {
+  const A t = s[x];
+  s[x] = s[y];
+  s[y] = t;
+  const int32_t u = j[x];
+  j[x] = j[y];
+  j[y] = u;
+}
+
+// Bounded heap of a row's best entries; the root is the worst kept entry.
+template <typename A>
+struct TopHeap {
+  A* s;
+  int32_t* j;
+  int64_t n, cap;
+
+  void sift_down(int64_t x) {
+    for (;;) {
+      const int64_t l = 2 * x + 1, r = l + 1;
+      int64_t w = x;  // the worst of x and its children goes up
+      if (l < n && ranks_before(s[w], j[w], s[l], j[l])) w = l;
+      if (r < n && ranks_before(s[w], j[w], s[r], j[r])) w = r;
+      if (w == x) return;
+      swap_entries(s, j, x, w);
+      x = w;
+    }
+  }
+  void push(A v, int32_t key) {
+    if (n < cap) {
+      int64_t x = n++;
+      s[x] = v;
+      j[x] = key;
+      while (x > 0) {  // sift up while the parent ranks before the new entry
+        const int64_t up = (x - 1) / 2;
+        if (!ranks_before(s[up], j[up], s[x], j[x])) break;
+        swap_entries(s, j, x, up);
+        x = up;
+      }
+    } else if (ranks_before(v, key, s[0], j[0])) {
+      s[0] = v;
+      j[0] = key;
+      sift_down(0);
+    }
+  }
+};
+
+template <typename T>
+void topk_fwd_impl(const TopkParams& p) {
+  using A = typename Elem<T>::acc;
+  using L = typename Elem<T>::lse;
+  using W = typename Elem<T>::wide;
+  const Visibility vis(p);
+  const int64_t nqb = cdiv(p.Lq, kBlockQ), group = p.Hq / p.Hkv;
+  const int64_t E = p.E, Ev = p.Ev, Lk = p.Lk, K = p.top_k, nkb = cdiv(Lk, kBlockK);
+  const A scale = static_cast<A>(p.scale);
+  const A ninf = -std::numeric_limits<A>::infinity();
+
+  run_parallel(p, p.B * p.Hq * nqb, [&](int64_t begin, int64_t end) {
+    Buffer<A> kt(nkb * E * kBlockK), qbuf(kBlockQ * E), sc(kBlockQ * kBlockK), hs(kBlockQ * K);
+    Buffer<int32_t> hj(kBlockQ * K);
+    Buffer<int64_t> count(kBlockQ);  // entries in each row's heap
+    Buffer<L> acc(Ev);
+    int64_t packed = -1;  // b * Hkv + hk of the packed K^T
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t qb = item % nqb, bh = item / nqb;
+      const int64_t h = bh % p.Hq, b = bh / p.Hq, hk = h / group;
+      const int64_t i0 = qb * kBlockQ, nq = imin(kBlockQ, p.Lq - i0);
+      const T* k = static_cast<const T*>(p.k) + b * p.k_st.b + hk * p.k_st.h;
+      const T* v = static_cast<const T*>(p.v) + b * p.v_st.b + hk * p.v_st.h;
+      if (packed != b * p.Hkv + hk) {
+        for (int64_t t = 0; t < nkb; ++t)
+          load_rows_t(k, p.k_st.r, p.k_st.c, t * kBlockK, imin(kBlockK, Lk - t * kBlockK), E, kBlockK,
+                      kt.data() + t * E * kBlockK);
+        packed = b * p.Hkv + hk;
+      }
+      const T* q = static_cast<const T*>(p.q) + b * p.q_st.b + h * p.q_st.h;
+      load_rows(q, p.q_st.r, p.q_st.c, i0, nq, E, qbuf.data(), E);
+      count.zero();
+      int64_t jlo = Lk, jhi = 0;
+      for (int64_t i = i0; i < i0 + nq; ++i) {
+        const int64_t lo = vis.col_lo(i), hi = vis.col_hi(i);
+        if (lo < hi) { jlo = imin(jlo, lo); jhi = imax(jhi, hi); }
+      }
+      // Pass 1: every visible score of the block, tile by tile, into the row heaps.
+      for (int64_t j0 = jlo / kBlockK * kBlockK; j0 < jhi; j0 += kBlockK) {
+        const int64_t nk = imin(kBlockK, jhi - j0);
+        const TileMask tm = classify_tile<T>(p, b, h, i0, nq, j0, nk);
+        if (tm == TileMask::kHidden) continue;
+        matmul_tile<kKCHead>(qbuf.data(), E, nq, E, kt.data() + j0 * E, kBlockK, nk, scale, sc.data(), kBlockK);
+        mask_tile<T, A>(p, vis, b, h, i0, nq, j0, nk, sc.data(), kBlockK, tm);
+        for (int64_t i = 0; i < nq; ++i) {
+          TopHeap<A> heap{hs.data() + i * K, hj.data() + i * K, count[i], K};
+          const A* row = sc.data() + i * kBlockK;
+          for (int64_t c = 0; c < nk; ++c)
+            if (row[c] != ninf) heap.push(row[c], static_cast<int32_t>(j0 + c));
+          count[i] = heap.n;
+        }
+      }
+      // Pass 2: softmax over each row's kept entries, out = P V.
+      T* out = static_cast<T*>(p.out) + (b * p.Hq + h) * p.Lq * Ev;
+      L* lse = static_cast<L*>(p.lse) + (b * p.Hq + h) * p.Lq;
+      int32_t* idx = p.idx + (b * p.Hq + h) * p.Lq * K;
+      for (int64_t i = 0; i < nq; ++i) {
+        const A* s = hs.data() + i * K;
+        const int32_t* js = hj.data() + i * K;
+        const int64_t n = count[i];
+        int32_t* irow = idx + (i0 + i) * K;
+        for (int64_t t = 0; t < K; ++t) irow[t] = t < n ? js[t] : -1;
+        A m = ninf;
+        for (int64_t t = 0; t < n; ++t) m = (s[t] > m || s[t] != s[t]) ? s[t] : m;  // NaN wins
+        L l = L(0);
+        for (int64_t c = 0; c < Ev; ++c) acc[c] = L(0);
+        for (int64_t t = 0; t < n; ++t) {
+          const L e = static_cast<L>(std::exp(static_cast<W>(s[t]) - static_cast<W>(m)));
+          l += e;
+          const T* vr = v + js[t] * p.v_st.r;
+          for (int64_t c = 0; c < Ev; ++c) acc[c] += e * static_cast<L>(Elem<T>::load(vr + c * p.v_st.c));
+        }
+        const L inv = l != l ? l : l > L(0) ? L(1) / l : L(0);  // no visible key: out 0; NaN row: NaN
+        T* orow = out + (i0 + i) * Ev;
+        for (int64_t c = 0; c < Ev; ++c) Elem<T>::store(orow + c, static_cast<A>(acc[c] * inv));
+        lse[i0 + i] = l > L(0) ? static_cast<L>(static_cast<W>(m) + std::log(static_cast<W>(l)))
+                      : l != l ? l : -std::numeric_limits<L>::infinity();
+      }
+    }
+  });
+}
+
+// One work item per (batch, kv head): it owns that head's dK and dV, so the
+// rows of every query head of its group scatter into them without atomics.
+template <typename T>
+void topk_bwd_impl(const TopkParams& p) {
+  using A = typename Elem<T>::acc;
+  using L = typename Elem<T>::lse;
+  using W = typename Elem<T>::wide;
+  const int64_t group = p.Hq / p.Hkv, E = p.E, Ev = p.Ev, Lk = p.Lk, K = p.top_k;
+  const A scale = static_cast<A>(p.scale);
+  const bool bias = p.mask_kind == MaskKind::additive;
+
+  run_parallel(p, p.B * p.Hkv, [&](int64_t begin, int64_t end) {
+    Buffer<A> kbuf(Lk * E), vbuf(Lk * Ev), dk(Lk * E), dv(Lk * Ev), qr(E), dor(Ev), dq(E), pr(K), ds(K);
+    Buffer<L> ew(K);
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t hk = item % p.Hkv, b = item / p.Hkv;
+      load_rows(static_cast<const T*>(p.k) + b * p.k_st.b + hk * p.k_st.h, p.k_st.r, p.k_st.c, 0, Lk, E,
+                kbuf.data(), E);
+      load_rows(static_cast<const T*>(p.v) + b * p.v_st.b + hk * p.v_st.h, p.v_st.r, p.v_st.c, 0, Lk, Ev,
+                vbuf.data(), Ev);
+      dk.zero();
+      dv.zero();
+      for (int64_t g = 0; g < group; ++g) {
+        const int64_t h = hk * group + g, bh = b * p.Hq + h;
+        const T* q = static_cast<const T*>(p.q) + b * p.q_st.b + h * p.q_st.h;
+        const T* dout = static_cast<const T*>(p.dout) + bh * p.Lq * Ev;
+        const L* lse = static_cast<const L*>(p.lse) + bh * p.Lq;
+        const L* dlse = p.dlse != nullptr ? static_cast<const L*>(p.dlse) + bh * p.Lq : nullptr;
+        const int32_t* idx = p.idx + bh * p.Lq * K;
+        T* dqp = static_cast<T*>(p.dq) + bh * p.Lq * E;
+        for (int64_t i = 0; i < p.Lq; ++i) {
+          const int32_t* js = idx + i * K;
+          int64_t n = 0;
+          while (n < K && js[n] >= 0) ++n;
+          for (int64_t e = 0; e < E; ++e) dq[e] = A(0);
+          if (n > 0) {
+            for (int64_t e = 0; e < E; ++e) qr[e] = Elem<T>::load(q + i * p.q_st.r + e * p.q_st.c);
+            for (int64_t c = 0; c < Ev; ++c) dor[c] = Elem<T>::load(dout + i * Ev + c);
+            // P of each kept entry from the saved lse, normalised over the kept entries (their sum
+            // is 1 up to rounding; dividing by it makes a lone key's P exactly 1, so its dS is
+            // exactly 0 as in the reference, though s is recomputed in another rounding order),
+            // dP = dO . v_j, delta = rowsum(P dP).
+            L psum = L(0);
+            for (int64_t t = 0; t < n; ++t) {
+              const A* kr = kbuf.data() + js[t] * E;
+              const A* vr = vbuf.data() + js[t] * Ev;
+              A s = A(0), dp = A(0);
+              for (int64_t e = 0; e < E; ++e) s += qr[e] * kr[e];
+              s *= scale;
+              if (bias) {
+                const T* m = static_cast<const T*>(p.mask) + b * p.mask_st.b + h * p.mask_st.h +
+                             i * p.mask_st.r + js[t] * p.mask_st.c;
+                s += static_cast<A>(Elem<T>::load(m));
+              }
+              for (int64_t c = 0; c < Ev; ++c) dp += dor[c] * vr[c];
+              ew[t] = static_cast<L>(std::exp(static_cast<W>(s) - static_cast<W>(lse[i])));
+              psum += ew[t];
+              ds[t] = dp;
+            }
+            A delta = A(0);
+            for (int64_t t = 0; t < n; ++t) {
+              pr[t] = static_cast<A>(ew[t] / psum);
+              delta += pr[t] * ds[t];
+            }
+            if (dlse != nullptr) delta -= static_cast<A>(dlse[i]);  // d lse / d s = P
+            for (int64_t t = 0; t < n; ++t) {
+              const A d = pr[t] * (ds[t] - delta) * scale;
+              const A* kr = kbuf.data() + js[t] * E;
+              A* dkr = dk.data() + js[t] * E;
+              A* dvr = dv.data() + js[t] * Ev;
+              for (int64_t e = 0; e < E; ++e) {
+                dq[e] += d * kr[e];
+                dkr[e] += d * qr[e];
+              }
+              for (int64_t c = 0; c < Ev; ++c) dvr[c] += pr[t] * dor[c];
+            }
+          }
+          for (int64_t e = 0; e < E; ++e) Elem<T>::store(dqp + i * E + e, dq[e]);
+        }
+      }
+      T* dkp = static_cast<T*>(p.dk) + (b * p.Hkv + hk) * Lk * E;
+      T* dvp = static_cast<T*>(p.dv) + (b * p.Hkv + hk) * Lk * Ev;
+      for (int64_t x = 0; x < Lk * E; ++x) Elem<T>::store(dkp + x, dk[x]);
+      for (int64_t x = 0; x < Lk * Ev; ++x) Elem<T>::store(dvp + x, dv[x]);
+    }
+  });
+}
+
+}  // namespace
+
+void topk_fwd(const TopkParams& p) {
+  switch (p.dtype) {
+    case DType::f32: return topk_fwd_impl<float>(p);
+    case DType::f64: return topk_fwd_impl<double>(p);
+    case DType::bf16: return topk_fwd_impl<bf16_t>(p);
+    case DType::f16: return topk_fwd_impl<f16_t>(p);
+  }
+}
+
+void topk_bwd(const TopkParams& p) {
+  switch (p.dtype) {
+    case DType::f32: return topk_bwd_impl<float>(p);
+    case DType::f64: return topk_bwd_impl<double>(p);
+    case DType::bf16: return topk_bwd_impl<bf16_t>(p);
+    case DType::f16: return topk_bwd_impl<f16_t>(p);
+  }
+}
+
+}  // namespace ATTNFAST_ISA_NS
+}  // namespace cpu
+}  // namespace attnfast
