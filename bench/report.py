@@ -46,6 +46,8 @@ def write_report(out, cond, plan, timings):
     parts += _section(out, "encoders.md", "encoders.json", "Encoders: attention vs RNN, LSTM, GRU")
     parts += _section(out, "ring.md", "ring.json", "Context parallelism: ring attention",
                       optional=True)
+    parts += _section(out, "variants.md", "variants.json", "Attention variants: additive and top-k",
+                      optional=True)
     path = out / "REPORT.md"
     path.write_text("\n".join(parts).rstrip() + "\n")
     return path

@@ -5,11 +5,13 @@
 additive: attnfast.additive_attention on the fused CPU kernel ("fused") vs the naive
           form (attnfast.reference.additive_attention_ref in float32, which holds
           the (B, H, Lq, Lk, Da) tanh tensor) over L; forward and forward+backward
-          time (medians, peers alternated per repeat) and peak RSS of one
-          forward+backward in a fresh process capped at MEM_CAP_GIB of address
-          space: a peer that cannot allocate is reported as "does not fit".
-topk:     attnfast.topk_attention (row-chunked torch path) vs dense
-          attnfast.attention at one L for k = 8 ... 256, forward+backward.
+          time (medians, peers alternated per repeat) and the peak-RSS increase of
+          one forward+backward in a fresh process capped at MEM_CAP_GIB of address
+          space (measured as bench/memprobe.py does): a peer that cannot allocate
+          is reported as "does not fit".
+topk:     attnfast.topk_attention on the fused CPU kernel ("fused") and on the
+          row-chunked torch path ("chunked") vs dense attnfast.attention at one L
+          for k = 8 ... 256: forward and forward+backward time, peers alternated.
 Shapes: B=1, H=4, E=Ev=Da=64, float32, non-causal.
 """
 from __future__ import annotations
@@ -56,12 +58,12 @@ def _additive(peer, ins, backward):
 
 
 def _probe(peer, L):
-    """Peak RSS (MiB) of one forward+backward in a fresh process, or an error string."""
+    """Peak-RSS increase (MiB) of one forward+backward in a fresh process, or an error string."""
     code = (f"import resource, torch; resource.setrlimit(resource.RLIMIT_AS, ({MEM_CAP_GIB} << 30, {MEM_CAP_GIB} << 30));"
-            f"from bench.variants import _inputs, _additive; ins = _inputs({L});"
-            f"r0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss;"
+            f"from bench.memprobe import _peak_mib, _reset_peak; from bench.variants import _inputs, _additive;"
+            f"_additive({peer!r}, _inputs(16), True); ins = _inputs({L}); _reset_peak(); p0 = _peak_mib()[0];"
             f"_additive({peer!r}, ins, True);"
-            f"print('PEAK', (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - r0) / 1024)")
+            f"print('PEAK', _peak_mib()[0] - p0)")
     env = dict(os.environ, PYTHONPATH=os.getcwd())
     try:
         p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=900, env=env)
@@ -72,15 +74,6 @@ def _probe(peer, L):
             return float(line.split()[1]), None
     err = (p.stderr.strip().splitlines() or ["?"])[-1]
     return None, "does not fit" if "alloc" in err.lower() or "memory" in err.lower() else err[:120]
-
-
-def _time(fn, reps):
-    ts = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t0)
-    return statistics.median(ts)
 
 
 def run(ctx):
@@ -120,16 +113,27 @@ def run(ctx):
     L = plan["topk_L"]
     q, k, v = (torch.randn(B, H, L, E) for _ in range(3))
     topk = []
-
-    def fb(fn):
-        ins = [t.detach().requires_grad_() for t in (q, k, v)]
-        fn(*ins).sum().backward()
-
-    dense_ms = _time(lambda: fb(lambda a, b, c: attnfast.attention(a, b, c)), reps) * 1e3
+    peers = {"dense": lambda kk, *t: attnfast.attention(*t),
+             "fused": lambda kk, *t: attnfast.topk_attention(*t, kk, backend="cpu"),
+             "chunked": lambda kk, *t: attnfast.topk_attention(*t, kk, backend="torch")}
     for kk in plan["ks"]:
-        ms = _time(lambda: fb(lambda a, b, c: attnfast.topk_attention(a, b, c, kk)), reps) * 1e3
-        topk.append(dict(L=L, k=kk, topk_ms=ms, dense_ms=dense_ms))
-        print(topk[-1], flush=True)
+        rec = dict(L=L, k=kk)
+        for mode, bwd in (("fwd", False), ("fwdbwd", True)):
+            times = {p: [] for p in peers}
+            for r in range(reps + 1):
+                for name, fn in peers.items():  # peers alternate within each repeat
+                    ins = [t.detach().requires_grad_(bwd) for t in (q, k, v)]
+                    t0 = time.perf_counter()
+                    with torch.set_grad_enabled(bwd):
+                        out = fn(kk, *ins)
+                        if bwd:
+                            out.sum().backward()
+                    if r:
+                        times[name].append(time.perf_counter() - t0)
+            for name in peers:
+                rec[f"{name}_{mode}_ms"] = statistics.median(times[name]) * 1e3
+        topk.append(rec)
+        print(rec, flush=True)
 
     def cell(r, p, key):
         return r[f"{p}_error"] or fmt_num(r.get(f"{p}_{key}"))
@@ -145,10 +149,13 @@ def run(ctx):
           (f"The naive form no longer fits from L = {no_fit[0]} (its (B, H, L, L, Da) float32 tensors: "
            f"{B * H * no_fit[0] ** 2 * DA * 4 / 2 ** 30:.0f} GiB each)." if no_fit else
            "The naive form fitted at every L of this plan."), "",
-          f"Top-k attention (row-chunked path) vs dense attnfast.attention, forward+backward, L = {L}:", "",
-          md_table(["k", "top-k ms", "dense ms", "top-k / dense"],
-                   [[t["k"], fmt_num(t["topk_ms"]), fmt_num(t["dense_ms"]), f"{t['topk_ms'] / t['dense_ms']:.2f}"]
-                    for t in topk]), ""]
+          f"Top-k attention vs dense attnfast.attention (CPU kernel), L = {L}, median of {reps} (peers "
+          "alternated): the fused kernel and the row-chunked torch path, forward and forward+backward.", "",
+          md_table(["k", "fused fwd ms", "chunked fwd ms", "dense fwd ms", "fused fwd+bwd ms", "chunked fwd+bwd ms",
+                    "dense fwd+bwd ms", "fused / dense fwd+bwd"],
+                   [[t["k"], fmt_num(t["fused_fwd_ms"]), fmt_num(t["chunked_fwd_ms"]), fmt_num(t["dense_fwd_ms"]),
+                     fmt_num(t["fused_fwdbwd_ms"]), fmt_num(t["chunked_fwdbwd_ms"]), fmt_num(t["dense_fwdbwd_ms"]),
+                     f"{t['fused_fwdbwd_ms'] / t['dense_fwdbwd_ms']:.2f}"] for t in topk]), ""]
     ctx.write_text("variants.md", "\n".join(md))
     ctx.write_json("variants.json", dict(conditions=ctx.machine, shape=dict(B=B, H=H, E=E, Da=DA, dtype="float32"),
                                          additive=records, topk=topk))
