@@ -15,6 +15,7 @@
 //             for the block and dK, dV for the whole head (see bwd_impl).
 // All arithmetic is in `acc_t` (float, or double for float64 inputs).
 #pragma once
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>

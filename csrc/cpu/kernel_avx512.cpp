@@ -4,6 +4,7 @@
 // functions keep the baseline target; everything compiled after it has
 // internal linkage (see attention_kernel.h), so nothing AVX-512 escapes this
 // object.  binding.cpp calls into it only when the CPU reports these features.
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>

@@ -3,9 +3,11 @@
 //
 //   forward : per query block, the score tiles of the dense forward (the
 //             same packed K^T, micro-kernel and mask_tile) stream through a
-//             per-row bounded heap of (score, key) pairs, so no row ever holds
-//             more than top_k scores; the heap's entries are then the row's
-//             softmax.  The chosen keys are saved, (B, Hq, Lq, top_k) int32
+//             per-row candidate list of at most 2 top_k (score, key) pairs:
+//             a score enters only if it beats the row's current k-th best,
+//             and a full list is cut back to its top_k (nth_element), so no
+//             row ever holds more than 2 top_k scores.  The kept entries are
+//             then the row's softmax.  The chosen keys are saved, (B, Hq, Lq, top_k) int32
 //             (-1 in unused slots): O(Lq * top_k) memory instead of the
 //             (Lq, Lk) score matrix.
 //   backward: straight-through, over the saved keys only: P = exp(s - lse)
@@ -31,52 +33,60 @@ inline bool ranks_before(A s1, int32_t j1, A s2, int32_t j2) {
   return s1 > s2 || (s1 == s2 && j1 < j2);
 }
 
+// Does any of the vector of scores at row beat t (or is NaN)?
 template <typename A>
-inline void swap_entries(A* s, int32_t* j, int64_t x, int64_t y) {
-  const A t = s[x];
-  s[x] = s[y];
-  s[y] = t;
-  const int32_t u = j[x];
-  j[x] = j[y];
-  j[y] = u;
+inline bool any_passes(const A* row, A t) {
+  using V = typename Vec<A>::type;
+  const V r = *reinterpret_cast<const V*>(row);
+  const auto m = (r > t) | (r != r);
+  bool any = false;
+  for (int l = 0; l < Vec<A>::kWidth; ++l) any |= m[l] != 0;
+  return any;
 }
 
-// Bounded heap of a row's best entries; the root is the worst kept entry.
 template <typename A>
-struct TopHeap {
-  A* s;
-  int32_t* j;
-  int64_t n, cap;
-
-  void sift_down(int64_t x) {
-    for (;;) {
-      const int64_t l = 2 * x + 1, r = l + 1;
-      int64_t w = x;  // the worst of x and its children goes up
-      if (l < n && ranks_before(s[w], j[w], s[l], j[l])) w = l;
-      if (r < n && ranks_before(s[w], j[w], s[r], j[r])) w = r;
-      if (w == x) return;
-      swap_entries(s, j, x, w);
-      x = w;
-    }
-  }
-  void push(A v, int32_t key) {
-    if (n < cap) {
-      int64_t x = n++;
-      s[x] = v;
-      j[x] = key;
-      while (x > 0) {  // sift up while the parent ranks before the new entry
-        const int64_t up = (x - 1) / 2;
-        if (!ranks_before(s[up], j[up], s[x], j[x])) break;
-        swap_entries(s, j, x, up);
-        x = up;
-      }
-    } else if (ranks_before(v, key, s[0], j[0])) {
-      s[0] = v;
-      j[0] = key;
-      sift_down(0);
-    }
-  }
+struct Entry {
+  A s;
+  int32_t j;
 };
+
+template <typename A>
+inline bool ranks_before(const Entry<A>& a, const Entry<A>& b) { return ranks_before(a.s, a.j, b.s, b.j); }
+
+// Keeps the top_k entries of a row's candidate list cand[0, n) at its front, the k-th best at
+// cand[top_k - 1], and returns how many there are.  Quickselect (median-of-three pivots, Hoare
+// partition): O(n) expected; the order is strict and total (keys differ), so no entry equals
+// the pivot but itself.  (Written here rather than std::nth_element so that it is compiled for
+// this file's ISA with the comparison inlined.)
+template <typename A>
+inline int64_t keep_best(Entry<A>* a, int64_t n, int64_t top_k) {
+  if (n <= top_k) return n;
+  const int64_t want = top_k - 1;
+  int64_t lo = 0, hi = n - 1;
+  auto swap = [a](int64_t x, int64_t y) {
+    const Entry<A> t = a[x];
+    a[x] = a[y];
+    a[y] = t;
+  };
+  while (lo < hi) {
+    const int64_t mid = lo + (hi - lo) / 2;
+    if (ranks_before(a[mid], a[lo])) swap(mid, lo);
+    if (ranks_before(a[hi], a[lo])) swap(hi, lo);
+    if (ranks_before(a[hi], a[mid])) swap(hi, mid);
+    const Entry<A> pivot = a[mid];
+    int64_t i = lo, j = hi;
+    while (i <= j) {
+      while (ranks_before(a[i], pivot)) ++i;
+      while (ranks_before(pivot, a[j])) --j;
+      if (i <= j) swap(i++, j--);
+    }
+    // [lo, j] ranks before the pivot, [i, hi] after it, anything between is the pivot.
+    if (want <= j) hi = j;
+    else if (want >= i) lo = i;
+    else break;
+  }
+  return top_k;
+}
 
 template <typename T>
 void topk_fwd_impl(const TopkParams& p) {
@@ -86,36 +96,44 @@ void topk_fwd_impl(const TopkParams& p) {
   const Visibility vis(p);
   const int64_t nqb = cdiv(p.Lq, kBlockQ), group = p.Hq / p.Hkv;
   const int64_t E = p.E, Ev = p.Ev, Lk = p.Lk, K = p.top_k, nkb = cdiv(Lk, kBlockK);
+  constexpr int64_t VW = Vec<A>::kWidth;
   const A scale = static_cast<A>(p.scale);
   const A ninf = -std::numeric_limits<A>::infinity();
 
   run_parallel(p, p.B * p.Hq * nqb, [&](int64_t begin, int64_t end) {
-    Buffer<A> kt(nkb * E * kBlockK), qbuf(kBlockQ * E), sc(kBlockQ * kBlockK), hs(kBlockQ * K);
-    Buffer<int32_t> hj(kBlockQ * K);
-    Buffer<int64_t> count(kBlockQ);  // entries in each row's heap
-    Buffer<L> acc(Ev);
-    int64_t packed = -1;  // b * Hkv + hk of the packed K^T
+    // Per row: up to 2 top_k candidates and the score a new key must beat.  Once a row has
+    // top_k entries that is the k-th best score: an equal later score ranks after it (higher
+    // index), so the test is strict and most scores fail it at one compare.
+    Buffer<A> kt(nkb * E * kBlockK), vbuf(Lk * Ev), qbuf(kBlockQ * E), sc(kBlockQ * kBlockK), thr(kBlockQ),
+        acc(Ev), pe(K);
+    Buffer<Entry<A>> cand(kBlockQ * 2 * K);
+    Buffer<int64_t> count(kBlockQ);
+    int64_t packed = -1;  // b * Hkv + hk of the packed K^T and V
     for (int64_t item = begin; item < end; ++item) {
       const int64_t qb = item % nqb, bh = item / nqb;
       const int64_t h = bh % p.Hq, b = bh / p.Hq, hk = h / group;
       const int64_t i0 = qb * kBlockQ, nq = imin(kBlockQ, p.Lq - i0);
-      const T* k = static_cast<const T*>(p.k) + b * p.k_st.b + hk * p.k_st.h;
-      const T* v = static_cast<const T*>(p.v) + b * p.v_st.b + hk * p.v_st.h;
       if (packed != b * p.Hkv + hk) {
+        const T* k = static_cast<const T*>(p.k) + b * p.k_st.b + hk * p.k_st.h;
+        const T* v = static_cast<const T*>(p.v) + b * p.v_st.b + hk * p.v_st.h;
         for (int64_t t = 0; t < nkb; ++t)
           load_rows_t(k, p.k_st.r, p.k_st.c, t * kBlockK, imin(kBlockK, Lk - t * kBlockK), E, kBlockK,
                       kt.data() + t * E * kBlockK);
+        load_rows(v, p.v_st.r, p.v_st.c, 0, Lk, Ev, vbuf.data(), Ev);
         packed = b * p.Hkv + hk;
       }
       const T* q = static_cast<const T*>(p.q) + b * p.q_st.b + h * p.q_st.h;
       load_rows(q, p.q_st.r, p.q_st.c, i0, nq, E, qbuf.data(), E);
-      count.zero();
+      for (int64_t i = 0; i < nq; ++i) {
+        count[i] = 0;
+        thr[i] = ninf;  // hidden keys (-inf) never pass
+      }
       int64_t jlo = Lk, jhi = 0;
       for (int64_t i = i0; i < i0 + nq; ++i) {
         const int64_t lo = vis.col_lo(i), hi = vis.col_hi(i);
         if (lo < hi) { jlo = imin(jlo, lo); jhi = imax(jhi, hi); }
       }
-      // Pass 1: every visible score of the block, tile by tile, into the row heaps.
+      // Pass 1: every visible score of the block, tile by tile, filtered into the candidate lists.
       for (int64_t j0 = jlo / kBlockK * kBlockK; j0 < jhi; j0 += kBlockK) {
         const int64_t nk = imin(kBlockK, jhi - j0);
         const TileMask tm = classify_tile<T>(p, b, h, i0, nq, j0, nk);
@@ -123,11 +141,24 @@ void topk_fwd_impl(const TopkParams& p) {
         matmul_tile<kKCHead>(qbuf.data(), E, nq, E, kt.data() + j0 * E, kBlockK, nk, scale, sc.data(), kBlockK);
         mask_tile<T, A>(p, vis, b, h, i0, nq, j0, nk, sc.data(), kBlockK, tm);
         for (int64_t i = 0; i < nq; ++i) {
-          TopHeap<A> heap{hs.data() + i * K, hj.data() + i * K, count[i], K};
+          Entry<A>* c = cand.data() + i * 2 * K;
           const A* row = sc.data() + i * kBlockK;
-          for (int64_t c = 0; c < nk; ++c)
-            if (row[c] != ninf) heap.push(row[c], static_cast<int32_t>(j0 + c));
-          count[i] = heap.n;
+          A t = thr[i];
+          int64_t n = count[i];
+          for (int64_t x0 = 0; x0 < nk; x0 += VW) {
+            const int64_t x1 = imin(nk, x0 + VW);
+            if (x1 - x0 == VW && !any_passes(row + x0, t)) continue;  // the common case at large L
+            for (int64_t x = x0; x < x1; ++x) {
+              if (!(row[x] > t) && row[x] == row[x]) continue;  // NaN ranks first: always a candidate
+              c[n++] = Entry<A>{row[x], static_cast<int32_t>(j0 + x)};
+              if (n == 2 * K) {
+                n = keep_best(c, n, K);
+                t = c[K - 1].s;  // nth_element put the k-th best there
+              }
+            }
+          }
+          thr[i] = t;
+          count[i] = n;
         }
       }
       // Pass 2: softmax over each row's kept entries, out = P V.
@@ -135,24 +166,28 @@ void topk_fwd_impl(const TopkParams& p) {
       L* lse = static_cast<L*>(p.lse) + (b * p.Hq + h) * p.Lq;
       int32_t* idx = p.idx + (b * p.Hq + h) * p.Lq * K;
       for (int64_t i = 0; i < nq; ++i) {
-        const A* s = hs.data() + i * K;
-        const int32_t* js = hj.data() + i * K;
-        const int64_t n = count[i];
+        Entry<A>* c = cand.data() + i * 2 * K;
+        const int64_t n = keep_best(c, count[i], K);
         int32_t* irow = idx + (i0 + i) * K;
-        for (int64_t t = 0; t < K; ++t) irow[t] = t < n ? js[t] : -1;
+        for (int64_t t = 0; t < K; ++t) irow[t] = t < n ? c[t].j : -1;
         A m = ninf;
-        for (int64_t t = 0; t < n; ++t) m = (s[t] > m || s[t] != s[t]) ? s[t] : m;  // NaN wins
+        for (int64_t t = 0; t < n; ++t) m = (c[t].s > m || c[t].s != c[t].s) ? c[t].s : m;  // NaN wins
         L l = L(0);
-        for (int64_t c = 0; c < Ev; ++c) acc[c] = L(0);
         for (int64_t t = 0; t < n; ++t) {
-          const L e = static_cast<L>(std::exp(static_cast<W>(s[t]) - static_cast<W>(m)));
-          l += e;
-          const T* vr = v + js[t] * p.v_st.r;
-          for (int64_t c = 0; c < Ev; ++c) acc[c] += e * static_cast<L>(Elem<T>::load(vr + c * p.v_st.c));
+          pe[t] = static_cast<A>(std::exp(static_cast<W>(c[t].s) - static_cast<W>(m)));
+          l += static_cast<L>(pe[t]);
         }
+        for (int64_t x = 0; x < Ev; ++x) acc[x] = A(0);
+        for (int64_t t = 0; t < n; ++t) {
+          const A e = pe[t];
+          const A* vr = vbuf.data() + static_cast<int64_t>(c[t].j) * Ev;
+#pragma omp simd
+          for (int64_t x = 0; x < Ev; ++x) acc[x] += e * vr[x];
+        }
+        // One rounding: out = acc / l in the lse precision.
         const L inv = l != l ? l : l > L(0) ? L(1) / l : L(0);  // no visible key: out 0; NaN row: NaN
         T* orow = out + (i0 + i) * Ev;
-        for (int64_t c = 0; c < Ev; ++c) Elem<T>::store(orow + c, static_cast<A>(acc[c] * inv));
+        for (int64_t x = 0; x < Ev; ++x) Elem<T>::store(orow + x, static_cast<A>(static_cast<L>(acc[x]) * inv));
         lse[i0 + i] = l > L(0) ? static_cast<L>(static_cast<W>(m) + std::log(static_cast<W>(l)))
                       : l != l ? l : -std::numeric_limits<L>::infinity();
       }
@@ -207,6 +242,7 @@ void topk_bwd_impl(const TopkParams& p) {
               const A* kr = kbuf.data() + js[t] * E;
               const A* vr = vbuf.data() + js[t] * Ev;
               A s = A(0), dp = A(0);
+#pragma omp simd reduction(+ : s)
               for (int64_t e = 0; e < E; ++e) s += qr[e] * kr[e];
               s *= scale;
               if (bias) {
@@ -214,6 +250,7 @@ void topk_bwd_impl(const TopkParams& p) {
                              i * p.mask_st.r + js[t] * p.mask_st.c;
                 s += static_cast<A>(Elem<T>::load(m));
               }
+#pragma omp simd reduction(+ : dp)
               for (int64_t c = 0; c < Ev; ++c) dp += dor[c] * vr[c];
               ew[t] = static_cast<L>(std::exp(static_cast<W>(s) - static_cast<W>(lse[i])));
               psum += ew[t];
@@ -230,11 +267,14 @@ void topk_bwd_impl(const TopkParams& p) {
               const A* kr = kbuf.data() + js[t] * E;
               A* dkr = dk.data() + js[t] * E;
               A* dvr = dv.data() + js[t] * Ev;
+#pragma omp simd
               for (int64_t e = 0; e < E; ++e) {
                 dq[e] += d * kr[e];
                 dkr[e] += d * qr[e];
               }
-              for (int64_t c = 0; c < Ev; ++c) dvr[c] += pr[t] * dor[c];
+              const A pt = pr[t];
+#pragma omp simd
+              for (int64_t c = 0; c < Ev; ++c) dvr[c] += pt * dor[c];
             }
           }
           for (int64_t e = 0; e < E; ++e) Elem<T>::store(dqp + i * E + e, dq[e]);
