@@ -147,6 +147,8 @@ TOPK_FUSED = [  # (B, Hq, Hkv, Lq, Lk, E, top_k, mask, causal): several key tile
     (1, 2, 1, 200, 300, 16, 37, None, True),
     (2, 2, 2, 40, 260, 8, 200, "keypad", False),
     (1, 1, 1, 30, 129, 8, 1, "float", False),
+    (1, 2, 2, 50, 700, 4, 20, "ties", False),  # scores from a few integers: ties across list cuts
+    (1, 1, 1, 20, 600, 4, 150, "ties", True),
 ]
 
 
@@ -157,6 +159,8 @@ def test_topk_fused_keeps_the_reference_choice(case):
     float64 scores differ between the two only in rounding, far below the gaps between keys."""
     B, Hq, Hkv, Lq, Lk, E, top_k, mask_kind, causal = case
     q, k, v = (torch.randn(B, h, n, E, dtype=torch.float64) for h, n in ((Hq, Lq), (Hkv, Lk), (Hkv, Lk)))
+    if mask_kind == "ties":
+        q, k = q.round().clamp(-1, 1), k.round().clamp(-1, 1)
     mask = None
     if mask_kind == "keypad":
         mask = torch.rand(B, 1, 1, Lk) > 0.3
@@ -164,8 +168,9 @@ def test_topk_fused_keeps_the_reference_choice(case):
     elif mask_kind == "float":
         mask = torch.randn(Lq, Lk, dtype=torch.float64)
     m4 = None if mask is None else mask.expand(B, Hq, Lq, Lk)
-    _, _, idx = torch.ops.attnfast.topk_fwd(q, k, v, m4, causal, E ** -0.5, top_k)
-    s = torch.matmul(q, k.repeat_interleave(Hq // Hkv, 1).transpose(-1, -2)) * E ** -0.5
+    scale = 1.0 if mask_kind == "ties" else E ** -0.5
+    _, _, idx = torch.ops.attnfast.topk_fwd(q, k, v, m4, causal, scale, top_k)
+    s = torch.matmul(q, k.repeat_interleave(Hq // Hkv, 1).transpose(-1, -2)) * scale
     if mask is not None:
         s = s.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else s + mask
     if causal:
