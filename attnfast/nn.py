@@ -1,6 +1,7 @@
-"""Modules: `attnfast.nn.MultiheadAttention`, a drop-in for `torch.nn.MultiheadAttention`.
+"""Modules: `attnfast.nn.MultiheadAttention`, a drop-in for `torch.nn.MultiheadAttention`, and
+`attnfast.nn.AdditiveAttention` (Bahdanau attention for seq2seq decoders, described in its class).
 
-Same constructor, forward signature, defaults and parameter names, so a
+MultiheadAttention has torch's constructor, forward signature, defaults and parameter names, so a
 state_dict loads across the two classes in either direction:
 
     in_proj_weight (3E, E)                      when kdim == vdim == embed_dim
@@ -40,8 +41,10 @@ from torch import Tensor
 from torch.nn import Linear, Module, Parameter
 
 from .api import scaled_dot_product_attention
+from .reference import _apply_mask, additive_scores, visible_mask
+from .variants import additive_attention
 
-__all__ = ["MultiheadAttention"]
+__all__ = ["MultiheadAttention", "AdditiveAttention"]
 
 
 def _as_keep(mask, name, dtype):
@@ -351,3 +354,269 @@ class MultiheadAttention(Module):
             if not batched:
                 weights = weights.squeeze(0)
         return out, weights
+
+
+class AdditiveAttention(Module):
+    """Additive (Bahdanau) attention of decoder states over encoder outputs, run by attnfast.
+
+    For each head h, query step i and key j:
+
+        s[h, i, j] = v_a[h] · tanh(w_q[h] q_i,h + w_k[h] k_j,h + proj_bias[h])
+        p[h, i, :] = softmax_j(s[h, i, :])   (masked keys excluded)
+        context_i,h = Σ_j p[h, i, j] v_j,h
+
+    and the heads' contexts are concatenated (then `out_proj` with out_proj=True).
+    Heads split the feature dims as torch.nn.MultiheadAttention's do: head h
+    reads query features [h*query_dim/H, (h+1)*query_dim/H), likewise key and
+    value features, and scores in its own attn_dim/H-dim attention space.
+
+    Args:
+      query_dim: features of the query (the decoder state).
+      key_dim: features of the key (the encoder outputs); default query_dim.
+      value_dim: features of the value; default key_dim.
+      attn_dim: size of the attention space summed over heads (each head gets
+        attn_dim // num_heads); default query_dim.
+      num_heads: heads; query_dim, key_dim, value_dim and attn_dim must all be
+        divisible by it.  Default 1 (classic Bahdanau attention).
+      batch_first: inputs and context are (B, L, features) (default True);
+        False: (L, B, features), as torch.nn.MultiheadAttention's default.
+      out_proj: add a Linear(value_dim, value_dim) after the concatenated
+        heads (default False: the context is the plain weighted sum of values,
+        as in Bahdanau et al.).
+      bias: learn `proj_bias` inside the tanh, and a bias in out_proj
+        (default True).
+      device, dtype: factory kwargs of the parameters.
+
+    Parameters (shapes fixed for any num_heads; with num_heads=1, w_q[0] is the
+    usual (attn_dim, query_dim) matrix):
+      w_q (H, attn_dim/H, query_dim/H), w_k (H, attn_dim/H, key_dim/H),
+      v_a (H, attn_dim/H), proj_bias (H, attn_dim/H) or None,
+      out_proj (Linear) or None.
+    reset_parameters(): w_q, w_k Xavier-uniform per head (fan_in = head
+    features, fan_out = attn_dim/H); v_a uniform(±1/sqrt(attn_dim/H)), as a
+    Linear(attn_dim/H, 1) would be; proj_bias zero; out_proj Xavier-uniform
+    weight, zero bias.
+
+    forward(query, key, value=None, key_padding_mask=None, attn_mask=None,
+    is_causal=False, need_weights=False) -> (context, weights):
+      query (B, Lq, query_dim), key (B, Lk, key_dim), value (B, Lk, value_dim)
+      (value defaults to key); (L, B, .) with batch_first=False; unbatched
+      (Lq, query_dim), (Lk, key_dim), (Lk, value_dim).  Every input must have
+      the parameters' dtype and device.
+      key_padding_mask (B, Lk), or (Lk,) unbatched: as in torch's MHA, bool
+        True = padding (ignored), or a float mask added to the scores.
+      attn_mask (Lq, Lk), or (B*H, Lq, Lk) ((H, Lq, Lk) unbatched): as in
+        torch's MHA, bool True = not allowed, or float added to the scores.
+      is_causal: query step i sees keys j <= i (top-left), applied by the
+        kernel; unlike torch's MHA it needs no attn_mask, and any attn_mask
+        given applies as well.
+      Query steps that see no key get a zero context (and zero weights).
+      context: (B, Lq, value_dim) ((Lq, B, .) with batch_first=False,
+        (Lq, value_dim) unbatched).
+      weights: None, or with need_weights=True the attention probabilities
+        (B, H, Lq, Lk) ((H, Lq, Lk) unbatched).  They are computed by the naive
+        path: the (B, H, Lq, Lk, attn_dim/H) tanh argument is materialised, so
+        ask for them only when you need them.  The context is the fused
+        kernel's either way: need_weights does not change it.
+
+    The context comes from `attnfast.additive_attention` with its default
+    backend (on CPU float32/bfloat16/float16 tensors the fused C++ kernel,
+    O(L·attn_dim) memory, never the (Lq, Lk, attn_dim) tensor), differentiable
+    in every input and parameter.  proj_bias reaches it folded into the query
+    projection ([q, 1] · [w_q, proj_bias]ᵀ), as that function takes no bias.
+    Each query step attends independently, so a decoder may call the module one
+    step at a time (query (B, 1, query_dim)) and get what one call on all steps
+    gives (without is_causal).  Each call projects the keys again
+    (B·Lk·attn_dim·key_dim/H multiply-adds), small next to the tanh scores'
+    B·Lq·Lk·attn_dim.
+    """
+
+    __constants__ = ["batch_first"]
+
+    def __init__(self, query_dim, key_dim=None, value_dim=None, attn_dim=None, num_heads=1, batch_first=True,
+                 out_proj=False, bias=True, device=None, dtype=None):
+        key_dim = query_dim if key_dim is None else key_dim
+        value_dim = key_dim if value_dim is None else value_dim
+        attn_dim = query_dim if attn_dim is None else attn_dim
+        dims = (("query_dim", query_dim), ("key_dim", key_dim), ("value_dim", value_dim), ("attn_dim", attn_dim),
+                ("num_heads", num_heads))
+        for name, d in dims:
+            if isinstance(d, bool) or not isinstance(d, int) or d <= 0:
+                raise ValueError(f"{name} must be a positive int, got {d!r}")
+        for name, d in dims[:-1]:
+            if d % num_heads:
+                raise ValueError(f"{name}={d} must be divisible by num_heads={num_heads}")
+        super().__init__()
+        factory = {"device": device, "dtype": dtype}
+        self.query_dim, self.key_dim, self.value_dim, self.attn_dim = query_dim, key_dim, value_dim, attn_dim
+        self.num_heads = H = num_heads
+        self.batch_first = bool(batch_first)
+        self.head_attn_dim = Da = attn_dim // H
+        self.w_q = Parameter(torch.empty((H, Da, query_dim // H), **factory))
+        self.w_k = Parameter(torch.empty((H, Da, key_dim // H), **factory))
+        self.v_a = Parameter(torch.empty((H, Da), **factory))
+        if bias:
+            self.proj_bias = Parameter(torch.empty((H, Da), **factory))
+        else:
+            self.register_parameter("proj_bias", None)
+        self.out_proj = Linear(value_dim, value_dim, bias=bias, **factory) if out_proj else None
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self):
+        Da = self.head_attn_dim
+        for w in (self.w_q, self.w_k):
+            # Xavier-uniform of each head's (Da, E/H) matrix (init.xavier_uniform_ on the
+            # 3-D tensor would count the heads into the fans).
+            w.uniform_(-1.0, 1.0).mul_(math.sqrt(6.0 / (w.shape[-1] + Da)))
+        self.v_a.uniform_(-1.0, 1.0).mul_(1.0 / math.sqrt(Da))
+        if self.proj_bias is not None:
+            self.proj_bias.zero_()
+        if self.out_proj is not None:
+            torch.nn.init.xavier_uniform_(self.out_proj.weight)
+            if self.out_proj.bias is not None:
+                self.out_proj.bias.zero_()
+
+    def extra_repr(self):
+        return (f"query_dim={self.query_dim}, key_dim={self.key_dim}, value_dim={self.value_dim}, "
+                f"attn_dim={self.attn_dim}, num_heads={self.num_heads}, batch_first={self.batch_first}, "
+                f"bias={self.proj_bias is not None}")
+
+    # -- argument checks ---------------------------------------------------------------------
+
+    def _check(self, query, key, value, key_padding_mask, attn_mask, is_causal, need_weights):
+        for name, t in (("query", query), ("key", key), ("value", value)):
+            if not isinstance(t, Tensor):
+                raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        for name, m in (("key_padding_mask", key_padding_mask), ("attn_mask", attn_mask)):
+            if m is not None and not isinstance(m, Tensor):
+                raise TypeError(f"{name} must be a torch.Tensor or None, got {type(m).__name__}")
+        for name, f in (("is_causal", is_causal), ("need_weights", need_weights)):
+            if not isinstance(f, bool):
+                raise TypeError(f"{name} must be a Python bool, got {type(f).__name__}")
+        layout = "(B, L, features)" if self.batch_first else "(L, B, features)"
+        if query.dim() not in (2, 3):
+            raise ValueError(f"query must be batched 3-D {layout} or unbatched 2-D (L, features), got shape "
+                             f"{tuple(query.shape)}")
+        batched = query.dim() == 3
+        for name, t in (("key", key), ("value", value)):
+            if t.dim() != query.dim():
+                raise ValueError(f"{name} must be {query.dim()}-D like query "
+                                 f"({layout if batched else '(L, features)'}), got shape {tuple(t.shape)}")
+        for name, t, d in (("query", query, self.query_dim), ("key", key, self.key_dim),
+                           ("value", value, self.value_dim)):
+            if t.shape[-1] != d:
+                raise ValueError(f"{name} must have {name}_dim={d} features in its last dim, got shape "
+                                 f"{tuple(t.shape)}")
+        p = self.w_q
+        for name, t in (("query", query), ("key", key), ("value", value)):
+            if t.dtype != p.dtype:
+                raise TypeError(f"{name} dtype {t.dtype} must match the module's parameter dtype {p.dtype} "
+                                f"(convert the inputs or the module with .to())")
+            if t.device != p.device:
+                raise ValueError(f"{name} is on {t.device} but the module's parameters are on {p.device}")
+        ldim = (1 if self.batch_first else 0) if batched else 0
+        if key.shape[ldim] != value.shape[ldim]:
+            raise ValueError(f"key and value must have the same length: key {tuple(key.shape)}, "
+                             f"value {tuple(value.shape)} (batch_first={self.batch_first})")
+        if batched:
+            bdim = 0 if self.batch_first else 1
+            for name, t in (("key", key), ("value", value)):
+                if t.shape[bdim] != query.shape[bdim]:
+                    raise ValueError(f"{name} batch size {t.shape[bdim]} must equal query batch size "
+                                     f"{query.shape[bdim]} (batch_first={self.batch_first}): query "
+                                     f"{tuple(query.shape)}, {name} {tuple(t.shape)}")
+        for name, m in (("key_padding_mask", key_padding_mask), ("attn_mask", attn_mask)):
+            if m is not None and m.device != query.device:
+                raise ValueError(f"{name} is on {m.device} but query is on {query.device}")
+
+    # -- forward -----------------------------------------------------------------------------
+
+    def _masks(self, key_padding_mask, attn_mask, B, Lq, Lk, batched, dtype):
+        """Both torch-convention masks -> one attnfast-convention mask broadcastable to
+        (B, H, Lq, Lk) (a padding mask as (B, 1, 1, Lk), never expanded), or None."""
+        H = self.num_heads
+        kpm = _as_keep(key_padding_mask, "key_padding_mask", dtype)
+        am = _as_keep(attn_mask, "attn_mask", dtype)
+        if kpm is not None:
+            want = (B, Lk) if batched else (Lk,)
+            if tuple(kpm.shape) != want:
+                raise ValueError(f"key_padding_mask must be {'(B, Lk)' if batched else '(Lk,)'} = {want}, "
+                                 f"got {tuple(kpm.shape)}")
+            kpm = kpm.reshape(B, 1, 1, Lk)
+        if am is not None:
+            if am.dim() == 2:
+                if tuple(am.shape) != (Lq, Lk):
+                    raise ValueError(f"2-D attn_mask must be (Lq, Lk) = {(Lq, Lk)}, got {tuple(am.shape)}")
+                am = am.view(1, 1, Lq, Lk)
+            elif am.dim() == 3:
+                if tuple(am.shape) != (B * H, Lq, Lk):
+                    what = "(B*num_heads, Lq, Lk)" if batched else "(num_heads, Lq, Lk)"
+                    raise ValueError(f"3-D attn_mask must be {what} = {(B * H, Lq, Lk)}, got {tuple(am.shape)}")
+                am = am.reshape(B, H, Lq, Lk)
+            else:
+                raise ValueError(f"attn_mask must be 2-D (Lq, Lk) or 3-D "
+                                 f"({'B*num_heads' if batched else 'num_heads'}, Lq, Lk), got {am.dim()}-D "
+                                 f"shape {tuple(am.shape)}")
+        return _combine(am, kpm, dtype)
+
+    def _heads(self, t, batched):
+        """(B, L, F) / (L, B, F) / (L, F) -> (B, H, L, F/H), a view."""
+        if not batched:
+            t = t.unsqueeze(0)
+        elif not self.batch_first:
+            t = t.transpose(0, 1)
+        return t.unflatten(-1, (self.num_heads, -1)).transpose(1, 2)
+
+    def forward(self, query: Tensor, key: Tensor, value: Tensor | None = None,
+                key_padding_mask: Tensor | None = None, attn_mask: Tensor | None = None, is_causal: bool = False,
+                need_weights: bool = False) -> tuple[Tensor, Tensor | None]:
+        if value is None:
+            value = key
+        self._check(query, key, value, key_padding_mask, attn_mask, is_causal, need_weights)
+        batched = query.dim() == 3
+        q, k, v = self._heads(query, batched), self._heads(key, batched), self._heads(value, batched)
+        B, H, Lq, _ = q.shape
+        Lk = k.shape[2]
+        dtype = query.dtype
+        mask = self._masks(key_padding_mask, attn_mask, B, Lq, Lk, batched, dtype)
+
+        w_q = self.w_q
+        if self.proj_bias is not None:
+            # Fold the bias into the query projection: [q, 1] · [w_q, b]ᵀ = w_q q + b.  The
+            # query side, because a decoder's query is short (often one step) while the
+            # encoder's keys are long, so the appended column copies the smaller tensor.
+            q = torch.cat([q, q.new_ones(q.shape[:-1] + (1,))], dim=-1)  # (B, H, Lq, Eq/H + 1)
+            w_q = torch.cat([w_q, self.proj_bias.unsqueeze(-1)], dim=-1)  # (H, Da, Eq/H + 1)
+
+        ctx = additive_attention(q, k, v, w_q, self.w_k, self.v_a, attn_mask=mask,
+                                 is_causal=is_causal)  # (B, H, Lq, value_dim/H)
+        weights = None
+        if need_weights:
+            weights = self._weights(q, k, w_q, mask, is_causal).to(dtype)
+            if not batched:
+                weights = weights.squeeze(0)
+
+        ctx = ctx.transpose(1, 2).flatten(2)  # (B, Lq, value_dim)
+        if self.out_proj is not None:
+            ctx = self.out_proj(ctx)
+        if not batched:
+            ctx = ctx.squeeze(0)
+        elif not self.batch_first:
+            ctx = ctx.transpose(0, 1)
+        return ctx, weights
+
+    def _weights(self, q, k, w_q, mask, is_causal):
+        """The naive path: the (B, H, Lq, Lk) probabilities from the scores in full (in
+        float32 for half types).  Self-contained rather than exp(s - lse) with the fused
+        call's lse: mixing the two paths adds their rounding errors in the gradient."""
+        cd = torch.float64 if q.dtype == torch.float64 else torch.float32
+        qp = torch.matmul(q.to(cd), w_q.to(cd).transpose(-1, -2))  # (B, H, Lq, Da)
+        kp = torch.matmul(k.to(cd), self.w_k.to(cd).transpose(-1, -2))  # (B, H, Lk, Da)
+        s = additive_scores(qp, kp, self.v_a.to(cd))  # materialises the (B, H, Lq, Lk, Da) tanh argument
+        Lq, Lk = s.shape[-2:]
+        vis = visible_mask(Lq, Lk, is_causal=True, device=s.device) if is_causal else None
+        s = _apply_mask(s, mask, vis)
+        # Rows with no visible key would be 0/0 = NaN in the softmax: weights 0 instead.
+        dead = torch.isneginf(s).all(dim=-1, keepdim=True)  # (B, H, Lq, 1)
+        return torch.softmax(s.masked_fill(dead, 0.0), dim=-1).masked_fill(dead, 0.0)
