@@ -99,6 +99,23 @@ template <> struct Elem<f16_t> {
   }
 };
 
+// f(T{}) for the element type T of dtype.
+template <typename F>
+void by_dtype(DType dtype, F&& f) {
+  switch (dtype) {
+    case DType::f32: return f(float{});
+    case DType::f64: return f(double{});
+    case DType::bf16: return f(bf16_t{});
+    case DType::f16: return f(f16_t{});
+  }
+}
+
+// dst[x] = src[x] for x < n, rounded to T.
+template <typename T, typename A>
+void store_all(T* dst, const A* src, int64_t n) {
+  for (int64_t x = 0; x < n; ++x) Elem<T>::store(dst + x, src[x]);
+}
+
 // Zero-initialised scratch array.  (No std::vector here: its out-of-line
 // members are shared weak symbols, and a copy compiled for AVX-512 could be
 // picked by the linker for the portable path.)
@@ -568,13 +585,11 @@ void bwd_impl(const BwdParams& p) {
               add_tile(nk, E, tk.data(), lde, dk.data() + j0 * E, E);
             }
           }
-          for (int64_t x = 0; x < nq * E; ++x) Elem<T>::store(dqp + i0 * E + x, dq[x]);
+          store_all(dqp + i0 * E, dq.data(), nq * E);
         }
       }
-      T* dkp = static_cast<T*>(p.dk) + (b * p.Hkv + hk) * Lk * E;
-      T* dvp = static_cast<T*>(p.dv) + (b * p.Hkv + hk) * Lk * Ev;
-      for (int64_t x = 0; x < Lk * E; ++x) Elem<T>::store(dkp + x, dk[x]);
-      for (int64_t x = 0; x < Lk * Ev; ++x) Elem<T>::store(dvp + x, dv[x]);
+      store_all(static_cast<T*>(p.dk) + (b * p.Hkv + hk) * Lk * E, dk.data(), Lk * E);
+      store_all(static_cast<T*>(p.dv) + (b * p.Hkv + hk) * Lk * Ev, dv.data(), Lk * Ev);
     }
   });
 }
@@ -582,21 +597,11 @@ void bwd_impl(const BwdParams& p) {
 }  // namespace
 
 void attention_fwd(const FwdParams& p) {
-  switch (p.dtype) {
-    case DType::f32: return fwd_impl<float>(p);
-    case DType::f64: return fwd_impl<double>(p);
-    case DType::bf16: return fwd_impl<bf16_t>(p);
-    case DType::f16: return fwd_impl<f16_t>(p);
-  }
+  by_dtype(p.dtype, [&](auto t) { fwd_impl<decltype(t)>(p); });
 }
 
 void attention_bwd(const BwdParams& p) {
-  switch (p.dtype) {
-    case DType::f32: return bwd_impl<float>(p);
-    case DType::f64: return bwd_impl<double>(p);
-    case DType::bf16: return bwd_impl<bf16_t>(p);
-    case DType::f16: return bwd_impl<f16_t>(p);
-  }
+  by_dtype(p.dtype, [&](auto t) { bwd_impl<decltype(t)>(p); });
 }
 
 }  // namespace ATTNFAST_ISA_NS

@@ -277,13 +277,11 @@ void topk_bwd_impl(const TopkParams& p) {
               for (int64_t c = 0; c < Ev; ++c) dvr[c] += pt * dor[c];
             }
           }
-          for (int64_t e = 0; e < E; ++e) Elem<T>::store(dqp + i * E + e, dq[e]);
+          store_all(dqp + i * E, dq.data(), E);
         }
       }
-      T* dkp = static_cast<T*>(p.dk) + (b * p.Hkv + hk) * Lk * E;
-      T* dvp = static_cast<T*>(p.dv) + (b * p.Hkv + hk) * Lk * Ev;
-      for (int64_t x = 0; x < Lk * E; ++x) Elem<T>::store(dkp + x, dk[x]);
-      for (int64_t x = 0; x < Lk * Ev; ++x) Elem<T>::store(dvp + x, dv[x]);
+      store_all(static_cast<T*>(p.dk) + (b * p.Hkv + hk) * Lk * E, dk.data(), Lk * E);
+      store_all(static_cast<T*>(p.dv) + (b * p.Hkv + hk) * Lk * Ev, dv.data(), Lk * Ev);
     }
   });
 }
@@ -291,21 +289,11 @@ void topk_bwd_impl(const TopkParams& p) {
 }  // namespace
 
 void topk_fwd(const TopkParams& p) {
-  switch (p.dtype) {
-    case DType::f32: return topk_fwd_impl<float>(p);
-    case DType::f64: return topk_fwd_impl<double>(p);
-    case DType::bf16: return topk_fwd_impl<bf16_t>(p);
-    case DType::f16: return topk_fwd_impl<f16_t>(p);
-  }
+  by_dtype(p.dtype, [&](auto t) { topk_fwd_impl<decltype(t)>(p); });
 }
 
 void topk_bwd(const TopkParams& p) {
-  switch (p.dtype) {
-    case DType::f32: return topk_bwd_impl<float>(p);
-    case DType::f64: return topk_bwd_impl<double>(p);
-    case DType::bf16: return topk_bwd_impl<bf16_t>(p);
-    case DType::f16: return topk_bwd_impl<f16_t>(p);
-  }
+  by_dtype(p.dtype, [&](auto t) { topk_bwd_impl<decltype(t)>(p); });
 }
 
 }  // namespace ATTNFAST_ISA_NS
