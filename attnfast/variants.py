@@ -5,13 +5,18 @@
 
 Both are exact (they match `attention_ref`-style references in
 attnfast/reference.py by the parity rule) and never hold the whole score
-tensor.  Additive attention on CPU tensors (float32, bfloat16, float16) runs
-the fused C++ kernel (csrc/cpu/additive_kernel.h: projections once, then tanh
-scores block by block with an online softmax, O(L·Da) memory).  The other
-calls ("torch" path) process queries in row chunks sized to a fixed budget
-and recompute each chunk in the backward (activation checkpointing), so
-memory is O(chunk) instead of O(Lq·Lk·Da) (additive) or O(Lq·Lk) (top-k).
-The arithmetic runs in float32 for half types.
+tensor.  Each has three backends:
+  "cpu"    fused C++ kernels (csrc/cpu/additive_kernel.h: projections once,
+           then tanh scores block by block with an online softmax, O(L·Da)
+           memory; csrc/cpu/topk_kernel.h: per-row top-k candidate lists over
+           streamed score tiles, then softmax over the kept keys);
+  "triton" the same two designs in Triton (triton_kernels/additive.py,
+           triton_kernels/topk.py), for CUDA tensors;
+  "torch"  queries in row chunks sized to a fixed budget, each chunk
+           recomputed in the backward (activation checkpointing): memory
+           O(chunk) instead of O(Lq·Lk·Da) (additive) or O(Lq·Lk) (top-k).
+The default is the fused kernel of the tensors' device.  The arithmetic runs
+in float32 for half types.
 """
 from __future__ import annotations
 
@@ -86,21 +91,52 @@ def _run_chunks(rows_fn, Lq, rows, *tensors):
     return torch.cat(outs, -2), torch.cat(lses, -1)
 
 
-ADDITIVE_BACKENDS = ("cpu", "torch")
+BACKENDS = ("cpu", "triton", "torch")
 
 
-def _additive_backend(q, backend):
-    fused = q.device.type == "cpu" and ops.loaded() and q.dtype != torch.float64
+def _triton_refuses(q, mask):
+    """None if the Triton kernels can take q (and mask), else why not."""
+    from .dispatch import _AVAILABLE
+
+    ok, reason = _AVAILABLE["triton"]
+    if not ok:
+        return reason
+    dev = q.device.type
+    if dev != "cuda" and not (dev == "cpu" and reason.startswith("Triton kernels under the interpreter")):
+        return f"it serves CUDA tensors (CPU tensors only under TRITON_INTERPRET=1), got {dev} tensors"
+    if q.dtype == torch.float64:
+        return "float64 is not supported by the Triton kernels"
+    if mask is not None and mask.requires_grad:
+        return "the fused kernels give no gradient to a float attn_mask"
+    return None
+
+
+def _choose(backend, q, refusals):
+    """The backend to run: `backend` if given (it must serve the call), else the fused kernel
+    for q's device (CPU: "cpu", CUDA: "triton") where it serves, else "torch".  refusals:
+    {name: None if it serves the call, else why not}."""
     if backend is None:
-        return "cpu" if fused else "torch"
-    if backend not in ADDITIVE_BACKENDS:
-        raise ValueError(f"backend must be one of {ADDITIVE_BACKENDS} or None, got {backend!r}")
-    if backend == "cpu" and not fused:
+        fused = {"cpu": "cpu", "cuda": "triton"}.get(q.device.type)
+        return fused if fused is not None and refusals[fused] is None else "torch"
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS} or None, got {backend!r}")
+    if refusals.get(backend) is not None:
         from .dispatch import BackendUnavailableError
 
-        raise BackendUnavailableError("backend='cpu' cannot serve this call: the fused additive kernel takes CPU "
-                                      "tensors of float32, bfloat16 or float16 (extension built)")
+        raise BackendUnavailableError(f"backend={backend!r} cannot serve this call: {refusals[backend]}")
     return backend
+
+
+def _cpu_refuses(q, mask, dtypes, what):
+    if q.device.type != "cpu":
+        return f"it serves CPU tensors, got {q.device.type} tensors"
+    if not ops.loaded():
+        return "the extension attnfast._C is not built"
+    if q.dtype not in dtypes:
+        return f"the fused {what} kernel takes " + ", ".join(str(d).split(".")[-1] for d in dtypes)
+    if mask is not None and mask.requires_grad:
+        return "the fused kernels give no gradient to a float attn_mask"
+    return None
 
 
 def additive_attention(q, k, v, w_q, w_k, v_a, *, attn_mask=None, is_causal=False, return_lse=False,
@@ -137,23 +173,28 @@ def additive_attention(q, k, v, w_q, w_k, v_a, *, attn_mask=None, is_causal=Fals
     mask = None
     if attn_mask is not None:
         mask = check_mask(attn_mask, q, tuple(q.shape[:-1]) + (Lk,), "(..., H, Lq, Lk)", "a torch.Tensor")
-    name = _additive_backend(q, backend)
+    name = _choose(backend, q, {"cpu": _cpu_refuses(q, mask, (torch.float32, torch.bfloat16, torch.float16),
+                                                    "additive"),
+                                "triton": _triton_refuses(q, mask), "torch": None})
     cd = _compute_dtype(q.dtype)
     # Project once: (..., H, L, Da).  The projections are ordinary matmuls under autograd.
     qp = torch.matmul(q.to(cd), w_q.to(cd).transpose(-1, -2))
     kp = torch.matmul(k.to(cd), w_k.to(cd).transpose(-1, -2))
     lead = math.prod(q.shape[:-2])
     lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
-    if name == "cpu":
+    if name != "torch":
         B = lead // H if H else 0
         bias = None
         if mask is not None:
             m = mask.detach()
-            m = torch.zeros((), dtype=cd).masked_fill(~m, float("-inf")) if m.dtype == torch.bool else m.to(cd)
+            m = torch.zeros((), dtype=cd, device=q.device).masked_fill(~m, float("-inf")) \
+                if m.dtype == torch.bool else m.to(cd)
             bias = m.expand(tuple(q.shape[:-1]) + (Lk,)).reshape(B, H, Lq, Lk)
-        out, lse = torch.ops.attnfast.additive_fwd(
-            qp.reshape(B, H, Lq, Da), kp.reshape(B, H, Lk, Da), v_a.to(cd).expand(H, Da),
-            v.to(cd).reshape(B, H, Lk, v.shape[-1]), bias, is_causal)
+        if name == "triton":
+            from . import triton_additive  # noqa: F401  (registers the ops; imports triton)
+        op = torch.ops.attnfast.additive_fwd if name == "cpu" else torch.ops.attnfast.triton_additive_fwd
+        out, lse = op(qp.reshape(B, H, Lq, Da), kp.reshape(B, H, Lk, Da), v_a.to(cd).expand(H, Da),
+                      v.to(cd).reshape(B, H, Lk, v.shape[-1]), bias, is_causal)
         out = out.reshape(q.shape[:-1] + (v.shape[-1],)).to(q.dtype)
         return (out, lse.reshape(q.shape[:-1]).to(lse_dtype)) if return_lse else out
 
@@ -169,23 +210,6 @@ def additive_attention(q, k, v, w_q, w_k, v_a, *, attn_mask=None, is_causal=Fals
     return (out, lse.to(lse_dtype)) if return_lse else out
 
 
-TOPK_BACKENDS = ("cpu", "torch")
-
-
-def _topk_backend(q, mask, backend):
-    fused = q.device.type == "cpu" and ops.loaded() and not (mask is not None and mask.requires_grad)
-    if backend is None:
-        return "cpu" if fused else "torch"
-    if backend not in TOPK_BACKENDS:
-        raise ValueError(f"backend must be one of {TOPK_BACKENDS} or None, got {backend!r}")
-    if backend == "cpu" and not fused:
-        from .dispatch import BackendUnavailableError
-
-        raise BackendUnavailableError("backend='cpu' cannot serve this call: the fused top-k kernel takes CPU "
-                                      "tensors (extension built) and gives no gradient to a float attn_mask")
-    return backend
-
-
 def topk_attention(q, k, v, top_k, *, attn_mask=None, is_causal=False, scale=None, enable_gqa=False,
                    return_lse=False, backend=None):
     """Hard attention: each query attends to its `top_k` highest-scoring visible keys only.
@@ -198,9 +222,11 @@ def topk_attention(q, k, v, top_k, *, attn_mask=None, is_causal=False, scale=Non
     is held fixed: gradients reach q and k through the chosen scores only).
     q (..., Hq, Lq, E), k (..., Hkv, Lk, E), v (..., Hkv, Lk, Ev); enable_gqa
     as in scaled_dot_product_attention.  1 <= top_k <= Lk.  backend: "cpu"
-    (the fused kernel: a per-row top-k heap over streamed score tiles, then
-    softmax over the kept keys; O(Lq * top_k) memory) or "torch" (row chunks);
-    default: "cpu" where it serves (not for a float mask that needs a gradient).
+    (fused C++ kernel), "triton" (fused Triton kernels; not float64): a first
+    pass keeps each row's top_k keys (O(Lq * top_k) memory), then softmax and
+    P V over those only; or "torch" (row chunks).  Default: the fused kernel of
+    the tensors' device where it serves (not for a float mask that requires
+    grad), else "torch".
     """
     _check_qkv(q, k, v, same_head_dim=True)
     Hq, Lq, E = q.shape[-3:]
@@ -224,14 +250,17 @@ def topk_attention(q, k, v, top_k, *, attn_mask=None, is_causal=False, scale=Non
     mask = None
     if attn_mask is not None:
         mask = check_mask(attn_mask, q, tuple(q.shape[:-1]) + (Lk,), "(..., Hq, Lq, Lk)", "a torch.Tensor")
-    name = _topk_backend(q, mask, backend)
+    name = _choose(backend, q, {"cpu": _cpu_refuses(q, mask, FLOAT_DTYPES, "top-k"),
+                                "triton": _triton_refuses(q, mask), "torch": None})
     lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
-    if name == "cpu":
-        lead = q.shape[:-3]
-        B = math.prod(lead)
+    if name != "torch":
+        B = math.prod(q.shape[:-3])
         m = None if mask is None else mask.detach().expand(tuple(q.shape[:-1]) + (Lk,)).reshape(B, Hq, Lq, Lk)
-        out, lse, _ = torch.ops.attnfast.topk_fwd(q.reshape(B, Hq, Lq, E), k.reshape(B, Hkv, Lk, E),
-                                                  v.reshape(B, Hkv, Lk, v.shape[-1]), m, is_causal, scale, top_k)
+        if name == "triton":
+            from . import triton_topk  # noqa: F401  (registers the ops; imports triton)
+        op = torch.ops.attnfast.topk_fwd if name == "cpu" else torch.ops.attnfast.triton_topk_fwd
+        out, lse, _ = op(q.reshape(B, Hq, Lq, E), k.reshape(B, Hkv, Lk, E), v.reshape(B, Hkv, Lk, v.shape[-1]), m,
+                         is_causal, float(scale), top_k)
         out = out.reshape(q.shape[:-1] + (v.shape[-1],))
         return (out, lse.reshape(q.shape[:-1]).to(lse_dtype)) if return_lse else out
     cd = _compute_dtype(q.dtype)

@@ -94,10 +94,55 @@ def test_additive_lse_gradient(backend):
 def test_additive_backend_choice():
     q = torch.randn(1, 1, 3, 4, dtype=torch.float64)
     w = torch.randn(4, 4, dtype=torch.float64)
-    with pytest.raises(attnfast.BackendUnavailableError, match="float32, bfloat16 or float16"):
+    with pytest.raises(attnfast.BackendUnavailableError, match="the fused additive kernel takes float32, bfloat16, float16"):
         attnfast.additive_attention(q, q, q, w, w, w[0], backend="cpu")
     with pytest.raises(ValueError, match="backend must be one of"):
+        attnfast.additive_attention(q, q, q, w, w, w[0], backend="cuda")
+    with pytest.raises(attnfast.BackendUnavailableError, match="float64 is not supported"):
         attnfast.additive_attention(q, q, q, w, w, w[0], backend="triton")
+    bias = torch.randn(3, 3, dtype=torch.float64, requires_grad=True)
+    with pytest.raises(attnfast.BackendUnavailableError, match="no gradient to a float attn_mask"):
+        attnfast.topk_attention(q, q, q, 2, attn_mask=bias, backend="cpu")
+    # By default a mask that needs a gradient takes the torch path, and gets one.
+    attnfast.topk_attention(q, q, q, 2, attn_mask=bias).sum().backward()
+    assert bias.grad is not None and bias.grad.abs().sum() > 0
+
+
+needs_triton = pytest.mark.skipif(not attnfast.backends()["triton"].available, reason="triton backend unavailable")
+TRITON_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_triton_backends_through_the_public_functions(dtype):
+    """The public functions reach the Triton ops: 5-D input, GQA, a broadcast bool mask, lse."""
+    dev = TRITON_DEVICE
+    q, k, v = torch.randn(2, 1, 4, 9, 8), torch.randn(2, 1, 2, 13, 8), torch.randn(2, 1, 2, 13, 6)
+    mask = torch.rand(2, 1, 1, 1, 13) > 0.3
+    ins = [t.to(dev, dtype) for t in (q, k, v)]
+
+    def run(*t):
+        return attnfast.topk_attention(*t, 5, attn_mask=mask.to(dev), is_causal=True, enable_gqa=True,
+                                       return_lse=True, backend="triton")
+
+    def ref(*t, upcast, reorder_ops=False):
+        return topk_attention_ref(*t, 5, attn_mask=mask.to(dev), is_causal=True, enable_gqa=True, upcast=upcast,
+                                  reorder_ops=reorder_ops)
+
+    _check(run, ref, ins)
+    k2, w_q, w_k, v_a = torch.randn(2, 1, 4, 13, 5), torch.randn(4, 6, 8) / 3, torch.randn(6, 5) / 2, torch.randn(6)
+    v2 = torch.randn(2, 1, 4, 13, 3)
+    ins = [t.to(dev, dtype) for t in (q, k2, v2, w_q, w_k, v_a)]
+
+    def run_add(*t):
+        return attnfast.additive_attention(*t, attn_mask=mask.to(dev), is_causal=True, return_lse=True,
+                                           backend="triton")
+
+    def ref_add(*t, upcast, reorder_ops=False):
+        return additive_attention_ref(*t, attn_mask=mask.to(dev), is_causal=True, upcast=upcast,
+                                      reorder_ops=reorder_ops)
+
+    _check(run_add, ref_add, ins)
 
 
 TOPK = [  # (B, Hq, Hkv, Lq, Lk, E, Ev, top_k, mask, causal)
