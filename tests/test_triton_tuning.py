@@ -73,3 +73,24 @@ def test_first_configs_compile_for_sm90(tmp_path):
     rows = json.loads(out.read_text())["rows"]
     assert [r["kind"] for r in rows] == ["fwd", "rows", "dkdv"]
     assert all(r["fits"] and r["registers"] > 0 and r["shared"] > 0 for r in rows)
+
+
+def test_variant_kernels_compile_for_sm90(tmp_path):
+    """The additive and top-k kernels, with the arguments their launchers pass, compile for
+    sm90 and fit its shared memory (the interpreter runs them but never compiles them)."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    pytest.importorskip("triton.backends.nvidia.compiler")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = tmp_path / "variants.json"
+    proc = subprocess.run([sys.executable, "-m", "attnfast.triton_kernels.compile_check", "--variants", "--archs", "90",
+                           "--first", "--json", str(out)], env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    rows = json.loads(out.read_text())["rows"]
+    kernels = {r["kind"].split()[-1] for r in rows}
+    assert kernels == {"_fwd_kernel", "_bwd_rows_kernel", "_bwd_keys_kernel", "_select_kernel",
+                       "_threshold_select_kernel", "_bwd_kernel"}, kernels
+    assert all(r["fits"] and r["registers"] > 0 for r in rows)

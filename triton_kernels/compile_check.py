@@ -2,6 +2,7 @@
 
     python -m attnfast.triton_kernels.compile_check [--kinds fwd,rows,dkdv] [--archs 80,86,90]
         [--heads 64,128,256] [--masks none,bool] [--dtype bf16] [--first] [--json FILE]
+    python -m attnfast.triton_kernels.compile_check --variants [--archs 90] [--first] [--json FILE]
 
 For every entry of attention.TUNING that the autotuner may pick on that GPU
 class, Triton compiles the kernel for the target (ptxas ships with triton) and
@@ -10,6 +11,9 @@ exceeds the device's per-block limit where it is listed first (the config
 taken without autotuning must launch; the autotuner skips later ones that do
 not); register spills are reported (they cost speed, which only the autotuner
 on a GPU can weigh).
+--variants: every kernel that the additive and top-k launchers (additive.py,
+topk.py) start for typical GPU shapes, with the very arguments, block sizes
+and warps of those launches (captured on CPU tensors instead of launched).
 Needs triton's CUDA backend (any triton wheel for Linux x86-64 has it).
 """
 from __future__ import annotations
@@ -59,10 +63,22 @@ def _signature(fn, dtype, mask_kind):
     return sig, attrs
 
 
-def compile_one(kind, arch, cfg, head, dtype="bf16", mask_kind=0, windowed=True):
-    """Compile one config; returns a dict with shared bytes, registers, spills, seconds."""
+def _ptxas(compiled, arch):
+    """(registers, spill bytes) that ptxas reports for a compiled kernel."""
     from triton.backends.nvidia.compiler import get_ptxas
 
+    gpu_name = f"sm_{arch}a" if arch == 90 else f"sm_{arch}"
+    with tempfile.NamedTemporaryFile("w", suffix=".ptx") as f:
+        f.write(compiled.asm["ptx"])
+        f.flush()
+        log = subprocess.run([get_ptxas(arch).path, "-v", f"--gpu-name={gpu_name}", f.name, "-o", "/dev/null"],
+                             capture_output=True, text=True, check=True).stderr
+    regs = int(re.search(r"Used (\d+) registers", log).group(1))
+    return regs, sum(int(x) for x in re.findall(r"(\d+) bytes spill (?:stores|loads)", log))
+
+
+def compile_one(kind, arch, cfg, head, dtype="bf16", mask_kind=0, windowed=True):
+    """Compile one config; returns a dict with shared bytes, registers, spills, seconds."""
     fn = KERNELS[kind]
     bm, bn, warps, stages = cfg
     sig, attrs = _signature(fn, _DTYPE[dtype], mask_kind)
@@ -80,18 +96,99 @@ def compile_one(kind, arch, cfg, head, dtype="bf16", mask_kind=0, windowed=True)
     src = triton.compiler.ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs)
     compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32),
                               options={"num_warps": warps, "num_stages": stages})
-    gpu_name = f"sm_{arch}a" if arch == 90 else f"sm_{arch}"
-    with tempfile.NamedTemporaryFile("w", suffix=".ptx") as f:
-        f.write(compiled.asm["ptx"])
-        f.flush()
-        log = subprocess.run([get_ptxas(arch).path, "-v", f"--gpu-name={gpu_name}", f.name, "-o", "/dev/null"],
-                             capture_output=True, text=True, check=True).stderr
-    regs = int(re.search(r"Used (\d+) registers", log).group(1))
-    spills = sum(int(x) for x in re.findall(r"(\d+) bytes spill (?:stores|loads)", log))
+    regs, spills = _ptxas(compiled, arch)
     shared = compiled.metadata.shared
     fits = shared <= SHARED_LIMIT[arch]
     return dict(kind=kind, arch=arch, config=list(cfg), head=head, dtype=dtype, mask_kind=mask_kind,
                 shared=shared, registers=regs, spill_bytes=spills, fits=fits, seconds=round(time.time() - t0, 1))
+
+
+_TT = {"float32": "fp32", "float64": "fp64", "bfloat16": "bf16", "float16": "fp16", "int32": "i32",
+       "int64": "i64", "bool": "i1"}
+
+
+def variant_launches(first=False):
+    """[(name, kernel, args, kwargs)] of the launches the additive and top-k launchers make
+    (float32 additive at Da = Ev = 64 and 128; top-k in bfloat16 and float32, E = 64,
+    top_k 64 (candidate buffer) and 1000 (threshold search); bool masks, causal).
+    first: Da = 64 and bfloat16 only (each kernel once)."""
+    import torch
+
+    from . import additive, topk
+
+    calls = []
+
+    def capture(name):
+        def wrap(kernel):
+            class Grid:
+                def __getitem__(self, grid):
+                    return lambda *args, **kwargs: calls.append((f"{name} {kernel.fn.__name__}", kernel, args, kwargs))
+            return Grid()
+        return wrap
+
+    B, H, L = 1, 2, 2048
+    mask = (torch.rand(L, L) > 0.5).expand(B, H, L, L)
+    for D in (64,) if first else (64, 128):
+        qp, kp, v = (torch.randn(B, H, L, D) for _ in range(3))
+        va = torch.randn(H, D)
+        out, lse = additive.additive_fwd(qp, kp, va, v, mask, True, launch=capture(f"additive D{D}"))
+        additive.additive_bwd(out, qp, kp, va, v, mask, True, out, lse, lse, launch=capture(f"additive D{D}"))
+    for dtype in (torch.bfloat16,) if first else (torch.bfloat16, torch.float32):
+        q, k, v = (torch.randn(B, H, L, 64, dtype=dtype) for _ in range(3))
+        for top_k in (64, 1000):
+            name = f"topk {str(dtype)[6:]} k{top_k}"
+            out, lse, idx = topk.topk_fwd(q, k, v, mask, True, 0.125, top_k, launch=capture(name))
+            topk.topk_bwd(out, q, k, v, mask, 0.125, out, lse, idx, lse, launch=capture(name))
+    return calls
+
+
+def compile_launch(kernel, args, kwargs, arch):
+    """Compile one captured launch for `arch`: pointers typed by their tensors (16-byte
+    aligned), ints i32 (i64 past 2^31), floats fp32; the kernel's constexpr parameters as given."""
+    import torch
+
+    sig, consts, attrs = {}, {}, {}
+    values = dict(zip(kernel.arg_names, args))
+    values.update({k: v for k, v in kwargs.items() if k in kernel.arg_names})
+    for i, prm in enumerate(kernel.params):
+        val = values[prm.name]
+        if prm.is_constexpr:
+            sig[prm.name], consts[prm.name] = "constexpr", val
+        elif isinstance(val, torch.Tensor):
+            sig[prm.name] = "*" + _TT[str(val.dtype)[6:]]
+            attrs[(i,)] = [["tt.divisibility", 16]]
+        elif isinstance(val, bool):
+            sig[prm.name] = "i1"
+        elif isinstance(val, int):
+            sig[prm.name] = "i32" if -2**31 <= val < 2**31 else "i64"
+        else:
+            sig[prm.name] = "fp32"
+    t0 = time.time()
+    src = triton.compiler.ASTSource(fn=kernel, signature=sig, constexprs=consts, attrs=attrs)
+    compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32),
+                              options={"num_warps": kwargs.get("num_warps", 4),
+                                       "num_stages": kwargs.get("num_stages", 3)})
+    regs, spills = _ptxas(compiled, arch)
+    shared = compiled.metadata.shared
+    return dict(arch=arch, shared=shared, registers=regs, spill_bytes=spills, fits=shared <= SHARED_LIMIT[arch],
+                seconds=round(time.time() - t0, 1))
+
+
+def main_variants(archs, json_path, first):
+    rows = []
+    for name, kernel, args, kwargs in variant_launches(first):
+        for arch in archs:
+            r = dict(kind=name, **compile_launch(kernel, args, kwargs, arch))
+            rows.append(r)
+            print(f"{name:<44} sm{arch} smem {r['shared']:>7} regs {r['registers']:>4} spill {r['spill_bytes']:>5} "
+                  f"{'fits' if r['fits'] else 'TOO BIG'} ({r['seconds']} s)", flush=True)
+    if json_path:
+        with open(json_path, "w") as f:
+            json.dump(dict(triton=triton.__version__, rows=rows), f, indent=1)
+    bad = [r for r in rows if not r["fits"]]
+    print(f"{len(rows) - len(bad)}/{len(rows)} variant kernels compile and fit shared memory, "
+          f"{sum(r['spill_bytes'] == 0 for r in rows)} without spills")
+    return 1 if bad else 0
 
 
 def main(argv=None):
@@ -103,7 +200,10 @@ def main(argv=None):
     p.add_argument("--dtype", default="bf16", choices=sorted(_DTYPE))
     p.add_argument("--first", action="store_true", help="only the first config of each table")
     p.add_argument("--json", default=None, help="write the rows here")
+    p.add_argument("--variants", action="store_true", help="the additive and top-k kernels instead")
     a = p.parse_args(argv)
+    if a.variants:
+        return main_variants([int(x) for x in a.archs.split(",")], a.json, a.first)
     rows = []
     for kind in a.kinds.split(","):
         for arch in map(int, a.archs.split(",")):
