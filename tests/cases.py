@@ -164,3 +164,40 @@ SUBSET = [SWEEP[i] for i in (0, 4, 5, 9, 10, 13, 17, 21, 23, 24, 29)]
 
 def with_(c, **kw):
     return replace(c, **kw)
+
+
+def check_parity(run, ref, inputs, lse_weight=None):
+    """Parity (attnfast.testing.parity) of run(*inputs) -> (out, lse) and of the gradient of
+    every floating input, against ref(*inputs, upcast=...) -> (out, lse): the same-precision
+    reference (for float64 inputs, ref(..., reorder_ops=True): the same maths in another
+    rounding order) and the float64 truth.  The loss is out . dout (random), plus
+    lse . lse_weight over the rows that see some key when lse_weight is given."""
+    from attnfast.testing import parity
+
+    leaves = lambda: [t.detach().clone().requires_grad_(t.is_floating_point()) for t in inputs]  # noqa: E731
+    a_in, r_in, t_in = leaves(), leaves(), leaves()
+    out, lse = run(*a_in)
+    r_out, r_lse = ref(*r_in, upcast=False, **({"reorder_ops": True} if inputs[0].dtype == torch.float64 else {}))
+    t_out, t_lse = ref(*t_in, upcast=True)
+    n = max(max(t.shape) for t in inputs)
+    res = [parity("out", out, r_out, t_out, n),
+           parity("lse", lse, r_lse.float() if lse.dtype == torch.float32 else r_lse, t_lse, n,
+                  magnitude=t_lse.abs().max().item())]
+    dout = torch.randn_like(t_out)
+
+    def loss(o, l):
+        total = (o * dout.to(o.dtype)).sum()
+        if lse_weight is not None:
+            total = total + torch.where(torch.isfinite(l), l * lse_weight.to(l.dtype), torch.zeros_like(l)).sum()
+        return total
+
+    grads = [i for i, t in enumerate(inputs) if t.is_floating_point()]
+    g, rg, tg = (torch.autograd.grad(loss(o, l), [x[i] for i in grads], allow_unused=True)
+                 for o, l, x in ((out, lse, a_in), (r_out, r_lse, r_in), (t_out, t_lse, t_in)))
+    for i, a, r, t in zip(grads, g, rg, tg):
+        if a is None and t is None:
+            continue
+        assert a is not None and torch.isfinite(a).all(), f"grad[{i}] missing or not finite"
+        res.append(parity(f"grad[{i}]", a, r, t, n))
+    bad = [r for r in res if not r.ok]
+    assert not bad, bad

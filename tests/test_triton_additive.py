@@ -13,7 +13,7 @@ pytest.importorskip("triton")
 
 from attnfast import triton_additive  # noqa: E402,F401  (registers the ops)
 from attnfast.reference import additive_attention_ref  # noqa: E402
-from attnfast.testing import parity  # noqa: E402
+from cases import check_parity  # noqa: E402
 from attnfast.triton_kernels import additive as K  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -41,26 +41,6 @@ def _additive(q, k, v, w_q, w_k, v_a, mask=None, causal=False, bool_mask=False):
         m = m.expand(B, H, Lq, Lk)
     out, lse = torch.ops.attnfast.triton_additive_fwd(qp, kp, v_a.to(cd).expand(H, Da), v.to(cd), m, causal)
     return out.to(q.dtype), lse.float()  # the public API returns lse as float32 (float64 inside)
-
-
-def _check(run, ref, inputs):
-    """Parity of run(*inputs) -> (out, lse) and of every input's gradient against ref(*inputs, upcast=...)."""
-    leaves = lambda: [t.detach().clone().requires_grad_() for t in inputs]  # noqa: E731
-    a_in, r_in, t_in = leaves(), leaves(), leaves()
-    out, lse = run(*a_in)
-    r_out, r_lse = ref(*r_in, upcast=False)
-    t_out, t_lse = ref(*t_in, upcast=True)
-    n = max(max(t.shape) for t in inputs)
-    res = [parity("out", out, r_out, t_out, n),
-           parity("lse", lse, r_lse.float(), t_lse, n, magnitude=t_lse.abs().max().item())]
-    dout = torch.randn_like(t_out)
-    g = torch.autograd.grad(out, a_in, dout.to(out.dtype))
-    rg = torch.autograd.grad(r_out, r_in, dout.to(r_out.dtype))
-    tg = torch.autograd.grad(t_out, t_in, dout)
-    for name, a, r, t in zip(("q", "k", "v", "w_q", "w_k", "v_a"), g, rg, tg):
-        res.append(parity(f"grad {name}", a, r, t, n))
-    bad = [r for r in res if not r.ok]
-    assert not bad, bad
 
 
 CASES = [  # (B, H, Lq, Lk, Eq, Ek, Ev, Da, per_head, mask, causal)
@@ -108,7 +88,7 @@ def test_parity(case, dtype):
     def ref(*t, upcast):
         return additive_attention_ref(*t, attn_mask=mask, is_causal=causal, upcast=upcast)
 
-    _check(run, ref, ins)
+    check_parity(run, ref, ins)
 
 
 def test_parity_bool_mask_and_strided_inputs():
@@ -128,7 +108,7 @@ def test_parity_bool_mask_and_strided_inputs():
     def ref(*t, upcast):
         return additive_attention_ref(*t, attn_mask=mask, upcast=upcast)
 
-    _check(run, ref, [q, k, v, *ws])
+    check_parity(run, ref, [q, k, v, *ws])
 
 
 def test_lse_gradient():

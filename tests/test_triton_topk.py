@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from attnfast.reference import topk_attention_ref, topk_select
-from attnfast.testing import parity
+from cases import check_parity
 
 pytest.importorskip("triton")
 from attnfast.triton_kernels import topk as topk_kernels  # noqa: E402
@@ -23,37 +23,6 @@ def select_path(request, monkeypatch):
     if request.param == "threshold":
         monkeypatch.setattr(topk_kernels, "BITONIC_MAX_K", 0)
     return request.param
-
-
-def _check(run, ref, inputs, lse_weight=None):
-    """Parity of run(*inputs) -> (out, lse) and of every input's gradient against
-    ref(*inputs, upcast=...), as tests/test_variants.py.  The loss is out . dout, plus
-    lse . lse_weight over the rows that see some key when lse_weight is given."""
-    leaves = lambda: [t.detach().clone().requires_grad_(True) for t in inputs]  # noqa: E731
-    a_in, r_in, t_in = leaves(), leaves(), leaves()
-    out, lse = run(*a_in)
-    r_out, r_lse = ref(*r_in, upcast=False)
-    t_out, t_lse = ref(*t_in, upcast=True)
-    n = max(max(t.shape) for t in inputs)
-    res = [parity("out", out, r_out, t_out, n),
-           parity("lse", lse, r_lse.float(), t_lse, n, magnitude=t_lse.abs().max().item())]
-    dout = torch.randn_like(t_out)
-
-    def loss(o, l):
-        total = (o * dout.to(o.dtype)).sum()
-        if lse_weight is not None:
-            w = lse_weight.to(l.dtype)
-            total = total + torch.where(torch.isfinite(l), l * w, torch.zeros_like(l)).sum()
-        return total
-
-    g = torch.autograd.grad(loss(out, lse), a_in)
-    rg = torch.autograd.grad(loss(r_out, r_lse), r_in)
-    tg = torch.autograd.grad(loss(t_out, t_lse), t_in)
-    for name, a, r, t in zip(("dq", "dk", "dv"), g, rg, tg):
-        assert torch.isfinite(a).all(), name
-        res.append(parity(name, a, r, t, n))
-    bad = [r for r in res if not r.ok]
-    assert not bad, bad
 
 
 CASES = [  # (B, Hq, Hkv, Lq, Lk, E, Ev, top_k, mask, causal, noncontig)
@@ -104,7 +73,7 @@ def test_parity(case, dtype):
         return topk_attention_ref(q, k, v, top_k, attn_mask=mask, is_causal=causal, enable_gqa=True,
                                   upcast=upcast)
 
-    _check(run, ref, ins)
+    check_parity(run, ref, ins)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
@@ -125,7 +94,7 @@ def test_lse_gradient():
         return topk_attention_ref(q, k, v, top_k, attn_mask=mask, is_causal=causal, enable_gqa=True,
                                   upcast=upcast)
 
-    _check(run, ref, ins, lse_weight=w)
+    check_parity(run, ref, ins, lse_weight=w)
 
 
 def _chosen(idx, Lk):

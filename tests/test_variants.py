@@ -5,31 +5,9 @@ import torch
 import attnfast
 from attnfast import variants
 from attnfast.reference import additive_attention_ref, topk_attention_ref, topk_select
-from attnfast.testing import parity
+from cases import check_parity
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float64]
-
-
-def _check(run, ref, inputs, grads=True):
-    """Parity of run(*inputs) -> (out, lse) and of every input's gradient against ref(*inputs, upcast=...)."""
-    leaves = lambda: [t.detach().clone().requires_grad_(grads and t.is_floating_point()) for t in inputs]  # noqa: E731
-    a_in, r_in, t_in = leaves(), leaves(), leaves()
-    out, lse = run(*a_in)
-    # float64: the same-precision yardstick computes in another order (upcasting changes nothing)
-    r_out, r_lse = ref(*r_in, upcast=False, reorder_ops=inputs[0].dtype == torch.float64)
-    t_out, t_lse = ref(*t_in, upcast=True)
-    n = max(max(t.shape) for t in inputs)
-    res = [parity("out", out, r_out, t_out, n), parity("lse", lse, r_lse.float() if lse.dtype == torch.float32
-                                                       else r_lse, t_lse, n, magnitude=t_lse.abs().max().item())]
-    if grads:
-        dout = torch.randn_like(t_out)
-        g = torch.autograd.grad(out, a_in, dout.to(out.dtype), allow_unused=True)
-        rg = torch.autograd.grad(r_out, r_in, dout.to(r_out.dtype), allow_unused=True)
-        tg = torch.autograd.grad(t_out, t_in, dout, allow_unused=True)
-        for i, (a, r, t) in enumerate(zip(g, rg, tg)):
-            res.append(parity(f"grad[{i}]", a, r, t, n))
-    bad = [r for r in res if not r.ok]
-    assert not bad, bad
 
 
 ADDITIVE = [  # (B, H, Lq, Lk, Eq, Ek, Ev, Da, per_head, mask, causal)
@@ -73,7 +51,7 @@ def test_additive_parity(case, dtype, backend, monkeypatch):
     def ref(*t, upcast, reorder_ops=False):
         return additive_attention_ref(*t, attn_mask=m, is_causal=causal, upcast=upcast, reorder_ops=reorder_ops)
 
-    _check(run, ref, ins)
+    check_parity(run, ref, ins)
 
 
 @pytest.mark.parametrize("backend", [pytest.param("cpu", marks=needs_ext), "torch"])
@@ -129,7 +107,7 @@ def test_triton_backends_through_the_public_functions(dtype):
         return topk_attention_ref(*t, 5, attn_mask=mask.to(dev), is_causal=True, enable_gqa=True, upcast=upcast,
                                   reorder_ops=reorder_ops)
 
-    _check(run, ref, ins)
+    check_parity(run, ref, ins)
     k2, w_q, w_k, v_a = torch.randn(2, 1, 4, 13, 5), torch.randn(4, 6, 8) / 3, torch.randn(6, 5) / 2, torch.randn(6)
     v2 = torch.randn(2, 1, 4, 13, 3)
     ins = [t.to(dev, dtype) for t in (q, k2, v2, w_q, w_k, v_a)]
@@ -142,7 +120,7 @@ def test_triton_backends_through_the_public_functions(dtype):
         return additive_attention_ref(*t, attn_mask=mask.to(dev), is_causal=True, upcast=upcast,
                                       reorder_ops=reorder_ops)
 
-    _check(run_add, ref_add, ins)
+    check_parity(run_add, ref_add, ins)
 
 
 TOPK = [  # (B, Hq, Hkv, Lq, Lk, E, Ev, top_k, mask, causal)
@@ -179,7 +157,7 @@ def test_topk_parity(case, dtype, backend, monkeypatch):
         return topk_attention_ref(*t, top_k, attn_mask=mask, is_causal=causal, enable_gqa=True, upcast=upcast,
                                   reorder_ops=reorder_ops)
 
-    _check(run, ref, ins)
+    check_parity(run, ref, ins)
 
 
 def test_topk_equals_dense_when_k_is_every_key():
