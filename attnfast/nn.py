@@ -47,6 +47,15 @@ from .variants import additive_attention
 __all__ = ["MultiheadAttention", "AdditiveAttention"]
 
 
+def _check_types(query, key, value, key_padding_mask, attn_mask):
+    for name, t in (("query", query), ("key", key), ("value", value)):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    for name, m in (("key_padding_mask", key_padding_mask), ("attn_mask", attn_mask)):
+        if m is not None and not isinstance(m, Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor or None, got {type(m).__name__}")
+
+
 def _as_keep(mask, name, dtype):
     """A torch-convention mask (bool True = masked out; float = added) in attnfast's
     convention (bool True = takes part; float = added), checked for dtype."""
@@ -207,12 +216,7 @@ class MultiheadAttention(Module):
     # -- argument checks, in torch's words -------------------------------------------------
 
     def _check(self, query, key, value, key_padding_mask, attn_mask):
-        for name, t in (("query", query), ("key", key), ("value", value)):
-            if not isinstance(t, Tensor):
-                raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-        for name, m in (("key_padding_mask", key_padding_mask), ("attn_mask", attn_mask)):
-            if m is not None and not isinstance(m, Tensor):
-                raise TypeError(f"{name} must be a torch.Tensor or None, got {type(m).__name__}")
+        _check_types(query, key, value, key_padding_mask, attn_mask)
         if query.dim() not in (2, 3):
             raise ValueError(f"query should be unbatched 2D or batched 3D tensor but received {query.dim()}-D "
                              "query tensor")
@@ -485,12 +489,7 @@ class AdditiveAttention(Module):
     # -- argument checks ---------------------------------------------------------------------
 
     def _check(self, query, key, value, key_padding_mask, attn_mask, is_causal, need_weights):
-        for name, t in (("query", query), ("key", key), ("value", value)):
-            if not isinstance(t, Tensor):
-                raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-        for name, m in (("key_padding_mask", key_padding_mask), ("attn_mask", attn_mask)):
-            if m is not None and not isinstance(m, Tensor):
-                raise TypeError(f"{name} must be a torch.Tensor or None, got {type(m).__name__}")
+        _check_types(query, key, value, key_padding_mask, attn_mask)
         for name, f in (("is_causal", is_causal), ("need_weights", need_weights)):
             if not isinstance(f, bool):
                 raise TypeError(f"{name} must be a Python bool, got {type(f).__name__}")
