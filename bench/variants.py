@@ -76,6 +76,24 @@ def _probe(peer, L):
     return None, "does not fit" if "alloc" in err.lower() or "memory" in err.lower() else err[:120]
 
 
+def _alternate(peers, reps):
+    """{f"{name}_fwd_ms", f"{name}_fwdbwd_ms": median} of peers {name: fn(bwd)}: one warm-up
+    round, then `reps` rounds in which the peers alternate (A B A B ...), forward and then
+    forward+backward."""
+    rec = {}
+    for mode, bwd in (("fwd", False), ("fwdbwd", True)):
+        times = {p: [] for p in peers}
+        for r in range(reps + 1):
+            for name, fn in peers.items():
+                t0 = time.perf_counter()
+                with torch.set_grad_enabled(bwd):
+                    fn(bwd)
+                if r:
+                    times[name].append(time.perf_counter() - t0)
+        rec.update({f"{name}_{mode}_ms": statistics.median(times[name]) * 1e3 for name in peers})
+    return rec
+
+
 def run(ctx):
     from .common import fmt_num, md_table
 
@@ -89,18 +107,9 @@ def run(ctx):
             mem, err = _probe(peer, L)
             rec[f"{peer}_peak_mib"], rec[f"{peer}_error"] = mem, err
         # Time only what fits; peers alternate within each repeat (A B A B ...).
-        peers = [p for p in ("fused", "naive") if rec[f"{p}_error"] is None]
-        for mode, bwd in (("fwd", False), ("fwdbwd", True)):
-            times = {p: [] for p in peers}
-            for r in range(reps + 1):
-                for p in peers:
-                    t0 = time.perf_counter()
-                    with torch.set_grad_enabled(bwd):
-                        _additive(p, ins, bwd)
-                    if r:
-                        times[p].append(time.perf_counter() - t0)
-            for p in peers:
-                rec[f"{p}_{mode}_ms"] = statistics.median(times[p]) * 1e3
+        peers = {p: (lambda bwd, p=p: _additive(p, ins, bwd)) for p in ("fused", "naive")
+                 if rec[f"{p}_error"] is None}
+        rec.update(_alternate(peers, reps))
         records.append(rec)
         print(rec, flush=True)
     for L in plan["probe_L"]:
@@ -113,25 +122,18 @@ def run(ctx):
     L = plan["topk_L"]
     q, k, v = (torch.randn(B, H, L, E) for _ in range(3))
     topk = []
-    peers = {"dense": lambda kk, *t: attnfast.attention(*t),
-             "fused": lambda kk, *t: attnfast.topk_attention(*t, kk, backend="cpu"),
-             "chunked": lambda kk, *t: attnfast.topk_attention(*t, kk, backend="torch")}
+    fns = {"dense": lambda kk, *t: attnfast.attention(*t),
+           "fused": lambda kk, *t: attnfast.topk_attention(*t, kk, backend="cpu"),
+           "chunked": lambda kk, *t: attnfast.topk_attention(*t, kk, backend="torch")}
+
+    def call(fn, kk, bwd):
+        out = fn(kk, *[t.detach().requires_grad_(bwd) for t in (q, k, v)])
+        if bwd:
+            out.sum().backward()
+
     for kk in plan["ks"]:
         rec = dict(L=L, k=kk)
-        for mode, bwd in (("fwd", False), ("fwdbwd", True)):
-            times = {p: [] for p in peers}
-            for r in range(reps + 1):
-                for name, fn in peers.items():  # peers alternate within each repeat
-                    ins = [t.detach().requires_grad_(bwd) for t in (q, k, v)]
-                    t0 = time.perf_counter()
-                    with torch.set_grad_enabled(bwd):
-                        out = fn(kk, *ins)
-                        if bwd:
-                            out.sum().backward()
-                    if r:
-                        times[name].append(time.perf_counter() - t0)
-            for name in peers:
-                rec[f"{name}_{mode}_ms"] = statistics.median(times[name]) * 1e3
+        rec.update(_alternate({name: (lambda bwd, fn=fn: call(fn, kk, bwd)) for name, fn in fns.items()}, reps))
         topk.append(rec)
         print(rec, flush=True)
 

@@ -54,19 +54,23 @@ def test_additive_parity(case, dtype, backend, monkeypatch):
     check_parity(run, ref, ins)
 
 
-@pytest.mark.parametrize("backend", [pytest.param("cpu", marks=needs_ext), "torch"])
+@pytest.mark.parametrize("backend", [pytest.param("cpu", marks=needs_ext), "torch",
+                                     pytest.param("triton", marks=pytest.mark.skipif(
+                                         not attnfast.backends()["triton"].available,
+                                         reason="triton backend unavailable"))])
 def test_additive_lse_gradient(backend):
     """A loss on lse as well as out: d lse / d s = P reaches every input."""
     q, k, v = torch.randn(2, 2, 7, 6), torch.randn(2, 2, 9, 5), torch.randn(2, 2, 9, 4)
     ws = [torch.randn(2, 8, 6) / 3, torch.randn(8, 5) / 3, torch.randn(2, 8)]
-    ins = [t.clone().requires_grad_() for t in (q, k, v, *ws)]
+    dev = TRITON_DEVICE if backend == "triton" else "cpu"
+    ins = [t.to(dev).requires_grad_() for t in (q, k, v, *ws)]
     out, lse = attnfast.additive_attention(*ins, is_causal=True, return_lse=True, backend=backend)
     g = torch.autograd.grad((out * out).sum() + 3 * lse.sum(), ins)
     ref_in = [t.clone().double().requires_grad_() for t in (q, k, v, *ws)]
     r_out, r_lse = additive_attention_ref(*ref_in, is_causal=True)
     rg = torch.autograd.grad((r_out * r_out).sum() + 3 * r_lse.sum(), ref_in)
     for a, b in zip(g, rg):
-        torch.testing.assert_close(a.double(), b, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(a.double().cpu(), b, rtol=1e-4, atol=1e-5)
 
 
 def test_additive_backend_choice():
