@@ -46,7 +46,7 @@ test: build
 test-asan: deps
 	tools/asan_test.sh $(PY)
 
-FUZZ := ATTNFAST_FUZZ_PROFILE=fuzz $(PY) -m pytest -q tests/test_fuzz.py
+FUZZ := ATTNFAST_FUZZ_PROFILE=fuzz $(PY) -m pytest -q tests/api/test_fuzz.py
 
 fuzz: build
 	$(FUZZ)

@@ -23,8 +23,13 @@ Layouts (`shard_sequence`): `None` gives rank r the r-th of W contiguous chunks;
 from __future__ import annotations
 
 import math
+import os
+import socket
 import struct
+import subprocess
+import sys
 import time
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -460,3 +465,50 @@ def model_hidden_length(flops_per_s, bytes_per_s, *, heads_q=1, heads_kv=1, caus
     flops_coef = 4.0 * heads_q * (0.5 if causal else 1.0) * (2.5 if backward else 1.0)  # x l^2 E
     bytes_coef = 2.0 * heads_kv * (elem_bytes + (4 if backward else 0))  # x l E
     return math.ceil(bytes_coef * flops_per_s / (flops_coef * bytes_per_s))
+
+
+# ---------------------------------------------------------------------------
+# A local world of processes (what torchrun does, with a hard timeout)
+# ---------------------------------------------------------------------------
+
+@dataclass
+class RankResult:
+    rank: int
+    returncode: int | None  # None: killed at the timeout
+    stdout: str
+    stderr: str
+
+    @property
+    def timed_out(self):
+        return self.returncode is None
+
+
+def _free_port():
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch_local(argv, world_size, timeout, env=None, cwd=None):
+    """Run `python *argv` as ranks 0..world_size-1 of one torch.distributed world on this
+    machine (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and a free MASTER_PORT set, as
+    torchrun does); returns [RankResult] once all exit, or kills the rest `timeout`
+    seconds after the start.  For tests and benchmarks of ring attention on one host."""
+    port = _free_port()
+    procs = []
+    for rank in range(world_size):
+        e = dict(os.environ, RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
+                 MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), **(env or {}))
+        procs.append(subprocess.Popen([sys.executable, *argv], cwd=cwd, env=e, text=True,
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE))
+    deadline = time.monotonic() + timeout
+    results = []
+    for rank, p in enumerate(procs):
+        try:
+            out, err = p.communicate(timeout=max(0.1, deadline - time.monotonic()))
+            results.append(RankResult(rank, p.returncode, out, err))
+        except subprocess.TimeoutExpired:
+            p.kill()
+            out, err = p.communicate()
+            results.append(RankResult(rank, None, out, err))
+    return results

@@ -87,7 +87,7 @@ step "tests: -m gpu" "$TEST_SECONDS" "$OUT/tests.txt" "$PY" -m pytest -q -m gpu 
 GPU_TESTS_RC=$RC
 left=$((tests_end - SECONDS))
 if ((left < 30)); then left=30; fi
-step "tests: parity triton" "$left" "$OUT/tests.txt" "$PY" -m pytest -q tests/test_parity_triton.py
+step "tests: parity triton" "$left" "$OUT/tests.txt" "$PY" -m pytest -q tests/triton/test_triton_parity.py
 PARITY_RC=$RC
 
 # (d) benchmark: its own deadline, lowered so that the script stays within the budget

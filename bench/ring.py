@@ -221,7 +221,9 @@ def write_results(ctx, records, cond):
 
 
 def run(ctx, plan_name=None):
-    from .launch import launch
+    from attnfast.distributed import launch_local
+
+    from .common import REPO_ROOT
 
     plan = PLANS[plan_name or ("quick" if ctx.quick else "full")]
     records, ok = [], True
@@ -231,7 +233,7 @@ def run(ctx, plan_name=None):
             argv = ["-m", "bench.ring", "--worker", "--out", str(out), "--reps", str(plan["reps"]),
                     "--lengths", *map(str, plan["lengths"])]
             t0 = time.perf_counter()
-            results = launch(argv, world, timeout=1800, env={"OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // world))})
+            results = launch_local(argv, world, timeout=1800, cwd=REPO_ROOT, env={"OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // world))})
             if any(r.returncode != 0 for r in results) or not out.exists():
                 ok = False
                 for r in results:

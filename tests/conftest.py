@@ -1,5 +1,7 @@
 import os
 import random
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -9,6 +11,9 @@ try:
 except ImportError:  # an interpreter with torch but not the test extras: the fuzz tests skip
     hypothesis = None
 
+# Shared test helpers (tests/helpers: cases, cuda_emu) import by name from every folder.
+sys.path.insert(0, str(Path(__file__).resolve().parent / "helpers"))
+
 # Without a GPU, the Triton kernels run under Triton's interpreter on CPU
 # tensors (set before anything imports triton).
 if not torch.cuda.is_available():
@@ -16,7 +21,7 @@ if not torch.cuda.is_available():
 
 if hypothesis is not None:
     # Profiles of the property-based tests, chosen by ATTNFAST_FUZZ_PROFILE or --hypothesis-profile.
-    # max_examples is a unit: tests/test_fuzz.py gives its tests shares adding up to 5 units, so
+    # max_examples is a unit: tests/api/test_fuzz.py gives its tests shares adding up to 5 units, so
     # "ci" (default) runs 500 examples in all and "fuzz" 12,000 (or ATTNFAST_FUZZ_EXAMPLES).
     # No deadline: timings on a shared machine are noise, and a slow example is not a failure.
     _common = dict(deadline=None, derandomize=False, print_blob=True,

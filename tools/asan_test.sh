@@ -54,9 +54,9 @@ fi
 
 # The tests that reach the C++ kernels, in two processes side by side: most of their time is
 # single-threaded Python and reference maths.  The parity sweep is one, the rest the other.
-rest=(tests/test_errors.py tests/test_ops.py tests/test_variants.py)
-[[ -f tests/test_fuzz.py ]] && rest+=(tests/test_fuzz.py)
-run tests/test_parity_cpu.py "$@" >"$OUT/parity.log" 2>&1 &
+rest=(tests/api/test_errors.py tests/cpu/test_cpu_ops.py tests/variants/test_variants.py)
+[[ -f tests/api/test_fuzz.py ]] && rest+=(tests/api/test_fuzz.py)
+run tests/cpu/test_cpu_parity.py "$@" >"$OUT/parity.log" 2>&1 &
 parity=$!
 run "${rest[@]}" "$@" >"$OUT/rest.log" 2>&1 &
 rest_pid=$!

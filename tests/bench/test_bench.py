@@ -8,7 +8,7 @@ import pytest
 
 import attnfast
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.skipif(not attnfast.backends()["cpu"].available, reason="cpu backend not built")

@@ -23,7 +23,7 @@ import attnfast
 from attnfast.reference import attention_ref, visible_mask
 from attnfast.testing import compare_with_reference
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _rand(*shape, dtype=torch.float32):

@@ -1,8 +1,8 @@
-"""One rank of the ring-attention tests (started by tests/test_distributed.py through
-bench/launch.py; gloo on CPU).
+"""One rank of the ring-attention tests (started by test_distributed.py through
+attnfast.distributed.launch_local; gloo on CPU).
 
-    python tests/ring_worker.py parity OUT.json [REPEATS]   every case: ring result vs the parity rule
-    python tests/ring_worker.py dies|late|idle|absent|mismatch  failure drills (see test_distributed.py)
+    python tests/distributed/ring_worker.py parity OUT.json [REPEATS]   every case: ring vs the parity rule
+    python tests/distributed/ring_worker.py dies|late|idle|absent|mismatch  failure drills (see test_distributed.py)
 
 parity: every rank draws the same global q, k, v, dout (one seed), runs
 ring_attention on its shards (forward and backward), and the shards are

@@ -1,19 +1,22 @@
 """Ring attention (attnfast.distributed): layouts, the block plan and the lse merge in
-process; the ring itself in 2 and 4 gloo processes on CPU (tests/ring_worker.py),
+process; the ring itself in 2 and 4 gloo processes on CPU (tests/distributed/ring_worker.py),
 against the parity rule and through failure drills."""
 import json
 import os
 import re
+from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
 
 import attnfast
-from attnfast.distributed import (block_plan, merge_partial, model_hidden_length, ring_attention,
+from attnfast.distributed import (block_plan, launch_local, merge_partial, model_hidden_length, ring_attention,
                                   shard_sequence, unshard_sequence, _spans)
 from attnfast.reference import attention_ref
-from bench.launch import launch
+
+WORKER = str(Path(__file__).with_name("ring_worker.py"))
+
 
 needs_cpu = pytest.mark.skipif(not attnfast.backends()["cpu"].available, reason="cpu backend not built")
 
@@ -189,7 +192,7 @@ def test_ring_matches_single_process_by_the_parity_rule(world, tmp_path, fresh_s
     # the Triton backend's case (under the interpreter) on the 2-rank ring only: it is slow
     env = {"ATTNFAST_TEST_SEED": str(fresh_seed), "OMP_NUM_THREADS": "1",
            "TRITON_INTERPRET": "1" if world == 2 else "0"}
-    results = launch(["tests/ring_worker.py", "parity", str(out)], world, timeout=240, env=env)
+    results = launch_local([WORKER, "parity", str(out)], world, timeout=240, env=env)
     assert all(r.returncode == 0 for r in results), _failure_text(results)
     records = json.loads(out.read_text())
     names = {r["name"] for r in records}
@@ -207,7 +210,7 @@ def test_ring_on_cuda_with_nccl(tmp_path, fresh_seed):
     all_gather check and every backend's block kernels with the caller-given delta)."""
     world = min(torch.cuda.device_count(), 4)
     out = tmp_path / "ring.json"
-    results = launch(["tests/ring_worker.py", "parity", str(out)], world, timeout=400,
+    results = launch_local([WORKER, "parity", str(out)], world, timeout=400,
                      env={"ATTNFAST_TEST_SEED": str(fresh_seed), "RING_DEVICE": "cuda"})
     assert all(r.returncode == 0 for r in results), _failure_text(results)
     records = json.loads(out.read_text())
@@ -231,7 +234,7 @@ DRILLS = {
 @pytest.mark.parametrize("mode", sorted(DRILLS))
 def test_dead_absent_or_mismatched_rank_fails_clearly_within_the_timeout(mode):
     timeout = 6.0
-    results = launch(["tests/ring_worker.py", mode], 2, timeout=timeout + 60,
+    results = launch_local([WORKER, mode], 2, timeout=timeout + 60,
                      env={"RING_TEST_TIMEOUT": str(timeout), "OMP_NUM_THREADS": "1"})
     r0 = results[0]
     assert not r0.timed_out, "rank 0 hung:\n" + _failure_text(results)

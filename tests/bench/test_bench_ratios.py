@@ -9,7 +9,7 @@ import pytest
 
 import attnfast
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 GROUPS = ("dense", "fwdbwd", "masks", "window", "roofline", "threads")
 
 
