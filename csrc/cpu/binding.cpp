@@ -1,8 +1,9 @@
 // Torch binding of the CPU kernels: op schemas, tensor -> params, CPU impls.
 //
 // The Python layer (attnfast/_validate.py) checks arguments and raises clear
-// errors before anything here runs; the TORCH_CHECKs below are the last line
-// of defence so that no call can read out of bounds.
+// errors before anything here runs; the TORCH_CHECKs below (and those of
+// csrc/attn_args.h, shared with the CUDA binding) are the last line of defence
+// so that no call can read out of bounds.
 #include <ATen/Parallel.h>
 #include <torch/extension.h>
 #include <torch/library.h>
@@ -12,6 +13,7 @@
 #include <cstring>
 #include <string>
 
+#include "../attn_args.h"
 #include "params.h"
 
 namespace attnfast {
@@ -93,59 +95,39 @@ at::ScalarType acc_dtype(const at::Tensor& q) {
 Strides4 strides_of(const at::Tensor& t) {
   return Strides4{t.stride(0), t.stride(1), t.stride(2), t.stride(3)};
 }
+Strides4 strides4(const int64_t (&st)[4]) { return Strides4{st[0], st[1], st[2], st[3]}; }
+
+void check_dtype(const at::Tensor& q) { to_dtype(q.scalar_type()); }
+
+// q, k, v and the mask: checked in attn_args (csrc/attn_args.h) with these rules.
+const Backend kCpu{"attnfast cpu", at::kCPU, "CPU tensors", "a CPU tensor", check_dtype, /*one_head_dim=*/false};
 
 void fill_common(AttnParams& p, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                  const std::optional<at::Tensor>& mask, double scale, int64_t window_left,
                  int64_t window_right, bool bottom_right, double dropout_p,
                  const std::optional<at::Tensor>& rng) {
-  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, "attnfast cpu: q, k, v must be 4-D");
-  TORCH_CHECK(q.device().is_cpu() && k.device().is_cpu() && v.device().is_cpu(),
-              "attnfast cpu: q, k, v must be CPU tensors");
-  TORCH_CHECK(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type(),
-              "attnfast cpu: q, k, v must share one dtype");
+  const AttnArgs a = attn_args(kCpu, q, k, v, mask, scale, window_left, window_right, bottom_right);
   p.dtype = to_dtype(q.scalar_type());
-  p.B = q.size(0);
-  p.Hq = q.size(1);
-  p.Lq = q.size(2);
-  p.E = q.size(3);
-  p.Hkv = k.size(1);
-  p.Lk = k.size(2);
-  p.Ev = v.size(3);
-  TORCH_CHECK(k.size(0) == p.B && v.size(0) == p.B, "attnfast cpu: batch sizes differ");
-  TORCH_CHECK(v.size(1) == p.Hkv && ((p.Hkv > 0 && p.Hq % p.Hkv == 0) || (p.Hq == 0 && p.Hkv == 0)),
-              "attnfast cpu: key/value heads must divide query heads");
-  TORCH_CHECK(v.size(2) == p.Lk, "attnfast cpu: key and value lengths differ");
-  TORCH_CHECK(k.size(3) == p.E, "attnfast cpu: query and key head dims differ");
-  p.q = q.data_ptr();
-  p.k = k.data_ptr();
-  p.v = v.data_ptr();
-  p.q_st = strides_of(q);
-  p.k_st = strides_of(k);
-  p.v_st = strides_of(v);
-
-  p.mask_kind = MaskKind::none;
-  p.mask = nullptr;
-  p.mask_st = Strides4{0, 0, 0, 0};
-  if (mask.has_value()) {
-    const at::Tensor& m = *mask;
-    TORCH_CHECK(m.dim() == 4 && m.size(0) == p.B && m.size(1) == p.Hq && m.size(2) == p.Lq &&
-                    m.size(3) == p.Lk,
-                "attnfast cpu: attn_mask must be expanded to (B, Hq, Lq, Lk)");
-    TORCH_CHECK(m.device().is_cpu(), "attnfast cpu: attn_mask must be a CPU tensor");
-    if (m.scalar_type() == at::kBool) {
-      p.mask_kind = MaskKind::boolean;
-    } else {
-      TORCH_CHECK(m.scalar_type() == q.scalar_type(),
-                  "attnfast cpu: a float attn_mask must have the query dtype");
-      p.mask_kind = MaskKind::additive;
-    }
-    p.mask = m.data_ptr();
-    p.mask_st = strides_of(m);
-  }
-  p.scale = scale;
-  p.diag_offset = bottom_right ? p.Lk - p.Lq : 0;
-  p.window_left = window_left;
-  p.window_right = window_right;
+  p.B = a.B;
+  p.Hq = a.Hq;
+  p.Hkv = a.Hkv;
+  p.Lq = a.Lq;
+  p.Lk = a.Lk;
+  p.E = a.E;
+  p.Ev = a.Ev;
+  p.q = a.q;
+  p.k = a.k;
+  p.v = a.v;
+  p.q_st = strides4(a.q_st);
+  p.k_st = strides4(a.k_st);
+  p.v_st = strides4(a.v_st);
+  p.mask_kind = mask_kind_as<MaskKind>(a.mask_kind);
+  p.mask = a.mask;
+  p.mask_st = strides4(a.mask_st);
+  p.scale = a.scale;
+  p.diag_offset = a.diag_offset;
+  p.window_left = a.window_left;
+  p.window_right = a.window_right;
   TORCH_CHECK(dropout_p >= 0.0 && dropout_p < 1.0, "attnfast cpu: dropout_p must be in [0, 1)");
   p.dropout_p = dropout_p;
   p.seed = 0;

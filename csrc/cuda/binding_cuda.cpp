@@ -3,7 +3,8 @@
 //
 // attnfast/dispatch.py sends a call here only when these kernels serve it
 // (fp16/bf16, equal q/v head dims with a kernel, no dropout); the checks below
-// keep any other call from reaching a kernel.
+// and those shared with the CPU binding (csrc/attn_args.h) keep any other call
+// from reaching a kernel.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -14,6 +15,7 @@
 #include <cmath>
 #include <limits>
 
+#include "../attn_args.h"
 #include "flash.h"
 
 namespace attnfast {
@@ -31,72 +33,52 @@ at::Tensor aligned(const at::Tensor& t) {
 }
 
 Strides3 strides3(const at::Tensor& t) { return Strides3{t.stride(0), t.stride(1), t.stride(2)}; }
+Strides3 strides3(const int64_t (&st)[4]) { return Strides3{st[0], st[1], st[2]}; }
+
+void check_dtype(const at::Tensor& q) {
+  TORCH_CHECK(q.scalar_type() == at::kHalf || q.scalar_type() == at::kBFloat16,
+              "attnfast cuda: q must be float16 or bfloat16, got ", q.scalar_type());
+}
+
+// q, k, v and the mask: checked in attn_args (csrc/attn_args.h) with these rules.
+const Backend kCuda{"attnfast cuda", at::kCUDA, "CUDA tensors on one device", "on q's device", check_dtype,
+                    /*one_head_dim=*/true};
 
 void fill_common(AttnParams& p, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                  const std::optional<at::Tensor>& mask, double scale, int64_t window_left,
                  int64_t window_right, bool bottom_right, double dropout_p, bool backward) {
-  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, "attnfast cuda: q, k, v must be 4-D");
-  TORCH_CHECK(q.is_cuda() && k.device() == q.device() && v.device() == q.device(),
-              "attnfast cuda: q, k, v must be CUDA tensors on one device");
-  TORCH_CHECK(q.scalar_type() == at::kHalf || q.scalar_type() == at::kBFloat16,
-              "attnfast cuda: q must be float16 or bfloat16, got ", q.scalar_type());
-  TORCH_CHECK(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type(),
-              "attnfast cuda: q, k, v must share one dtype");
+  const AttnArgs a = attn_args(kCuda, q, k, v, mask, scale, window_left, window_right, bottom_right);
   TORCH_CHECK(dropout_p == 0.0, "attnfast cuda: dropout is served by the Triton backend");
-  const int64_t B = q.size(0), Hq = q.size(1), Lq = q.size(2), D = q.size(3);
-  const int64_t Hkv = k.size(1), Lk = k.size(2);
-  TORCH_CHECK(k.size(0) == B && v.size(0) == B, "attnfast cuda: batch sizes differ");
-  TORCH_CHECK(v.size(1) == Hkv && ((Hkv > 0 && Hq % Hkv == 0) || (Hq == 0 && Hkv == 0)),
-              "attnfast cuda: key/value heads must divide query heads");
-  TORCH_CHECK(v.size(2) == Lk, "attnfast cuda: key and value lengths differ");
-  TORCH_CHECK(k.size(3) == D && v.size(3) == D,
-              "attnfast cuda: q, k and v must share one head dim, got ", D, ", ", k.size(3), ", ", v.size(3));
-  TORCH_CHECK(backward ? bwd_supports_head_dim(static_cast<int>(D)) : fwd_supports_head_dim(static_cast<int>(D)),
-              "attnfast cuda: no ", backward ? "backward" : "forward", " kernel for head dim ", D);
-  TORCH_CHECK(B <= kMaxGrid && Hq <= kMaxGrid, "attnfast cuda: batch and heads must be <= ", kMaxGrid);
+  TORCH_CHECK(backward ? bwd_supports_head_dim(static_cast<int>(a.E)) : fwd_supports_head_dim(static_cast<int>(a.E)),
+              "attnfast cuda: no ", backward ? "backward" : "forward", " kernel for head dim ", a.E);
+  TORCH_CHECK(a.B <= kMaxGrid && a.Hq <= kMaxGrid, "attnfast cuda: batch and heads must be <= ", kMaxGrid);
   // Band arithmetic (row + diagonal + window) stays below 3 * 2^29 < 2^31.
-  TORCH_CHECK(Lq < (int64_t{1} << 29) && Lk < (int64_t{1} << 29),
+  TORCH_CHECK(a.Lq < (int64_t{1} << 29) && a.Lk < (int64_t{1} << 29),
               "attnfast cuda: sequence lengths must be < 2^29");
   p.elem = q.scalar_type() == at::kBFloat16 ? Elem::bf16 : Elem::f16;
-  p.B = static_cast<int>(B);
-  p.Hq = static_cast<int>(Hq);
-  p.Hkv = static_cast<int>(Hkv);
-  p.Lq = static_cast<int>(Lq);
-  p.Lk = static_cast<int>(Lk);
-  p.D = static_cast<int>(D);
-  p.q = q.data_ptr();
-  p.k = k.data_ptr();
-  p.v = v.data_ptr();
-  p.q_st = strides3(q);
-  p.k_st = strides3(k);
-  p.v_st = strides3(v);
-
-  p.mask_kind = MaskKind::none;
-  p.mask = nullptr;
-  for (auto& s : p.mask_st) s = 0;
-  if (mask.has_value()) {
-    const at::Tensor& m = *mask;
-    TORCH_CHECK(m.dim() == 4 && m.size(0) == B && m.size(1) == Hq && m.size(2) == Lq && m.size(3) == Lk,
-                "attnfast cuda: attn_mask must be expanded to (B, Hq, Lq, Lk)");
-    TORCH_CHECK(m.device() == q.device(), "attnfast cuda: attn_mask must be on q's device");
-    if (m.scalar_type() == at::kBool) {
-      p.mask_kind = MaskKind::boolean;
-    } else {
-      TORCH_CHECK(m.scalar_type() == q.scalar_type(), "attnfast cuda: a float attn_mask must have the query dtype");
-      p.mask_kind = MaskKind::additive;
-    }
-    p.mask = m.data_ptr();
-    for (int i = 0; i < 4; ++i) p.mask_st[i] = m.stride(i);
-  }
-  p.scale = static_cast<float>(scale);
-  p.scale_log2 = static_cast<float>(scale * 1.4426950408889634);
-  const int64_t diag = bottom_right ? Lk - Lq : 0;
+  p.B = static_cast<int>(a.B);
+  p.Hq = static_cast<int>(a.Hq);
+  p.Hkv = static_cast<int>(a.Hkv);
+  p.Lq = static_cast<int>(a.Lq);
+  p.Lk = static_cast<int>(a.Lk);
+  p.D = static_cast<int>(a.E);
+  p.q = a.q;
+  p.k = a.k;
+  p.v = a.v;
+  p.q_st = strides3(a.q_st);
+  p.k_st = strides3(a.k_st);
+  p.v_st = strides3(a.v_st);
+  p.mask_kind = mask_kind_as<MaskKind>(a.mask_kind);
+  p.mask = a.mask;
+  for (int i = 0; i < 4; ++i) p.mask_st[i] = a.mask_st[i];
+  p.scale = static_cast<float>(a.scale);
+  p.scale_log2 = static_cast<float>(a.scale * 1.4426950408889634);
   // Windows wider than both sequences are unbounded; clamping keeps the index
   // arithmetic in 32 bits.
-  const int64_t far = std::max(Lq, Lk) + 1;
-  p.diag_offset = static_cast<int>(diag);
-  p.window_left = static_cast<int>(window_left < 0 ? -1 : std::min(window_left, far));
-  p.window_right = static_cast<int>(window_right < 0 ? -1 : std::min(window_right, far));
+  const int64_t far = std::max(a.Lq, a.Lk) + 1;
+  p.diag_offset = static_cast<int>(a.diag_offset);
+  p.window_left = static_cast<int>(a.window_left < 0 ? -1 : std::min(a.window_left, far));
+  p.window_right = static_cast<int>(a.window_right < 0 ? -1 : std::min(a.window_right, far));
 }
 
 void check_launch(int err, const char* what) {
