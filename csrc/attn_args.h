@@ -44,16 +44,6 @@ struct AttnArgs {
   int64_t window_right;
 };
 
-// m as a backend's own mask enum (members none, boolean, additive).
-template <typename Kind>
-Kind mask_kind_as(MaskArg m) {
-  switch (m) {
-    case MaskArg::boolean: return Kind::boolean;
-    case MaskArg::additive: return Kind::additive;
-    default: return Kind::none;
-  }
-}
-
 namespace detail {
 inline void strides_of(const at::Tensor& t, int64_t (&st)[4]) {
   for (int d = 0; d < 4; ++d) st[d] = t.stride(d);
@@ -118,6 +108,27 @@ inline AttnArgs attn_args(const Backend& be, const at::Tensor& q, const at::Tens
   a.window_left = window_left;
   a.window_right = window_right;
   return a;
+}
+
+// The fields every backend's params have under these names (sizes, data pointers, mask kind
+// and pointer, diagonal), narrowed to P's types; the rest (head dims, strides, scale, window)
+// each binding fills in its own types.
+template <typename P>
+void fill_shared_fields(P& p, const AttnArgs& a) {
+  using Size = decltype(p.B);
+  using Kind = decltype(p.mask_kind);  // the backend's enum: none, boolean, additive
+  p.B = static_cast<Size>(a.B);
+  p.Hq = static_cast<Size>(a.Hq);
+  p.Hkv = static_cast<Size>(a.Hkv);
+  p.Lq = static_cast<Size>(a.Lq);
+  p.Lk = static_cast<Size>(a.Lk);
+  p.q = a.q;
+  p.k = a.k;
+  p.v = a.v;
+  p.mask_kind = a.mask_kind == MaskArg::boolean ? Kind::boolean
+                : a.mask_kind == MaskArg::additive ? Kind::additive : Kind::none;
+  p.mask = a.mask;
+  p.diag_offset = static_cast<decltype(p.diag_offset)>(a.diag_offset);
 }
 
 }  // namespace attnfast

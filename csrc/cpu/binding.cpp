@@ -107,25 +107,15 @@ void fill_common(AttnParams& p, const at::Tensor& q, const at::Tensor& k, const 
                  int64_t window_right, bool bottom_right, double dropout_p,
                  const std::optional<at::Tensor>& rng) {
   const AttnArgs a = attn_args(kCpu, q, k, v, mask, scale, window_left, window_right, bottom_right);
+  fill_shared_fields(p, a);
   p.dtype = to_dtype(q.scalar_type());
-  p.B = a.B;
-  p.Hq = a.Hq;
-  p.Hkv = a.Hkv;
-  p.Lq = a.Lq;
-  p.Lk = a.Lk;
   p.E = a.E;
   p.Ev = a.Ev;
-  p.q = a.q;
-  p.k = a.k;
-  p.v = a.v;
   p.q_st = strides4(a.q_st);
   p.k_st = strides4(a.k_st);
   p.v_st = strides4(a.v_st);
-  p.mask_kind = mask_kind_as<MaskKind>(a.mask_kind);
-  p.mask = a.mask;
   p.mask_st = strides4(a.mask_st);
   p.scale = a.scale;
-  p.diag_offset = a.diag_offset;
   p.window_left = a.window_left;
   p.window_right = a.window_right;
   TORCH_CHECK(dropout_p >= 0.0 && dropout_p < 1.0, "attnfast cpu: dropout_p must be in [0, 1)");

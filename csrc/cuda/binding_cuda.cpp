@@ -55,28 +55,18 @@ void fill_common(AttnParams& p, const at::Tensor& q, const at::Tensor& k, const 
   // Band arithmetic (row + diagonal + window) stays below 3 * 2^29 < 2^31.
   TORCH_CHECK(a.Lq < (int64_t{1} << 29) && a.Lk < (int64_t{1} << 29),
               "attnfast cuda: sequence lengths must be < 2^29");
+  fill_shared_fields(p, a);
   p.elem = q.scalar_type() == at::kBFloat16 ? Elem::bf16 : Elem::f16;
-  p.B = static_cast<int>(a.B);
-  p.Hq = static_cast<int>(a.Hq);
-  p.Hkv = static_cast<int>(a.Hkv);
-  p.Lq = static_cast<int>(a.Lq);
-  p.Lk = static_cast<int>(a.Lk);
   p.D = static_cast<int>(a.E);
-  p.q = a.q;
-  p.k = a.k;
-  p.v = a.v;
   p.q_st = strides3(a.q_st);
   p.k_st = strides3(a.k_st);
   p.v_st = strides3(a.v_st);
-  p.mask_kind = mask_kind_as<MaskKind>(a.mask_kind);
-  p.mask = a.mask;
   for (int i = 0; i < 4; ++i) p.mask_st[i] = a.mask_st[i];
   p.scale = static_cast<float>(a.scale);
   p.scale_log2 = static_cast<float>(a.scale * 1.4426950408889634);
   // Windows wider than both sequences are unbounded; clamping keeps the index
   // arithmetic in 32 bits.
   const int64_t far = std::max(a.Lq, a.Lk) + 1;
-  p.diag_offset = static_cast<int>(a.diag_offset);
   p.window_left = static_cast<int>(a.window_left < 0 ? -1 : std::min(a.window_left, far));
   p.window_right = static_cast<int>(a.window_right < 0 ? -1 : std::min(a.window_right, far));
 }
