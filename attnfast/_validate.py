@@ -1,16 +1,20 @@
 """Argument checking and canonical form, shared by every entry point.
 
-Every public call goes through `prepare`, which raises a clear Python error
-naming the argument before any kernel runs, and returns a `Plan`: 4-D views
-q (B, Hq, Lq, E), k (B, Hkv, Lk, E), v (B, Hkv, Lk, Ev), the mask expanded to
-(B, Hq, Lq, Lk) without copying (stride 0 where it broadcasts), and the
-causal/window rule as (window_left, window_right, bottom_right).
+Every public call goes through one `prepare*` function, which raises a clear
+Python error naming the argument before any kernel runs, and returns the plan of
+its attention family, which attnfast.dispatch hands to a backend:
+  `prepare` -> `Plan` (softmax attention): 4-D views q (B, Hq, Lq, E),
+      k (B, Hkv, Lk, E), v (B, Hkv, Lk, Ev), the mask expanded to (B, Hq, Lq, Lk)
+      without copying (stride 0 where it broadcasts), and the causal/window rule
+      as (window_left, window_right, bottom_right);
+  `prepare_additive` -> `AdditivePlan`, `prepare_topk` -> `TopkPlan`: the same
+      4-D form for the additive (Bahdanau) and hard top-k families.
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional
+from typing import ClassVar, Optional
 
 import torch
 
@@ -21,6 +25,7 @@ FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 @dataclass
 class Plan:
+    family: ClassVar[str] = "attention"
     q: torch.Tensor
     k: torch.Tensor
     v: torch.Tensor
@@ -43,15 +48,21 @@ def _shape(t):
     return tuple(t.shape)
 
 
-def _check_tensor(name, t):
+def _check_tensor(name, t, ref=None, min_dim=2):
+    """A dense floating-point tensor; with `ref` (the query), of its dtype and device."""
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if t.dim() < 2:
+    if t.dim() < min_dim:
         raise ValueError(f"{name} must have shape (..., L, E) with at least 2 dims, got {_shape(t)}")
     if t.layout != torch.strided:
         raise TypeError(f"{name} must be a dense (strided) tensor, got layout {t.layout}")
     if t.dtype not in FLOAT_DTYPES:
         raise TypeError(f"{name} must be float16, bfloat16, float32 or float64, got {t.dtype}")
+    if ref is not None:
+        if t.dtype != ref.dtype:
+            raise TypeError(f"{name} dtype {t.dtype} must match query dtype {ref.dtype}")
+        if t.device != ref.device:
+            raise ValueError(f"{name} is on {t.device} but query is on {ref.device}")
 
 
 def _as4d(t):
@@ -219,3 +230,125 @@ def prepare(
         dropout_p=float(dropout_p),
         lead=tuple(query.shape[:-2]),
     )
+
+
+# ---------------------------------------------------------------------------
+# The other families: additive (Bahdanau) and hard top-k attention
+# ---------------------------------------------------------------------------
+
+def compute_dtype(dtype):
+    """The arithmetic's dtype in the additive and top-k families: float32 for half inputs."""
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+def _check_variant_qkv(q, k, v, same_head_dim):
+    _check_tensor("query", q, min_dim=0)
+    for name, t in (("key", k), ("value", v)):
+        _check_tensor(name, t, q, min_dim=0)
+    if q.dim() < 3 or k.dim() != q.dim() or v.dim() != q.dim():
+        raise ValueError(f"query, key and value must be (..., H, L, E) with the same number of dims (>= 3), got "
+                         f"{_shape(q)}, {_shape(k)}, {_shape(v)}")
+    if k.shape[:-3] != q.shape[:-3] or v.shape[:-1] != k.shape[:-1]:
+        raise ValueError(f"key {_shape(k)} and value {_shape(v)} must share query's batch dims "
+                         f"{tuple(q.shape[:-3])}, and each other's heads and length")
+    if same_head_dim and k.shape[-1] != q.shape[-1]:
+        raise ValueError(f"key head dim must equal query head dim {q.shape[-1]}: key shape {_shape(k)}")
+
+
+def _check_is_causal(is_causal):
+    if not isinstance(is_causal, bool):
+        raise TypeError(f"is_causal must be a Python bool, got {type(is_causal).__name__}")
+
+
+def _variant_mask(attn_mask, q, Lk, what):
+    """The mask checked against (..., H, Lq, Lk) and expanded to (B, H, Lq, Lk) without a copy."""
+    if attn_mask is None:
+        return None
+    target = tuple(q.shape[:-1]) + (Lk,)
+    m = check_mask(attn_mask, q, target, what, "a torch.Tensor").expand(target)
+    return m.reshape((math.prod(q.shape[:-3]), q.shape[-3], q.shape[-2], Lk))
+
+
+@dataclass
+class AdditivePlan:
+    """Additive attention in canonical form: q (B, H, Lq, Eq), k (B, H, Lk, Ek),
+    v (B, H, Lk, Ev) in the input dtype; w_q (Da, Eq) or (H, Da, Eq), w_k likewise,
+    v_a (Da,) or (H, Da); mask (B, H, Lq, Lk) or None."""
+    family: ClassVar[str] = "additive"
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    w_q: torch.Tensor
+    w_k: torch.Tensor
+    v_a: torch.Tensor
+    mask: Optional[torch.Tensor]
+    is_causal: bool
+    lead: tuple  # query's leading dims (..., H): output is (*lead, Lq, Ev)
+
+    def projections(self):
+        """(qp (B, H, Lq, Da), kp (B, H, Lk, Da), v_a, v) in the compute dtype: the projections
+        once, as ordinary matmuls under autograd."""
+        cd = compute_dtype(self.q.dtype)
+        qp = torch.matmul(self.q.to(cd), self.w_q.to(cd).transpose(-1, -2))
+        kp = torch.matmul(self.k.to(cd), self.w_k.to(cd).transpose(-1, -2))
+        return qp, kp, self.v_a.to(cd), self.v.to(cd)
+
+
+def prepare_additive(q, k, v, w_q, w_k, v_a, attn_mask=None, is_causal=False) -> AdditivePlan:
+    _check_variant_qkv(q, k, v, same_head_dim=False)
+    H, Lq, Eq = q.shape[-3:]
+    Lk, Ek = k.shape[-2:]
+    for name, w, e in (("w_q", w_q, Eq), ("w_k", w_k, Ek)):
+        _check_tensor(name, w, q, min_dim=0)
+        if w.dim() not in (2, 3) or w.shape[-1] != e or (w.dim() == 3 and w.shape[0] != H):
+            raise ValueError(f"{name} must be (Da, {e}) or ({H}, Da, {e}) (heads, attention dim, "
+                             f"{'query' if name == 'w_q' else 'key'} head dim), got {_shape(w)}")
+    Da = w_q.shape[-2]
+    if w_k.shape[-2] != Da:
+        raise ValueError(f"w_q and w_k must project to the same attention dim: {Da} vs {w_k.shape[-2]}")
+    _check_tensor("v_a", v_a, q, min_dim=0)
+    if v_a.shape not in ((Da,), (H, Da)):
+        raise ValueError(f"v_a must be ({Da},) or ({H}, {Da}), got {_shape(v_a)}")
+    _check_is_causal(is_causal)
+    mask = _variant_mask(attn_mask, q, Lk, "(..., H, Lq, Lk)")
+    return AdditivePlan(q=_as4d(q), k=_as4d(k), v=_as4d(v), w_q=w_q, w_k=w_k, v_a=v_a, mask=mask,
+                        is_causal=is_causal, lead=tuple(q.shape[:-2]))
+
+
+@dataclass
+class TopkPlan:
+    """Hard top-k attention in canonical form: q (B, Hq, Lq, E), k (B, Hkv, Lk, E),
+    v (B, Hkv, Lk, Ev); mask (B, Hq, Lq, Lk) or None; scale resolved."""
+    family: ClassVar[str] = "topk"
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    mask: Optional[torch.Tensor]
+    is_causal: bool
+    scale: float
+    top_k: int
+    lead: tuple
+
+
+def prepare_topk(q, k, v, top_k, attn_mask=None, is_causal=False, scale=None, enable_gqa=False) -> TopkPlan:
+    _check_variant_qkv(q, k, v, same_head_dim=True)
+    Hq, Lq, E = q.shape[-3:]
+    Hkv, Lk = k.shape[-3], k.shape[-2]
+    if isinstance(top_k, bool) or not isinstance(top_k, int):
+        raise TypeError(f"top_k must be an int, got {type(top_k).__name__}")
+    if not 1 <= top_k <= Lk:
+        raise ValueError(f"top_k must be in [1, Lk] = [1, {Lk}], got {top_k}")
+    if Hq != Hkv:
+        if not enable_gqa:
+            raise ValueError(f"key has {Hkv} heads but query has {Hq}: pass enable_gqa=True for grouped-query "
+                             "attention")
+        if Hq % Hkv:
+            raise ValueError(f"enable_gqa needs query heads ({Hq}) to be a multiple of key/value heads ({Hkv})")
+    _check_is_causal(is_causal)
+    if scale is None:
+        scale = 1.0 / math.sqrt(E) if E else 1.0
+    elif isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
+        raise ValueError(f"scale must be a finite float or None, got {scale!r}")
+    mask = _variant_mask(attn_mask, q, Lk, "(..., Hq, Lq, Lk)")
+    return TopkPlan(q=_as4d(q), k=_as4d(k), v=_as4d(v), mask=mask, is_causal=is_causal, scale=float(scale),
+                    top_k=top_k, lead=tuple(q.shape[:-2]))

@@ -1,13 +1,34 @@
-"""The one place that chooses a backend.
+"""The one place that chooses a backend, and the backends themselves.
+
+A backend is one object (`Backend`): a `name`, `serves(plan)` (None, or the
+reason it cannot run that call), and the forward/backward of each attention
+family it implements, on the canonical plans of attnfast/_validate.py:
+
+    family       plan            methods
+    "attention"  Plan            attention_forward(plan), attention_backward(plan, dout, out, lse, delta=None)
+    "additive"   AdditivePlan    additive_forward(plan)
+    "topk"       TopkPlan        topk_forward(plan)
+
+The forwards are differentiable (their ops carry autograd); `attention_backward`
+is the lse-driven backward that ring attention calls block by block.
+
+The registry `REGISTRY` holds the four backends under one vocabulary of names
+for every family:
+  "cpu"        the fused C++ kernels (attnfast._C; ops in attnfast/ops.py)
+  "triton"     the Triton kernels (triton_kernels/: kernels, launchers and their ops)
+  "cuda"       the CUDA C++ kernels (attnfast._C built with CUDA; softmax attention only)
+  "reference"  torch code: the naive reference for softmax attention
+               (attnfast/reference.py), row chunks with recomputation for the
+               additive and top-k families (attnfast/chunked.py)
 
 Order of preference per device: CUDA tensors -> triton, cuda, reference;
 CPU tensors -> cpu, reference.  `backend=` or the environment variable
-ATTNFAST_BACKEND force one; a forced backend that cannot serve the input raises
-BackendUnavailableError (no silent fallback).
+ATTNFAST_BACKEND force one; a forced backend that cannot serve the call raises
+BackendUnavailableError (no silent fallback).  Which backends can run at all is
+a fact of the process (attnfast/facts.py), worked out once.
 """
 from __future__ import annotations
 
-import importlib.util
 import os
 import warnings
 from dataclasses import dataclass
@@ -15,9 +36,11 @@ from dataclasses import dataclass
 import torch
 
 from . import ops
+from .dropout import draw_rng, dropout_mask
+from .facts import FACTS
 
-BACKENDS = ("cpu", "triton", "cuda", "reference")
 ENV_VAR = "ATTNFAST_BACKEND"
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 class BackendUnavailableError(RuntimeError):
@@ -29,30 +52,289 @@ class DegradedWarning(RuntimeWarning):
     attnfast.backends() says why."""
 
 
-_WARNED = set()
+def public_lse_dtype(dtype):
+    """dtype of the lse the public functions return: float64 for float64 inputs, else float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _warn_once(cause, message):
-    if cause not in _WARNED:
-        _WARNED.add(cause)
-        warnings.warn(message, DegradedWarning, stacklevel=4)
+def _dtype_names(dtypes):
+    return ", ".join(str(d).split(".")[-1] for d in dtypes)
 
 
-def _note_degraded(name, plan):
-    """One warning per cause when the default choice is a fallback (eager calls only: a
-    warning inside a torch.compile trace would break the graph)."""
-    if torch.compiler.is_compiling():
-        return
-    if plan.q.device.type == "cpu":
-        if name == "reference":
-            _warn_once("cpu", f"attnfast: the C++ CPU kernel is unavailable ({_AVAILABLE['cpu'][1]}); "
-                              "calls run the naive reference (correct, but O(L^2) memory and slow)")
-        elif name == "cpu" and _CPU_ISA_BEST != "avx512":
-            _warn_once("cpu-isa", f"attnfast: this CPU lacks AVX-512 (with avx512_bf16); the CPU kernel runs its "
-                                  f"{_CPU_ISA_BEST} path")
-    elif name == "reference":
-        why = "; ".join(f"{b}: {_serves(b, plan)}" for b in ("triton", "cuda"))
-        _warn_once(f"gpu:{why}", f"attnfast: no GPU kernel serves this call ({why}); it runs the naive reference")
+# ---------------------------------------------------------------------------
+# The backend interface
+# ---------------------------------------------------------------------------
+
+class Backend:
+    """One backend: what it serves and the kernels of each family it implements."""
+
+    name = ""
+    families = frozenset()
+    # {family: dtypes its kernels take}; absent: every floating dtype
+    dtypes = {}
+
+    def availability(self):
+        """(available, reason): a fact of the process (attnfast/facts.py)."""
+        raise NotImplementedError
+
+    def saved_lse_dtype(self, dtype):
+        """dtype of the lse `attention_forward` returns (and `attention_backward` takes)."""
+        return torch.float32
+
+    def serves(self, plan):
+        """None if this backend can run `plan`, else the reason it cannot."""
+        if plan.family not in self.families:
+            return f"it has no {plan.family} kernels"
+        ok, reason = _AVAILABLE[self.name]
+        if not ok:
+            return reason
+        return self._device_refuses(plan.q.device.type) or self.kernel_refuses(plan)
+
+    def kernel_refuses(self, plan):
+        """The kernels' own rule (dtypes, shapes, options), whatever the device: None or why not."""
+        if plan.q.dtype not in self.dtypes.get(plan.family, FLOAT_DTYPES):
+            return self._dtype_refusal(plan)
+        if plan.family != "attention" and plan.mask is not None and plan.mask.requires_grad:
+            return "the fused kernels give no gradient to a float attn_mask"
+        return self._refuses(plan)
+
+    def _dtype_refusal(self, plan):
+        return f"the fused {plan.family} kernel takes {_dtype_names(self.dtypes[plan.family])}, got {plan.q.dtype}"
+
+    def _device_refuses(self, device_type):
+        return None
+
+    def _refuses(self, plan):
+        """Backend-specific refusals after the common checks."""
+        return None
+
+    def attention_forward(self, plan):
+        """(out (B, Hq, Lq, Ev), lse (B, Hq, Lq) in `saved_lse_dtype`) of softmax attention;
+        dropout draws its (seed, offset) from torch's generator."""
+        raise NotImplementedError
+
+    def attention_backward(self, plan, dout, out, lse, delta=None):
+        """(dq, dk, dv) of `plan` given the forward's out and lse (no dropout; a float mask
+        gets no gradient here).  delta: rowsum(dout * out) of the whole rows, in lse's
+        dtype, in place of the kernels' own row sums (ring attention passes it: there a
+        call's keys are only some of a row's)."""
+        raise NotImplementedError
+
+    def additive_forward(self, plan):
+        """(out (B, H, Lq, Ev), lse (B, H, Lq)) of additive attention, differentiable in the
+        plan's q, k, v, w_q, w_k, v_a."""
+        raise NotImplementedError
+
+    def topk_forward(self, plan):
+        """(out (B, Hq, Lq, Ev), lse (B, Hq, Lq)) of hard top-k attention, differentiable in
+        q, k, v (straight-through)."""
+        raise NotImplementedError
+
+    def __repr__(self):
+        return f"<attnfast backend {self.name!r}>"
+
+
+def _additive_bias(plan, dtype):
+    """The fused additive kernels' mask: a float bias (B, H, Lq, Lk), -inf where hidden,
+    converted on the mask's own elements (its broadcast dims stay stride 0)."""
+    if plan.mask is None:
+        return None
+    m = plan.mask.detach()
+    for d in range(m.dim()):
+        if m.stride(d) == 0 and m.size(d) > 1:
+            m = m.narrow(d, 0, 1)
+    if m.dtype == torch.bool:
+        m = torch.zeros((), dtype=dtype, device=m.device).masked_fill(~m, float("-inf"))
+    return m.to(dtype).expand(plan.mask.shape)
+
+
+class CpuBackend(Backend):
+    name = "cpu"
+    families = frozenset({"attention", "additive", "topk"})
+    dtypes = {"additive": (torch.float32, torch.bfloat16, torch.float16)}
+
+    def availability(self):
+        if not FACTS.extension:
+            return False, f"extension attnfast._C not built: {FACTS.extension_error}"
+        return True, "fused C++ kernel"
+
+    def saved_lse_dtype(self, dtype):
+        return ops.lse_dtype(dtype)
+
+    def _device_refuses(self, device_type):
+        return None if device_type == "cpu" else f"it serves CPU tensors, got {device_type} tensors"
+
+    def attention_forward(self, plan):
+        rng = draw_rng(plan.q.device) if plan.dropout_p > 0.0 else None
+        return torch.ops.attnfast.fwd(plan.q, plan.k, plan.v, plan.mask, plan.scale, plan.window_left,
+                                      plan.window_right, plan.bottom_right, plan.dropout_p, rng)
+
+    def attention_backward(self, plan, dout, out, lse, delta=None):
+        return torch.ops.attnfast.bwd(dout, plan.q, plan.k, plan.v, out, lse, None, plan.mask, plan.scale,
+                                      plan.window_left, plan.window_right, plan.bottom_right, 0.0, None, False,
+                                      delta)[:3]
+
+    def additive_forward(self, plan):
+        qp, kp, va, v = plan.projections()
+        H, Da = qp.shape[1], qp.shape[3]
+        return torch.ops.attnfast.additive_fwd(qp, kp, va.expand(H, Da), v, _additive_bias(plan, qp.dtype),
+                                               plan.is_causal)
+
+    def topk_forward(self, plan):
+        mask = None if plan.mask is None else plan.mask.detach()
+        out, lse, _ = torch.ops.attnfast.topk_fwd(plan.q, plan.k, plan.v, mask, plan.is_causal, plan.scale,
+                                                  plan.top_k)
+        return out, lse
+
+
+class CudaBackend(Backend):
+    """The CUDA C++ kernels: float16/bfloat16, equal query and value head dims with a kernel
+    (the extension's lists: `head_dims` = (forward, backward)), no dropout."""
+
+    name = "cuda"
+    families = frozenset({"attention"})
+    dtypes = {"attention": (torch.float16, torch.bfloat16)}
+
+    def __init__(self, head_dims=None):
+        self.head_dims = FACTS.cuda_head_dims if head_dims is None else head_dims
+
+    def availability(self):
+        if not FACTS.extension:
+            return False, "extension attnfast._C not built"
+        if not FACTS.cuda_kernels:
+            return False, "extension built without CUDA kernels"
+        if not FACTS.cuda_device:
+            return False, "no CUDA device"
+        return True, "CUDA C++ kernels"
+
+    def _device_refuses(self, device_type):
+        return None if device_type == "cuda" else f"it serves CUDA tensors, got {device_type} tensors"
+
+    def _dtype_refusal(self, plan):
+        return f"it serves float16 and bfloat16 (fp32 goes to Triton), got {plan.q.dtype}"
+
+    def _refuses(self, plan):
+        E, Ev = plan.q.shape[-1], plan.v.shape[-1]
+        if E != Ev:
+            return f"it needs equal query and value head dims, got {E} and {Ev}"
+        grad = torch.is_grad_enabled() and any(
+            t is not None and t.requires_grad for t in (plan.q, plan.k, plan.v, plan.mask))
+        dims = self.head_dims[1] if grad else self.head_dims[0]
+        if E not in dims:
+            what = "forward and backward" if grad else "forward"
+            return f"it has {what} kernels for head dims {dims}, got {E}"
+        if plan.dropout_p > 0.0:
+            return "dropout is served by the Triton backend"
+        return None
+
+    attention_forward = CpuBackend.attention_forward
+    attention_backward = CpuBackend.attention_backward
+
+    def saved_lse_dtype(self, dtype):
+        return ops.lse_dtype(dtype)
+
+
+class TritonBackend(Backend):
+    name = "triton"
+    families = frozenset({"attention", "additive", "topk"})
+    dtypes = dict.fromkeys(families, (torch.float16, torch.bfloat16, torch.float32))
+
+    def availability(self):
+        if not FACTS.triton_installed:
+            return False, "triton is not installed"
+        if FACTS.triton_interpreting:
+            return True, "Triton kernels under the interpreter (TRITON_INTERPRET=1, CPU tensors)"
+        if not FACTS.cuda_device:
+            return False, "no CUDA device"
+        return True, "Triton kernels"
+
+    def _device_refuses(self, device_type):
+        if device_type == "cuda" or (FACTS.triton_interpreting and device_type == "cpu"):
+            return None
+        return f"it serves CUDA tensors (CPU tensors only under TRITON_INTERPRET=1), got {device_type} tensors"
+
+    def _dtype_refusal(self, plan):
+        return f"{plan.q.dtype} is not supported by the Triton kernels".replace("torch.", "")
+
+    def attention_forward(self, plan):
+        from .triton_kernels import attention  # noqa: F401  (imports triton; registers the ops)
+
+        seed = int(draw_rng()[0]) if plan.dropout_p > 0.0 else 0
+        return torch.ops.attnfast.triton_fwd(plan.q, plan.k, plan.v, plan.mask, plan.scale, plan.window_left,
+                                             plan.window_right, plan.bottom_right, plan.dropout_p, seed, 0)
+
+    def attention_backward(self, plan, dout, out, lse, delta=None):
+        from .triton_kernels import attention  # noqa: F401
+
+        return torch.ops.attnfast.triton_bwd(dout, plan.q, plan.k, plan.v, out, lse, None, plan.mask, plan.scale,
+                                             plan.window_left, plan.window_right, plan.bottom_right, False, 0.0,
+                                             0, 0, delta)[:3]
+
+    def additive_forward(self, plan):
+        from .triton_kernels import additive  # noqa: F401
+
+        qp, kp, va, v = plan.projections()
+        H, Da = qp.shape[1], qp.shape[3]
+        return torch.ops.attnfast.triton_additive_fwd(qp, kp, va.expand(H, Da), v,
+                                                      _additive_bias(plan, qp.dtype), plan.is_causal)
+
+    def topk_forward(self, plan):
+        from .triton_kernels import topk  # noqa: F401
+
+        mask = None if plan.mask is None else plan.mask.detach()
+        out, lse, _ = torch.ops.attnfast.triton_topk_fwd(plan.q, plan.k, plan.v, mask, plan.is_causal, plan.scale,
+                                                         plan.top_k)
+        return out, lse
+
+
+class ReferenceBackend(Backend):
+    """torch code on any device and dtype: the naive reference (softmax attention), and
+    memory-bounded row chunks (additive, top-k)."""
+
+    name = "reference"
+    families = frozenset({"attention", "additive", "topk"})
+
+    def availability(self):
+        return True, "torch code: naive matmul-softmax-matmul; row chunks for the additive and top-k families"
+
+    def saved_lse_dtype(self, dtype):
+        return ops.lse_dtype(dtype)
+
+    def attention_forward(self, plan):
+        from .reference import attention_ref
+
+        dmask = None
+        if plan.dropout_p > 0.0:
+            dmask = dropout_mask(tuple(plan.q.shape[:3]) + (plan.k.shape[2],), plan.dropout_p, draw_rng(),
+                                 plan.q.device)
+        out, lse = attention_ref(plan.q, plan.k, plan.v, plan.mask, window=(plan.window_left, plan.window_right),
+                                 causal_alignment="bottom_right" if plan.bottom_right else "top_left",
+                                 scale=plan.scale, enable_gqa=True, dropout_mask=dmask, upcast=False)
+        return out, lse.to(self.saved_lse_dtype(plan.q.dtype))
+
+    def attention_backward(self, plan, dout, out, lse, delta=None):
+        from .reference import attention_bwd_ref
+
+        if delta is None:
+            delta = (dout.to(ops.acc_dtype(out.dtype)) * out).sum(-1)
+        return attention_bwd_ref(dout, plan.q, plan.k, plan.v, lse, delta, plan.mask, plan.scale,
+                                 (plan.window_left, plan.window_right), plan.bottom_right)
+
+    def additive_forward(self, plan):
+        from .chunked import additive_chunked
+
+        return additive_chunked(plan)
+
+    def topk_forward(self, plan):
+        from .chunked import topk_chunked
+
+        return topk_chunked(plan)
+
+
+REGISTRY = {b.name: b for b in (CpuBackend(), TritonBackend(), CudaBackend(), ReferenceBackend())}
+BACKENDS = tuple(REGISTRY)  # the names
+_AVAILABLE = {name: b.availability() for name, b in REGISTRY.items()}
+_ORDER = {"cuda": ("triton", "cuda", "reference"), "cpu": ("cpu", "reference")}
 
 
 @dataclass(frozen=True)
@@ -65,114 +347,69 @@ class BackendStatus:
         return f"{self.name:<10} {'yes' if self.available else 'no ':<4} {self.reason}"
 
 
-def _has_kernel(op, key):
-    try:
-        return torch._C._dispatch_has_kernel_for_dispatch_key(op, key)
-    except RuntimeError:
-        return False
-
-
-def _availability(name):
-    """(available, reason): fixed facts of this process, worked out once at import."""
-    if name == "reference":
-        return True, "naive matmul-softmax-matmul (any device, any dtype)"
-    if name == "cpu":
-        if not ops.loaded():
-            return False, f"extension attnfast._C not built: {ops.load_error()}"
-        return True, "fused C++ kernel"
-    if name == "cuda":
-        if not ops.loaded():
-            return False, "extension attnfast._C not built"
-        if not _has_kernel("attnfast::fwd", "CUDA"):
-            return False, "extension built without CUDA kernels"
-        if not torch.cuda.is_available():
-            return False, "no CUDA device"
-        return True, "CUDA C++ kernels"
-    if name == "triton":
-        if importlib.util.find_spec("triton") is None:
-            return False, "triton is not installed"
-        if os.environ.get("TRITON_INTERPRET", "0") == "1":
-            return True, "Triton kernels under the interpreter (TRITON_INTERPRET=1, CPU tensors)"
-        if not torch.cuda.is_available():
-            return False, "no CUDA device"
-        return True, "Triton kernels"
-    raise ValueError(f"unknown backend {name!r}; expected one of {BACKENDS}")
-
-
-_AVAILABLE = {name: _availability(name) for name in BACKENDS}
-_CPU_ISA_BEST = ops._C.cpu_isa_best() if ops.loaded() else None  # fixed per machine
-
-
 def backends():
     """Status of every backend: {name: BackendStatus(name, available, reason)}."""
     out = {}
     for name, (ok, reason) in _AVAILABLE.items():
         if name == "cpu" and ok:
             reason += f", ISA path {ops._C.cpu_isa()}"
-            if _CPU_ISA_BEST != "avx512":
+            if FACTS.cpu_isa_best != "avx512":
                 reason += " (this CPU lacks AVX-512 with avx512_bf16)"
         out[name] = BackendStatus(name, ok, reason)
     return out
 
 
-def _serves(name, plan):
-    """None if backend `name` can run `plan`, else the reason it cannot."""
-    ok, reason = _AVAILABLE[name]
-    if not ok:
-        return reason
-    dev = plan.q.device.type
-    if name == "cpu" and dev != "cpu":
-        return f"it serves CPU tensors, got {dev} tensors"
-    interp = _AVAILABLE["triton"][1].startswith("Triton kernels under the interpreter")
-    if name == "cuda":
-        if dev != "cuda":
-            return f"it serves CUDA tensors, got {dev} tensors"
-        return _cuda_refuses(plan)
-    if name == "triton":
-        if dev != "cuda" and not (interp and dev == "cpu"):
-            return f"it serves CUDA tensors (CPU tensors only under TRITON_INTERPRET=1), got {dev} tensors"
-        if plan.q.dtype == torch.float64:
-            return "float64 is not supported by the Triton kernels"
-    return None
+def get(name):
+    """The backend called `name`."""
+    if name not in REGISTRY:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}")
+    return REGISTRY[name]
 
 
-# Head dims with CUDA C++ kernels (csrc/cuda/flash.h); others go to Triton.
-CUDA_FWD_HEAD_DIMS = (64, 96, 128, 256)
-CUDA_BWD_HEAD_DIMS = (64, 96, 128)
+# ---------------------------------------------------------------------------
+# The choice
+# ---------------------------------------------------------------------------
+
+_WARNED = set()
 
 
-def _cuda_refuses(plan):
-    """None if the CUDA C++ kernels serve `plan`, else why not."""
-    if plan.q.dtype not in (torch.float16, torch.bfloat16):
-        return f"it serves float16 and bfloat16 (fp32 goes to Triton), got {plan.q.dtype}"
-    E, Ev = plan.q.shape[-1], plan.v.shape[-1]
-    if E != Ev:
-        return f"it needs equal query and value head dims, got {E} and {Ev}"
-    grad = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (plan.q, plan.k, plan.v, plan.mask))
-    dims = CUDA_BWD_HEAD_DIMS if grad else CUDA_FWD_HEAD_DIMS
-    if E not in dims:
-        what = "forward and backward" if grad else "forward"
-        return f"it has {what} kernels for head dims {dims}, got {E}"
-    if plan.dropout_p > 0.0:
-        return "dropout is served by the Triton backend"
-    return None
+def _warn_once(cause, message):
+    if cause not in _WARNED:
+        _WARNED.add(cause)
+        warnings.warn(message, DegradedWarning, stacklevel=5)
+
+
+def _note_degraded(backend, plan):
+    """One warning per cause when the default choice for softmax attention is a fallback
+    (eager calls only: a warning inside a torch.compile trace would break the graph)."""
+    if plan.family != "attention" or torch.compiler.is_compiling():
+        return
+    if plan.q.device.type == "cpu":
+        if backend.name == "reference":
+            _warn_once("cpu", f"attnfast: the C++ CPU kernel is unavailable ({_AVAILABLE['cpu'][1]}); "
+                              "calls run the naive reference (correct, but O(L^2) memory and slow)")
+        elif backend.name == "cpu" and FACTS.cpu_isa_best != "avx512":
+            _warn_once("cpu-isa", f"attnfast: this CPU lacks AVX-512 (with avx512_bf16); the CPU kernel runs its "
+                                  f"{FACTS.cpu_isa_best} path")
+    elif backend.name == "reference":
+        why = "; ".join(f"{b}: {REGISTRY[b].serves(plan)}" for b in ("triton", "cuda"))
+        _warn_once(f"gpu:{why}", f"attnfast: no GPU kernel serves this call ({why}); it runs the naive reference")
 
 
 def choose(plan, backend=None):
-    """Name of the backend that runs `plan` (see module docstring)."""
+    """The Backend that runs `plan` (see the module docstring).  `backend`: a name, or
+    None for the environment's ATTNFAST_BACKEND or else the first in the device's order
+    that serves the plan."""
     requested = backend if backend is not None else os.environ.get(ENV_VAR) or None
     if requested is not None:
-        if requested not in BACKENDS:
-            raise ValueError(f"backend must be one of {BACKENDS}, got {requested!r}")
-        why = _serves(requested, plan)
+        chosen = get(requested)
+        why = chosen.serves(plan)
         if why is not None:
             src = "backend=" if backend is not None else f"{ENV_VAR}="
             raise BackendUnavailableError(f"{src}{requested!r} cannot serve this call: {why}")
-        return requested
-    order = ("triton", "cuda", "reference") if plan.q.device.type == "cuda" else ("cpu", "reference")
-    for name in order:
-        if _serves(name, plan) is None:
-            _note_degraded(name, plan)
-            return name
-    return "reference"
+        return chosen
+    for name in _ORDER.get(plan.q.device.type, ("reference",)):
+        if REGISTRY[name].serves(plan) is None:
+            _note_degraded(REGISTRY[name], plan)
+            return REGISTRY[name]
+    return REGISTRY["reference"]

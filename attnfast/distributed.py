@@ -29,14 +29,13 @@ import struct
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.distributed as dist
 
 from . import dispatch, ops
 from ._validate import prepare
-from .reference import attention_ref, visible_mask
 
 LAYOUTS = (None, "zigzag")
 
@@ -158,61 +157,15 @@ def block_plan(q_spans, k_spans, is_causal):
 
 
 # ---------------------------------------------------------------------------
-# Block kernels: attnfast's own (out, lse) forward and its lse-driven backward
+# Block kernels: the backend's own (out, lse) forward and its lse-driven backward
 # ---------------------------------------------------------------------------
 
-class _Kernels:
-    """fwd(q, k, v, scale, wr) -> (out, lse) and bwd(dout, q, k, v, out, lse, delta, scale, wr)
-    -> (dq, dk, dv) of one backend; wr is the causal window's right edge (-1: none).
-
-    The backward gets the global lse and delta = rowsum(dO * O) of the whole
-    rows: a kernel's own delta, rowsum(P * dP) over the keys of its call, would
-    cover only the visiting keys."""
-
-    def __init__(self, name, dtype):
-        self.name = name
-        self.lse_dtype = torch.float32 if name == "triton" else ops.lse_dtype(dtype)
-        if name == "triton":
-            from . import triton_ops  # noqa: F401  (registers the ops)
-
-    def fwd(self, q, k, v, scale, wr):
-        if self.name == "triton":
-            return torch.ops.attnfast.triton_fwd(q, k, v, None, scale, -1, wr, False, 0.0, 0, 0)
-        if self.name == "reference":
-            out, lse = attention_ref(q, k, v, window=(-1, wr), scale=scale, enable_gqa=True, upcast=False)
-            return out, lse.to(self.lse_dtype)
-        return torch.ops.attnfast.fwd(q, k, v, None, scale, -1, wr, False, 0.0, None)
-
-    def bwd(self, dout, q, k, v, out, lse, delta, scale, wr):
-        if self.name == "triton":
-            return torch.ops.attnfast.triton_bwd(dout, q, k, v, out, lse, None, None, scale, -1, wr, False, False,
-                                                 0.0, 0, 0, delta)[:3]
-        if self.name == "reference":
-            return _reference_bwd(dout, q, k, v, lse, delta, scale, wr)
-        return torch.ops.attnfast.bwd(dout, q, k, v, out, lse, None, None, scale, -1, wr, False, 0.0, None,
-                                      False, delta)[:3]
-
-
-def _reference_bwd(dout, q, k, v, lse, delta, scale, wr):
-    """Gradients of one block given the global lse and delta, naively (P = exp(S - lse))."""
-    acc = ops.acc_dtype(q.dtype)
-    B, Hq, Lq, _ = q.shape
-    Hkv, Lk = k.shape[1], k.shape[2]
-    g = Hq // Hkv if Hkv else 1
-    qa, ka, va, do = (t.to(acc) for t in (q, k, v, dout))
-    kr, vr = ka.repeat_interleave(g, 1), va.repeat_interleave(g, 1)
-    s = (qa @ kr.transpose(-1, -2)) * scale
-    vis = visible_mask(Lq, Lk, window=(-1, wr), device=q.device)
-    if vis is not None:
-        s = s.masked_fill(~vis, float("-inf"))
-    lse = lse.to(acc).unsqueeze(-1)
-    p = torch.where(torch.isneginf(lse), torch.zeros_like(s), torch.exp(s - lse))
-    dp = do @ vr.transpose(-1, -2)
-    ds = p * (dp - delta.to(acc).unsqueeze(-1))
-    dq = (ds @ kr) * scale
-    dk = ((ds.transpose(-1, -2) @ qa) * scale).view(B, Hkv, g, Lk, -1).sum(2)
-    dv = (p.transpose(-1, -2) @ do).view(B, Hkv, g, Lk, -1).sum(2)
-    return dq.to(q.dtype), dk.to(q.dtype), dv.to(q.dtype)
+def _block(plan, q, k, v, wr):
+    """The Plan of one block: local query rows against visiting keys, the causal rule
+    as window_right = wr (-1: none).  The backward gets the global lse and delta =
+    rowsum(dO * O) of the whole rows: a kernel's own delta, rowsum(P * dP) over the
+    keys of its call, would cover only the visiting keys."""
+    return replace(plan, q=q, k=k, v=v, window_left=-1, window_right=wr, bottom_right=False)
 
 
 def merge_partial(out, lse, out_b, lse_b):
@@ -318,17 +271,19 @@ def _call_fields(q, k, v, is_causal, scale, enable_gqa, layout, backend):
 
 
 class RingContext:
-    """One call's fixed facts: the ring, the backend's kernels, the layout spans."""
+    """One call's fixed facts: the ring, the backend and the validated plan, the layout spans."""
 
-    def __init__(self, ring, kernels, q, k, is_causal, scale, layout):
-        self.ring, self.kernels, self.is_causal, self.scale = ring, kernels, is_causal, scale
+    def __init__(self, ring, backend, plan, is_causal, layout):
+        self.ring, self.backend, self.plan, self.is_causal = ring, backend, plan, is_causal
+        q, k = plan.q, plan.k
         W, r = ring.world, ring.rank
         _split_len(q.shape[2] * W, layout, W, "the global query length (local length x world size)")
         _split_len(k.shape[2] * W, layout, W, "the global key length (local length x world size)")
         self.q_spans = _spans(layout, r, W, q.shape[2])
         self.k_spans = [_spans(layout, src, W, k.shape[2]) for src in range(W)]
 
-    def plan(self, step):
+    def blocks(self, step):
+        """The kernel calls of `step`: block_plan of the local queries and the visiting keys."""
         return block_plan(self.q_spans, self.k_spans[(self.ring.rank - step) % self.ring.world], self.is_causal)
 
 
@@ -341,7 +296,7 @@ def ring_forward(ctx, q, k, v, trace=None):
     float32 for half types, float64 for float32 and float64 (a float32 merge of float32
     partials measurably loosened the gradients' parity on the Triton backend, whose
     lse is float32)."""
-    ring, kern = ctx.ring, ctx.kernels
+    ring, backend = ctx.ring, ctx.backend
     B, Hq, Lq = q.shape[:3]
     acc_dtype = ops.lse_dtype(q.dtype)
     out = torch.zeros((B, Hq, Lq, v.shape[3]), dtype=acc_dtype, device=q.device)
@@ -350,8 +305,9 @@ def ring_forward(ctx, q, k, v, trace=None):
     for step in range(ring.world):
         pending = ring.exchange(kv, "passing K/V (forward)", step, tag=0) if step + 1 < ring.world else None
         t0 = time.perf_counter()
-        for qs, ks, wr in ctx.plan(step):
-            o_b, lse_b = kern.fwd(_rows(q, qs), _rows(kv[0], ks), _rows(kv[1], ks), ctx.scale, wr)
+        for qs, ks, wr in ctx.blocks(step):
+            o_b, lse_b = backend.attention_forward(_block(ctx.plan, _rows(q, qs), _rows(kv[0], ks),
+                                                          _rows(kv[1], ks), wr))
             merge_partial(_rows(out, qs), _rows(lse, qs), o_b, lse_b)
         if trace is not None:
             trace["compute_s"] += time.perf_counter() - t0
@@ -363,10 +319,11 @@ def ring_forward(ctx, q, k, v, trace=None):
 def ring_backward(ctx, dout, q, k, v, out, lse, trace=None):
     """(dq, dk, dv) of the local shards from ring_forward's (out, lse); the dK/dV
     accumulators travel with their K/V and come home after the last step."""
-    ring, kern = ctx.ring, ctx.kernels
+    ring, backend = ctx.ring, ctx.backend
     acc = ops.acc_dtype(q.dtype)
-    delta = (dout.to(out.dtype) * out).sum(-1).to(kern.lse_dtype)  # rowsum(dO * O) of the whole rows
-    lse = lse.to(kern.lse_dtype)
+    lse_dtype = backend.saved_lse_dtype(q.dtype)
+    delta = (dout.to(out.dtype) * out).sum(-1).to(lse_dtype)  # rowsum(dO * O) of the whole rows
+    lse = lse.to(lse_dtype)
     out = out.to(q.dtype)
     dq = torch.zeros(q.shape, dtype=acc, device=q.device)
     kv, grads, pending_grads = (k, v), None, None
@@ -375,9 +332,10 @@ def ring_backward(ctx, dout, q, k, v, out, lse, trace=None):
         t0 = time.perf_counter()
         dk_b = torch.zeros(k.shape, dtype=acc, device=k.device)
         dv_b = torch.zeros(v.shape, dtype=acc, device=v.device)
-        for qs, ks, wr in ctx.plan(step):
-            dq_c, dk_c, dv_c = kern.bwd(_rows(dout, qs), _rows(q, qs), _rows(kv[0], ks), _rows(kv[1], ks),
-                                        _rows(out, qs), _rows(lse, qs), _rows(delta, qs), ctx.scale, wr)
+        for qs, ks, wr in ctx.blocks(step):
+            block = _block(ctx.plan, _rows(q, qs), _rows(kv[0], ks), _rows(kv[1], ks), wr)
+            dq_c, dk_c, dv_c = backend.attention_backward(block, _rows(dout, qs), _rows(out, qs), _rows(lse, qs),
+                                                          _rows(delta, qs))
             _rows(dq, qs).add_(dq_c)
             _rows(dk_b, ks).add_(dk_c)
             _rows(dv_b, ks).add_(dv_c)
@@ -420,9 +378,9 @@ def prepare_ring(q, k, v, *, group=None, is_causal=False, scale=None, enable_gqa
         raise TypeError(f"is_causal must be a Python bool, got {type(is_causal).__name__}")
     plan = prepare(q, k, v, None, 0.0, False, scale, enable_gqa)
     ring = _Ring(group)
-    name = dispatch.choose(plan, backend)
-    ring.check_agree(_call_fields(q, k, v, is_causal, plan.scale, enable_gqa, load_balance, name), q.device)
-    ctx = RingContext(ring, _Kernels(name, plan.q.dtype), plan.q, plan.k, is_causal, plan.scale, load_balance)
+    chosen = dispatch.choose(plan, backend)
+    ring.check_agree(_call_fields(q, k, v, is_causal, plan.scale, enable_gqa, load_balance, chosen.name), q.device)
+    ctx = RingContext(ring, chosen, plan, is_causal, load_balance)
     return plan, ctx
 
 

@@ -1,7 +1,10 @@
-"""torch.library registration of the attnfast ops: fake kernels and autograd.
+"""torch.library registration of the C++ ops (attnfast._C): fake kernels and autograd.
 
-The schemas and the CPU (and CUDA) kernels are registered in C++
-(csrc/cpu/binding.cpp); this module adds what torch.compile and autograd need.
+The schemas and the CPU kernels are registered in C++ (csrc/cpu/binding.cpp), the
+CUDA kernels of attnfast::fwd/bwd in csrc/cuda/binding_cuda.cpp when the extension
+is built with CUDA; this module adds what torch.compile and autograd need.  The
+Triton ops register themselves in triton_kernels/ (attention.py, additive.py,
+topk.py).
 Ops:
   attnfast::fwd(q, k, v, attn_mask, scale, window_left, window_right,
                 bottom_right, dropout_p, rng) -> (out, lse)
@@ -16,7 +19,7 @@ in the accumulation dtype (float64 for float64, else float32) when mask_grad,
 else empty.  delta (B, Hq, Lq), lse's dtype: the caller's rowsum(dout * out), used
 in place of the kernels' own row sums (ring attention passes it: there one call's
 keys are only some of a row's).  The public API returns lse as float32 (float64 for
-float64).
+float64: dispatch.public_lse_dtype).
 """
 from __future__ import annotations
 
@@ -39,16 +42,12 @@ def load_error():
 
 
 def lse_dtype(dtype):
-    """dtype of the op's saved lse."""
+    """dtype of the lse these ops save: float64 for float32/float64 inputs, else float32."""
     return torch.float64 if dtype in (torch.float32, torch.float64) else torch.float32
 
 
 def acc_dtype(dtype):
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def public_lse_dtype(dtype):
-    """dtype of the lse the public API returns."""
+    """Accumulation dtype (a float mask's gradient; torch-side sums): float64 for float64, else float32."""
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 

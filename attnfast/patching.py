@@ -66,11 +66,12 @@ def _routed(original):
             return original(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal,
                             scale=scale, enable_gqa=enable_gqa)
         plan = prepare(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
-        if not os.environ.get(dispatch.ENV_VAR) and dispatch.choose(plan) == "reference":
+        backend = dispatch.choose(plan)
+        if backend.name == "reference" and not os.environ.get(dispatch.ENV_VAR):
             # No fused kernel serves this device: torch's own is the faster fallback.
             return original(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal,
                             scale=scale, enable_gqa=enable_gqa)
-        return _run(plan, None, False)
+        return _run(plan, backend, False)
 
     scaled_dot_product_attention.__attnfast_original__ = original
     return scaled_dot_product_attention

@@ -198,3 +198,33 @@ def topk_attention_ref(q, k, v, top_k, attn_mask=None, is_causal=False, scale=No
     with torch.no_grad():
         sel = topk_select(s, top_k)
     return _softmax_attend(s.masked_fill(~sel, float("-inf")), v, reorder_ops=reorder_ops)
+
+
+def attention_bwd_ref(dout, q, k, v, lse, delta, attn_mask=None, scale=None, window=None, bottom_right=False):
+    """(dq, dk, dv) of softmax attention from the forward's lse and delta = rowsum(dout * out),
+    both of the whole rows, naively: P = exp(S - lse), dS = P * (dP - delta).
+
+    q (B, Hq, Lq, E), k (B, Hkv, Lk, E), v (B, Hkv, Lk, Ev) (Hq a multiple of Hkv);
+    attn_mask, window and the alignment as `attention_ref`.  Given the lse and delta of
+    whole rows, it also gives one block of keys' share of the gradients (ring attention).
+    Arithmetic in float32 (float64 for float64); gradients in q's dtype."""
+    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    B, Hq, Lq, _ = q.shape
+    Hkv, Lk = k.shape[1], k.shape[2]
+    g = Hq // Hkv if Hkv else 1
+    if scale is None:
+        scale = 1.0 / math.sqrt(q.size(-1))
+    qa, ka, va, do = (t.to(acc) for t in (q, k, v, dout))
+    kr, vr = ka.repeat_interleave(g, 1), va.repeat_interleave(g, 1)
+    s = (qa @ kr.transpose(-1, -2)) * scale
+    vis = visible_mask(Lq, Lk, causal_alignment="bottom_right" if bottom_right else "top_left", window=window,
+                       device=q.device)
+    s = _apply_mask(s, attn_mask, vis)
+    lse = lse.to(acc).unsqueeze(-1)
+    p = torch.where(torch.isneginf(lse), torch.zeros_like(s), torch.exp(s - lse))
+    dp = do @ vr.transpose(-1, -2)
+    ds = p * (dp - delta.to(acc).unsqueeze(-1))
+    dq = (ds @ kr) * scale
+    dk = ((ds.transpose(-1, -2) @ qa) * scale).view(B, Hkv, g, Lk, -1).sum(2)
+    dv = (p.transpose(-1, -2) @ do).view(B, Hkv, g, Lk, -1).sum(2)
+    return dq.to(q.dtype), dk.to(q.dtype), dv.to(q.dtype)

@@ -4,10 +4,10 @@ On projected queries and keys (float32, the compute dtype):
     s[i, j] = sum_d va[d] * tanh(qp[i, d] + kp[j, d])  (+ mask bias),
     p = softmax over the keys j visible from i,  out[i] = sum_j p[i, j] v[j].
 The same maths as the fused CPU kernel (csrc/cpu/additive_kernel.h, op
-attnfast::additive_fwd); registered as torch ops in attnfast/triton_additive.py.
+attnfast::additive_fwd).
 
 Layers: `@triton.jit` kernels, plain launchers `additive_fwd` / `additive_bwd`
-(checks, shapes, grid, tile sizes).  Tensors: qp (B, H, Lq, Da), kp (B, H, Lk, Da),
+(checks, shapes, grid, tile sizes), and the torch ops (the end of this file).  Tensors: qp (B, H, Lq, Da), kp (B, H, Lk, Da),
 va (H, Da), v (B, H, Lk, Ev), mask None or a float bias (-inf hides; a bool
 mask, True = visible, is accepted too) broadcastable to (B, H, Lq, Lk) and
 read through its expanded (stride 0) view; causal: key j visible from query i
@@ -41,8 +41,12 @@ With these, 150 seeds per shape of the emulation stayed below 0.75 of the tolera
 Never stored: the (Lq, Lk, Da) tanh tensor or the (Lq, Lk) scores.  Memory is
 O(L * (Da + Ev)) plus a (B, H, key blocks, Da) partial of dva.
 """
+import torch
 import triton
 import triton.language as tl
+from torch.library import triton_op
+
+from .common import INTERPRETING, launcher, mask_args, masked_scores, visible
 
 # tanh(x) = x + x^3 P(x^2) on |x| < 0.625: the degree-5 fit of (tanh(x) - x) / x^3
 # that csrc/cpu/additive_kernel.h uses (0.8 ulp there).  Above 0.625 the exp form;
@@ -126,16 +130,9 @@ def _mask_scores(s, offs_m, offs_n, Mask, mask_base, smm, smn, Lq, Lk,
                  MASK_KIND: tl.constexpr, CAUSAL: tl.constexpr):
     """Scores (float64) with keys past Lk, causally hidden keys (j > i) and
     bool-masked keys at -inf; a float mask added (its -inf entries hide)."""
-    ok = offs_n[None, :] < Lk
-    if CAUSAL:
-        ok = ok & (offs_n[None, :] <= offs_m[:, None])
     inb = (offs_m[:, None] < Lq) & (offs_n[None, :] < Lk)
-    mptr = Mask + mask_base + offs_m[:, None] * smm + offs_n[None, :] * smn
-    if MASK_KIND == 1:
-        ok = ok & (tl.load(mptr, mask=inb, other=1) != 0)
-    if MASK_KIND == 2:
-        s = s + tl.load(mptr, mask=inb, other=0.0).to(tl.float64)
-    return tl.where(ok, s, float("-inf"))
+    return masked_scores(s, visible(offs_m, offs_n, Lk, 0, -1, 0, CAUSAL), offs_m, offs_n, Mask, mask_base,
+                         smm, smn, inb, MASK_KIND)
 
 
 @triton.jit
@@ -322,7 +319,6 @@ def _bwd_keys_kernel(QP, KP, VA, V, Mask, DO, Lse, Delta, DK, DV, DVAPart,
 # ---------------------------------------------------------------------------
 # Launchers
 # ---------------------------------------------------------------------------
-MASK_NONE, MASK_BOOL, MASK_FLOAT = 0, 1, 2
 MAX_HEAD = 256  # Da and Ev; a (M, N, 256) tile is already down to 32 (query, key) pairs
 
 # Elements of one (BLOCK_M, BLOCK_N, max(BLOCK_D, BLOCK_DV)) register tile.  The
@@ -340,12 +336,6 @@ NUM_WARPS = {"fwd": 4, "bwd": 8}
 INTERP_TILE = (16, 8)
 
 
-def _interpreting():
-    import os
-
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
 def tiles(block_d, block_dv):
     """(BLOCK_M, BLOCK_N) for padded head dims: BLOCK_M * BLOCK_N * max(D, DV)
     = TILE_ELEMENTS (at least 4 x 4 and at most 64 x 32), BLOCK_M >= BLOCK_N."""
@@ -356,8 +346,6 @@ def tiles(block_d, block_dv):
 
 def _check(qp, kp, va, v, mask, causal):
     """(B, H, Lq, Lk, Da, Ev, mask expanded to (B, H, Lq, Lk) or None); raises on bad input."""
-    import torch
-
     names = ("qp", "kp", "va", "v")
     for name, t in zip(names, (qp, kp, va, v)):
         if not isinstance(t, torch.Tensor):
@@ -396,17 +384,11 @@ class _Launch:
     """Arguments every kernel takes: strides, sizes, and the compile-time meta."""
 
     def __init__(self, qp, kp, va, v, mask, causal, tile):
-        import torch
-
         self.B, self.H, self.Lq, self.Lk, Da, Ev, mask = _check(qp, kp, va, v, mask, causal)
-        if mask is None:
-            self.mask, self.mask_strides, kind = qp, (0, 0, 0, 0), MASK_NONE  # not read
-        else:
-            kind = MASK_BOOL if mask.dtype == torch.bool else MASK_FLOAT
-            self.mask, self.mask_strides = mask, tuple(mask.stride())
+        self.mask, self.mask_strides, kind = mask_args(qp, mask)
         block_d, block_dv = max(2, triton.next_power_of_2(Da)), max(2, triton.next_power_of_2(Ev))
         if tile is None:
-            tile = INTERP_TILE if _interpreting() else tiles(block_d, block_dv)
+            tile = INTERP_TILE if INTERPRETING else tiles(block_d, block_dv)
         self.block_m, self.block_n = tile
         self.strides = (*qp.stride(), *kp.stride(), *va.stride(), *v.stride(), *self.mask_strides)
         self.meta = dict(Da=Da, Ev=Ev, BLOCK_M=self.block_m, BLOCK_N=self.block_n, BLOCK_D=block_d,
@@ -420,8 +402,6 @@ def additive_fwd(qp, kp, va, v, mask, causal, launch=None, tile=None):
     recomputes P = exp(s - lse) from it, as the CPU op's lse).  launch: wraps each kernel
     before its launch (torch.library.wrap_triton in the op); tile: (BLOCK_M,
     BLOCK_N) in place of the default."""
-    import torch
-
     wrap = launch or (lambda kern: kern)
     L = _Launch(qp, kp, va, v, mask, causal, tile)
     out = torch.empty((L.B, L.H, L.Lq, v.shape[3]), dtype=torch.float32, device=qp.device)
@@ -440,8 +420,6 @@ def additive_bwd(dout, qp, kp, va, v, mask, causal, out, lse, dlse=None, launch=
     dout (B, H, Lq, Ev); lse (B, H, Lq) as the forward returned it; dlse None or
     (B, H, Lq) (a loss on lse: d lse / d s = P, so it shifts delta by -dlse).
     out is not read (delta is rowsum(P * dP), recomputed)."""
-    import torch
-
     wrap = launch or (lambda kern: kern)
     L = _Launch(qp, kp, va, v, mask, causal, tile)
     B, H, Lq, Lk = L.B, L.H, L.Lq, L.Lk
@@ -473,3 +451,49 @@ def additive_bwd(dout, qp, kp, va, v, mask, causal, out, lse, dlse=None, launch=
         qp, kp, va, v, L.mask, dout, lse, delta, dkp, dv, dva_part, *common, **L.meta,
         num_warps=NUM_WARPS["bwd"], num_stages=1)
     return dqp, dkp, dva_part.sum((0, 2)), dv
+
+
+# ---------------------------------------------------------------------------
+# The torch ops
+# ---------------------------------------------------------------------------
+#     out, lse = torch.ops.attnfast.triton_additive_fwd(qp, kp, va, v, mask, causal)
+#     dqp, dkp, dva, dv = torch.ops.attnfast.triton_additive_bwd(dout, qp, kp, va, v, mask, causal,
+#                                                                 out, lse, dlse)
+# The same semantics as the fused CPU op attnfast::additive_fwd/additive_bwd
+# (attnfast/ops.py), on float32 tensors shaped as the launchers take them; the
+# backward returns dva as (H, Da) (summed over the batch), the shape of va.
+# `triton_op`s: the body launches the kernels through `wrap_triton`
+# (common.launcher), so torch.compile sees inside them and the body doubles as
+# the fake kernel.  Autograd on the forward gives gradients for qp, kp, va and v
+# (none for the mask), lse's included.
+@triton_op("attnfast::triton_additive_fwd", mutates_args=())
+def triton_additive_fwd(qp: torch.Tensor, kp: torch.Tensor, va: torch.Tensor, v: torch.Tensor,
+                        mask: torch.Tensor | None, causal: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    return additive_fwd(qp, kp, va, v, mask, causal, launch=launcher(qp))
+
+
+@triton_op("attnfast::triton_additive_bwd", mutates_args=())
+def triton_additive_bwd(dout: torch.Tensor, qp: torch.Tensor, kp: torch.Tensor, va: torch.Tensor,
+                        v: torch.Tensor, mask: torch.Tensor | None, causal: bool, out: torch.Tensor,
+                        lse: torch.Tensor, dlse: torch.Tensor | None
+                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    return additive_bwd(dout, qp, kp, va, v, mask, causal, out, lse, dlse, launch=launcher(qp))
+
+
+def _setup_context(ctx, inputs, output):
+    qp, kp, va, v, mask, causal = inputs
+    out, lse = output
+    ctx.save_for_backward(qp, kp, va, v, mask, out, lse)
+    ctx.causal = causal
+
+
+def _backward(ctx, dout, dlse):
+    qp, kp, va, v, mask, out, lse = ctx.saved_tensors
+    if dout is None:  # only lse reached the loss
+        dout = torch.zeros_like(out)
+    dqp, dkp, dva, dv = torch.ops.attnfast.triton_additive_bwd(dout, qp, kp, va, v, mask, ctx.causal, out, lse,
+                                                                dlse)
+    return dqp, dkp, dva, dv, None, None
+
+
+triton_additive_fwd.register_autograd(_backward, setup_context=_setup_context)

@@ -1,33 +1,20 @@
 """FlashAttention-2 in Triton: forward, and backward with a delta preprocess.
 
-Layers (as in the rest of attnfast): `@triton.jit` kernels, plain launchers
-(`attention_fwd`, `attention_bwd`: shapes, grid, block sizes), and the op
-registration in attnfast/triton_ops.py.  Tensors are 4-D:
+Layers: `@triton.jit` kernels, plain launchers (`attention_fwd`, `attention_bwd`:
+shapes, grid, block sizes), and the torch ops `attnfast::triton_fwd` /
+`attnfast::triton_bwd` with their autograd (the end of this file; registered
+when this module is imported).  Tensors are 4-D:
 q (B, Hq, Lq, E), k (B, Hkv, Lk, E), v (B, Hkv, Lk, Ev), mask expanded to
 (B, Hq, Lq, Lk) with stride 0 where it broadcasts.  Visibility of key j for
 query i: d = i + diag; (window_left < 0 or j >= d - window_left) and
 (window_right < 0 or j <= d + window_right); causal is window_right = 0.
 """
+import torch
 import triton
 import triton.language as tl
+from torch.library import triton_op
 
-MASK_NONE, MASK_BOOL, MASK_FLOAT = 0, 1, 2
-# How tl.dot runs: native (tf32 for float32 on GPUs is not used: see below),
-# IEEE float32, or upcast to float32 first.  float32 inputs use IEEE (no tf32:
-# the parity rule is derived for true float32).  Under TRITON_INTERPRET=1 the
-# interpreter's bf16 dot is wrong (a 16x16 bf16 dot came out ~1e10 off in
-# triton 3.9), so there bf16 operands are upcast; GPU runs keep bf16 dots.
-DOT_NATIVE, DOT_IEEE, DOT_UPCAST = 0, 1, 2
-
-
-@triton.jit
-def _dot(a, b, DOT: tl.constexpr):
-    if DOT == 2:
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
-    elif DOT == 1:
-        return tl.dot(a, b, input_precision="ieee")
-    else:
-        return tl.dot(a, b)
+from .common import INTERPRETING, MASK_NONE, dot, dot_mode, launcher, mask_args, masked_scores, visible
 
 
 @triton.jit
@@ -57,31 +44,16 @@ def _dropout_scale(offs_m, offs_n, Lk, bh, seed_lo, seed_hi, offset, p_drop):
 
 
 @triton.jit
-def _visible(offs_m, offs_n, Lk, diag, wl, wr, WINDOWED: tl.constexpr):
-    ok = offs_n[None, :] < Lk
-    if WINDOWED:
-        d = offs_m[:, None] + diag
-        j = offs_n[None, :]
-        ok = ok & ((wl < 0) | (j >= d - wl)) & ((wr < 0) | (j <= d + wr))
-    return ok
-
-
-@triton.jit
 def _mask_scores(s, offs_m, offs_n, Mask, mask_base, smm, smn, Lq, Lk, diag, wl, wr, need,
                  MASK_KIND: tl.constexpr, WINDOWED: tl.constexpr):
     """Scores with everything a query may not see set to -inf: keys past Lk,
     outside the causal/window band, or hidden by the mask; a float mask is
-    added.  Mask tiles are read with the mask's own (broadcast) strides, and
-    only where `need` (a tile the lists mark fully visible reads nothing)."""
-    ok = _visible(offs_m, offs_n, Lk, diag, wl, wr, WINDOWED)
-    mptr = Mask + mask_base + offs_m[:, None] * smm + offs_n[None, :] * smn
+    added.  The mask is read only where `need` (a tile the lists mark fully
+    visible reads nothing)."""
     inb = (offs_m[:, None] < Lq) & (offs_n[None, :] < Lk)
     inb = inb & (tl.zeros_like(inb) | need)  # (broadcast spelled out for the interpreter)
-    if MASK_KIND == 1:
-        ok = ok & (tl.load(mptr, mask=inb, other=1) != 0)
-    if MASK_KIND == 2:
-        s = s + tl.load(mptr, mask=inb, other=0.0).to(tl.float32)
-    return tl.where(ok, s, float("-inf"))
+    return masked_scores(s, visible(offs_m, offs_n, Lk, diag, wl, wr, WINDOWED), offs_m, offs_n, Mask, mask_base,
+                         smm, smn, inb, MASK_KIND)
 
 
 @triton.jit
@@ -143,7 +115,7 @@ def _fwd_tile(acc, m_i, l_i, q, start_n, need, offs_m, K, V, Mask, k_base, v_bas
     offs_dv = tl.arange(0, BLOCK_DV)
     kt = tl.load(K + k_base + offs_n[None, :] * skn + offs_d[:, None] * skd,
                  mask=(offs_n[None, :] < Lk) & (offs_d[:, None] < E), other=0.0)  # (D, N)
-    s = _dot(q, kt, DOT) * scale
+    s = dot(q, kt, DOT) * scale
     s = _mask_scores(s, offs_m, offs_n, Mask, mask_base, smm, smn, Lq, Lk, diag, wl, wr, need,
                      MASK_KIND, WINDOWED)
     # NaN-propagating max (tl.max drops NaN): a NaN score must make its row NaN, not
@@ -157,7 +129,7 @@ def _fwd_tile(acc, m_i, l_i, q, start_n, need, offs_m, K, V, Mask, k_base, v_bas
         p = p * _dropout_scale(offs_m, offs_n, Lk, bh, seed_lo, seed_hi, rng_offset, p_drop)
     v = tl.load(V + v_base + offs_n[:, None] * svn + offs_dv[None, :] * svd,
                 mask=(offs_n[:, None] < Lk) & (offs_dv[None, :] < Ev), other=0.0)
-    acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, DOT)
+    acc = acc * alpha[:, None] + dot(p.to(v.dtype), v, DOT)
     return acc, m_new, l_i
 
 
@@ -191,7 +163,7 @@ def _fwd_kernel(Q, K, V, Mask, Blocks, Out, Lse,
     k_base = b * skb + hk * skh
     v_base = b * svb + hk * svh
     mask_base = b * smb + h * smh
-    if MASK_KIND == 0:
+    if MASK_KIND == MASK_NONE:
         lo, hi = _kv_range(start_m, BLOCK_M, BLOCK_N, Lk, diag, wl, wr, WINDOWED)
         for start_n in range(lo, hi, BLOCK_N):
             acc, m_i, l_i = _fwd_tile(
@@ -233,18 +205,18 @@ def _rows_tile(dq, delta_acc, q, do, lse, delta, start_n, need, offs_m, K, V, Ma
                 mask=(offs_n[:, None] < Lk) & (offs_d[None, :] < E), other=0.0)
     v = tl.load(V + v_base + offs_n[:, None] * svn + offs_dv[None, :] * svd,
                 mask=(offs_n[:, None] < Lk) & (offs_dv[None, :] < Ev), other=0.0)
-    s = _dot(q, tl.trans(k), DOT) * scale
+    s = dot(q, tl.trans(k), DOT) * scale
     s = _mask_scores(s, offs_m, offs_n, Mask, mask_base, smm, smn, Lq, Lk, diag, wl, wr, need,
                      MASK_KIND, WINDOWED)
     p = tl.exp(s - lse[:, None])  # masked: exp(-inf) = 0; dead rows have lse = +inf
-    dp = _dot(do, tl.trans(v), DOT)
+    dp = dot(do, tl.trans(v), DOT)
     if DROPOUT:
         dp = dp * _dropout_scale(offs_m, offs_n, Lk, bh, seed_lo, seed_hi, rng_offset, p_drop)
     if DELTA_PASS:
         delta_acc += tl.sum(p * dp, 1)
     else:
         ds = p * (dp - delta[:, None])
-        dq += _dot(ds.to(k.dtype), k, DOT)
+        dq += dot(ds.to(k.dtype), k, DOT)
     return dq, delta_acc
 
 
@@ -291,7 +263,7 @@ def _bwd_rows_kernel(Q, K, V, Mask, Blocks, DO, Lse, DLse, Delta, DQ,
     k_base = b * skb + hk * skh
     v_base = b * svb + hk * svh
     mask_base = b * smb + h * smh
-    if MASK_KIND == 0:
+    if MASK_KIND == MASK_NONE:
         lo, hi = _kv_range(start_m, BLOCK_M, BLOCK_N, Lk, diag, wl, wr, WINDOWED)
         for start_n in range(lo, hi, BLOCK_N):
             dq, delta_acc = _rows_tile(
@@ -338,22 +310,22 @@ def _dkdv_tile(dk, dv, k, v, start_m, need, offs_n, h, bh, b, Q, DO, Lse, Delta,
     lse = tl.load(Lse + bh * Lq + offs_m, mask=offs_m < Lq, other=float("inf"))
     lse = tl.where(lse == float("-inf"), float("inf"), lse)  # dead rows: P = 0
     delta = tl.load(Delta + bh * Lq + offs_m, mask=offs_m < Lq, other=0.0)
-    s = _dot(q, tl.trans(k), DOT) * scale
+    s = dot(q, tl.trans(k), DOT) * scale
     s = _mask_scores(s, offs_m, offs_n, Mask, b * smb + h * smh, smm, smn, Lq, Lk, diag, wl, wr,
                      need, MASK_KIND, WINDOWED)
     p = tl.exp(s - lse[:, None])  # (M, N); rows past Lq have lse = +inf: p = 0
     if DROPOUT:
         z = _dropout_scale(offs_m, offs_n, Lk, bh, seed_lo, seed_hi, rng_offset, p_drop)
-        dv += _dot(tl.trans(p * z).to(do.dtype), do, DOT)
-        dp = _dot(do, tl.trans(v), DOT) * z
+        dv += dot(tl.trans(p * z).to(do.dtype), do, DOT)
+        dp = dot(do, tl.trans(v), DOT) * z
     else:
-        dv += _dot(tl.trans(p).to(do.dtype), do, DOT)
-        dp = _dot(do, tl.trans(v), DOT)
+        dv += dot(tl.trans(p).to(do.dtype), do, DOT)
+        dp = dot(do, tl.trans(v), DOT)
     ds = p * (dp - delta[:, None])
     if MASK_GRAD:
         tl.store(DMask + bh * Lq * Lk + offs_m[:, None] * Lk + offs_n[None, :], ds,
                  mask=(offs_m[:, None] < Lq) & (offs_n[None, :] < Lk))
-    dk += _dot(tl.trans(ds).to(q.dtype), q, DOT)
+    dk += dot(tl.trans(ds).to(q.dtype), q, DOT)
     return dk, dv
 
 
@@ -387,7 +359,7 @@ def _bwd_dkdv_kernel(Q, K, V, Mask, BlocksT, DO, Lse, Delta, DK, DV, DMask,
     for g in range(0, group):
         h = hk * group + g
         bh = b * Hq + h
-        if MASK_KIND == 0:
+        if MASK_KIND == MASK_NONE:
             for start_m in range(lo, hi, BLOCK_M):
                 dk, dv = _dkdv_tile(
                     dk, dv, k, v, start_m, False, offs_n, h, bh, b, Q, DO, Lse, Delta, Mask, DMask,
@@ -418,8 +390,6 @@ def _bwd_dkdv_kernel(Q, K, V, Mask, BlocksT, DO, Lse, Delta, DK, DV, DMask,
 def _cells_any(x, cm, cn):
     """x (Bm, Hm, R, C) bool -> any() over cm x cn cells, ragged edges included.
     A dimension of size 1 stands for a broadcast one and gets one cell."""
-    import torch
-
     Bm, Hm, R, C = x.shape
     cm = 1 if R == 1 else cm
     cn = 1 if C == 1 else cn
@@ -433,8 +403,6 @@ def _cells_any(x, cm, cn):
 def _band_cells(nr, nc, cm, cn, Lq, Lk, diag, wl, wr, device):
     """(nr, nc) bool: cell (r, c) has some (i, j), i < Lq, j < Lk, with
     -wl <= j - (i + diag) <= wr (a negative bound is no bound)."""
-    import torch
-
     r0 = torch.arange(nr, device=device) * cm
     c0 = torch.arange(nc, device=device) * cn
     r1 = torch.clamp(r0 + cm - 1, max=Lq - 1)
@@ -450,8 +418,6 @@ def _band_cells(nr, nc, cm, cn, Lq, Lk, diag, wl, wr, device):
 def _records(vis, need):
     """(..., n) bool -> (..., n + 1) int32 records [count, 2 * index + need ...]
     of the visible cells, in index order."""
-    import torch
-
     count = vis.sum(-1, dtype=torch.int32)
     code = torch.arange(vis.shape[-1], device=vis.device, dtype=torch.int32) * 2 + need.to(torch.int32)
     order = torch.argsort((~vis).to(torch.uint8), dim=-1, stable=True)
@@ -470,8 +436,6 @@ def mask_block_lists(mask, cm, cn, diag=0, window_left=-1, window_right=-1, tran
     query rows.  Cells the mask hides entirely (bool all False, float all -inf)
     or that do not meet the causal/window band are not listed.  The mask is read
     once, at its own (unexpanded) extent."""
-    import torch
-
     B, H, Lq, Lk = mask.shape
     own = mask[tuple(slice(0, 1) if st == 0 else slice(None) for st in mask.stride())]
     if mask.dtype == torch.bool:
@@ -606,12 +570,6 @@ _dkdv_tuned = triton.autotune(_all_configs("dkdv"), key=_KEY + ["MASK_GRAD"],
                               prune_configs_by={"early_config_prune": _prune_dkdv})(_bwd_dkdv_kernel)
 
 
-def _interpreting():
-    import os
-
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
 def _length_key(n):
     return min(triton.next_power_of_2(max(n, 1)), 1 << 16)
 
@@ -622,12 +580,10 @@ class _Launch:
 
     def __init__(self, q, k, v, mask, window_left, window_right, bottom_right, dropout_p, seed, offset,
                  backward):
-        import torch
-
         self.B, self.Hq, self.Lq, E = q.shape
         self.Hkv, self.Lk, Ev = k.shape[1], k.shape[2], v.shape[3]
         self.diag = self.Lk - self.Lq if bottom_right else 0
-        self.interp = _interpreting()
+        self.interp = INTERPRETING
         self.cell = INTERP_CELL if self.interp else GPU_CELL
         if self.interp or q.device.type != "cuda":
             arch = 0
@@ -635,14 +591,12 @@ class _Launch:
             major, minor = torch.cuda.get_device_capability(q.device)
             arch = major * 10 + minor
         self.keys = (arch, _length_key(self.Lq), _length_key(self.Lk))
+        self.mask, self.mask_strides, kind = mask_args(q, mask)
         if mask is None:
-            self.mask, self.mask_strides, kind = q, (0, 0, 0, 0), MASK_NONE
             empty = torch.zeros((1,), dtype=torch.int32, device=q.device)  # not read
             self.lists = self.lists_t = empty
             self.list_strides = self.list_t_strides = (0, 0, 0)
         else:
-            kind = MASK_FLOAT if mask.dtype.is_floating_point else MASK_BOOL
-            self.mask, self.mask_strides = mask, tuple(mask.stride())
             self.lists, self.lists_t = mask_block_lists(mask, *self.cell, self.diag, window_left, window_right,
                                                         transposed=backward)
             self.list_strides = tuple(self.lists.stride()[:3])
@@ -651,32 +605,20 @@ class _Launch:
         self.meta = dict(E=E, Ev=Ev, BLOCK_D=max(16, triton.next_power_of_2(E)),
                          BLOCK_DV=max(16, triton.next_power_of_2(Ev)), SUM_M=self.cell[0], SUM_N=self.cell[1],
                          MASK_KIND=kind, WINDOWED=window_left >= 0 or window_right >= 0,
-                         DOT=_dot_mode(q.dtype), DROPOUT=dropout_p > 0)
+                         DOT=dot_mode(q.dtype), DROPOUT=dropout_p > 0)
         self.window = (window_left, window_right)
 
     def kernel(self, plain, tuned):
         """(kernel, extra meta): the fixed-tile kernel under the interpreter."""
         if self.interp:
-            bm, bn = INTERP_TILE[self.meta["MASK_KIND"] != MASK_NONE]
+            bm, bn = INTERP_TILE[self.meta["MASK_KIND"] != MASK_NONE.value]
             return plain, dict(BLOCK_M=bm, BLOCK_N=bn)
         return tuned, {}
-
-
-def _dot_mode(dtype):
-    import torch
-
-    if dtype == torch.float32:
-        return DOT_IEEE
-    if dtype == torch.bfloat16 and _interpreting():
-        return DOT_UPCAST
-    return DOT_NATIVE
 
 
 def attention_fwd(q, k, v, mask, scale, window_left, window_right, bottom_right, dropout_p=0.0, seed=0,
                   offset=0, launch=None):
     """(out, lse): out (B, Hq, Lq, Ev) contiguous, lse (B, Hq, Lq) float32."""
-    import torch
-
     wrap = launch or (lambda kern: kern)
     L = _Launch(q, k, v, mask, window_left, window_right, bottom_right, dropout_p, seed, offset, False)
     out = torch.empty((L.B, L.Hq, L.Lq, v.shape[3]), dtype=q.dtype, device=q.device)
@@ -696,8 +638,6 @@ def attention_bwd(dout, q, k, v, out, lse, dlse, mask, scale, window_left, windo
 
     delta: the caller's rowsum(dout * out), float32 (B, Hq, Lq), in place of the
     kernels' rowsum(P * dP) (ring attention: P covers only some of a row's keys)."""
-    import torch
-
     wrap = launch or (lambda kern: kern)
     L = _Launch(q, k, v, mask, window_left, window_right, bottom_right, dropout_p, seed, offset, True)
     B, Hq, Hkv, Lq, Lk = L.B, L.Hq, L.Hkv, L.Lq, L.Lk
@@ -732,3 +672,46 @@ def attention_bwd(dout, q, k, v, out, lse, dlse, mask, scale, window_left, windo
         *L.keys, **L.meta, **dkdv_extra, MASK_GRAD=mask_grad)
     rows_pass(False)
     return dq, dk, dv, dmask
+
+
+# ---------------------------------------------------------------------------
+# The torch ops.  `triton_op`s: the body launches the kernels through
+# `wrap_triton` (common.launcher), so torch.compile sees inside them and the
+# body doubles as the fake kernel.  Autograd links the two.
+# ---------------------------------------------------------------------------
+@triton_op("attnfast::triton_fwd", mutates_args=())
+def triton_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None,
+               scale: float, window_left: int, window_right: int, bottom_right: bool,
+               dropout_p: float, seed: int, offset: int) -> tuple[torch.Tensor, torch.Tensor]:
+    return attention_fwd(q, k, v, attn_mask, scale, window_left, window_right, bottom_right,
+                         dropout_p, seed, offset, launch=launcher(q))
+
+
+@triton_op("attnfast::triton_bwd", mutates_args=())
+def triton_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+               lse: torch.Tensor, dlse: torch.Tensor | None, attn_mask: torch.Tensor | None,
+               scale: float, window_left: int,
+               window_right: int, bottom_right: bool, mask_grad: bool, dropout_p: float, seed: int,
+               offset: int, delta: torch.Tensor | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    return attention_bwd(dout, q, k, v, out, lse, dlse, attn_mask, scale, window_left, window_right,
+                         bottom_right, mask_grad, dropout_p, seed, offset, launch=launcher(q), delta=delta)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, attn_mask, scale, wl, wr, br, dropout_p, seed, offset = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, attn_mask, out, lse)
+    ctx.args = (scale, wl, wr, br, dropout_p, seed, offset)
+
+
+def _backward(ctx, dout, dlse):
+    q, k, v, attn_mask, out, lse = ctx.saved_tensors
+    scale, wl, wr, br, dropout_p, seed, offset = ctx.args
+    mask_grad = attn_mask is not None and attn_mask.is_floating_point() and ctx.needs_input_grad[3]
+    dq, dk, dv, dmask = torch.ops.attnfast.triton_bwd(
+        dout, q, k, v, out, lse, dlse, attn_mask, scale, wl, wr, br, mask_grad, dropout_p, seed, offset)
+    return (dq, dk, dv, (dmask.to(attn_mask.dtype) if mask_grad else None)) + (None,) * 7
+
+
+triton_fwd.register_autograd(_backward, setup_context=_setup_context)

@@ -30,6 +30,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 
 from . import attention as A
+from .common import DOT_IEEE, DOT_NATIVE, MASK_BOOL, MASK_FLOAT, MASK_NONE
 
 SHARED_LIMIT = {80: 163 * 1024, 86: 99 * 1024, 90: 227 * 1024}  # opt-in shared memory per block
 KERNELS = {"fwd": A._fwd_kernel, "rows": A._bwd_rows_kernel, "dkdv": A._bwd_dkdv_kernel}
@@ -84,7 +85,7 @@ def compile_one(kind, arch, cfg, head, dtype="bf16", mask_kind=0, windowed=True)
     sig, attrs = _signature(fn, _DTYPE[dtype], mask_kind)
     consts = dict(E=head, Ev=head, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=head, BLOCK_DV=head,
                   SUM_M=A.GPU_CELL[0], SUM_N=A.GPU_CELL[1], MASK_KIND=mask_kind, WINDOWED=windowed,
-                  DOT=A.DOT_IEEE if dtype == "fp32" else A.DOT_NATIVE, DROPOUT=False)
+                  DOT=(DOT_IEEE if dtype == "fp32" else DOT_NATIVE).value, DROPOUT=False)
     if kind == "rows":
         consts.update(HAS_DLSE=False, DELTA_PASS=False)
     if kind == "dkdv":
@@ -209,7 +210,7 @@ def main(argv=None):
         for arch in map(int, a.archs.split(",")):
             for head in map(int, a.heads.split(",")):
                 for mask in a.masks.split(","):
-                    mk = {"none": A.MASK_NONE, "bool": A.MASK_BOOL, "float": A.MASK_FLOAT}[mask]
+                    mk = {"none": MASK_NONE, "bool": MASK_BOOL, "float": MASK_FLOAT}[mask].value
                     table = A.TUNING[kind][A.gpu_class(arch)][head]
                     for i, cfg in enumerate(table[:1] if a.first else table):
                         r = compile_one(kind, arch, cfg, head, a.dtype, mk)

@@ -23,19 +23,21 @@ and takes a softmax over those.  No kernel holds the (Lq, Lk) score matrix:
 
 Memory is O(Lq * top_k) (idx) besides the inputs and outputs.  Layers as in
 triton_kernels/attention.py: jit kernels, plain launchers (`topk_fwd`,
-`topk_bwd`), the op registration in attnfast/triton_topk.py.  Tensors are
+`topk_bwd`), and the torch ops with their autograd (the end of this file).  Tensors are
 4-D: q (B, Hq, Lq, E), k (B, Hkv, Lk, E), v (B, Hkv, Lk, Ev) (query head h
 reads key/value head h // (Hq // Hkv)), the mask (B, Hq, Lq, Lk) with
 stride 0 where it broadcasts.  All arithmetic is float32: the selection's
 scores are tl.dot products (IEEE for float32 inputs, float32 accumulation
 of exact half products otherwise), the gather kernels upcast on load.
 """
+import math
+
+import torch
 import triton
 import triton.language as tl
+from torch.library import triton_op
 
-from .attention import _dot, _dot_mode
-
-MASK_NONE, MASK_BOOL, MASK_FLOAT = 0, 1, 2
+from .common import INTERPRETING, MASK_FLOAT, dot, dot_mode, launcher, mask_args, masked_scores, visible
 
 # Sort key of a hidden or padded entry: below every visible key (whose high
 # word is at least ordered(-FLT_MAX) = -2139095040), and all equal.
@@ -100,17 +102,11 @@ def _select_kernel(Q, K, Mask, Idx,
         offs_n = start_n + tl.arange(0, W)
         kt = tl.load(K + k_base + offs_n[None, :] * skn + offs_d[:, None] * skd,
                      mask=(offs_n[None, :] < Lk) & (offs_d[:, None] < E), other=0.0)  # (D, W)
-        s = _dot(q, kt, DOT) * scale  # (M, W) float32
-        ok = offs_n[None, :] < Lk
-        if CAUSAL:
-            ok = ok & (offs_n[None, :] <= offs_m[:, None])
+        s = dot(q, kt, DOT) * scale  # (M, W) float32
         inb = (offs_m[:, None] < Lq) & (offs_n[None, :] < Lk)
-        mptr = Mask + mask_base + offs_m[:, None] * smm + offs_n[None, :] * smn
-        if MASK_KIND == 1:
-            ok = ok & (tl.load(mptr, mask=inb, other=0) != 0)
-        if MASK_KIND == 2:
-            s = s + tl.load(mptr, mask=inb, other=0.0).to(tl.float32)
-        keys = _sort_keys(tl.where(ok, s, float("-inf")), offs_n)
+        s = masked_scores(s, visible(offs_m, offs_n, Lk, 0, -1, 0, CAUSAL), offs_m, offs_n, Mask, mask_base, smm,
+                          smn, inb, MASK_KIND)
+        keys = _sort_keys(s, offs_n)
         # bitonic sort of the tile, ascending: at stage st, runs of 2**st columns
         # are sorted, ascending where bit st of the column is 0 (the last: all).
         # Runtime loops, not static_range: unrolled, the 64-wide network
@@ -182,16 +178,10 @@ def _threshold_select_kernel(Q, K, Mask, Idx,
         offs_n = (t % n_tiles) * BLOCK_N + tl.arange(0, BLOCK_N)
         kt = tl.load(K + k_base + offs_n[None, :] * skn + offs_d[:, None] * skd,
                      mask=(offs_n[None, :] < Lk) & (offs_d[:, None] < E), other=0.0)  # (D, N)
-        s = _dot(q, kt, DOT) * scale
-        vis = row_ok[:, None] & (offs_n[None, :] < Lk)
-        if CAUSAL:
-            vis = vis & (offs_n[None, :] <= offs_m[:, None])
-        mptr = Mask + mask_base + offs_m[:, None] * smm + offs_n[None, :] * smn
-        if MASK_KIND == 1:
-            vis = vis & (tl.load(mptr, mask=vis, other=0) != 0)
-        if MASK_KIND == 2:
-            s = s + tl.load(mptr, mask=vis, other=0.0).to(tl.float32)
-        vis = vis & (s != float("-inf"))
+        s = dot(q, kt, DOT) * scale
+        vis = row_ok[:, None] & visible(offs_m, offs_n, Lk, 0, -1, 0, CAUSAL)
+        s = masked_scores(s, vis, offs_m, offs_n, Mask, mask_base, smm, smn, vis, MASK_KIND)
+        vis = s != float("-inf")
         # the order-preserving image of _sort_keys, shifted to [0, 2**32)
         s = tl.where(s == 0.0, 0.0, s)
         bits = s.to(tl.int32, bitcast=True)
@@ -261,7 +251,7 @@ def _fwd_kernel(Q, K, V, Mask, Idx, Out, Lse,
         k3 = tl.load(K + k_base + jn * skn + offs_d[None, None, :] * skd,
                      mask=ok[:, :, None] & (offs_d[None, None, :] < E), other=0.0).to(tl.float32)  # (M, C, D)
         s = tl.sum(q[:, None, :] * k3, 2) * scale
-        if MASK_KIND == 2:  # the choice already excludes every hidden key
+        if MASK_KIND == MASK_FLOAT:  # the choice already excludes every hidden key
             s = s + tl.load(Mask + mask_base + offs_m[:, None] * smm + j.to(tl.int64) * smn,
                             mask=ok, other=0.0).to(tl.float32)
         s = tl.where(ok, s, float("-inf"))
@@ -331,7 +321,7 @@ def _bwd_kernel(Q, K, V, Mask, Idx, DO, Lse, DLse, DQ, DK, DV,
             k3 = tl.load(K + k_base + jn * skn + offs_d[None, None, :] * skd,
                          mask=ok[:, :, None] & (offs_d[None, None, :] < E), other=0.0).to(tl.float32)
             s = tl.sum(q[:, None, :] * k3, 2) * scale
-            if MASK_KIND == 2:
+            if MASK_KIND == MASK_FLOAT:
                 s = s + tl.load(Mask + mask_base + offs_m[:, None] * smm + j.to(tl.int64) * smn,
                                 mask=ok, other=0.0).to(tl.float32)
             p = tl.exp(tl.where(ok, s, float("-inf")) - lse[:, None])
@@ -383,19 +373,6 @@ GATHER_ELEMENTS = {False: 4096, True: 1 << 18}
 INTERP_ROWS = 128
 
 
-def _interpreting():
-    import os
-
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
-def _mask_args(q, mask):
-    """(tensor, strides, kind) of the mask argument; q stands in (never read) without one."""
-    if mask is None:
-        return q, (0, 0, 0, 0), MASK_NONE
-    return mask, tuple(mask.stride()), (MASK_FLOAT if mask.dtype.is_floating_point else MASK_BOOL)
-
-
 def _select_tiles(Lq, top_k, interp):
     """(BLOCK_M, W) of the buffer path."""
     W = max(triton.next_power_of_2(top_k), SELECT_MIN_W)
@@ -406,8 +383,6 @@ def _select_tiles(Lq, top_k, interp):
 
 def _buffer_path(top_k, block_d, dtype):
     """Whether the selection takes the candidate buffer (else the threshold search)."""
-    import torch
-
     W = max(triton.next_power_of_2(top_k), SELECT_MIN_W)
     return top_k <= BITONIC_MAX_K and W * block_d * (4 if dtype == torch.float32 else 2) <= SELECT_TILE_BYTES
 
@@ -423,19 +398,17 @@ def _gather_tiles(Lq, top_k, block_d, block_dv, interp):
 def select_topk(q, k, mask, causal, scale, top_k, launch=None):
     """idx (B, Hq, Lq, top_k) int32: each row's chosen key indices (best first up to
     BITONIC_MAX_K, in key order above), -1 in the slots past a row's visible keys."""
-    import torch
-
     wrap = launch or (lambda kern: kern)
     B, Hq, Lq, E = q.shape
     Hkv, Lk = k.shape[1], k.shape[2]
     idx = torch.empty((B, Hq, Lq, top_k), dtype=torch.int32, device=q.device)
     if idx.numel() == 0:
         return idx
-    interp = _interpreting()
-    m, mstrides, kind = _mask_args(q, mask)
+    interp = INTERPRETING
+    m, mstrides, kind = mask_args(q, mask)
     block_d = max(16, triton.next_power_of_2(E))
     common = (q, k, m, idx, *q.stride(), *k.stride(), *mstrides, Hq, Lq, Lk, Hq // Hkv, scale, top_k)
-    meta = dict(E=E, BLOCK_D=block_d, MASK_KIND=kind, CAUSAL=bool(causal), DOT=_dot_mode(q.dtype))
+    meta = dict(E=E, BLOCK_D=block_d, MASK_KIND=kind, CAUSAL=bool(causal), DOT=dot_mode(q.dtype))
     if _buffer_path(top_k, block_d, q.dtype):
         block_m, W = _select_tiles(Lq, top_k, interp)
         wrap(_select_kernel)[(triton.cdiv(Lq, block_m), B * Hq)](
@@ -452,8 +425,6 @@ def select_topk(q, k, mask, causal, scale, top_k, launch=None):
 def topk_fwd(q, k, v, mask, causal, scale, top_k, launch=None):
     """(out, lse, idx): out (B, Hq, Lq, Ev) contiguous in q's dtype, lse (B, Hq, Lq)
     float32 (-inf for rows with no visible key), idx as `select_topk`."""
-    import torch
-
     wrap = launch or (lambda kern: kern)
     B, Hq, Lq, E = q.shape
     Hkv, Ev = k.shape[1], v.shape[3]
@@ -462,9 +433,9 @@ def topk_fwd(q, k, v, mask, causal, scale, top_k, launch=None):
     lse = torch.empty((B, Hq, Lq), dtype=torch.float32, device=q.device)
     if lse.numel() == 0:
         return out, lse, idx
-    m, mstrides, kind = _mask_args(q, mask)
+    m, mstrides, kind = mask_args(q, mask)
     block_d, block_dv = max(16, triton.next_power_of_2(E)), max(16, triton.next_power_of_2(Ev))
-    block_m, block_c = _gather_tiles(Lq, top_k, block_d, block_dv, _interpreting())
+    block_m, block_c = _gather_tiles(Lq, top_k, block_d, block_dv, INTERPRETING)
     wrap(_fwd_kernel)[(triton.cdiv(Lq, block_m), B * Hq)](
         q, k, v, m, idx, out, lse, *q.stride(), *k.stride(), *v.stride(), *mstrides, *out.stride(),
         Hq, Lq, Hq // Hkv, scale, top_k, E=E, Ev=Ev, BLOCK_M=block_m, BLOCK_C=block_c, BLOCK_D=block_d,
@@ -476,8 +447,6 @@ def topk_bwd(dout, q, k, v, mask, scale, out, lse, idx, dlse=None, launch=None):
     """(dq, dk, dv), contiguous in q's dtype: the straight-through backward of
     `topk_fwd` (idx held fixed).  `out` is not read (delta comes from P and dP);
     dlse, when given, is the gradient of lse."""
-    import torch
-
     wrap = launch or (lambda kern: kern)
     B, Hq, Lq, E = q.shape
     Hkv, Lk, Ev = k.shape[1], k.shape[2], v.shape[3]
@@ -487,9 +456,9 @@ def topk_bwd(dout, q, k, v, mask, scale, out, lse, idx, dlse=None, launch=None):
     dk = torch.zeros((B, Hkv, Lk, E), dtype=torch.float32, device=q.device)
     dv = torch.zeros((B, Hkv, Lk, Ev), dtype=torch.float32, device=q.device)
     if B * Hq * Lq > 0:
-        m, mstrides, kind = _mask_args(q, mask)
+        m, mstrides, kind = mask_args(q, mask)
         block_d, block_dv = max(16, triton.next_power_of_2(E)), max(16, triton.next_power_of_2(Ev))
-        block_m, block_c = _gather_tiles(Lq, top_k, block_d, block_dv, _interpreting())
+        block_m, block_c = _gather_tiles(Lq, top_k, block_d, block_dv, INTERPRETING)
         idx = idx.contiguous()  # idx, lse, dlse are indexed as (B * Hq, Lq, ...)
         lse = lse.contiguous()
         dlse_arg = dlse.contiguous() if dlse is not None else lse
@@ -499,3 +468,104 @@ def topk_bwd(dout, q, k, v, mask, scale, out, lse, idx, dlse=None, launch=None):
             BLOCK_M=block_m, BLOCK_C=block_c, BLOCK_D=block_d, BLOCK_DV=block_dv, MASK_KIND=kind,
             HAS_DLSE=dlse is not None, num_warps=4)
     return dq, dk.to(q.dtype), dv.to(q.dtype)
+
+
+# ---------------------------------------------------------------------------
+# The torch ops: `attnfast::triton_topk_fwd` / `attnfast::triton_topk_bwd` are
+# `triton_op`s (the body launches the kernels through `wrap_triton`, see
+# common.launcher, so torch.compile sees inside them and the body doubles as
+# the fake kernel); autograd links the two.  Semantics are those of
+# `attnfast.reference.topk_attention_ref`.
+# ---------------------------------------------------------------------------
+DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def _check(q, k, v, mask, top_k):
+    """Clear errors for what the kernels cannot take (4-D tensors only)."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if t.dim() != 4:
+            raise ValueError(f"{name} must be 4-D (B, H, L, E), got shape {tuple(t.shape)}")
+        if t.dtype not in DTYPES:
+            raise TypeError(f"{name} must be float16, bfloat16 or float32, got {t.dtype}")
+        if t.dtype != q.dtype or t.device != q.device:
+            raise TypeError(f"{name} ({t.dtype}, {t.device}) must match q ({q.dtype}, {q.device})")
+    B, Hq, Lq, E = q.shape
+    if k.shape[0] != B or k.shape[3] != E or v.shape[:3] != k.shape[:3]:
+        raise ValueError(f"k must be (B, Hkv, Lk, E) = ({B}, Hkv, Lk, {E}) and v (B, Hkv, Lk, Ev) with k's "
+                         f"first three dims; got q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
+    Hkv, Lk = k.shape[1], k.shape[2]
+    if Hkv == 0 or Hq % Hkv:
+        raise ValueError(f"query heads ({Hq}) must be a multiple of key/value heads ({Hkv})")
+    if isinstance(top_k, bool) or not isinstance(top_k, int) or not 1 <= top_k <= Lk:
+        raise ValueError(f"top_k must be an int in [1, Lk] = [1, {Lk}], got {top_k!r}")
+    if mask is not None:
+        if tuple(mask.shape) != (B, Hq, Lq, Lk):
+            raise ValueError(f"mask must be expanded to (B, Hq, Lq, Lk) = {(B, Hq, Lq, Lk)}, got {tuple(mask.shape)}")
+        if mask.dtype != torch.bool and mask.dtype != q.dtype:
+            raise TypeError(f"mask must be bool or q's dtype {q.dtype}, got {mask.dtype}")
+        if mask.device != q.device:
+            raise ValueError(f"mask is on {mask.device} but q is on {q.device}")
+
+
+@triton_op("attnfast::triton_topk_fwd", mutates_args=())
+def triton_topk_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+                    causal: bool, scale: float, top_k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(out (B, Hq, Lq, Ev) in q's dtype, lse (B, Hq, Lq) float32, idx (B, Hq, Lq, top_k)
+    int32: the chosen keys, best first, -1 in the slots past a row's visible keys)."""
+    _check(q, k, v, mask, top_k)
+    return topk_fwd(q, k, v, mask, causal, scale, top_k, launch=launcher(q))
+
+
+@triton_op("attnfast::triton_topk_bwd", mutates_args=())
+def triton_topk_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                    mask: torch.Tensor | None, scale: float, out: torch.Tensor, lse: torch.Tensor,
+                    idx: torch.Tensor, dlse: torch.Tensor | None
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dq, dk, dv) of the forward with the choice `idx` held fixed; dlse, when given,
+    is the gradient of lse."""
+    return topk_bwd(dout, q, k, v, mask, scale, out, lse, idx, dlse, launch=launcher(q))
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, mask, causal, scale, top_k = inputs
+    out, lse, idx = output
+    ctx.save_for_backward(q, k, v, mask, out, lse, idx)
+    ctx.scale = scale
+
+
+def _backward(ctx, dout, dlse, _didx):
+    q, k, v, mask, out, lse, idx = ctx.saved_tensors
+    if dout is None:
+        dout = torch.zeros_like(out)
+    dq, dk, dv = torch.ops.attnfast.triton_topk_bwd(dout, q, k, v, mask, ctx.scale, out, lse, idx, dlse)
+    return dq, dk, dv, None, None, None, None
+
+
+triton_topk_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+def triton_topk_attention(q, k, v, top_k, mask=None, causal=False, scale=None):
+    """(out, lse) of hard top-k attention on 4-D tensors through the Triton ops.
+
+    q (B, Hq, Lq, E), k (B, Hkv, Lk, E), v (B, Hkv, Lk, Ev), Hq a multiple of
+    Hkv; mask bool (True takes part) or float of q's dtype (added to the
+    scores), broadcastable to (B, Hq, Lq, Lk) (expanded without a copy);
+    causal: key j visible from query i iff j <= i; scale default 1/sqrt(E).
+    Differentiable in q, k, v (and through lse)."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor) or t.dim() != 4:
+            raise ValueError(f"{name} must be a 4-D tensor (B, H, L, E), got "
+                             f"{tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__}")
+    B, Hq, Lq = q.shape[:3]
+    if mask is not None:
+        if not isinstance(mask, torch.Tensor):
+            raise TypeError(f"mask must be a torch.Tensor or None, got {type(mask).__name__}")
+        try:
+            mask = mask.expand(B, Hq, Lq, k.shape[-2])
+        except RuntimeError as e:
+            raise ValueError(f"mask of shape {tuple(mask.shape)} does not broadcast to "
+                             f"(B, Hq, Lq, Lk) = {(B, Hq, Lq, k.shape[-2])}") from e
+    if scale is None:
+        scale = 1.0 / math.sqrt(q.shape[-1]) if q.shape[-1] else 1.0
+    out, lse, _ = torch.ops.attnfast.triton_topk_fwd(q, k, v, mask, bool(causal), float(scale), top_k)
+    return out, lse

@@ -123,7 +123,7 @@ def test_compile_fullgraph_cuda():
 
 
 def test_opcheck_cuda():
-    from attnfast import triton_ops  # noqa: F401
+    from attnfast.triton_kernels import attention  # noqa: F401  (registers the ops)
 
     q = torch.randn(1, 67, 2, 64, device="cuda", dtype=torch.float16).transpose(1, 2).requires_grad_()
     k = torch.randn(1, 90, 2, 64, device="cuda", dtype=torch.float16).transpose(1, 2).requires_grad_()

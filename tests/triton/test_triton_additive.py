@@ -11,7 +11,6 @@ import torch
 
 pytest.importorskip("triton")
 
-from attnfast import triton_additive  # noqa: E402,F401  (registers the ops)
 from attnfast.reference import additive_attention_ref  # noqa: E402
 from cases import check_parity  # noqa: E402
 from attnfast.triton_kernels import additive as K  # noqa: E402

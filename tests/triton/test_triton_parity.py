@@ -68,7 +68,7 @@ def test_lse_gradient():
 
 
 def test_opcheck():
-    from attnfast import triton_ops  # noqa: F401
+    from attnfast.triton_kernels import attention  # noqa: F401  (registers the ops)
 
     q = torch.randn(1, 17, 2, 32, device=DEVICE).transpose(1, 2)
     k = torch.randn(1, 23, 2, 32, device=DEVICE).transpose(1, 2)
@@ -84,7 +84,7 @@ def test_opcheck():
 def test_bwd_with_given_delta_splits_over_key_blocks():
     """Backward calls on key blocks with the whole rows' lse (strided: sliced from the whole
     call's) and delta add up to the whole backward (what ring attention relies on)."""
-    from attnfast import triton_ops  # noqa: F401
+    from attnfast.triton_kernels import attention  # noqa: F401  (registers the ops)
 
     q = torch.randn(1, 2, 24, 16, device=DEVICE)
     k, v = (torch.randn(1, 1, 24, 16, device=DEVICE) for _ in range(2))

@@ -10,7 +10,7 @@ from cases import check_parity
 
 pytest.importorskip("triton")
 from attnfast.triton_kernels import topk as topk_kernels  # noqa: E402
-from attnfast.triton_topk import triton_topk_attention  # noqa: E402  (registers the ops)
+from attnfast.triton_kernels.topk import triton_topk_attention  # noqa: E402  (registers the ops)
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import attnfast
-from attnfast import variants
+from attnfast import chunked
 from attnfast.reference import additive_attention_ref, topk_attention_ref, topk_select
 from cases import check_parity
 
@@ -24,13 +24,13 @@ needs_ext = pytest.mark.skipif(not attnfast.ops.loaded(), reason="extension not 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("case", ADDITIVE)
-@pytest.mark.parametrize("backend", [pytest.param("cpu", marks=needs_ext), "torch", "torch-small-chunks"])
+@pytest.mark.parametrize("backend", [pytest.param("cpu", marks=needs_ext), "reference", "reference-small-chunks"])
 def test_additive_parity(case, dtype, backend, monkeypatch):
     if backend == "cpu" and dtype == torch.float64:
-        pytest.skip("the fused kernel serves float32 and half types (float64 runs the torch path)")
-    if backend == "torch-small-chunks":
-        monkeypatch.setattr(variants, "CHUNK_ELEMENTS", 40)
-        backend = "torch"
+        pytest.skip("the fused kernel serves float32 and half types (float64 runs the reference path)")
+    if backend == "reference-small-chunks":
+        monkeypatch.setattr(chunked, "CHUNK_ELEMENTS", 40)
+        backend = "reference"
     B, H, Lq, Lk, Eq, Ek, Ev, Da, per_head, mask_kind, causal = case
     q, k, v = torch.randn(B, H, Lq, Eq), torch.randn(B, H, Lk, Ek), torch.randn(B, H, Lk, Ev)
     lead = (H,) if per_head else ()
@@ -54,7 +54,7 @@ def test_additive_parity(case, dtype, backend, monkeypatch):
     check_parity(run, ref, ins)
 
 
-@pytest.mark.parametrize("backend", [pytest.param("cpu", marks=needs_ext), "torch",
+@pytest.mark.parametrize("backend", [pytest.param("cpu", marks=needs_ext), "reference",
                                      pytest.param("triton", marks=pytest.mark.skipif(
                                          not attnfast.backends()["triton"].available,
                                          reason="triton backend unavailable"))])
@@ -79,13 +79,15 @@ def test_additive_backend_choice():
     with pytest.raises(attnfast.BackendUnavailableError, match="the fused additive kernel takes float32, bfloat16, float16"):
         attnfast.additive_attention(q, q, q, w, w, w[0], backend="cpu")
     with pytest.raises(ValueError, match="backend must be one of"):
+        attnfast.additive_attention(q, q, q, w, w, w[0], backend="tpu")
+    with pytest.raises(attnfast.BackendUnavailableError, match="backend='cuda' cannot serve this call: it has no additive kernels"):
         attnfast.additive_attention(q, q, q, w, w, w[0], backend="cuda")
     with pytest.raises(attnfast.BackendUnavailableError, match="float64 is not supported"):
         attnfast.additive_attention(q, q, q, w, w, w[0], backend="triton")
     bias = torch.randn(3, 3, dtype=torch.float64, requires_grad=True)
     with pytest.raises(attnfast.BackendUnavailableError, match="no gradient to a float attn_mask"):
         attnfast.topk_attention(q, q, q, 2, attn_mask=bias, backend="cpu")
-    # By default a mask that needs a gradient takes the torch path, and gets one.
+    # By default a mask that needs a gradient takes the reference path, and gets one.
     attnfast.topk_attention(q, q, q, 2, attn_mask=bias).sum().backward()
     assert bias.grad is not None and bias.grad.abs().sum() > 0
 
@@ -137,12 +139,12 @@ TOPK = [  # (B, Hq, Hkv, Lq, Lk, E, Ev, top_k, mask, causal)
 
 @pytest.mark.parametrize("dtype", DTYPES + [torch.float16], ids=str)
 @pytest.mark.parametrize("case", TOPK)
-@pytest.mark.parametrize("backend", [pytest.param("cpu", marks=needs_ext), "torch", "torch-small-chunks"])
+@pytest.mark.parametrize("backend", [pytest.param("cpu", marks=needs_ext), "reference", "reference-small-chunks"])
 def test_topk_parity(case, dtype, backend, monkeypatch):
-    if backend == "torch-small-chunks":
-        monkeypatch.setattr(variants, "CHUNK_ELEMENTS", 50)
-        backend = "torch"
-    elif dtype == torch.float16 and backend == "torch":
+    if backend == "reference-small-chunks":
+        monkeypatch.setattr(chunked, "CHUNK_ELEMENTS", 50)
+        backend = "reference"
+    elif dtype == torch.float16 and backend == "reference":
         pytest.skip("float16 runs on the fused kernel's test only")
     B, Hq, Hkv, Lq, Lk, E, Ev, top_k, mask_kind, causal = case
     q, k, v = torch.randn(B, Hq, Lq, E), torch.randn(B, Hkv, Lk, E), torch.randn(B, Hkv, Lk, Ev)

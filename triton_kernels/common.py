@@ -1,0 +1,107 @@
+"""What the Triton kernels of every family share: the interpreter check, the mask
+kinds and mask scoring, the dot helper, and the launcher the ops use.
+
+Masks reach the kernels as a pointer with (B, H, Lq, Lk) strides (stride 0 where
+they broadcast) and a compile-time MASK_KIND: MASK_BOOL (True = the key takes
+part) or MASK_FLOAT (added to the scores; -inf hides).  Visibility is a band
+around the diagonal d = i + diag: key j is visible from query i iff j < Lk and,
+when BANDED, (wl < 0 or j >= d - wl) and (wr < 0 or j <= d + wr); top-left
+causal is diag = 0, wl = -1, wr = 0.
+"""
+import triton
+import triton.language as tl
+
+from ..facts import FACTS
+
+# TRITON_INTERPRET=1: the kernels run on CPU tensors, in Python (read once, as Triton does).
+INTERPRETING = FACTS.triton_interpreting
+
+MASK_NONE = tl.constexpr(0)
+MASK_BOOL = tl.constexpr(1)
+MASK_FLOAT = tl.constexpr(2)
+
+# How tl.dot runs: native (tf32 for float32 on GPUs is not used: see below),
+# IEEE float32, or upcast to float32 first.  float32 inputs use IEEE (no tf32:
+# the parity rule is derived for true float32).  Under TRITON_INTERPRET=1 the
+# interpreter's bf16 dot is wrong (a 16x16 bf16 dot came out ~1e10 off in
+# triton 3.9), so there bf16 operands are upcast; GPU runs keep bf16 dots.
+DOT_NATIVE, DOT_IEEE, DOT_UPCAST = tl.constexpr(0), tl.constexpr(1), tl.constexpr(2)
+
+
+def mask_kind(mask):
+    """The MASK_KIND (an int) of a mask tensor or None."""
+    if mask is None:
+        return MASK_NONE.value
+    return (MASK_FLOAT if mask.dtype.is_floating_point else MASK_BOOL).value
+
+
+def mask_args(q, mask):
+    """(tensor, strides, kind) of a kernel's mask arguments; q stands in (never read) without one."""
+    if mask is None:
+        return q, (0, 0, 0, 0), MASK_NONE.value
+    return mask, tuple(mask.stride()), mask_kind(mask)
+
+
+def dot_mode(dtype):
+    """The DOT of a kernel whose operands have `dtype`."""
+    import torch
+
+    if dtype == torch.float32:
+        return DOT_IEEE.value
+    if dtype == torch.bfloat16 and INTERPRETING:
+        return DOT_UPCAST.value
+    return DOT_NATIVE.value
+
+
+@triton.jit
+def dot(a, b, DOT: tl.constexpr):
+    if DOT == DOT_UPCAST:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    elif DOT == DOT_IEEE:
+        return tl.dot(a, b, input_precision="ieee")
+    else:
+        return tl.dot(a, b)
+
+
+@triton.jit
+def visible(offs_m, offs_n, Lk, diag, wl, wr, BANDED: tl.constexpr):
+    """(M, N) bool: key offs_n visible from query offs_m (keys past Lk never are)."""
+    ok = offs_n[None, :] < Lk
+    if BANDED:
+        d = offs_m[:, None] + diag
+        j = offs_n[None, :]
+        ok = ok & ((wl < 0) | (j >= d - wl)) & ((wr < 0) | (j <= d + wr))
+    return ok
+
+
+@triton.jit
+def masked_scores(s, ok, offs_m, offs_n, Mask, mask_base, smm, smn, read, MASK_KIND: tl.constexpr):
+    """Scores s (M, N) with every entry not `ok` or hidden by a bool mask at -inf, and a
+    float mask added (in s's dtype).  The mask tile is read with the mask's own
+    (broadcast) strides, only where `read` (elsewhere a bool mask counts as True)."""
+    mptr = Mask + mask_base + offs_m[:, None] * smm + offs_n[None, :] * smn
+    if MASK_KIND == MASK_BOOL:
+        ok = ok & (tl.load(mptr, mask=read, other=1) != 0)
+    if MASK_KIND == MASK_FLOAT:
+        s = s + tl.load(mptr, mask=read, other=0.0).to(s.dtype)
+    return tl.where(ok, s, float("-inf"))
+
+
+class _NoLaunch:
+    """A launcher that runs nothing (kernel[grid](...) is a no-op)."""
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: None
+
+
+def launcher(q):
+    """How an op body launches its kernels: torch.library.wrap_triton (torch.compile sees
+    inside), or under TRITON_INTERPRET=1 with fake/meta tensors (the body serving as its
+    own fake kernel) a launcher that runs nothing: the interpreter would run the kernel
+    on the fake tensors' missing data."""
+    from torch._subclasses.fake_tensor import is_fake
+    from torch.library import wrap_triton
+
+    if INTERPRETING and (q.device.type == "meta" or is_fake(q)):
+        return lambda kernel: _NoLaunch()
+    return wrap_triton
