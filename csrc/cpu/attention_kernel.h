@@ -1,9 +1,10 @@
 // Fused attention on the CPU: FlashAttention-2 forward and backward.
 //
-// Included by kernel_default.cpp and kernel_avx512.cpp, each with its own
-// ATTNFAST_ISA_NS and its own target flags, so one source serves every ISA.
-// Everything here has internal linkage: no inline function compiled for
-// AVX-512 can leak into the portable object through the linker.
+// Built once per ISA (isa_build.h, included by each kernel_<isa>.cpp with its
+// own ATTNFAST_ISA_NS and target flags), so one source serves every ISA.
+// Everything here but the entry points has internal linkage: no inline
+// function compiled for AVX-512 can leak into the portable object through the
+// linker.
 //
 // Algorithm (Dao, "FlashAttention-2", 2023), per (batch, head):
 //   forward : for each query block (kBlockQ rows) walk the visible key blocks

@@ -63,12 +63,12 @@ std::string name_of(Isa isa) {
 std::string isa_name() { return name_of(isa_in_use()); }
 std::string best_isa_name() { return name_of(best_isa()); }
 
-template <typename P>
-void run_isa(const P& p, void (*f512)(const P&), void (*f2)(const P&), void (*f0)(const P&)) {
+// The entry points of the ISA build in use.
+const Kernels& kernels() {
   switch (isa_in_use()) {
-    case Isa::kAvx512: return f512(p);
-    case Isa::kAvx2: return f2(p);
-    default: return f0(p);
+    case Isa::kAvx512: return isa_avx512::kernels;
+    case Isa::kAvx2: return isa_avx2::kernels;
+    default: return isa_default::kernels;
   }
 }
 
@@ -146,8 +146,7 @@ std::tuple<at::Tensor, at::Tensor> fwd_cpu(const at::Tensor& q, const at::Tensor
   p.out = out.data_ptr();
   p.out_st = strides_of(out);
   p.lse = lse.data_ptr();
-  run_isa<FwdParams>(p, isa_avx512::attention_fwd, isa_avx2::attention_fwd,
-                     isa_default::attention_fwd);
+  kernels().attention_fwd(p);
   return {out, lse};
 }
 
@@ -205,8 +204,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bwd_cpu(
   p.dk = dk.data_ptr();
   p.dv = dv.data_ptr();
   p.dmask = mask_grad ? dmask.data_ptr() : nullptr;
-  run_isa<BwdParams>(p, isa_avx512::attention_bwd, isa_avx2::attention_bwd,
-                     isa_default::attention_bwd);
+  kernels().attention_bwd(p);
   return {dq, dk, dv, dmask};
 }
 
@@ -249,7 +247,7 @@ std::tuple<at::Tensor, at::Tensor> additive_fwd_cpu(const at::Tensor& qp_in, con
   if (out.numel() == 0 && lse.numel() == 0) return {out, lse};
   p.out = out.data_ptr<float>();
   p.lse = lse.data_ptr<double>();
-  run_isa<AdditiveParams>(p, isa_avx512::additive_fwd, isa_avx2::additive_fwd, isa_default::additive_fwd);
+  kernels().additive_fwd(p);
   return {out, lse};
 }
 
@@ -281,7 +279,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> additive_bwd_cpu(
   p.lse = const_cast<double*>(lse.data_ptr<double>());
   p.dqp = dqp.data_ptr<float>(), p.dkp = dkp.data_ptr<float>(), p.dv = dv.data_ptr<float>();
   p.dva = dva.data_ptr<float>();
-  run_isa<AdditiveParams>(p, isa_avx512::additive_bwd, isa_avx2::additive_bwd, isa_default::additive_bwd);
+  kernels().additive_bwd(p);
   return {dqp, dkp, dva, dv};
 }
 
@@ -307,7 +305,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> topk_fwd_cpu(const at::Tensor& q,
   p.out = out.data_ptr();
   p.lse = lse.data_ptr();
   p.idx = idx.data_ptr<int32_t>();
-  run_isa<TopkParams>(p, isa_avx512::topk_fwd, isa_avx2::topk_fwd, isa_default::topk_fwd);
+  kernels().topk_fwd(p);
   return {out, lse, idx};
 }
 
@@ -344,7 +342,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> topk_bwd_cpu(
   p.dq = dq.data_ptr();
   p.dk = dk.data_ptr();
   p.dv = dv.data_ptr();
-  run_isa<TopkParams>(p, isa_avx512::topk_bwd, isa_avx2::topk_bwd, isa_default::topk_bwd);
+  kernels().topk_bwd(p);
   return {dq, dk, dv};
 }
 

@@ -90,7 +90,6 @@ struct TopkParams : AttnParams {
   void* dv;
 };
 
-// One set of entry points per ISA; the binding picks one at run time.
 // Additive (Bahdanau) attention on projected queries/keys (additive_kernel.h), float32,
 // every tensor contiguous: qp (B, H, Lq, Da), kp (B, H, Lk, Da), va (H, Da), v (B, H, Lk, Ev).
 struct AdditiveParams {
@@ -113,19 +112,35 @@ struct AdditiveParams {
   ParallelFor parallel_for;
 };
 
-#define ATTNFAST_DECLARE_ISA(ns)                 \
-  namespace ns {                                 \
-  void attention_fwd(const FwdParams& p);        \
-  void attention_bwd(const BwdParams& p);        \
-  void additive_fwd(const AdditiveParams& p);    \
-  void additive_bwd(const AdditiveParams& p);    \
-  void topk_fwd(const TopkParams& p);            \
-  void topk_bwd(const TopkParams& p);            \
+// The kernels' entry points, (name, params).  Every ISA build (kernel_<isa>.cpp,
+// see isa_build.h) defines all of them in its namespace, and a table of them.
+#define ATTNFAST_CPU_ENTRY_POINTS(X) \
+  X(attention_fwd, FwdParams)        \
+  X(attention_bwd, BwdParams)        \
+  X(additive_fwd, AdditiveParams)    \
+  X(additive_bwd, AdditiveParams)    \
+  X(topk_fwd, TopkParams)            \
+  X(topk_bwd, TopkParams)
+
+// The ISA builds, by namespace; the binding picks one at run time.
+#define ATTNFAST_CPU_ISAS(X) X(isa_default) X(isa_avx2) X(isa_avx512)
+
+// One ISA build's entry points.
+struct Kernels {
+#define ATTNFAST_ENTRY_FIELD(name, P) void (*name)(const P& p);
+  ATTNFAST_CPU_ENTRY_POINTS(ATTNFAST_ENTRY_FIELD)
+#undef ATTNFAST_ENTRY_FIELD
+};
+
+#define ATTNFAST_DECLARE_ENTRY(name, P) void name(const P& p);
+#define ATTNFAST_DECLARE_ISA(ns)                             \
+  namespace ns {                                             \
+  ATTNFAST_CPU_ENTRY_POINTS(ATTNFAST_DECLARE_ENTRY)          \
+  extern const Kernels kernels;                              \
   }
-ATTNFAST_DECLARE_ISA(isa_default)
-ATTNFAST_DECLARE_ISA(isa_avx2)
-ATTNFAST_DECLARE_ISA(isa_avx512)
+ATTNFAST_CPU_ISAS(ATTNFAST_DECLARE_ISA)
 #undef ATTNFAST_DECLARE_ISA
+#undef ATTNFAST_DECLARE_ENTRY
 
 }  // namespace cpu
 }  // namespace attnfast
