@@ -46,7 +46,7 @@ import triton
 import triton.language as tl
 from torch.library import triton_op
 
-from .common import INTERPRETING, launcher, mask_args, masked_scores, visible
+from .common import INTERPRETING, launcher, load_rows, mask_args, masked_scores, program_block, visible
 
 # tanh(x) = x + x^3 P(x^2) on |x| < 0.625: the degree-5 fit of (tanh(x) - x) / x^3
 # that csrc/cpu/additive_kernel.h uses (0.8 ulp there).  Above 0.625 the exp form;
@@ -136,14 +136,6 @@ def _mask_scores(s, offs_m, offs_n, Mask, mask_base, smm, smn, Lq, Lk,
 
 
 @triton.jit
-def _load_rows(Ptr, base, offs, sr, sc, n_rows, COLS: tl.constexpr, n_cols):
-    """(len(offs), COLS) tile of a strided matrix, zero past n_rows / n_cols."""
-    offs_c = tl.arange(0, COLS)
-    return tl.load(Ptr + base + offs[:, None] * sr + offs_c[None, :] * sc,
-                   mask=(offs[:, None] < n_rows) & (offs_c[None, :] < n_cols), other=0.0)
-
-
-@triton.jit
 def _fwd_kernel(QP, KP, VA, V, Mask, Out, Lse,
                 sqb, sqh, sqm, sqd, skb, skh, skn, skd, sah, sad, svb, svh, svn, svd,
                 smb, smh, smm, smn,
@@ -152,17 +144,13 @@ def _fwd_kernel(QP, KP, VA, V, Mask, Out, Lse,
                 BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, MASK_KIND: tl.constexpr,
                 CAUSAL: tl.constexpr):
     # One program per (query block, batch * head); online softmax over key tiles.
-    pid_m = tl.program_id(0)
-    bh = tl.program_id(1).to(tl.int64)
-    b = bh // H
-    h = bh % H
-    start_m = pid_m * BLOCK_M
-    offs_m = start_m + tl.arange(0, BLOCK_M)
+    bh, b, h, _, start_m, offs_m = program_block(H, 1, BLOCK_M)
+    bh, b, h = bh.to(tl.int64), b.to(tl.int64), h.to(tl.int64)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     # q and va stay in registers throughout; padded d columns are 0 in both, so
     # they add tanh(0) * 0 = 0 to every score.
-    q = _load_rows(QP, b * sqb + h * sqh, offs_m, sqm, sqd, Lq, BLOCK_D, Da)  # (M, D)
+    q = load_rows(QP, b * sqb + h * sqh, offs_m, sqm, sqd, Lq, BLOCK_D, Da)  # (M, D)
     va = tl.load(VA + h * sah + offs_d * sad, mask=offs_d < Da, other=0.0).to(tl.float64)
     k_base = b * skb + h * skh
     v_base = b * svb + h * svh
@@ -175,7 +163,7 @@ def _fwd_kernel(QP, KP, VA, V, Mask, Out, Lse,
         hi = tl.minimum(Lk, start_m + BLOCK_M)
     for start_n in range(0, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        k = _load_rows(KP, k_base, offs_n, skn, skd, Lk, BLOCK_D, Da)  # (N, D)
+        k = load_rows(KP, k_base, offs_n, skn, skd, Lk, BLOCK_D, Da)  # (N, D)
         s = _scores(q, k, va)  # (M, N) float64
         s = _mask_scores(s, offs_m, offs_n, Mask, mask_base, smm, smn, Lq, Lk, MASK_KIND, CAUSAL)
         m_new = tl.maximum(m_i, _row_max(s), propagate_nan=tl.PropagateNan.ALL)
@@ -183,7 +171,7 @@ def _fwd_kernel(QP, KP, VA, V, Mask, Out, Lse,
         p = tl.exp(s - m_safe[:, None])
         alpha = tl.exp(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = _load_rows(V, v_base, offs_n, svn, svd, Lk, BLOCK_DV, Ev)  # (N, DV)
+        v = load_rows(V, v_base, offs_n, svn, svd, Lk, BLOCK_DV, Ev)  # (N, DV)
         pv = tl.sum(p.to(tl.float32)[:, :, None] * v[None, :, :], 1)  # (M, DV), float32 within the tile
         acc = acc * alpha[:, None] + pv.to(tl.float64)
         m_i = m_new
@@ -209,15 +197,11 @@ def _bwd_rows_kernel(QP, KP, VA, V, Mask, DO, Lse, DLse, Delta, DQ,
     #      as the CPU kernel does: rowsum(dO * O) broke the parity rule there);
     #   2. dS = P (dP - delta),  dqp[i, d] = va[d] * sum_j dS[i, j] (1 - t[i, j, d]^2).
     # delta is stored for the key-block kernel, which runs after this one.
-    pid_m = tl.program_id(0)
-    bh = tl.program_id(1).to(tl.int64)
-    b = bh // H
-    h = bh % H
-    start_m = pid_m * BLOCK_M
-    offs_m = start_m + tl.arange(0, BLOCK_M)
+    bh, b, h, _, start_m, offs_m = program_block(H, 1, BLOCK_M)
+    bh, b, h = bh.to(tl.int64), b.to(tl.int64), h.to(tl.int64)
     offs_d = tl.arange(0, BLOCK_D)
-    q = _load_rows(QP, b * sqb + h * sqh, offs_m, sqm, sqd, Lq, BLOCK_D, Da)  # (M, D)
-    do = _load_rows(DO, b * sdb + h * sdh, offs_m, sdm, sdd, Lq, BLOCK_DV, Ev)  # (M, DV)
+    q = load_rows(QP, b * sqb + h * sqh, offs_m, sqm, sqd, Lq, BLOCK_D, Da)  # (M, D)
+    do = load_rows(DO, b * sdb + h * sdh, offs_m, sdm, sdd, Lq, BLOCK_DV, Ev)  # (M, DV)
     va = tl.load(VA + h * sah + offs_d * sad, mask=offs_d < Da, other=0.0)
     va64 = va.to(tl.float64)
     row = bh * Lq + offs_m
@@ -235,8 +219,8 @@ def _bwd_rows_kernel(QP, KP, VA, V, Mask, DO, Lse, DLse, Delta, DQ,
         delta = -tl.load(DLse + row, mask=offs_m < Lq, other=0.0).to(tl.float64)
     for start_n in range(0, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        k = _load_rows(KP, k_base, offs_n, skn, skd, Lk, BLOCK_D, Da)
-        v = _load_rows(V, v_base, offs_n, svn, svd, Lk, BLOCK_DV, Ev)
+        k = load_rows(KP, k_base, offs_n, skn, skd, Lk, BLOCK_D, Da)
+        v = load_rows(V, v_base, offs_n, svn, svd, Lk, BLOCK_DV, Ev)
         s = _scores(q, k, va64)
         s = _mask_scores(s, offs_m, offs_n, Mask, mask_base, smm, smn, Lq, Lk, MASK_KIND, CAUSAL)
         p = tl.exp(s - lse[:, None])  # (M, N) float64
@@ -246,8 +230,8 @@ def _bwd_rows_kernel(QP, KP, VA, V, Mask, DO, Lse, DLse, Delta, DQ,
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     for start_n in range(0, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        k = _load_rows(KP, k_base, offs_n, skn, skd, Lk, BLOCK_D, Da)
-        v = _load_rows(V, v_base, offs_n, svn, svd, Lk, BLOCK_DV, Ev)
+        k = load_rows(KP, k_base, offs_n, skn, skd, Lk, BLOCK_D, Da)
+        v = load_rows(V, v_base, offs_n, svn, svd, Lk, BLOCK_DV, Ev)
         s, t, sech2 = _scores_grad(q, k, va64)  # t, sech2: (M, N, D)
         s = _mask_scores(s, offs_m, offs_n, Mask, mask_base, smm, smn, Lq, Lk, MASK_KIND, CAUSAL)
         p = tl.exp(s - lse[:, None])
@@ -270,16 +254,12 @@ def _bwd_keys_kernel(QP, KP, VA, V, Mask, DO, Lse, Delta, DK, DV, DVAPart,
     # One program per (key block, batch * head): it owns that dkp/dv block and
     # writes its partial of dva (summed over programs by the launcher):
     #   dv += P^T dO,  dkp[j, d] = va[d] * sum_i dS (1 - t^2),  dva[d] += sum_ij dS t.
-    pid_n = tl.program_id(0)
-    bh = tl.program_id(1).to(tl.int64)
-    b = bh // H
-    h = bh % H
-    start_n = pid_n * BLOCK_N
-    offs_n = start_n + tl.arange(0, BLOCK_N)
+    bh, b, h, _, start_n, offs_n = program_block(H, 1, BLOCK_N)
+    bh, b, h = bh.to(tl.int64), b.to(tl.int64), h.to(tl.int64)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
-    k = _load_rows(KP, b * skb + h * skh, offs_n, skn, skd, Lk, BLOCK_D, Da)  # (N, D)
-    v = _load_rows(V, b * svb + h * svh, offs_n, svn, svd, Lk, BLOCK_DV, Ev)  # (N, DV)
+    k = load_rows(KP, b * skb + h * skh, offs_n, skn, skd, Lk, BLOCK_D, Da)  # (N, D)
+    v = load_rows(V, b * svb + h * svh, offs_n, svn, svd, Lk, BLOCK_DV, Ev)  # (N, DV)
     va = tl.load(VA + h * sah + offs_d * sad, mask=offs_d < Da, other=0.0)
     va64 = va.to(tl.float64)
     q_base = b * sqb + h * sqh
@@ -294,8 +274,8 @@ def _bwd_keys_kernel(QP, KP, VA, V, Mask, DO, Lse, Delta, DK, DV, DVAPart,
     for start_m in range(lo, Lq, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)
         row = bh * Lq + offs_m
-        q = _load_rows(QP, q_base, offs_m, sqm, sqd, Lq, BLOCK_D, Da)  # (M, D)
-        do = _load_rows(DO, do_base, offs_m, sdm, sdd, Lq, BLOCK_DV, Ev)  # (M, DV)
+        q = load_rows(QP, q_base, offs_m, sqm, sqd, Lq, BLOCK_D, Da)  # (M, D)
+        do = load_rows(DO, do_base, offs_m, sdm, sdd, Lq, BLOCK_DV, Ev)  # (M, DV)
         lse = tl.load(Lse + row, mask=offs_m < Lq, other=float("inf"))
         lse = tl.where(lse == float("-inf"), float("inf"), lse)  # dead rows and rows past Lq: P = 0
         delta = tl.load(Delta + row, mask=offs_m < Lq, other=0.0)
@@ -313,7 +293,7 @@ def _bwd_keys_kernel(QP, KP, VA, V, Mask, DO, Lse, Delta, DK, DV, DVAPart,
              mask=(offs_n[:, None] < Lk) & (offs_d[None, :] < Da))
     tl.store(DV + col[:, None] * Ev + offs_dv[None, :], dv,
              mask=(offs_n[:, None] < Lk) & (offs_dv[None, :] < Ev))
-    tl.store(DVAPart + (bh * tl.num_programs(0) + pid_n) * Da + offs_d, dva, mask=offs_d < Da)
+    tl.store(DVAPart + (bh * tl.num_programs(0) + tl.program_id(0)) * Da + offs_d, dva, mask=offs_d < Da)
 
 
 # ---------------------------------------------------------------------------

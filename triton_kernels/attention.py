@@ -14,7 +14,8 @@ import triton
 import triton.language as tl
 from torch.library import triton_op
 
-from .common import INTERPRETING, MASK_NONE, dot, dot_mode, launcher, mask_args, masked_scores, visible
+from .common import (INTERPRETING, MASK_NONE, dot, dot_mode, launcher, load_rows, mask_args, masked_scores,
+                     program_block, visible)
 
 
 @triton.jit
@@ -57,33 +58,22 @@ def _mask_scores(s, offs_m, offs_n, Mask, mask_base, smm, smn, Lq, Lk, diag, wl,
 
 
 @triton.jit
-def _kv_range(start_m, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, Lk, diag, wl, wr,
-              WINDOWED: tl.constexpr):
-    # Key tiles that any row of the query block can see; the first one is
-    # aligned down to BLOCK_N, its columns left of the band are masked.
+def _band_range(start, BLOCK: tl.constexpr, BLOCK_OTHER: tl.constexpr, L_other, diag, wl, wr,
+                WINDOWED: tl.constexpr):
+    """[lo, hi) of the other side's positions that some row of the block [start,
+    start + BLOCK) sees in the band (key j visible from query i iff -wl <= j - (i + diag)
+    <= wr); lo aligned down to BLOCK_OTHER (its positions left of the band are masked).
+    Key tiles of a query block: (start_m, BLOCK_M, BLOCK_N, Lk, diag, wl, wr); query
+    tiles of a key block, the band seen from the keys: (start_n, BLOCK_N, BLOCK_M, Lq,
+    -diag, wr, wl)."""
     lo = 0
-    hi = Lk
+    hi = L_other
     if WINDOWED:
         if wl >= 0:
-            lo = tl.maximum(start_m + diag - wl, 0)
-            lo = (lo // BLOCK_N) * BLOCK_N
+            lo = tl.maximum(start + diag - wl, 0)
+            lo = (lo // BLOCK_OTHER) * BLOCK_OTHER
         if wr >= 0:
-            hi = tl.minimum(start_m + BLOCK_M - 1 + diag + wr + 1, Lk)
-    return lo, hi
-
-
-@triton.jit
-def _q_range(start_n, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, Lq, diag, wl, wr,
-             WINDOWED: tl.constexpr):
-    # Query tiles that can see some key of the block; the first one aligned down.
-    lo = 0
-    hi = Lq
-    if WINDOWED:
-        if wr >= 0:
-            lo = tl.maximum(start_n - diag - wr, 0)
-            lo = (lo // BLOCK_M) * BLOCK_M
-        if wl >= 0:
-            hi = tl.minimum(start_n + BLOCK_N - 1 - diag + wl + 1, Lq)
+            hi = tl.minimum(start + BLOCK - 1 + diag + wr + 1, L_other)
     return lo, hi
 
 
@@ -96,6 +86,14 @@ def _q_range(start_n, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, Lq, diag, wl
 # causal/window band, are not listed: never visited.  The dK/dV kernel reads
 # the transposed lists (per key column, rows of queries).  A kernel tile lies in
 # one cell (BLOCK_M <= SUM_M, BLOCK_N <= SUM_N); a cell is walked in tiles.
+
+
+@triton.jit
+def _listed_tile(rec, t, CELL: tl.constexpr, BLOCK: tl.constexpr):
+    """(first position, need) of the t-th kernel tile of a block-list record: cells of
+    CELL positions walked in tiles of BLOCK."""
+    e = tl.load(rec + 1 + t // (CELL // BLOCK))
+    return (e >> 1) * CELL + (t % (CELL // BLOCK)) * BLOCK, (e & 1) != 0
 
 
 @triton.jit
@@ -112,7 +110,6 @@ def _fwd_tile(acc, m_i, l_i, q, start_n, need, offs_m, K, V, Mask, k_base, v_bas
     """One key tile of the online softmax: (acc, m, l) updated."""
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
-    offs_dv = tl.arange(0, BLOCK_DV)
     kt = tl.load(K + k_base + offs_n[None, :] * skn + offs_d[:, None] * skd,
                  mask=(offs_n[None, :] < Lk) & (offs_d[:, None] < E), other=0.0)  # (D, N)
     s = dot(q, kt, DOT) * scale
@@ -127,8 +124,7 @@ def _fwd_tile(acc, m_i, l_i, q, start_n, need, offs_m, K, V, Mask, k_base, v_bas
     l_i = l_i * alpha + tl.sum(p, 1)
     if DROPOUT:  # l sums the kept and the dropped; the output takes the kept
         p = p * _dropout_scale(offs_m, offs_n, Lk, bh, seed_lo, seed_hi, rng_offset, p_drop)
-    v = tl.load(V + v_base + offs_n[:, None] * svn + offs_dv[None, :] * svd,
-                mask=(offs_n[:, None] < Lk) & (offs_dv[None, :] < Ev), other=0.0)
+    v = load_rows(V, v_base, offs_n, svn, svd, Lk, BLOCK_DV, Ev)
     acc = acc * alpha[:, None] + dot(p.to(v.dtype), v, DOT)
     return acc, m_new, l_i
 
@@ -145,18 +141,10 @@ def _fwd_kernel(Q, K, V, Mask, Blocks, Out, Lse,
                 DOT: tl.constexpr, DROPOUT: tl.constexpr):
     # One program per (query block, batch * q head).  ARCH, LQ_KEY, LK_KEY only
     # key the autotuner.
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = pid_bh // Hq
-    h = pid_bh % Hq
-    hk = h // group
-    start_m = pid_m * BLOCK_M
-    offs_m = start_m + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
+    pid_bh, b, h, hk, start_m, offs_m = program_block(Hq, group, BLOCK_M)
     offs_dv = tl.arange(0, BLOCK_DV)
     # load q: it stays in registers/SRAM throughout
-    q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqm + offs_d[None, :] * sqd,
-                mask=(offs_m[:, None] < Lq) & (offs_d[None, :] < E), other=0.0)
+    q = load_rows(Q, b * sqb + h * sqh, offs_m, sqm, sqd, Lq, BLOCK_D, E)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
@@ -164,7 +152,7 @@ def _fwd_kernel(Q, K, V, Mask, Blocks, Out, Lse,
     v_base = b * svb + hk * svh
     mask_base = b * smb + h * smh
     if MASK_KIND == MASK_NONE:
-        lo, hi = _kv_range(start_m, BLOCK_M, BLOCK_N, Lk, diag, wl, wr, WINDOWED)
+        lo, hi = _band_range(start_m, BLOCK_M, BLOCK_N, Lk, diag, wl, wr, WINDOWED)
         for start_n in range(lo, hi, BLOCK_N):
             acc, m_i, l_i = _fwd_tile(
                 acc, m_i, l_i, q, start_n, False, offs_m, K, V, Mask, k_base, v_base, mask_base,
@@ -175,10 +163,9 @@ def _fwd_kernel(Q, K, V, Mask, Blocks, Out, Lse,
         # one loop over kernel tiles (not a nested one: one copy of the tile
         # code, one set of pipeline buffers)
         for t in range(0, tl.load(rec) * (SUM_N // BLOCK_N)):
-            e = tl.load(rec + 1 + t // (SUM_N // BLOCK_N))
-            start_n = (e >> 1) * SUM_N + (t % (SUM_N // BLOCK_N)) * BLOCK_N
+            start_n, need = _listed_tile(rec, t, SUM_N, BLOCK_N)
             acc, m_i, l_i = _fwd_tile(
-                acc, m_i, l_i, q, start_n, (e & 1) != 0, offs_m, K, V, Mask, k_base, v_base, mask_base,
+                acc, m_i, l_i, q, start_n, need, offs_m, K, V, Mask, k_base, v_base, mask_base,
                 skn, skd, svn, svd, smm, smn, Lq, Lk, scale, diag, wl, wr, pid_bh, seed_lo, seed_hi,
                 rng_offset, p_drop, E, Ev, BLOCK_N, BLOCK_D, BLOCK_DV, MASK_KIND, WINDOWED, DOT, DROPOUT)
     alive = l_i > 0
@@ -199,12 +186,8 @@ def _rows_tile(dq, delta_acc, q, do, lse, delta, start_n, need, offs_m, K, V, Ma
                DROPOUT: tl.constexpr, DELTA_PASS: tl.constexpr):
     """One key tile of the row-wise backward: delta_acc (DELTA_PASS) or dq updated."""
     offs_n = start_n + tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    offs_dv = tl.arange(0, BLOCK_DV)
-    k = tl.load(K + k_base + offs_n[:, None] * skn + offs_d[None, :] * skd,
-                mask=(offs_n[:, None] < Lk) & (offs_d[None, :] < E), other=0.0)
-    v = tl.load(V + v_base + offs_n[:, None] * svn + offs_dv[None, :] * svd,
-                mask=(offs_n[:, None] < Lk) & (offs_dv[None, :] < Ev), other=0.0)
+    k = load_rows(K, k_base, offs_n, skn, skd, Lk, BLOCK_D, E)
+    v = load_rows(V, v_base, offs_n, svn, svd, Lk, BLOCK_DV, Ev)
     s = dot(q, tl.trans(k), DOT) * scale
     s = _mask_scores(s, offs_m, offs_n, Mask, mask_base, smm, smn, Lq, Lk, diag, wl, wr, need,
                      MASK_KIND, WINDOWED)
@@ -239,19 +222,10 @@ def _bwd_rows_kernel(Q, K, V, Mask, Blocks, DO, Lse, DLse, Delta, DQ,
     # rowsum(dO * O): that uses the stored, rounded O, and the two then do not
     # cancel where they should (one visible key: the exact dQ, dK are 0), which
     # the parity rule sees.  It costs two extra tile products per (q, k) tile.
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = pid_bh // Hq
-    h = pid_bh % Hq
-    hk = h // group
-    start_m = pid_m * BLOCK_M
-    offs_m = start_m + tl.arange(0, BLOCK_M)
+    pid_bh, b, h, hk, start_m, offs_m = program_block(Hq, group, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
-    offs_dv = tl.arange(0, BLOCK_DV)
-    q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqm + offs_d[None, :] * sqd,
-                mask=(offs_m[:, None] < Lq) & (offs_d[None, :] < E), other=0.0)
-    do = tl.load(DO + b * sdb + h * sdh + offs_m[:, None] * sdm + offs_dv[None, :] * sdd,
-                 mask=(offs_m[:, None] < Lq) & (offs_dv[None, :] < Ev), other=0.0)
+    q = load_rows(Q, b * sqb + h * sqh, offs_m, sqm, sqd, Lq, BLOCK_D, E)
+    do = load_rows(DO, b * sdb + h * sdh, offs_m, sdm, sdd, Lq, BLOCK_DV, Ev)
     lse = tl.load(Lse + pid_bh * Lq + offs_m, mask=offs_m < Lq, other=float("inf"))
     lse = tl.where(lse == float("-inf"), float("inf"), lse)  # dead rows: P = 0
     if DELTA_PASS:
@@ -264,7 +238,7 @@ def _bwd_rows_kernel(Q, K, V, Mask, Blocks, DO, Lse, DLse, Delta, DQ,
     v_base = b * svb + hk * svh
     mask_base = b * smb + h * smh
     if MASK_KIND == MASK_NONE:
-        lo, hi = _kv_range(start_m, BLOCK_M, BLOCK_N, Lk, diag, wl, wr, WINDOWED)
+        lo, hi = _band_range(start_m, BLOCK_M, BLOCK_N, Lk, diag, wl, wr, WINDOWED)
         for start_n in range(lo, hi, BLOCK_N):
             dq, delta_acc = _rows_tile(
                 dq, delta_acc, q, do, lse, delta, start_n, False, offs_m, K, V, Mask, k_base, v_base,
@@ -274,10 +248,9 @@ def _bwd_rows_kernel(Q, K, V, Mask, Blocks, DO, Lse, DLse, Delta, DQ,
     else:
         rec = Blocks + b * sbb + h * sbh + (start_m // SUM_M) * sbr
         for t in range(0, tl.load(rec) * (SUM_N // BLOCK_N)):
-            e = tl.load(rec + 1 + t // (SUM_N // BLOCK_N))
-            start_n = (e >> 1) * SUM_N + (t % (SUM_N // BLOCK_N)) * BLOCK_N
+            start_n, need = _listed_tile(rec, t, SUM_N, BLOCK_N)
             dq, delta_acc = _rows_tile(
-                dq, delta_acc, q, do, lse, delta, start_n, (e & 1) != 0, offs_m, K, V, Mask, k_base,
+                dq, delta_acc, q, do, lse, delta, start_n, need, offs_m, K, V, Mask, k_base,
                 v_base, mask_base, skn, skd, svn, svd, smm, smn, Lq, Lk, scale, diag, wl, wr, pid_bh,
                 seed_lo, seed_hi, rng_offset, p_drop, E, Ev, BLOCK_N, BLOCK_D, BLOCK_DV, MASK_KIND,
                 WINDOWED, DOT, DROPOUT, DELTA_PASS)
@@ -301,12 +274,8 @@ def _dkdv_tile(dk, dv, k, v, start_m, need, offs_n, h, bh, b, Q, DO, Lse, Delta,
     """One query tile of head h against the program's key block: (dk, dv) updated;
     the float-mask gradient dS of the tile is stored."""
     offs_m = start_m + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    offs_dv = tl.arange(0, BLOCK_DV)
-    q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqm + offs_d[None, :] * sqd,
-                mask=(offs_m[:, None] < Lq) & (offs_d[None, :] < E), other=0.0)
-    do = tl.load(DO + b * sdb + h * sdh + offs_m[:, None] * sdm + offs_dv[None, :] * sdd,
-                 mask=(offs_m[:, None] < Lq) & (offs_dv[None, :] < Ev), other=0.0)
+    q = load_rows(Q, b * sqb + h * sqh, offs_m, sqm, sqd, Lq, BLOCK_D, E)
+    do = load_rows(DO, b * sdb + h * sdh, offs_m, sdm, sdd, Lq, BLOCK_DV, Ev)
     lse = tl.load(Lse + bh * Lq + offs_m, mask=offs_m < Lq, other=float("inf"))
     lse = tl.where(lse == float("-inf"), float("inf"), lse)  # dead rows: P = 0
     delta = tl.load(Delta + bh * Lq + offs_m, mask=offs_m < Lq, other=0.0)
@@ -341,21 +310,14 @@ def _bwd_dkdv_kernel(Q, K, V, Mask, BlocksT, DO, Lse, Delta, DK, DV, DMask,
                      MASK_GRAD: tl.constexpr, DOT: tl.constexpr, DROPOUT: tl.constexpr):
     # One program per (key block, batch * kv head): it owns that dK/dV block and
     # walks the query blocks of every q head of its GQA group.
-    pid_n = tl.program_id(0)
-    pid_bhk = tl.program_id(1)
-    b = pid_bhk // Hkv
-    hk = pid_bhk % Hkv
-    start_n = pid_n * BLOCK_N
-    offs_n = start_n + tl.arange(0, BLOCK_N)
+    _, b, hk, _, start_n, offs_n = program_block(Hkv, 1, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
-    k = tl.load(K + b * skb + hk * skh + offs_n[:, None] * skn + offs_d[None, :] * skd,
-                mask=(offs_n[:, None] < Lk) & (offs_d[None, :] < E), other=0.0)  # (N, D)
-    v = tl.load(V + b * svb + hk * svh + offs_n[:, None] * svn + offs_dv[None, :] * svd,
-                mask=(offs_n[:, None] < Lk) & (offs_dv[None, :] < Ev), other=0.0)  # (N, DV)
+    k = load_rows(K, b * skb + hk * skh, offs_n, skn, skd, Lk, BLOCK_D, E)  # (N, D)
+    v = load_rows(V, b * svb + hk * svh, offs_n, svn, svd, Lk, BLOCK_DV, Ev)  # (N, DV)
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_DV], tl.float32)
-    lo, hi = _q_range(start_n, BLOCK_M, BLOCK_N, Lq, diag, wl, wr, WINDOWED)
+    lo, hi = _band_range(start_n, BLOCK_N, BLOCK_M, Lq, -diag, wr, wl, WINDOWED)
     for g in range(0, group):
         h = hk * group + g
         bh = b * Hq + h
@@ -369,10 +331,9 @@ def _bwd_dkdv_kernel(Q, K, V, Mask, BlocksT, DO, Lse, Delta, DK, DV, DMask,
         else:
             rec = BlocksT + b * sbb + h * sbh + (start_n // SUM_N) * sbr
             for t in range(0, tl.load(rec) * (SUM_M // BLOCK_M)):
-                e = tl.load(rec + 1 + t // (SUM_M // BLOCK_M))
-                start_m = (e >> 1) * SUM_M + (t % (SUM_M // BLOCK_M)) * BLOCK_M
+                start_m, need = _listed_tile(rec, t, SUM_M, BLOCK_M)
                 dk, dv = _dkdv_tile(
-                    dk, dv, k, v, start_m, (e & 1) != 0, offs_n, h, bh, b, Q, DO, Lse, Delta, Mask, DMask,
+                    dk, dv, k, v, start_m, need, offs_n, h, bh, b, Q, DO, Lse, Delta, Mask, DMask,
                     sqb, sqh, sqm, sqd, sdb, sdh, sdm, sdd, smb, smh, smm, smn, Lq, Lk, scale, diag,
                     wl, wr, seed_lo, seed_hi, rng_offset, p_drop, E, Ev, BLOCK_M, BLOCK_D, BLOCK_DV,
                     MASK_KIND, WINDOWED, MASK_GRAD, DOT, DROPOUT)

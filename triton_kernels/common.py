@@ -1,5 +1,5 @@
 """What the Triton kernels of every family share: the interpreter check, the mask
-kinds and mask scoring, the dot helper, and the launcher the ops use.
+kinds and mask scoring, tile loads, the dot helper, and the launcher the ops use.
 
 Masks reach the kernels as a pointer with (B, H, Lq, Lk) strides (stride 0 where
 they broadcast) and a compile-time MASK_KIND: MASK_BOOL (True = the key takes
@@ -61,6 +61,25 @@ def dot(a, b, DOT: tl.constexpr):
         return tl.dot(a, b, input_precision="ieee")
     else:
         return tl.dot(a, b)
+
+
+@triton.jit
+def program_block(H, group, BLOCK: tl.constexpr):
+    """This program's block of rows (queries or keys) for the kernels launched on a grid
+    (blocks, batch * heads): (bh, b, h, h // group, first row, row offsets); with H the
+    query heads and `group` the GQA group size, h // group is the key/value head."""
+    bh = tl.program_id(1)
+    h = bh % H
+    start = tl.program_id(0) * BLOCK
+    return bh, bh // H, h, h // group, start, start + tl.arange(0, BLOCK)
+
+
+@triton.jit
+def load_rows(Ptr, base, offs, sr, sc, n_rows, COLS: tl.constexpr, n_cols):
+    """(len(offs), COLS) tile of a strided matrix at Ptr + base, zero past n_rows / n_cols."""
+    offs_c = tl.arange(0, COLS)
+    return tl.load(Ptr + base + offs[:, None] * sr + offs_c[None, :] * sc,
+                   mask=(offs[:, None] < n_rows) & (offs_c[None, :] < n_cols), other=0.0)
 
 
 @triton.jit

@@ -37,7 +37,8 @@ import triton
 import triton.language as tl
 from torch.library import triton_op
 
-from .common import INTERPRETING, MASK_FLOAT, dot, dot_mode, launcher, mask_args, masked_scores, visible
+from .common import (INTERPRETING, MASK_FLOAT, dot, dot_mode, launcher, load_rows, mask_args, masked_scores,
+                     program_block, visible)
 
 # Sort key of a hidden or padded entry: below every visible key (whose high
 # word is at least ordered(-FLT_MAX) = -2139095040), and all equal.
@@ -80,18 +81,11 @@ def _select_kernel(Q, K, Mask, Idx,
     # bitonic sequence, which one bitonic merge sorts descending.  A
     # compare-and-swap step at distance d pairs column c with c ^ d (tl.gather).
     W: tl.constexpr = 2 ** LOG_W
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = pid_bh // Hq
-    h = pid_bh % Hq
-    hk = h // group
-    start_m = pid_m * BLOCK_M
-    offs_m = start_m + tl.arange(0, BLOCK_M)
+    pid_bh, b, h, hk, start_m, offs_m = program_block(Hq, group, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     cols = tl.arange(0, W)[None, :]
     # load q: it stays in registers throughout
-    q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqm + offs_d[None, :] * sqd,
-                mask=(offs_m[:, None] < Lq) & (offs_d[None, :] < E), other=0.0)
+    q = load_rows(Q, b * sqb + h * sqh, offs_m, sqm, sqd, Lq, BLOCK_D, E)
     top = tl.full([BLOCK_M, W], HIDDEN, tl.int64)
     k_base = b * skb + hk * skh
     mask_base = b * smb + h * smh
@@ -148,17 +142,10 @@ def _threshold_select_kernel(Q, K, Mask, Idx,
     # fewer than top_k visible keys ends with T = 0 and keeps them all.)  Ten
     # passes of scores, O(BLOCK_M * 16) state; one flat loop over (pass, tile)
     # keeps one copy of the score code.
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = pid_bh // Hq
-    h = pid_bh % Hq
-    hk = h // group
-    start_m = pid_m * BLOCK_M
-    offs_m = start_m + tl.arange(0, BLOCK_M)
+    pid_bh, b, h, hk, start_m, offs_m = program_block(Hq, group, BLOCK_M)
     row_ok = offs_m < Lq
     offs_d = tl.arange(0, BLOCK_D)
-    q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqm + offs_d[None, :] * sqd,
-                mask=row_ok[:, None] & (offs_d[None, :] < E), other=0.0)
+    q = load_rows(Q, b * sqb + h * sqh, offs_m, sqm, sqd, Lq, BLOCK_D, E)
     k_base = b * skb + hk * skh
     mask_base = b * smb + h * smh
     rows = pid_bh.to(tl.int64) * Lq + offs_m
@@ -224,17 +211,11 @@ def _fwd_kernel(Q, K, V, Mask, Idx, Out, Lse,
     # One program per (query block, batch * q head); the chosen keys are walked
     # in chunks of BLOCK_C with an online softmax.  Each row gathers its own
     # keys, so the products are elementwise float32 (no shared tile for tl.dot).
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = pid_bh // Hq
-    h = pid_bh % Hq
-    hk = h // group
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    pid_bh, b, h, hk, _, offs_m = program_block(Hq, group, BLOCK_M)
     row_ok = offs_m < Lq
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
-    q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqm + offs_d[None, :] * sqd,
-                mask=row_ok[:, None] & (offs_d[None, :] < E), other=0.0).to(tl.float32)
+    q = load_rows(Q, b * sqb + h * sqh, offs_m, sqm, sqd, Lq, BLOCK_D, E).to(tl.float32)
     k_base = b * skb + hk * skh
     v_base = b * svb + hk * svh
     mask_base = b * smb + h * smh
@@ -289,19 +270,12 @@ def _bwd_kernel(Q, K, V, Mask, Idx, DO, Lse, DLse, DQ, DK, DV,
     # adds take the duplicates.  delta is not rowsum(dO * O): the stored O is
     # rounded, and with one kept key (exact dq = dk = 0) the two terms would not
     # cancel (see attention.py).
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = pid_bh // Hq
-    h = pid_bh % Hq
-    hk = h // group
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    pid_bh, b, h, hk, _, offs_m = program_block(Hq, group, BLOCK_M)
     row_ok = offs_m < Lq
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
-    q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqm + offs_d[None, :] * sqd,
-                mask=row_ok[:, None] & (offs_d[None, :] < E), other=0.0).to(tl.float32)
-    do = tl.load(DO + b * sdb + h * sdh + offs_m[:, None] * sdm + offs_dv[None, :] * sdd,
-                 mask=row_ok[:, None] & (offs_dv[None, :] < Ev), other=0.0).to(tl.float32)
+    q = load_rows(Q, b * sqb + h * sqh, offs_m, sqm, sqd, Lq, BLOCK_D, E).to(tl.float32)
+    do = load_rows(DO, b * sdb + h * sdh, offs_m, sdm, sdd, Lq, BLOCK_DV, Ev).to(tl.float32)
     rows = pid_bh.to(tl.int64) * Lq + offs_m
     lse = tl.load(Lse + rows, mask=row_ok, other=float("inf"))
     lse = tl.where(lse == float("-inf"), float("inf"), lse)  # rows with no visible key: P = 0
