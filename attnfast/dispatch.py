@@ -29,6 +29,7 @@ a fact of the process (attnfast/facts.py), worked out once.
 """
 from __future__ import annotations
 
+import importlib
 import os
 import warnings
 from dataclasses import dataclass
@@ -69,7 +70,7 @@ class Backend:
     """One backend: what it serves and the kernels of each family it implements."""
 
     name = ""
-    families = frozenset()
+    families = frozenset({"attention", "additive", "topk"})  # those it implements
     # {family: dtypes its kernels take}; absent: every floating dtype
     dtypes = {}
 
@@ -148,9 +149,31 @@ def _additive_bias(plan, dtype):
     return m.to(dtype).expand(plan.mask.shape)
 
 
-class CpuBackend(Backend):
+class _FusedBackend(Backend):
+    """The additive and top-k forwards of the fused backends, whose ops take the same
+    arguments: attnfast::{prefix}additive_fwd and attnfast::{prefix}topk_fwd."""
+
+    op_prefix = ""
+
+    def _op(self, family, name):
+        """The op `name` of this backend (importing the module that registers it)."""
+        return getattr(torch.ops.attnfast, self.op_prefix + name)
+
+    def additive_forward(self, plan):
+        qp, kp, va, v = plan.projections()
+        H, Da = qp.shape[1], qp.shape[3]
+        return self._op("additive", "additive_fwd")(qp, kp, va.expand(H, Da), v, _additive_bias(plan, qp.dtype),
+                                                    plan.is_causal)
+
+    def topk_forward(self, plan):
+        mask = None if plan.mask is None else plan.mask.detach()
+        out, lse, _ = self._op("topk", "topk_fwd")(plan.q, plan.k, plan.v, mask, plan.is_causal, plan.scale,
+                                                   plan.top_k)
+        return out, lse
+
+
+class CpuBackend(_FusedBackend):
     name = "cpu"
-    families = frozenset({"attention", "additive", "topk"})
     dtypes = {"additive": (torch.float32, torch.bfloat16, torch.float16)}
 
     def availability(self):
@@ -173,18 +196,6 @@ class CpuBackend(Backend):
         return torch.ops.attnfast.bwd(dout, plan.q, plan.k, plan.v, out, lse, None, plan.mask, plan.scale,
                                       plan.window_left, plan.window_right, plan.bottom_right, 0.0, None, False,
                                       delta)[:3]
-
-    def additive_forward(self, plan):
-        qp, kp, va, v = plan.projections()
-        H, Da = qp.shape[1], qp.shape[3]
-        return torch.ops.attnfast.additive_fwd(qp, kp, va.expand(H, Da), v, _additive_bias(plan, qp.dtype),
-                                               plan.is_causal)
-
-    def topk_forward(self, plan):
-        mask = None if plan.mask is None else plan.mask.detach()
-        out, lse, _ = torch.ops.attnfast.topk_fwd(plan.q, plan.k, plan.v, mask, plan.is_causal, plan.scale,
-                                                  plan.top_k)
-        return out, lse
 
 
 class CudaBackend(Backend):
@@ -234,10 +245,14 @@ class CudaBackend(Backend):
         return ops.lse_dtype(dtype)
 
 
-class TritonBackend(Backend):
+class TritonBackend(_FusedBackend):
     name = "triton"
-    families = frozenset({"attention", "additive", "topk"})
-    dtypes = dict.fromkeys(families, (torch.float16, torch.bfloat16, torch.float32))
+    op_prefix = "triton_"
+    dtypes = dict.fromkeys(("attention", "additive", "topk"), (torch.float16, torch.bfloat16, torch.float32))
+
+    def _op(self, family, name):
+        importlib.import_module(f".triton_kernels.{family}", __package__)  # imports triton; registers the ops
+        return super()._op(family, name)
 
     def availability(self):
         if not FACTS.triton_installed:
@@ -257,34 +272,14 @@ class TritonBackend(Backend):
         return f"{plan.q.dtype} is not supported by the Triton kernels".replace("torch.", "")
 
     def attention_forward(self, plan):
-        from .triton_kernels import attention  # noqa: F401  (imports triton; registers the ops)
-
         seed = int(draw_rng()[0]) if plan.dropout_p > 0.0 else 0
-        return torch.ops.attnfast.triton_fwd(plan.q, plan.k, plan.v, plan.mask, plan.scale, plan.window_left,
+        return self._op("attention", "fwd")(plan.q, plan.k, plan.v, plan.mask, plan.scale, plan.window_left,
                                              plan.window_right, plan.bottom_right, plan.dropout_p, seed, 0)
 
     def attention_backward(self, plan, dout, out, lse, delta=None):
-        from .triton_kernels import attention  # noqa: F401
-
-        return torch.ops.attnfast.triton_bwd(dout, plan.q, plan.k, plan.v, out, lse, None, plan.mask, plan.scale,
+        return self._op("attention", "bwd")(dout, plan.q, plan.k, plan.v, out, lse, None, plan.mask, plan.scale,
                                              plan.window_left, plan.window_right, plan.bottom_right, False, 0.0,
                                              0, 0, delta)[:3]
-
-    def additive_forward(self, plan):
-        from .triton_kernels import additive  # noqa: F401
-
-        qp, kp, va, v = plan.projections()
-        H, Da = qp.shape[1], qp.shape[3]
-        return torch.ops.attnfast.triton_additive_fwd(qp, kp, va.expand(H, Da), v,
-                                                      _additive_bias(plan, qp.dtype), plan.is_causal)
-
-    def topk_forward(self, plan):
-        from .triton_kernels import topk  # noqa: F401
-
-        mask = None if plan.mask is None else plan.mask.detach()
-        out, lse, _ = torch.ops.attnfast.triton_topk_fwd(plan.q, plan.k, plan.v, mask, plan.is_causal, plan.scale,
-                                                         plan.top_k)
-        return out, lse
 
 
 class ReferenceBackend(Backend):
@@ -292,7 +287,6 @@ class ReferenceBackend(Backend):
     memory-bounded row chunks (additive, top-k)."""
 
     name = "reference"
-    families = frozenset({"attention", "additive", "topk"})
 
     def availability(self):
         return True, "torch code: naive matmul-softmax-matmul; row chunks for the additive and top-k families"
