@@ -3,14 +3,16 @@
 //   out[i] = sum_j p[i][j] v[j].
 // Never stores the (Lq, Lk, Da) tanh tensor nor the (Lq, Lk) scores: key
 // blocks of kBlock are streamed with an online softmax (forward) and the
-// scores are recomputed from the saved lse (backward).  Included by
-// attention_kernel.h, so it is built once per ISA like the main kernel.
+// scores are recomputed from the saved lse (backward).  Built once per ISA
+// (isa_build.h) like the other kernels; everything here but the two entry
+// points has internal linkage.
 //
 // Vectorised over keys: a key block is packed transposed, (Da, kBlock), so
 // qp[i][d] + kp[j..j+W][d] is one broadcast and one vector add, and tanh is
 // evaluated on whole vectors (tanh_vec).  The tanh evaluations, Lq*Lk*Da of
 // them (x2 in the backward), are the cost; everything else is O(Lq*Lk*Ev).
 #pragma once
+#include "tile_ops.h"
 
 namespace attnfast {
 namespace cpu {
@@ -60,14 +62,6 @@ inline void tanh_dtanh_vec(V x, V& t, V& dt) {
   const auto near0 = ax < 0.625f;
   t = near0 ? small : (x < 0.f ? -big : big);
   dt = near0 ? 1.0f - small * small : 4.0f / (e + 2.0f + 1.0f / e);
-}
-
-template <typename F>
-void add_parallel(const AdditiveParams& p, int64_t n, F&& f) {
-  struct Ctx { F* f; } ctx{&f};
-  p.parallel_for(n, 1, &ctx, [](void* c, int64_t begin, int64_t end) {
-    (*static_cast<Ctx*>(c)->f)(begin, end);
-  });
 }
 
 // kt[d][j] = kp[j0 + j][d] for j < n, 0 for the padding up to kAddBlockK.
@@ -124,7 +118,7 @@ inline int64_t key_end(const AdditiveParams& p, int64_t i) { return p.causal ? i
 
 void additive_fwd_impl(const AdditiveParams& p) {
   const int64_t Da = p.Da, Ev = p.Ev, nqb = cdiv(p.Lq, kAddBlockQ);
-  add_parallel(p, p.B * p.H * nqb, [&](int64_t begin, int64_t end) {
+  run_parallel(p, p.B * p.H * nqb, [&](int64_t begin, int64_t end) {
     Buffer<float> kt(Da * kAddBlockK), s(kAddBlockK);
     Buffer<double> m(kAddBlockQ), l(kAddBlockQ), acc(kAddBlockQ * Ev);  // P V summed in double: O(L Ev), cheap
     for (int64_t item = begin; item < end; ++item) {
@@ -188,7 +182,7 @@ void additive_bwd_impl(const AdditiveParams& p) {
   using V = Vec<float>::type;
   constexpr int W = Vec<float>::kWidth;
   const int64_t Da = p.Da, Ev = p.Ev, nkb = cdiv(p.Lk, kAddBlockK), Lkp = nkb * kAddBlockK;
-  add_parallel(p, p.B * p.H, [&](int64_t begin, int64_t end) {
+  run_parallel(p, p.B * p.H, [&](int64_t begin, int64_t end) {
     Buffer<float> kt(nkb * Da * kAddBlockK), s(kAddBlockK), pp(Lkp), dpp(Lkp), ds(kAddBlockK), g(kAddBlockK);
     Buffer<double> dk_all(Lkp * Da), dv_all(p.Lk * Ev), dva(Da), dq(Da);
     for (int64_t bh = begin; bh < end; ++bh) {

@@ -1,10 +1,7 @@
 // Fused attention on the CPU: FlashAttention-2 forward and backward.
 //
-// Built once per ISA (isa_build.h, included by each kernel_<isa>.cpp with its
-// own ATTNFAST_ISA_NS and target flags), so one source serves every ISA.
-// Everything here but the entry points has internal linkage: no inline
-// function compiled for AVX-512 can leak into the portable object through the
-// linker.
+// Built once per ISA (isa_build.h) from the pieces of tile_ops.h and simd.h;
+// everything here but the two entry points has internal linkage.
 //
 // Algorithm (Dao, "FlashAttention-2", 2023), per (batch, head):
 //   forward : for each query block (kBlockQ rows) walk the visible key blocks
@@ -14,280 +11,14 @@
 //   backward: per query block, recompute P = exp(S - lse) tile by tile from
 //             the saved lse, take delta = rowsum(P * dP), then accumulate dQ
 //             for the block and dK, dV for the whole head (see bwd_impl).
-// All arithmetic is in `acc_t` (float, or double for float64 inputs).
+// All arithmetic is in Elem<T>::acc (float, or double for float64 inputs).
 #pragma once
-#include <algorithm>
-#include <cmath>
-#include <cstdint>
-#include <cstring>
-#include <limits>
-#include <type_traits>
-
-#include "params.h"
-#include "philox.h"
-#include "simd.h"
-
-#ifndef ATTNFAST_ISA_NS
-#error "define ATTNFAST_ISA_NS before including attention_kernel.h"
-#endif
+#include "tile_ops.h"
 
 namespace attnfast {
 namespace cpu {
 namespace ATTNFAST_ISA_NS {
 namespace {
-
-// Tile sizes: a (64, 128) fp32 score tile is 32 KiB and stays in L1/L2.
-constexpr int64_t kBlockQ = 192;
-constexpr int64_t kBlockK = 128;
-
-struct bf16_t { uint16_t bits; };
-struct f16_t { uint16_t bits; };
-
-template <typename T> struct Elem;
-// acc: arithmetic type.  lse: storage type of the saved logsumexp.  wide:
-// type of the P = exp(s - lse) recompute in the backward.  float32 inputs keep
-// lse in float64: a float32 lse (|lse| ~ log L) alone would put ~ulp(lse) of
-// relative error on every recomputed P, several times what a naive float32
-// softmax makes (measured on the parity sweep); float64 inputs compute
-// s - lse in long double for the same reason.
-template <> struct Elem<float> {
-  using acc = float;
-  using lse = double;
-  using wide = double;
-  static float load(const float* p) { return *p; }
-  static void store(float* p, float v) { *p = v; }
-};
-template <> struct Elem<double> {
-  using acc = double;
-  using lse = double;
-  using wide = long double;
-  static double load(const double* p) { return *p; }
-  static void store(double* p, double v) { *p = v; }
-};
-template <> struct Elem<bf16_t> {
-  using acc = float;
-  using lse = float;
-  using wide = float;
-  static float load(const bf16_t* p) {
-    const uint32_t u = static_cast<uint32_t>(p->bits) << 16;
-    float f;
-    std::memcpy(&f, &u, sizeof(f));
-    return f;
-  }
-  static void store(bf16_t* p, float v) {
-    uint32_t u;
-    std::memcpy(&u, &v, sizeof(u));
-    if ((u & 0x7fffffffu) > 0x7f800000u) {  // NaN stays a quiet NaN
-      p->bits = static_cast<uint16_t>((u >> 16) | 0x40u);
-      return;
-    }
-    u += 0x7fffu + ((u >> 16) & 1u);  // round to nearest even
-    p->bits = static_cast<uint16_t>(u >> 16);
-  }
-};
-template <> struct Elem<f16_t> {
-  using acc = float;
-  using lse = float;
-  using wide = float;
-  static float load(const f16_t* p) {
-    _Float16 h;
-    std::memcpy(&h, &p->bits, sizeof(h));
-    return static_cast<float>(h);
-  }
-  static void store(f16_t* p, float v) {
-    const _Float16 h = static_cast<_Float16>(v);
-    std::memcpy(&p->bits, &h, sizeof(h));
-  }
-};
-
-// f(T{}) for the element type T of dtype.
-template <typename F>
-void by_dtype(DType dtype, F&& f) {
-  switch (dtype) {
-    case DType::f32: return f(float{});
-    case DType::f64: return f(double{});
-    case DType::bf16: return f(bf16_t{});
-    case DType::f16: return f(f16_t{});
-  }
-}
-
-// dst[x] = src[x] for x < n, rounded to T.
-template <typename T, typename A>
-void store_all(T* dst, const A* src, int64_t n) {
-  for (int64_t x = 0; x < n; ++x) Elem<T>::store(dst + x, src[x]);
-}
-
-// Zero-initialised scratch array.  (No std::vector here: its out-of-line
-// members are shared weak symbols, and a copy compiled for AVX-512 could be
-// picked by the linker for the portable path.)
-template <typename A>
-struct Buffer {
-  explicit Buffer(int64_t n) : n_(n), p_(n > 0 ? new A[n]() : nullptr) {}
-  ~Buffer() { delete[] p_; }
-  Buffer(const Buffer&) = delete;
-  Buffer& operator=(const Buffer&) = delete;
-  A* data() { return p_; }
-  A& operator[](int64_t i) { return p_[i]; }
-  void zero() { for (int64_t i = 0; i < n_; ++i) p_[i] = A(0); }
-
- private:
-  int64_t n_;
-  A* p_;
-};
-
-inline int64_t imin(int64_t a, int64_t b) { return a < b ? a : b; }
-inline int64_t imax(int64_t a, int64_t b) { return a > b ? a : b; }
-inline int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
-
-// Which keys a query row may see (causal / sliding window), as half-open ranges.
-struct Visibility {
-  int64_t diag, left, right, Lq, Lk;
-  explicit Visibility(const AttnParams& p)
-      : diag(p.diag_offset), left(p.window_left), right(p.window_right), Lq(p.Lq), Lk(p.Lk) {}
-  int64_t col_lo(int64_t i) const { return left < 0 ? 0 : imin(Lk, imax(0, i + diag - left)); }
-  int64_t col_hi(int64_t i) const { return right < 0 ? Lk : imin(Lk, imax(0, i + diag + right + 1)); }
-  // Rows that see at least one column of [j0, j1).
-  int64_t row_lo(int64_t j0) const { return right < 0 ? 0 : imin(Lq, imax(0, j0 - diag - right)); }
-  int64_t row_hi(int64_t j1) const { return left < 0 ? Lq : imin(Lq, imax(0, j1 - 1 - diag + left + 1)); }
-};
-
-template <typename F>
-void run_parallel(const AttnParams& p, int64_t n, F&& f) {
-  struct Ctx { F* f; } ctx{&f};
-  p.parallel_for(n, 1, &ctx, [](void* c, int64_t begin, int64_t end) {
-    (*static_cast<Ctx*>(c)->f)(begin, end);
-  });
-}
-
-// Loads rows [r0, r0+nr) of a (row, col) slice into dst[r][c] (row stride ld).
-template <typename T, typename A>
-void load_rows(const T* base, int64_t rs, int64_t cs, int64_t r0, int64_t nr, int64_t ncols, A* dst,
-               int64_t ld) {
-  for (int64_t r = 0; r < nr; ++r) {
-    const T* src = base + (r0 + r) * rs;
-    A* d = dst + r * ld;
-    for (int64_t c = 0; c < ncols; ++c) d[c] = Elem<T>::load(src + c * cs);
-  }
-}
-
-// Loads rows [r0, r0+nr) transposed: dst[c][r] (ld = ld).
-template <typename T, typename A>
-void load_rows_t(const T* base, int64_t rs, int64_t cs, int64_t r0, int64_t nr, int64_t ncols,
-                 int64_t ld, A* dst) {
-  for (int64_t r = 0; r < nr; ++r) {
-    const T* src = base + (r0 + r) * rs;
-    for (int64_t c = 0; c < ncols; ++c) dst[c * ld + r] = Elem<T>::load(src + c * cs);
-  }
-}
-
-// y[r][0:n] += x[r][0:n] for r < m (both with row stride ld).
-template <typename A>
-void add_tile(int64_t m, int64_t n, const A* __restrict x, int64_t ldx, A* __restrict y, int64_t ldy) {
-  for (int64_t r = 0; r < m; ++r) {
-#pragma omp simd
-    for (int64_t c = 0; c < n; ++c) y[r * ldy + c] += x[r * ldx + c];
-  }
-}
-
-// dst[c][r] = src[r][c]
-template <typename A>
-void transpose_tile(const A* __restrict src, int64_t lds, int64_t rows, int64_t cols, A* __restrict dst,
-                    int64_t ldd) {
-  for (int64_t r = 0; r < rows; ++r)
-    for (int64_t c = 0; c < cols; ++c) dst[c * ldd + r] = src[r * lds + c];
-}
-
-// What the explicit mask does to the (nq, nk) tile at rows i0.., columns j0..:
-// hides all of it (the tile is skipped: no product, no exp), shows all of it
-// (a bool mask then needs no per-element pass), or a mix.  Reading the mask
-// tile costs nq*nk byte loads against the tile's nq*nk*E FMAs; rows of a mask
-// broadcast over rows are read once, and contiguous bool rows 8 bytes a time.
-enum class TileMask { kHidden, kVisible, kMixed };
-
-template <typename T>
-TileMask classify_tile(const AttnParams& p, int64_t b, int64_t h, int64_t i0, int64_t nq, int64_t j0,
-                       int64_t nk) {
-  if (p.mask_kind == MaskKind::none) return TileMask::kVisible;
-  const Strides4& st = p.mask_st;
-  const int64_t rows = st.r == 0 ? 1 : nq;
-  const int64_t off = b * st.b + h * st.h + i0 * st.r + j0 * st.c;
-  if (p.mask_kind == MaskKind::additive) {
-    for (int64_t i = 0; i < rows; ++i) {
-      const T* m = static_cast<const T*>(p.mask) + off + i * st.r;
-      for (int64_t j = 0; j < nk; ++j)
-        if (Elem<T>::load(m + j * st.c) != -std::numeric_limits<float>::infinity()) return TileMask::kMixed;
-    }
-    return TileMask::kHidden;
-  }
-  bool any = false, all = true;
-  for (int64_t i = 0; i < rows; ++i) {
-    const uint8_t* m = static_cast<const uint8_t*>(p.mask) + off + i * st.r;
-    int64_t j = 0;
-    if (st.c == 1) {
-      constexpr uint64_t kOnes = 0x0101010101010101ull;  // eight `true` bytes
-      for (; j + 8 <= nk; j += 8) {
-        uint64_t w;
-        std::memcpy(&w, m + j, sizeof(w));
-        any |= w != 0;
-        all &= w == kOnes;
-      }
-    }
-    for (; j < nk; ++j) {
-      any |= m[j * st.c] != 0;
-      all &= m[j * st.c] != 0;
-    }
-    if (any && !all) return TileMask::kMixed;
-  }
-  return any ? TileMask::kVisible : TileMask::kHidden;
-}
-
-// Sets invisible scores to -inf and applies the mask for rows [i0, i0+nq) and
-// columns [j0, j0+nk) of head (b, h).
-template <typename T, typename A>
-void mask_tile(const AttnParams& p, const Visibility& vis, int64_t b, int64_t h, int64_t i0, int64_t nq,
-               int64_t j0, int64_t nk, A* s, int64_t lds, TileMask tm) {
-  const A ninf = -std::numeric_limits<A>::infinity();
-  const bool windowed = vis.left >= 0 || vis.right >= 0;
-  for (int64_t i = 0; i < nq; ++i) {
-    A* row = s + i * lds;
-    int64_t lo = 0, hi = nk;
-    if (windowed) {
-      lo = imin(nk, imax(0, vis.col_lo(i0 + i) - j0));
-      hi = imax(lo, imin(nk, vis.col_hi(i0 + i) - j0));
-      for (int64_t j = 0; j < lo; ++j) row[j] = ninf;
-      for (int64_t j = hi; j < nk; ++j) row[j] = ninf;
-    }
-    if (p.mask_kind == MaskKind::none || tm == TileMask::kVisible) continue;
-    const int64_t off = b * p.mask_st.b + h * p.mask_st.h + (i0 + i) * p.mask_st.r + j0 * p.mask_st.c;
-    if (p.mask_kind == MaskKind::boolean) {
-      const uint8_t* m = static_cast<const uint8_t*>(p.mask) + off;
-      if (p.mask_st.c == 1) {
-#pragma omp simd
-        for (int64_t j = lo; j < hi; ++j) row[j] = m[j] ? row[j] : ninf;
-      } else {
-        for (int64_t j = lo; j < hi; ++j) row[j] = m[j * p.mask_st.c] ? row[j] : ninf;
-      }
-    } else {
-      const T* m = static_cast<const T*>(p.mask) + off;
-      for (int64_t j = lo; j < hi; ++j) row[j] += static_cast<A>(Elem<T>::load(m + j * p.mask_st.c));
-    }
-  }
-}
-
-// fac[i][j] = dropout factor of element (i0+i, j0+j): 0 if dropped, 1/(1-p) if kept.
-template <typename A>
-void dropout_factors(const AttnParams& p, int64_t b, int64_t h, int64_t i0, int64_t nq, int64_t j0,
-                     int64_t nk, A* fac, int64_t ld) {
-  const float prob = static_cast<float>(p.dropout_p);
-  const A inv_keep = A(1) / (A(1) - static_cast<A>(p.dropout_p));
-  const int64_t bh = b * p.Hq + h;
-  for (int64_t i = 0; i < nq; ++i) {
-    A* row = fac + i * ld;
-    const int64_t n0 = (i0 + i) * p.Lk + j0;
-    for (int64_t j = 0; j < nk; ++j)
-      row[j] = philox::dropout_uniform(p.seed, p.offset, bh, n0 + j) >= prob ? inv_keep : A(0);
-  }
-}
 
 // ----------------------------------------------------------------------------
 // Forward
@@ -344,10 +75,7 @@ void fwd_impl(const FwdParams& p) {
     // K^T (E, Lk) and V (Lk, Ev) of one kv head, packed once and reused by
     // every query block of that head this thread runs (items come in order).
     // K^T is stored tile-major, (nkb, E, kBlockK): one key tile is one
-    // contiguous 32 KiB block (E = 64).  A plain (E, Lk) layout put the E rows
-    // of a tile 4 * Lk bytes apart, a power-of-two-ish stride that fought the
-    // cache's associativity: forward fp32 fell to 0.62-0.75x torch at L >= 4096
-    // while it was 0.9x at L = 1024-2048.
+    // contiguous 32 KiB block (E = 64; see pack_tiles_t).
     Buffer<A> kt(nkb * E * kBlockK), vbuf((nkb * kBlockK) * ldv);
     int64_t packed = -1;  // b * Hkv + hk of the current packs
     Buffer<A> qbuf(kBlockQ * E), sc(kBlockQ * kBlockK), acc(kBlockQ * ldv), mrow(kBlockQ),
@@ -367,12 +95,7 @@ void fwd_impl(const FwdParams& p) {
       const int64_t i0 = qb * kBlockQ, nq = imin(kBlockQ, p.Lq - i0);
 
       if (packed != b * p.Hkv + hk) {
-        const T* k = static_cast<const T*>(p.k) + b * p.k_st.b + hk * p.k_st.h;
-        const T* v = static_cast<const T*>(p.v) + b * p.v_st.b + hk * p.v_st.h;
-        for (int64_t t = 0; t < nkb; ++t)  // (nkb, E, kBlockK)
-          load_rows_t(k, p.k_st.r, p.k_st.c, t * kBlockK, imin(kBlockK, Lk - t * kBlockK), E, kBlockK,
-                      kt.data() + t * E * kBlockK);
-        load_rows(v, p.v_st.r, p.v_st.c, 0, Lk, Ev, vbuf.data(), ldv);  // (Lk, Ev)
+        pack_kt_v<T>(p, b, hk, kt.data(), vbuf.data(), ldv);  // (nkb, E, kBlockK) and (Lk, Ev)
         packed = b * p.Hkv + hk;
       }
       const T* q = static_cast<const T*>(p.q) + b * p.q_st.b + h * p.q_st.h;
@@ -380,12 +103,8 @@ void fwd_impl(const FwdParams& p) {
       for (int64_t i = 0; i < nq; ++i) { mrow[i] = ninf; lrow[i] = L(0); }
       acc.zero();
 
-      // Keys visible to any row of this block.
-      int64_t jlo = Lk, jhi = 0;
-      for (int64_t i = i0; i < i0 + nq; ++i) {
-        const int64_t lo = vis.col_lo(i), hi = vis.col_hi(i);
-        if (lo < hi) { jlo = imin(jlo, lo); jhi = imax(jhi, hi); }
-      }
+      int64_t jlo, jhi;  // keys visible to any row of this block
+      vis.block_cols(i0, nq, jlo, jhi);
       // Tiles are aligned to the packing; columns of the first tile left of
       // jlo are invisible to every row and get -inf from mask_tile.
       for (int64_t j0 = jlo / kBlockK * kBlockK; j0 < jhi; j0 += kBlockK) {
@@ -460,7 +179,7 @@ void bwd_impl(const BwdParams& p) {
   const int64_t group = p.Hq / p.Hkv;
   const int64_t E = p.E, Ev = p.Ev, Lk = p.Lk;
   // K^T, V^T and the P / dP panels are stored tile-major, one contiguous
-  // block per key tile (see fwd_impl for why); ldp is a tile's row stride.
+  // block per key tile (see pack_tiles_t for why); ldp is a tile's row stride.
   const int64_t nkb = cdiv(Lk, kBlockK), ldp = kBlockK, tq_sz = kBlockQ * kBlockK;
   const int64_t lde = pad_up(E), ldv = pad_up(Ev);
   const A scale = static_cast<A>(p.scale);
@@ -478,14 +197,10 @@ void bwd_impl(const BwdParams& p) {
     Buffer<uint8_t> skip(nkb);  // key tiles the mask hides entirely
     for (int64_t item = begin; item < end; ++item) {
       const int64_t hk = item % p.Hkv, b = item / p.Hkv;
-      const T* k = static_cast<const T*>(p.k) + b * p.k_st.b + hk * p.k_st.h;
-      const T* v = static_cast<const T*>(p.v) + b * p.v_st.b + hk * p.v_st.h;
-      for (int64_t t = 0; t < nkb; ++t) {  // (nkb, E, kBlockK) and (nkb, Ev, kBlockK)
-        const int64_t n = imin(kBlockK, Lk - t * kBlockK);
-        load_rows_t(k, p.k_st.r, p.k_st.c, t * kBlockK, n, E, kBlockK, kt.data() + t * E * kBlockK);
-        load_rows_t(v, p.v_st.r, p.v_st.c, t * kBlockK, n, Ev, kBlockK, vt.data() + t * Ev * kBlockK);
-      }
-      load_rows(k, p.k_st.r, p.k_st.c, 0, Lk, E, kbuf.data(), lde);   // (Lk, E)
+      const T* k = head_of<T>(p.k, p.k_st, b, hk);
+      pack_tiles_t(k, p.k_st, Lk, E, kt.data());                                      // (nkb, E, kBlockK)
+      pack_tiles_t(head_of<T>(p.v, p.v_st, b, hk), p.v_st, Lk, Ev, vt.data());       // (nkb, Ev, kBlockK)
+      load_rows(k, p.k_st.r, p.k_st.c, 0, Lk, E, kbuf.data(), lde);                   // (Lk, E)
       dk.zero();
       dv.zero();
 
@@ -497,11 +212,8 @@ void bwd_impl(const BwdParams& p) {
         for (int64_t i0 = 0; i0 < p.Lq; i0 += kBlockQ) {
           const int64_t nq = imin(kBlockQ, p.Lq - i0);
           dq.zero();
-          int64_t jlo = Lk, jhi = 0;
-          for (int64_t i = i0; i < i0 + nq; ++i) {
-            const int64_t lo = vis.col_lo(i), hi = vis.col_hi(i);
-            if (lo < hi) { jlo = imin(jlo, lo); jhi = imax(jhi, hi); }
-          }
+          int64_t jlo, jhi;
+          vis.block_cols(i0, nq, jlo, jhi);
           if (jlo < jhi) {
             load_rows(q, p.q_st.r, p.q_st.c, i0, nq, E, qbuf.data(), lde);              // (nq, E)
             load_rows(dout, p.dout_st.r, p.dout_st.c, i0, nq, Ev, dobuf.data(), ldv);  // (nq, Ev)
@@ -589,25 +301,16 @@ void bwd_impl(const BwdParams& p) {
           store_all(dqp + i0 * E, dq.data(), nq * E);
         }
       }
-      store_all(static_cast<T*>(p.dk) + (b * p.Hkv + hk) * Lk * E, dk.data(), Lk * E);
-      store_all(static_cast<T*>(p.dv) + (b * p.Hkv + hk) * Lk * Ev, dv.data(), Lk * Ev);
+      store_kv_grads<T>(p, b, hk, dk.data(), dv.data());
     }
   });
 }
 
 }  // namespace
 
-void attention_fwd(const FwdParams& p) {
-  by_dtype(p.dtype, [&](auto t) { fwd_impl<decltype(t)>(p); });
-}
-
-void attention_bwd(const BwdParams& p) {
-  by_dtype(p.dtype, [&](auto t) { bwd_impl<decltype(t)>(p); });
-}
+ATTNFAST_BY_DTYPE_ENTRY(attention_fwd, FwdParams, fwd_impl)
+ATTNFAST_BY_DTYPE_ENTRY(attention_bwd, BwdParams, bwd_impl)
 
 }  // namespace ATTNFAST_ISA_NS
 }  // namespace cpu
 }  // namespace attnfast
-
-#include "additive_kernel.h"
-#include "topk_kernel.h"

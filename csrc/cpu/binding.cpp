@@ -82,7 +82,7 @@ DType to_dtype(at::ScalarType t) {
   }
 }
 
-// Saved lse: float64 for float32/float64 inputs (see attention_kernel.h), else float32.
+// Saved lse: float64 for float32/float64 inputs (see Elem in tile_ops.h), else float32.
 at::ScalarType lse_dtype(const at::Tensor& q) {
   return q.scalar_type() == at::kDouble || q.scalar_type() == at::kFloat ? at::kDouble : at::kFloat;
 }

@@ -8,7 +8,7 @@
 //
 // The standard headers are included before the target pragma so that their
 // inline functions keep the baseline target; everything compiled after it has
-// internal linkage but the entry points and `kernels` (see attention_kernel.h), so no
+// internal linkage but the entry points and `kernels` (see tile_ops.h), so no
 // inline function compiled for a wider ISA can leak into another object
 // through the linker.  The binding calls a build only when the CPU reports its
 // features.

@@ -5,7 +5,7 @@
 //             same packed K^T, micro-kernel and mask_tile) stream through a
 //             per-row candidate list of at most 2 top_k (score, key) pairs:
 //             a score enters only if it beats the row's current k-th best,
-//             and a full list is cut back to its top_k (nth_element), so no
+//             and a full list is cut back to its top_k (keep_best), so no
 //             row ever holds more than 2 top_k scores.  The kept entries are
 //             then the row's softmax.  The chosen keys are saved, (B, Hq, Lq, top_k) int32
 //             (-1 in unused slots): O(Lq * top_k) memory instead of the
@@ -17,8 +17,10 @@
 // order of a stable descending sort); NaN ranks above everything, so a NaN
 // score is chosen and makes its row NaN, as in the dense softmax.  Hidden keys
 // (-inf) are never chosen; a row with fewer visible keys keeps them all.
-// Included by attention_kernel.h: one build per ISA, internal linkage.
+// Built once per ISA (isa_build.h); everything here but the two entry points
+// has internal linkage.
 #pragma once
+#include "tile_ops.h"
 
 namespace attnfast {
 namespace cpu {
@@ -114,12 +116,7 @@ void topk_fwd_impl(const TopkParams& p) {
       const int64_t h = bh % p.Hq, b = bh / p.Hq, hk = h / group;
       const int64_t i0 = qb * kBlockQ, nq = imin(kBlockQ, p.Lq - i0);
       if (packed != b * p.Hkv + hk) {
-        const T* k = static_cast<const T*>(p.k) + b * p.k_st.b + hk * p.k_st.h;
-        const T* v = static_cast<const T*>(p.v) + b * p.v_st.b + hk * p.v_st.h;
-        for (int64_t t = 0; t < nkb; ++t)
-          load_rows_t(k, p.k_st.r, p.k_st.c, t * kBlockK, imin(kBlockK, Lk - t * kBlockK), E, kBlockK,
-                      kt.data() + t * E * kBlockK);
-        load_rows(v, p.v_st.r, p.v_st.c, 0, Lk, Ev, vbuf.data(), Ev);
+        pack_kt_v<T>(p, b, hk, kt.data(), vbuf.data(), Ev);
         packed = b * p.Hkv + hk;
       }
       const T* q = static_cast<const T*>(p.q) + b * p.q_st.b + h * p.q_st.h;
@@ -128,11 +125,8 @@ void topk_fwd_impl(const TopkParams& p) {
         count[i] = 0;
         thr[i] = ninf;  // hidden keys (-inf) never pass
       }
-      int64_t jlo = Lk, jhi = 0;
-      for (int64_t i = i0; i < i0 + nq; ++i) {
-        const int64_t lo = vis.col_lo(i), hi = vis.col_hi(i);
-        if (lo < hi) { jlo = imin(jlo, lo); jhi = imax(jhi, hi); }
-      }
+      int64_t jlo, jhi;
+      vis.block_cols(i0, nq, jlo, jhi);
       // Pass 1: every visible score of the block, tile by tile, filtered into the candidate lists.
       for (int64_t j0 = jlo / kBlockK * kBlockK; j0 < jhi; j0 += kBlockK) {
         const int64_t nk = imin(kBlockK, jhi - j0);
@@ -153,7 +147,7 @@ void topk_fwd_impl(const TopkParams& p) {
               c[n++] = Entry<A>{row[x], static_cast<int32_t>(j0 + x)};
               if (n == 2 * K) {
                 n = keep_best(c, n, K);
-                t = c[K - 1].s;  // nth_element put the k-th best there
+                t = c[K - 1].s;  // keep_best put the k-th best there
               }
             }
           }
@@ -211,10 +205,8 @@ void topk_bwd_impl(const TopkParams& p) {
     Buffer<L> ew(K);
     for (int64_t item = begin; item < end; ++item) {
       const int64_t hk = item % p.Hkv, b = item / p.Hkv;
-      load_rows(static_cast<const T*>(p.k) + b * p.k_st.b + hk * p.k_st.h, p.k_st.r, p.k_st.c, 0, Lk, E,
-                kbuf.data(), E);
-      load_rows(static_cast<const T*>(p.v) + b * p.v_st.b + hk * p.v_st.h, p.v_st.r, p.v_st.c, 0, Lk, Ev,
-                vbuf.data(), Ev);
+      load_rows(head_of<T>(p.k, p.k_st, b, hk), p.k_st.r, p.k_st.c, 0, Lk, E, kbuf.data(), E);
+      load_rows(head_of<T>(p.v, p.v_st, b, hk), p.v_st.r, p.v_st.c, 0, Lk, Ev, vbuf.data(), Ev);
       dk.zero();
       dv.zero();
       for (int64_t g = 0; g < group; ++g) {
@@ -280,21 +272,15 @@ void topk_bwd_impl(const TopkParams& p) {
           store_all(dqp + i * E, dq.data(), E);
         }
       }
-      store_all(static_cast<T*>(p.dk) + (b * p.Hkv + hk) * Lk * E, dk.data(), Lk * E);
-      store_all(static_cast<T*>(p.dv) + (b * p.Hkv + hk) * Lk * Ev, dv.data(), Lk * Ev);
+      store_kv_grads<T>(p, b, hk, dk.data(), dv.data());
     }
   });
 }
 
 }  // namespace
 
-void topk_fwd(const TopkParams& p) {
-  by_dtype(p.dtype, [&](auto t) { topk_fwd_impl<decltype(t)>(p); });
-}
-
-void topk_bwd(const TopkParams& p) {
-  by_dtype(p.dtype, [&](auto t) { topk_bwd_impl<decltype(t)>(p); });
-}
+ATTNFAST_BY_DTYPE_ENTRY(topk_fwd, TopkParams, topk_fwd_impl)
+ATTNFAST_BY_DTYPE_ENTRY(topk_bwd, TopkParams, topk_bwd_impl)
 
 }  // namespace ATTNFAST_ISA_NS
 }  // namespace cpu

@@ -1,0 +1,339 @@
+// Building blocks shared by the CPU kernel families (attention_kernel.h,
+// additive_kernel.h, topk_kernel.h): element types and their rounding stores,
+// scratch buffers, the causal/window visibility rule, the thread-pool hook,
+// operand packing, tile adds and transposes, the mask and dropout tiles.  (The
+// vector micro-kernel and exp are in simd.h.)
+//
+// Built once per ISA like the kernels (isa_build.h): everything here has
+// internal linkage, so no inline function compiled for a wider ISA can leak
+// into another ISA's object through the linker.
+#pragma once
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <type_traits>
+
+#include "params.h"
+#include "philox.h"
+#include "simd.h"
+
+#ifndef ATTNFAST_ISA_NS
+#error "define ATTNFAST_ISA_NS before including tile_ops.h (see isa_build.h)"
+#endif
+
+namespace attnfast {
+namespace cpu {
+namespace ATTNFAST_ISA_NS {
+namespace {
+
+// Tiles of the dense and top-k kernels: kBlockQ query rows by kBlockK keys.
+// One (kBlockQ, kBlockK) fp32 score tile is 96 KiB (it stays in L2); a tile of
+// packed K^T at E = 64 is 32 KiB.  (192 query rows halve the traffic of the per-head K/V
+// packs, which outgrow L2 beyond L ~ 1024: NOTES.md, v8.)
+constexpr int64_t kBlockQ = 192;
+constexpr int64_t kBlockK = 128;
+
+struct bf16_t { uint16_t bits; };
+struct f16_t { uint16_t bits; };
+
+template <typename T> struct Elem;
+// acc: arithmetic type.  lse: storage type of the saved logsumexp.  wide:
+// type of the P = exp(s - lse) recompute in the backward.  float32 inputs keep
+// lse in float64: a float32 lse (|lse| ~ log L) alone would put ~ulp(lse) of
+// relative error on every recomputed P, several times what a naive float32
+// softmax makes (measured on the parity sweep); float64 inputs compute
+// s - lse in long double for the same reason.
+template <> struct Elem<float> {
+  using acc = float;
+  using lse = double;
+  using wide = double;
+  static float load(const float* p) { return *p; }
+  static void store(float* p, float v) { *p = v; }
+};
+template <> struct Elem<double> {
+  using acc = double;
+  using lse = double;
+  using wide = long double;
+  static double load(const double* p) { return *p; }
+  static void store(double* p, double v) { *p = v; }
+};
+template <> struct Elem<bf16_t> {
+  using acc = float;
+  using lse = float;
+  using wide = float;
+  static float load(const bf16_t* p) {
+    const uint32_t u = static_cast<uint32_t>(p->bits) << 16;
+    float f;
+    std::memcpy(&f, &u, sizeof(f));
+    return f;
+  }
+  static void store(bf16_t* p, float v) {
+    uint32_t u;
+    std::memcpy(&u, &v, sizeof(u));
+    if ((u & 0x7fffffffu) > 0x7f800000u) {  // NaN stays a quiet NaN
+      p->bits = static_cast<uint16_t>((u >> 16) | 0x40u);
+      return;
+    }
+    u += 0x7fffu + ((u >> 16) & 1u);  // round to nearest even
+    p->bits = static_cast<uint16_t>(u >> 16);
+  }
+};
+template <> struct Elem<f16_t> {
+  using acc = float;
+  using lse = float;
+  using wide = float;
+  static float load(const f16_t* p) {
+    _Float16 h;
+    std::memcpy(&h, &p->bits, sizeof(h));
+    return static_cast<float>(h);
+  }
+  static void store(f16_t* p, float v) {
+    const _Float16 h = static_cast<_Float16>(v);
+    std::memcpy(&p->bits, &h, sizeof(h));
+  }
+};
+
+// f(T{}) for the element type T of dtype.
+template <typename F>
+void by_dtype(DType dtype, F&& f) {
+  switch (dtype) {
+    case DType::f32: return f(float{});
+    case DType::f64: return f(double{});
+    case DType::bf16: return f(bf16_t{});
+    case DType::f16: return f(f16_t{});
+  }
+}
+
+// Defines entry point `name` (params P): impl<T>(p) for the element type T of p.dtype.
+#define ATTNFAST_BY_DTYPE_ENTRY(name, P, impl) \
+  void name(const P& p) {                      \
+    by_dtype(p.dtype, [&](auto t) { impl<decltype(t)>(p); }); \
+  }
+
+// dst[x] = src[x] for x < n, rounded to T.
+template <typename T, typename A>
+void store_all(T* dst, const A* src, int64_t n) {
+  for (int64_t x = 0; x < n; ++x) Elem<T>::store(dst + x, src[x]);
+}
+
+// Zero-initialised scratch array.  (No std::vector here: its out-of-line
+// members are shared weak symbols, and a copy compiled for AVX-512 could be
+// picked by the linker for the portable path.)
+template <typename A>
+struct Buffer {
+  explicit Buffer(int64_t n) : n_(n), p_(n > 0 ? new A[n]() : nullptr) {}
+  ~Buffer() { delete[] p_; }
+  Buffer(const Buffer&) = delete;
+  Buffer& operator=(const Buffer&) = delete;
+  A* data() { return p_; }
+  A& operator[](int64_t i) { return p_[i]; }
+  void zero() { for (int64_t i = 0; i < n_; ++i) p_[i] = A(0); }
+
+ private:
+  int64_t n_;
+  A* p_;
+};
+
+inline int64_t imin(int64_t a, int64_t b) { return a < b ? a : b; }
+inline int64_t imax(int64_t a, int64_t b) { return a > b ? a : b; }
+inline int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// Which keys a query row may see (causal / sliding window), as half-open ranges.
+struct Visibility {
+  int64_t diag, left, right, Lq, Lk;
+  explicit Visibility(const AttnParams& p)
+      : diag(p.diag_offset), left(p.window_left), right(p.window_right), Lq(p.Lq), Lk(p.Lk) {}
+  int64_t col_lo(int64_t i) const { return left < 0 ? 0 : imin(Lk, imax(0, i + diag - left)); }
+  int64_t col_hi(int64_t i) const { return right < 0 ? Lk : imin(Lk, imax(0, i + diag + right + 1)); }
+  // Rows that see at least one column of [j0, j1).
+  int64_t row_lo(int64_t j0) const { return right < 0 ? 0 : imin(Lq, imax(0, j0 - diag - right)); }
+  int64_t row_hi(int64_t j1) const { return left < 0 ? Lq : imin(Lq, imax(0, j1 - 1 - diag + left + 1)); }
+  // Keys [lo, hi) visible to some row of [i0, i0 + nq); lo = Lk, hi = 0 when no row sees one.
+  void block_cols(int64_t i0, int64_t nq, int64_t& lo, int64_t& hi) const {
+    lo = Lk;
+    hi = 0;
+    for (int64_t i = i0; i < i0 + nq; ++i) {
+      const int64_t a = col_lo(i), z = col_hi(i);
+      if (a < z) { lo = imin(lo, a); hi = imax(hi, z); }
+    }
+  }
+};
+
+// f(begin, end) over [0, n) on the framework's thread pool (p.parallel_for).
+template <typename P, typename F>
+void run_parallel(const P& p, int64_t n, F&& f) {
+  struct Ctx { F* f; } ctx{&f};
+  p.parallel_for(n, 1, &ctx, [](void* c, int64_t begin, int64_t end) {
+    (*static_cast<Ctx*>(c)->f)(begin, end);
+  });
+}
+
+// Loads rows [r0, r0+nr) of a (row, col) slice into dst[r][c] (row stride ld).
+template <typename T, typename A>
+void load_rows(const T* base, int64_t rs, int64_t cs, int64_t r0, int64_t nr, int64_t ncols, A* dst,
+               int64_t ld) {
+  for (int64_t r = 0; r < nr; ++r) {
+    const T* src = base + (r0 + r) * rs;
+    A* d = dst + r * ld;
+    for (int64_t c = 0; c < ncols; ++c) d[c] = Elem<T>::load(src + c * cs);
+  }
+}
+
+// Loads rows [r0, r0+nr) transposed: dst[c][r] (ld = ld).
+template <typename T, typename A>
+void load_rows_t(const T* base, int64_t rs, int64_t cs, int64_t r0, int64_t nr, int64_t ncols,
+                 int64_t ld, A* dst) {
+  for (int64_t r = 0; r < nr; ++r) {
+    const T* src = base + (r0 + r) * rs;
+    for (int64_t c = 0; c < ncols; ++c) dst[c * ld + r] = Elem<T>::load(src + c * cs);
+  }
+}
+
+// Head h of batch b of a (batch, head, row, column) operand.
+template <typename T>
+const T* head_of(const void* x, const Strides4& st, int64_t b, int64_t h) {
+  return static_cast<const T*>(x) + b * st.b + h * st.h;
+}
+
+// The L rows of a head's (L, ncols) slice x, transposed and tile-major:
+// dst = (cdiv(L, kBlockK), ncols, kBlockK), one contiguous block per key tile.
+// (A plain (ncols, L) layout puts a tile's rows 4 * L bytes apart, a
+// power-of-two-ish stride that fought the cache's associativity: fp32 forward
+// at L >= 4096 fell to 0.62-0.75x torch while it was 0.9x at L = 1024-2048.)
+template <typename T, typename A>
+void pack_tiles_t(const T* x, const Strides4& st, int64_t L, int64_t ncols, A* dst) {
+  for (int64_t t = 0; t < cdiv(L, kBlockK); ++t)
+    load_rows_t(x, st.r, st.c, t * kBlockK, imin(kBlockK, L - t * kBlockK), ncols, kBlockK, dst + t * ncols * kBlockK);
+}
+
+// K^T of kv head (b, hk), tile-major (pack_tiles_t), and V, (Lk, Ev) with row stride ldv.
+template <typename T, typename A>
+void pack_kt_v(const AttnParams& p, int64_t b, int64_t hk, A* kt, A* v, int64_t ldv) {
+  pack_tiles_t(head_of<T>(p.k, p.k_st, b, hk), p.k_st, p.Lk, p.E, kt);
+  load_rows(head_of<T>(p.v, p.v_st, b, hk), p.v_st.r, p.v_st.c, 0, p.Lk, p.Ev, v, ldv);
+}
+
+// The dK and dV of kv head (b, hk), summed in full-head buffers (Lk, E) and
+// (Lk, Ev), rounded into p.dk and p.dv ((B, Hkv, Lk, E), (B, Hkv, Lk, Ev), contiguous).
+template <typename T, typename P, typename A>
+void store_kv_grads(const P& p, int64_t b, int64_t hk, const A* dk, const A* dv) {
+  const int64_t head = b * p.Hkv + hk;
+  store_all(static_cast<T*>(p.dk) + head * p.Lk * p.E, dk, p.Lk * p.E);
+  store_all(static_cast<T*>(p.dv) + head * p.Lk * p.Ev, dv, p.Lk * p.Ev);
+}
+
+// y[r][0:n] += x[r][0:n] for r < m (both with row stride ld).
+template <typename A>
+void add_tile(int64_t m, int64_t n, const A* __restrict x, int64_t ldx, A* __restrict y, int64_t ldy) {
+  for (int64_t r = 0; r < m; ++r) {
+#pragma omp simd
+    for (int64_t c = 0; c < n; ++c) y[r * ldy + c] += x[r * ldx + c];
+  }
+}
+
+// dst[c][r] = src[r][c]
+template <typename A>
+void transpose_tile(const A* __restrict src, int64_t lds, int64_t rows, int64_t cols, A* __restrict dst,
+                    int64_t ldd) {
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t c = 0; c < cols; ++c) dst[c * ldd + r] = src[r * lds + c];
+}
+
+// What the explicit mask does to the (nq, nk) tile at rows i0.., columns j0..:
+// hides all of it (the tile is skipped: no product, no exp), shows all of it
+// (a bool mask then needs no per-element pass), or a mix.  Reading the mask
+// tile costs nq*nk byte loads against the tile's nq*nk*E FMAs; rows of a mask
+// broadcast over rows are read once, and contiguous bool rows 8 bytes a time.
+enum class TileMask { kHidden, kVisible, kMixed };
+
+template <typename T>
+TileMask classify_tile(const AttnParams& p, int64_t b, int64_t h, int64_t i0, int64_t nq, int64_t j0,
+                       int64_t nk) {
+  if (p.mask_kind == MaskKind::none) return TileMask::kVisible;
+  const Strides4& st = p.mask_st;
+  const int64_t rows = st.r == 0 ? 1 : nq;
+  const int64_t off = b * st.b + h * st.h + i0 * st.r + j0 * st.c;
+  if (p.mask_kind == MaskKind::additive) {
+    for (int64_t i = 0; i < rows; ++i) {
+      const T* m = static_cast<const T*>(p.mask) + off + i * st.r;
+      for (int64_t j = 0; j < nk; ++j)
+        if (Elem<T>::load(m + j * st.c) != -std::numeric_limits<float>::infinity()) return TileMask::kMixed;
+    }
+    return TileMask::kHidden;
+  }
+  bool any = false, all = true;
+  for (int64_t i = 0; i < rows; ++i) {
+    const uint8_t* m = static_cast<const uint8_t*>(p.mask) + off + i * st.r;
+    int64_t j = 0;
+    if (st.c == 1) {
+      constexpr uint64_t kOnes = 0x0101010101010101ull;  // eight `true` bytes
+      for (; j + 8 <= nk; j += 8) {
+        uint64_t w;
+        std::memcpy(&w, m + j, sizeof(w));
+        any |= w != 0;
+        all &= w == kOnes;
+      }
+    }
+    for (; j < nk; ++j) {
+      any |= m[j * st.c] != 0;
+      all &= m[j * st.c] != 0;
+    }
+    if (any && !all) return TileMask::kMixed;
+  }
+  return any ? TileMask::kVisible : TileMask::kHidden;
+}
+
+// Sets invisible scores to -inf and applies the mask for rows [i0, i0+nq) and
+// columns [j0, j0+nk) of head (b, h).
+template <typename T, typename A>
+void mask_tile(const AttnParams& p, const Visibility& vis, int64_t b, int64_t h, int64_t i0, int64_t nq,
+               int64_t j0, int64_t nk, A* s, int64_t lds, TileMask tm) {
+  const A ninf = -std::numeric_limits<A>::infinity();
+  const bool windowed = vis.left >= 0 || vis.right >= 0;
+  for (int64_t i = 0; i < nq; ++i) {
+    A* row = s + i * lds;
+    int64_t lo = 0, hi = nk;
+    if (windowed) {
+      lo = imin(nk, imax(0, vis.col_lo(i0 + i) - j0));
+      hi = imax(lo, imin(nk, vis.col_hi(i0 + i) - j0));
+      for (int64_t j = 0; j < lo; ++j) row[j] = ninf;
+      for (int64_t j = hi; j < nk; ++j) row[j] = ninf;
+    }
+    if (p.mask_kind == MaskKind::none || tm == TileMask::kVisible) continue;
+    const int64_t off = b * p.mask_st.b + h * p.mask_st.h + (i0 + i) * p.mask_st.r + j0 * p.mask_st.c;
+    if (p.mask_kind == MaskKind::boolean) {
+      const uint8_t* m = static_cast<const uint8_t*>(p.mask) + off;
+      if (p.mask_st.c == 1) {
+#pragma omp simd
+        for (int64_t j = lo; j < hi; ++j) row[j] = m[j] ? row[j] : ninf;
+      } else {
+        for (int64_t j = lo; j < hi; ++j) row[j] = m[j * p.mask_st.c] ? row[j] : ninf;
+      }
+    } else {
+      const T* m = static_cast<const T*>(p.mask) + off;
+      for (int64_t j = lo; j < hi; ++j) row[j] += static_cast<A>(Elem<T>::load(m + j * p.mask_st.c));
+    }
+  }
+}
+
+// fac[i][j] = dropout factor of element (i0+i, j0+j): 0 if dropped, 1/(1-p) if kept.
+template <typename A>
+void dropout_factors(const AttnParams& p, int64_t b, int64_t h, int64_t i0, int64_t nq, int64_t j0,
+                     int64_t nk, A* fac, int64_t ld) {
+  const float prob = static_cast<float>(p.dropout_p);
+  const A inv_keep = A(1) / (A(1) - static_cast<A>(p.dropout_p));
+  const int64_t bh = b * p.Hq + h;
+  for (int64_t i = 0; i < nq; ++i) {
+    A* row = fac + i * ld;
+    const int64_t n0 = (i0 + i) * p.Lk + j0;
+    for (int64_t j = 0; j < nk; ++j)
+      row[j] = philox::dropout_uniform(p.seed, p.offset, bh, n0 + j) >= prob ? inv_keep : A(0);
+  }
+}
+
+}  // namespace
+}  // namespace ATTNFAST_ISA_NS
+}  // namespace cpu
+}  // namespace attnfast
