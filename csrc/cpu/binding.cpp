@@ -11,10 +11,15 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <iterator>
 #include <string>
+#include <vector>
 
 #include "../attn_args.h"
 #include "params.h"
+#ifdef ATTNFAST_WITH_CUDA
+#include "../cuda/flash.h"
+#endif
 
 namespace attnfast {
 namespace cpu {
@@ -391,9 +396,31 @@ TORCH_LIBRARY_IMPL(attnfast, CPU, m) {
 }  // namespace cpu
 }  // namespace attnfast
 
+namespace attnfast {
+namespace {
+
+// (forward head dims, backward head dims) with CUDA C++ kernels, tuples of ints
+// (FwdHeadDims, BwdHeadDims in csrc/cuda/flash.h); ((), ()) in a build without them.
+pybind11::tuple cuda_head_dims() {
+#ifdef ATTNFAST_WITH_CUDA
+  const auto as_tuple = [](const auto& dims) {
+    return pybind11::tuple(pybind11::cast(std::vector<int>(std::begin(dims), std::end(dims))));
+  };
+  return pybind11::make_tuple(as_tuple(cuda::FwdHeadDims::kList), as_tuple(cuda::BwdHeadDims::kList));
+#else
+  return pybind11::make_tuple(pybind11::tuple(), pybind11::tuple());
+#endif
+}
+
+}  // namespace
+}  // namespace attnfast
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("cpu_isa", &attnfast::cpu::isa_name,
         "CPU instruction-set path the kernels take now ('avx512', 'avx2' or 'default').");
   m.def("cpu_isa_best", &attnfast::cpu::best_isa_name,
         "Best instruction-set path this CPU supports (ignores ATTNFAST_CPU_ISA).");
+  m.def("cuda_head_dims", &attnfast::cuda_head_dims,
+        "(forward head dims, backward head dims) with CUDA C++ kernels, tuples of ints; ((), ()) in a "
+        "build without them.");
 }

@@ -67,20 +67,22 @@ struct BwdParams : AttnParams {
   const float* delta_in = nullptr;  // (B, Hq, Lq) rowsum(dout * out) given by the caller, or nullptr
 };
 
-// Head dims with kernels; other sizes are served by the Triton backend.
-constexpr int kFwdHeadDims[] = {64, 96, 128, 256};
-constexpr int kBwdHeadDims[] = {64, 96, 128};
+// The head dims with kernels, forward and backward: the one list.  The
+// dispatch switches (switch.h) and so the kernel instances of flash_fwd.cu and
+// flash_bwd.cu, the *_supports_head_dim checks below, the tile configs'
+// static_asserts (flash_fwd.cuh, flash_bwd.cuh), the harness's cases and
+// attnfast._C.cuda_head_dims() all come from it.  Other head dims are served by
+// the Triton backend.
+template <int... Ds>
+struct HeadDims {
+  static constexpr int kList[sizeof...(Ds)] = {Ds...};
+  static constexpr bool has(int d) { return ((d == Ds) || ...); }
+};
+using FwdHeadDims = HeadDims<64, 96, 128, 256>;
+using BwdHeadDims = HeadDims<64, 96, 128>;
 
-inline bool fwd_supports_head_dim(int d) {
-  for (int x : kFwdHeadDims)
-    if (x == d) return true;
-  return false;
-}
-inline bool bwd_supports_head_dim(int d) {
-  for (int x : kBwdHeadDims)
-    if (x == d) return true;
-  return false;
-}
+constexpr bool fwd_supports_head_dim(int d) { return FwdHeadDims::has(d); }
+constexpr bool bwd_supports_head_dim(int d) { return BwdHeadDims::has(d); }
 
 // Launchers (flash_fwd.cu, flash_bwd.cu).  They return the CUDA error of the
 // launch (cudaSuccess when it was queued); `stream` is a cudaStream_t.

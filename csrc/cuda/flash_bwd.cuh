@@ -51,11 +51,12 @@ struct BwdTraits {
   static_assert(kSmemBytes <= 163 * 1024, "shared memory must fit sm80");
 };
 
-// Per head dim, the query step: 64 rows at D=64; 32 above, so that the dK and
-// dV accumulators (kHeadDim floats per thread) plus S^T and dP^T (kBlockM
-// floats) stay in registers without spills (compile check).
+// Per head dim of BwdHeadDims (flash.h), the query step: 64 rows at D=64; 32
+// above, so that the dK and dV accumulators (kHeadDim floats per thread) plus
+// S^T and dP^T (kBlockM floats) stay in registers without spills (compile check).
 template <int D>
 struct BwdConfig {
+  static_assert(bwd_supports_head_dim(D), "a backward config for a head dim BwdHeadDims (flash.h) does not list");
   using Traits = BwdTraits<D, D <= 64 ? 64 : 32>;
 };
 
@@ -307,9 +308,9 @@ int launch_bwd(const BwdParams& p, const Launch& launch) {
 }
 
 // The one place turning (dtype, head dim, mask or not) into a bwd instance.
+// A head dim without a kernel returns 1 (cudaErrorInvalidValue).
 template <typename Launch>
 int dispatch_bwd(const BwdParams& p, const Launch& launch) {
-  if (!bwd_supports_head_dim(p.D)) return 1;  // cudaErrorInvalidValue
   return ATTNFAST_ELEM_SWITCH(p.elem, T, [&] {
     return ATTNFAST_BWD_HEADDIM_SWITCH(p.D, kD, [&] {
       return ATTNFAST_BOOL_SWITCH(p.mask_kind != MaskKind::none, kHasMask,

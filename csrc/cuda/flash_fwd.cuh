@@ -36,26 +36,14 @@ struct FwdTraits {
   static_assert((kStride * 2) % 16 == 0, "smem rows must stay 16-byte aligned for cp.async/ldmatrix");
 };
 
-// Per head dim: (kBlockN, kNWarps).  Chosen so the fp32 accumulators of O
-// (kHeadDim / 2 per thread) and S (kBlockN / 2) fit the register file without
-// spills (see the compile check) and shared memory fits sm80's 163 KB.
+// Per head dim of FwdHeadDims (flash.h): (kBlockN, kNWarps) = (64, 8) for
+// D = 64, 96, 128 and (32, 4) for D = 256.  Chosen so the fp32 accumulators of
+// O (kHeadDim / 2 per thread) and S (kBlockN / 2) fit the register file
+// without spills (see the compile check) and shared memory fits sm80's 163 KB.
 template <int D>
-struct FwdConfig;
-template <>
-struct FwdConfig<64> {
-  using Traits = FwdTraits<64, 64, 8>;
-};
-template <>
-struct FwdConfig<96> {
-  using Traits = FwdTraits<96, 64, 8>;
-};
-template <>
-struct FwdConfig<128> {
-  using Traits = FwdTraits<128, 64, 8>;
-};
-template <>
-struct FwdConfig<256> {
-  using Traits = FwdTraits<256, 32, 4>;
+struct FwdConfig {
+  static_assert(fwd_supports_head_dim(D), "a forward config for a head dim FwdHeadDims (flash.h) does not list");
+  using Traits = FwdTraits<D, D <= 128 ? 64 : 32, D <= 128 ? 8 : 4>;
 };
 
 template <typename T, typename Tr, bool kHasMask>
@@ -223,9 +211,9 @@ int launch_fwd(const FwdParams& p, const Launch& launch) {
 }
 
 // The one place turning (dtype, head dim, mask or not) into a fwd instance.
+// A head dim without a kernel returns 1 (cudaErrorInvalidValue).
 template <typename Launch>
 int dispatch_fwd(const FwdParams& p, const Launch& launch) {
-  if (!fwd_supports_head_dim(p.D)) return 1;  // cudaErrorInvalidValue
   return ATTNFAST_ELEM_SWITCH(p.elem, T, [&] {
     return ATTNFAST_FWD_HEADDIM_SWITCH(p.D, kD, [&] {
       return ATTNFAST_BOOL_SWITCH(p.mask_kind != MaskKind::none, kHasMask,

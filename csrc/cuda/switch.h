@@ -1,12 +1,14 @@
 // The one place where runtime parameters become template arguments.
 //
-//   ELEM_SWITCH(p.elem, T, [&] { ... T ... });
-//   HEADDIM_SWITCH(p.D, kD, kFwdHeadDims-like list, [&] { ... kD ... });
-//   BOOL_SWITCH(cond, kFlag, [&] { ... kFlag ... });
+//   ATTNFAST_ELEM_SWITCH(p.elem, T, [&] { ... T ... });
+//   ATTNFAST_FWD_HEADDIM_SWITCH(p.D, kD, [&] { ... kD ... });  (and _BWD_: flash.h's lists)
+//   ATTNFAST_BOOL_SWITCH(cond, kFlag, [&] { ... kFlag ... });
 // Each expands `body` once per value, with the value bound to a constexpr name.
 #pragma once
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
+
+#include <type_traits>
 
 #include "flash.h"
 
@@ -32,28 +34,28 @@
     }                                                \
   }()
 
-// One head-dim case of the switches below.
-#define ATTNFAST_HEADDIM_CASE(D, VALUE, NAME, ...) \
-  if ((D) == VALUE) {                              \
-    constexpr static int NAME = VALUE;             \
-    return __VA_ARGS__();                          \
-  }
+namespace attnfast {
+namespace cuda {
 
-// Forward head dims: 64, 96, 128, 256 (flash.h: kFwdHeadDims).
-#define ATTNFAST_FWD_HEADDIM_SWITCH(D, NAME, ...)          \
-  [&] {                                                    \
-    ATTNFAST_HEADDIM_CASE(D, 64, NAME, __VA_ARGS__)        \
-    ATTNFAST_HEADDIM_CASE(D, 96, NAME, __VA_ARGS__)        \
-    ATTNFAST_HEADDIM_CASE(D, 128, NAME, __VA_ARGS__)       \
-    constexpr static int NAME = 256;                       \
-    return __VA_ARGS__();                                  \
-  }()
+// f(std::integral_constant<int, D>{}) for the head dim D of `dims` equal to
+// d; 1 (cudaErrorInvalidValue) when dims does not list d.
+template <int... Ds, typename F>
+int switch_head_dim(HeadDims<Ds...> /*dims*/, int d, F&& f) {
+  int result = 1;
+  (void)((d == Ds && (result = f(std::integral_constant<int, Ds>{}), true)) || ...);
+  return result;
+}
 
-// Backward head dims: 64, 96, 128 (flash.h: kBwdHeadDims).
-#define ATTNFAST_BWD_HEADDIM_SWITCH(D, NAME, ...)          \
-  [&] {                                                    \
-    ATTNFAST_HEADDIM_CASE(D, 64, NAME, __VA_ARGS__)        \
-    ATTNFAST_HEADDIM_CASE(D, 96, NAME, __VA_ARGS__)        \
-    constexpr static int NAME = 128;                       \
-    return __VA_ARGS__();                                  \
-  }()
+}  // namespace cuda
+}  // namespace attnfast
+
+// Head dims of flash.h's lists: FwdHeadDims and BwdHeadDims.
+#define ATTNFAST_HEADDIM_SWITCH(DIMS, D, NAME, ...)                                       \
+  ::attnfast::cuda::switch_head_dim(DIMS{}, D, [&](auto NAME##_value) {                  \
+    constexpr static int NAME = decltype(NAME##_value)::value;                           \
+    return __VA_ARGS__();                                                                \
+  })
+#define ATTNFAST_FWD_HEADDIM_SWITCH(D, NAME, ...) \
+  ATTNFAST_HEADDIM_SWITCH(::attnfast::cuda::FwdHeadDims, D, NAME, __VA_ARGS__)
+#define ATTNFAST_BWD_HEADDIM_SWITCH(D, NAME, ...) \
+  ATTNFAST_HEADDIM_SWITCH(::attnfast::cuda::BwdHeadDims, D, NAME, __VA_ARGS__)

@@ -1,8 +1,8 @@
 """The CUDA C++ kernels compile without a GPU: nvcc for sm_80 and sm_90, no spills,
-tensor-core instructions in the SASS, and the torch binding against torch's headers.
+tensor-core instructions in the SASS, and the torch bindings against torch's headers.
 
-Also the parsers of that check (on canned compiler output) and the dispatch rule
-that decides which calls the CUDA kernels serve.
+Also the parsers of that check (on canned compiler output), the head-dim list the
+extension exports, and the dispatch rule that decides which calls the CUDA kernels serve.
 """
 import importlib.util
 import json
@@ -28,6 +28,12 @@ cc = _tool()
 HEADER = (ROOT / "csrc" / "cuda" / "flash.h").read_text()
 
 
+def _header_head_dims(name):
+    """The head dims of `using <name> = HeadDims<...>;` in flash.h, the one list of them."""
+    body = HEADER.split(f"using {name} = HeadDims<")[1].split(">")[0]
+    return tuple(int(x) for x in body.split(","))
+
+
 def _expected_kernels():
     """Kernel instances flash_fwd.cu / flash_bwd.cu must hold, per arch."""
     fwd = {(dt, d, m) for dt in ("half", "bf16") for d in (64, 96, 128, 256) for m in ("true", "false")}
@@ -44,6 +50,7 @@ def test_every_kernel_compiles_clean_for_sm80_and_sm90(tmp_path):
     rec = json.loads(out.read_text())
     assert rec["ok"] and rec["cuobjdump"], rec
     assert rec["binding"]["ok"], rec["binding"]
+    assert [f["source"] for f in rec["binding"]["files"]] == ["binding_cuda.cpp", "binding.cpp"], rec["binding"]
     fwd, bwd = _expected_kernels()
     for arch in ("80", "90"):
         kernels = [k for res in rec["results"] if res["arch"] == arch for k in res["kernels"]]
@@ -110,9 +117,39 @@ def test_short_names():
 
 
 # ---------------------------------------------------------------------------
-# Which calls the CUDA C++ kernels serve (dispatch.py), checked on CPU tensors:
-# the rule looks only at dtypes, head dims, gradients and dropout.
+# The head dims with kernels: one list in flash.h, exported by the extension.
 # ---------------------------------------------------------------------------
+def test_header_head_dims_are_the_compiled_kernels():
+    fwd, bwd = _expected_kernels()
+    assert _header_head_dims("FwdHeadDims") == tuple(sorted({d for _, d, _ in fwd}))
+    assert _header_head_dims("BwdHeadDims") == tuple(sorted({d for _, d, _ in bwd}))
+
+
+def test_extension_exports_the_cuda_head_dims():
+    from attnfast import ops
+
+    if ops._C is None:
+        pytest.skip("attnfast._C is not built")
+    got = ops._C.cuda_head_dims()
+    assert type(got) is tuple and len(got) == 2 and all(type(d) is tuple for d in got), got
+    assert all(type(x) is int for d in got for x in d), got
+    lists = (_header_head_dims("FwdHeadDims"), _header_head_dims("BwdHeadDims"))
+    with_cuda = torch._C._dispatch_has_kernel_for_dispatch_key("attnfast::fwd", "CUDA")
+    assert got == (lists if with_cuda else ((), ())), (got, with_cuda)
+
+
+# ---------------------------------------------------------------------------
+# Which calls the CUDA C++ kernels serve (dispatch.py), checked on CPU tensors:
+# the rule looks only at dtypes, head dims, gradients and dropout.  The backend
+# reads its head dims from the extension; here it is given flash.h's lists (what
+# a CUDA build exports), whatever this build holds.
+# ---------------------------------------------------------------------------
+def _cuda_backend():
+    from attnfast import dispatch
+
+    return dispatch.CudaBackend(head_dims=(_header_head_dims("FwdHeadDims"), _header_head_dims("BwdHeadDims")))
+
+
 def _plan(E=64, Ev=None, dtype=torch.bfloat16, grad=False, dropout_p=0.0):
     from attnfast._validate import prepare
 
@@ -124,11 +161,12 @@ def _plan(E=64, Ev=None, dtype=torch.bfloat16, grad=False, dropout_p=0.0):
 
 def test_dispatch_head_dims_match_the_kernels():
     from attnfast import dispatch
+    from attnfast.facts import FACTS
 
-    fwd = tuple(int(x) for x in HEADER.split("kFwdHeadDims[] = {")[1].split("}")[0].split(","))
-    bwd = tuple(int(x) for x in HEADER.split("kBwdHeadDims[] = {")[1].split("}")[0].split(","))
-    assert dispatch.CUDA_FWD_HEAD_DIMS == fwd
-    assert dispatch.CUDA_BWD_HEAD_DIMS == bwd
+    fwd = _header_head_dims("FwdHeadDims")
+    bwd = _header_head_dims("BwdHeadDims")
+    assert dispatch.CudaBackend().head_dims == FACTS.cuda_head_dims
+    assert FACTS.cuda_head_dims == ((fwd, bwd) if FACTS.cuda_kernels else ((), ()))
 
 
 @pytest.mark.parametrize("kw, why", [
@@ -142,9 +180,7 @@ def test_dispatch_head_dims_match_the_kernels():
     (dict(dropout_p=0.1), "dropout is served by the Triton backend"),
 ])
 def test_dispatch_cuda_refusals(kw, why):
-    from attnfast import dispatch
-
-    got = dispatch._cuda_refuses(_plan(**kw))
+    got = _cuda_backend().kernel_refuses(_plan(**kw))
     if why is None:
         assert got is None
     else:
@@ -152,8 +188,6 @@ def test_dispatch_cuda_refusals(kw, why):
 
 
 def test_no_grad_allows_forward_only_head_dims():
-    from attnfast import dispatch
-
     plan = _plan(E=256, grad=True)
     with torch.no_grad():
-        assert dispatch._cuda_refuses(plan) is None
+        assert _cuda_backend().kernel_refuses(plan) is None

@@ -6,8 +6,9 @@ For each arch, each kernel source (flash_fwd.cu, flash_bwd.cu) is compiled with
 nvcc alone (no torch) to a cubin with `-Xptxas=-v`; every kernel must have
 0 bytes of spill stores/loads and no stack frame, and every attention kernel
 must use tensor cores (HMMA instructions in `cuobjdump -sass`).  The torch
-binding (binding_cuda.cpp) is compiled with torch's headers (`-c`, no link) so
-that API drift shows up without a CUDA build of torch.  Exit status 0 when all
+bindings a CUDA build compiles (binding_cuda.cpp, and csrc/cpu/binding.cpp with
+ATTNFAST_WITH_CUDA) are compiled with torch's headers (`-c`, no link) so that
+API drift shows up without a CUDA build of torch.  Exit status 0 when all
 hold; the table goes to stdout, the full record to --json.
 """
 from __future__ import annotations
@@ -19,6 +20,7 @@ import re
 import shutil
 import subprocess
 import sys
+import sysconfig
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -27,7 +29,10 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 CUDA_DIR = HERE.parent
 SOURCES = ("flash_fwd.cu", "flash_bwd.cu")
-BINDING = "binding_cuda.cpp"
+# The bindings as a CUDA build of attnfast._C compiles them: (source, extra flags).
+BINDINGS = ((CUDA_DIR / "binding_cuda.cpp", []),
+            (CUDA_DIR.parent / "cpu" / "binding.cpp",
+             ["-DATTNFAST_WITH_CUDA", "-DTORCH_EXTENSION_NAME=_C", "-DTORCH_API_INCLUDE_EXTENSION_H"]))
 ATTENTION_KERNELS = ("flash_fwd_kernel", "flash_bwd_kernel")  # must run on tensor cores
 
 
@@ -154,7 +159,7 @@ def compile_kernels(nvcc, cuobjdump, source, arch, workdir):
 
 
 def compile_binding(workdir):
-    """The torch binding against torch's headers: -c, no link."""
+    """The torch bindings against torch's headers: -c, no link."""
     try:
         from torch.utils import cpp_extension
     except ImportError:
@@ -163,7 +168,8 @@ def compile_binding(workdir):
     inc = cuda_include()
     if inc is None:
         return dict(ok=False, error="CUDA headers (cuda_runtime.h) not found: set CUDA_HOME")
-    incs = [f"-I{p}" for p in cpp_extension.include_paths()] + [f"-I{inc}", f"-I{CUDA_DIR}"]
+    incs = [f"-I{p}" for p in cpp_extension.include_paths()] + [f"-I{inc}", f"-I{CUDA_DIR}",
+                                                                 f"-I{sysconfig.get_paths()['include']}"]
     # A CPU build of torch ships c10/cuda's headers but not the one its CMake
     # generates; its whole content is this macro, so a stand-in lets the
     # binding compile against the headers (a CUDA build of torch has the real one).
@@ -173,14 +179,19 @@ def compile_binding(workdir):
         (stub / "c10/cuda/impl").mkdir(parents=True, exist_ok=True)
         (stub / "c10/cuda/impl/cuda_cmake_macros.h").write_text("#pragma once\n#define C10_CUDA_BUILD_SHARED_LIBS\n")
         incs.append(f"-I{stub}")
-    obj = Path(workdir) / "binding_cuda.o"
-    cmd = [cxx, "-std=c++20", "-O0", "-fPIC", "-Wall", "-Wno-unknown-pragmas", "-c",
-           str(CUDA_DIR / BINDING), "-o", str(obj)] + incs
-    t0 = time.perf_counter()
-    r = subprocess.run(cmd, capture_output=True, text=True)
-    return dict(ok=r.returncode == 0, seconds=round(time.perf_counter() - t0, 1), stubbed_cmake_macros=stub is not None,
-                error=None if r.returncode == 0 else (r.stderr or r.stdout)[-4000:],
-                warnings=[ln for ln in r.stderr.splitlines() if "warning" in ln.lower()])
+    files, t0 = [], time.perf_counter()
+    for src, flags in BINDINGS:
+        obj = Path(workdir) / f"{src.stem}.o"
+        cmd = [cxx, "-std=c++20", "-O0", "-fPIC", "-Wall", "-Wno-unknown-pragmas", *flags, "-c", str(src),
+               "-o", str(obj)] + incs
+        r = subprocess.run(cmd, capture_output=True, text=True)
+        files.append(dict(source=src.name, flags=flags, ok=r.returncode == 0,
+                          error=None if r.returncode == 0 else (r.stderr or r.stdout)[-4000:],
+                          warnings=[ln for ln in r.stderr.splitlines() if "warning" in ln.lower()]))
+    return dict(ok=all(f["ok"] for f in files), seconds=round(time.perf_counter() - t0, 1),
+                stubbed_cmake_macros=stub is not None, files=files,
+                error="\n".join(f["error"] for f in files if f["error"]) or None,
+                warnings=[w for f in files for w in f["warnings"]])
 
 
 def table(results):
@@ -219,10 +230,11 @@ def main(argv=None):
     print(table(results))
     ok = all(r["ok"] for r in results)
     if binding is not None:
-        print(f"\nbinding {BINDING} with torch headers (-c): {'ok' if binding['ok'] else 'FAILED'}"
-              f" ({binding['seconds']} s)")
-        if not binding["ok"]:
-            print(binding["error"])
+        print()
+        for f in binding.get("files", []):
+            print(f"binding {' '.join([f['source'], *f['flags'][:1]])} with torch headers (-c): "
+                  f"{'ok' if f['ok'] else 'FAILED'}")
+        print(f"({binding['seconds']} s)" if binding["ok"] else binding["error"])
         ok &= binding["ok"]
     nvcc_version = subprocess.run([nvcc, "--version"], capture_output=True, text=True).stdout.strip().splitlines()[-1]
     record = dict(ok=ok, nvcc=nvcc_version, cuobjdump=bool(cuobjdump), results=results, binding=binding)

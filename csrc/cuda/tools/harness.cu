@@ -109,10 +109,11 @@ struct Case {
   Layout layout;
 };
 
-// Lengths are deliberately off the tile sizes (64/128 queries, 32/64/128 keys)
+// Lengths are deliberately off the tile sizes (32/64/128 queries, 32/64/128 keys)
 // and cover Lq < Lk, Lq > Lk (bottom-right leaves early rows with no key) and
-// single rows/keys.  Every case runs for each head dim of kHeadDims and both
-// dtypes; the backward runs where a backward kernel exists.
+// single rows/keys.  Every case runs for each head dim with a forward kernel
+// (FwdHeadDims, flash.h) and both dtypes; the backward runs where a backward
+// kernel exists.
 const Case kCases[] = {
     // name                  B  Hq Hkv  Lq    Lk   diag               wl  wr  mask                   layout
     {"full",                 2, 2, 2,   203,  203, Diag::top_left,     -1, -1, MaskSpec::none,        Layout::bhld},
@@ -137,8 +138,6 @@ const Case kCases[] = {
     {"additive_causal_gqa",  1, 4, 2,   203,  203, Diag::top_left,     -1, 0,  MaskSpec::additive,    Layout::bhld},
     {"strided_blhd_causal",  2, 4, 2,   113,  203, Diag::bottom_right, -1, 0,  MaskSpec::none,        Layout::blhd},
 };
-
-const int kHeadDims[] = {64, 96, 128, 256};
 
 // ---------------------------------------------------------------- problem data
 
@@ -636,7 +635,7 @@ int run_tests(const char* filter, cudaStream_t stream) {
   uint64_t seed = 1;
   for (const Case& c : kCases) {
     if (filter && !std::strstr(c.name, filter)) continue;
-    for (int D : kHeadDims)
+    for (int D : attnfast::cuda::FwdHeadDims::kList)
       for (Elem e : {Elem::bf16, Elem::f16}) {
         const Problem pr = make_problem(c, D, e, seed++);
         const Result r = run_case(pr, stream);
