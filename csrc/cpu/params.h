@@ -1,8 +1,9 @@
-// Plain parameter block for the CPU attention kernels.
+// Plain parameter blocks of the CPU kernels (dense, additive, top-k) and their
+// entry points.
 //
-// The kernel translation units see only this struct (raw pointers, sizes and
+// The kernel translation units see only these structs (raw pointers, sizes and
 // element strides), never an at::Tensor, so they can be compiled with their
-// own ISA flags and tested on their own.  binding.cpp fills it from tensors.
+// own ISA flags and tested on their own.  binding.cpp fills them from tensors.
 #pragma once
 #include <cstdint>
 

@@ -4,8 +4,9 @@
 // The random word for attention-probability element (b, h, i, j) is the first
 // output word of philox(key = seed, counter = (lo32(n), hi32(n), b*Hq + h, offset))
 // with n = i*Lk + j.  The element is kept iff (word >> 8) * 2^-24 >= p.
-// attnfast/testing.py rebuilds exactly this mask in torch for the tests, so the
-// forward, the backward and the tests all agree without storing a mask.
+// attnfast/dropout.py rebuilds exactly this mask in torch (dropout_mask: the
+// reference backend and the tests use it), so the forward, the backward and
+// the tests all agree without storing a mask.
 #pragma once
 #include <cstdint>
 

@@ -1,6 +1,6 @@
-// SIMD building blocks of the CPU kernel, written with GCC vector extensions
+// SIMD building blocks of the CPU kernels, written with GCC vector extensions
 // so that one source compiles to SSE2, AVX2 or AVX-512 depending on the
-// translation unit's target (ATTNFAST_VEC_BYTES = 16, 32 or 64).
+// translation unit's target (ATTNFAST_VEC_BYTES = 16, 32 or 64; isa_build.h).
 #pragma once
 #include <cstdint>
 #include <cstring>
@@ -144,16 +144,17 @@ inline V exp_vec(V x) {
   return x < lo ? V{} : y * scale;
 }
 
-// One online-softmax step on a score row (float): m_new = max(m_old, max(row)),
-// row[j] = exp(row[j] - m_new), returns rowsum.  row is readable and writable
-// up to a whole number of vectors past n (the padding is set to -inf first).
-inline float softmax_row_f32(float* row, int64_t n, float m_new) {
+// row[j] = exp(row[j] - m) for the m given (the forward's new row max; 0 for
+// the backward's rows of s - lse), returns the row sum.  Works in whole
+// vectors: row is read and written up to a whole number of vectors past n, and
+// the sum covers those lanes (a caller that uses it sets them to -inf first).
+inline float softmax_row_f32(float* row, int64_t n, float m) {
   using V = Vec<float>::type;
   constexpr int W = Vec<float>::kWidth;
   V sum = V{};
   for (int64_t j = 0; j < n; j += W) {
     V* pv = reinterpret_cast<V*>(row + j);
-    const V e = exp_vec(*pv - m_new);
+    const V e = exp_vec(*pv - m);
     *pv = e;
     sum += e;
   }
