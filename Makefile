@@ -1,5 +1,6 @@
 # make test  : install (venv, torch, triton, ...), build the extension, run the tests
 # make bench : install, build, parity summary, kernel and encoder benchmarks (quick plan), REPORT.md -> bench/results/
+#              (python -m attnfast bench all --quick; --list shows every suite)
 # make test-asan : the C++ extension built with ASan + UBSan into build/asan/ (the in-place build
 #                  stays as it is), then the CPU parity, error, op and fuzz tests under it
 # make fuzz  : the fuzz tests with their large profile
@@ -33,9 +34,10 @@ $(VENV)/.deps-installed:
 deps: $(READY)
 
 # Editable install of the Python package once (it maps attnfast.triton_kernels
-# to triton_kernels/), then an incremental in-place build of attnfast._C.
+# to triton_kernels/ and attnfast.bench to bench/; an install from before a
+# mapping existed is redone), then an incremental in-place build of attnfast._C.
 build: deps
-	@$(PY) -c "import attnfast.triton_kernels" 2>/dev/null || \
+	@$(PY) -c "import attnfast.triton_kernels, attnfast.bench" 2>/dev/null || \
 		ATTNFAST_SKIP_EXT=1 $(PY) -m pip install --no-build-isolation --no-deps -e .
 	$(PY) setup.py -q build_ext --inplace
 

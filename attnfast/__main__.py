@@ -1,5 +1,5 @@
 """python -m attnfast info: versions, CPU ISA path, GPU, backends.
-python -m attnfast bench {kernels,encoders,all} [...]: the benchmarks (bench/, in the source tree)."""
+python -m attnfast bench SUITE [options]: the benchmarks (attnfast.bench; --list shows the suites)."""
 import platform
 import sys
 
@@ -36,18 +36,14 @@ def info():
 
 
 def _bench(argv):
-    import importlib.util
-    from pathlib import Path
-
-    if importlib.util.find_spec("bench") is None:  # run from elsewhere: the tree next to the package
-        root = Path(__file__).resolve().parent.parent
-        if not (root / "bench" / "cli.py").exists():
-            print("the benchmarks ship with the attnfast source tree (bench/); run from a checkout",
-                  file=sys.stderr)
-            return 2
-        sys.path.insert(0, str(root))
-    from bench.cli import main as bench_main
-
+    try:
+        from attnfast.bench import main as bench_main
+    except ModuleNotFoundError as e:
+        if e.name != "attnfast.bench":
+            raise
+        print(f"attnfast.bench cannot be imported ({e}): install attnfast (`pip install .`), or in a source "
+              "checkout redo the editable install (`make build`)", file=sys.stderr)
+        return 2
     return bench_main(argv)
 
 
@@ -57,7 +53,7 @@ def main(argv):
         return 0
     if argv[:1] == ["bench"]:
         return _bench(argv[1:])
-    print("usage: python -m attnfast info\n       python -m attnfast bench {kernels,encoders,all} [--help]",
+    print("usage: python -m attnfast info\n       python -m attnfast bench SUITE [options]   (--list: the suites)",
           file=sys.stderr)
     return 2
 

@@ -1,46 +1,76 @@
-"""attnfast benchmarks: `python -m bench` (what `make bench` runs).
+"""attnfast benchmarks, installed with attnfast as `attnfast.bench`.
 
-The benchmark is a small registry of *suites*.  Each suite is a module with
+    python -m attnfast bench SUITE [options]     (`make bench` = `all --quick`)
+    python -m attnfast bench --list              the suites
+    python -m attnfast bench SUITE --help        the options SUITE takes
 
-    DESCRIPTION = "one line"
-    def run(ctx: bench.common.Context) -> bool   # True when everything passed
+Results go to --out: by default bench/results in a source checkout, and
+./attnfast-bench-results (in the current directory) when attnfast is installed.
 
-and is listed in `SUITES` below (imported lazily, so a suite's heavy imports
-cost nothing when it is not selected).  `python -m bench` runs the suites
-marked `default`; `--suite NAME` (repeatable) picks others, `--list` shows
-them.  Adding a suite = one module + one line here.
+The suites are one registry, `SUITES` below.  A suite is a function
+`run(ctx) -> bool` (True when everything passed; ctx is a common.Context) in a
+module of this package, imported only when the suite runs, with the options it
+takes; a group (`all`) runs its suites in order with one context.  Adding a
+suite = one function + one line here.  Modules run as subprocesses (the memory
+probes, the ring benchmark's ranks) are started as `python -m attnfast.bench.MODULE`
+by the suites themselves; they are not entry points.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Tuple
+
+COMMON = ("out", "threads", "seed")
 
 
 @dataclass(frozen=True)
 class Suite:
-    module: str        # importable module implementing DESCRIPTION and run(ctx)
     description: str
-    default: bool = True
+    module: str = ""                  # module of this package holding the entry
+    entry: str = "run"                # its function run(ctx) -> bool
+    plans: Tuple[str, ...] = ("quick",)   # plans besides the full one (--quick, --smoke)
+    options: Tuple[str, ...] = COMMON     # the other options it takes (cli.OPTIONS)
+    parts: Tuple[str, ...] = ()       # a group: the suites it runs, in order
 
 
 SUITES = {
-    "parity": Suite("bench.parity", "parity of the CPU kernel with the reference (attnfast.testing rule)"),
-    "cpu_kernels": Suite("bench.cpu_kernels", "CPU kernel table: attnfast cpu vs torch SDPA vs naive, "
-                                              "time, GFLOP/s, peak memory"),
-    "cpu_ratios": Suite("bench.cpu_ratios", "CPU speed targets: SDPA/attnfast time ratios, peers alternated", default=False),
-    "encoders": Suite("bench.encoders", "attention vs RNN/LSTM/GRU encoders: tokens/s, memory, long-range recall", default=False),
-    "ring": Suite("bench.ring", "ring attention on 2 and 4 CPU processes: time per step, communication share, "
-                                "GPU scaling model", default=False),
-    "variants": Suite("bench.variants", "additive attention fused vs naive (time, memory, where naive stops "
-                                        "fitting); top-k vs dense", default=False),
-    "gpu_kernels": Suite("bench.gpu_kernels", "GPU kernel table: attnfast triton/cuda vs torch SDPA backends, TFLOP/s", default=False),
+    "parity": Suite("parity of the CPU kernel with the reference (attnfast.testing rule)", "parity"),
+    "kernels": Suite("kernel sweep: attnfast backends vs torch SDPA backends vs naive (vs flash-attn/xformers): "
+                     "fwd, bwd, fwd+bwd, time quantiles, TFLOP/s, peak memory", "kernels",
+                     plans=("quick", "smoke"), options=("device", "dtype", "out", "threads", "no-progress")),
+    "cpu_kernels": Suite("CPU kernel table: attnfast cpu vs torch SDPA vs naive reference (time, GFLOP/s, "
+                         "peak memory)", "kernels", "run_cpu_table"),
+    "gpu_kernels": Suite("GPU kernel table: attnfast triton (and cuda) vs torch SDPA default/flash/efficient/cudnn, "
+                         "fwd and fwd+bwd, TFLOP/s (needs a CUDA GPU; --quick under TRITON_INTERPRET=1: a CPU "
+                         "smoke test)", "kernels", "run_gpu_table"),
+    "encoders": Suite("attention (attnfast, torch SDPA) vs RNN/LSTM/GRU encoders: tokens/s, peak memory, "
+                      "crossover lengths, long-range recall accuracy and gradient norms", "encoders",
+                      plans=("quick", "smoke"), options=("device",) + COMMON + ("no-progress",)),
+    "variants": Suite("additive attention fused vs naive (time, peak memory, where naive stops fitting); "
+                      "top-k vs dense", "variants", plans=("quick", "smoke")),
+    "ring": Suite("ring attention on 2 and 4 CPU processes: time per step, communication share; GPU scaling "
+                  "model", "ring", plans=("quick", "smoke")),
+    "cpu_ratios": Suite("CPU speed targets as ratios: torch SDPA time / attnfast time, peers alternated per case "
+                        "(dense, fwd+bwd, masks, window, matmul roofline, thread scaling)", "cpu_ratios"),
+    "report": Suite("REPORT.md from the results in --out (conditions, then the parity, kernel, encoder, ring "
+                    "and variants sections that are there)", "report", plans=("quick", "smoke"),
+                    options=("device", "dtype", "out")),
+    "all": Suite("what `make bench` runs: the parity summary, kernels, encoders, then REPORT.md",
+                 plans=("quick", "smoke"), options=("device", "dtype", "out", "threads", "no-progress"),
+                 parts=("parity", "kernels", "encoders", "report")),
 }
 
 
-def default_suites():
-    return [name for name, s in SUITES.items() if s.default]
-
-
-def load_suite(name):
+def load(name):
+    """The entry function of suite `name` (its module imported now)."""
     import importlib
 
-    return importlib.import_module(SUITES[name].module)
+    s = SUITES[name]
+    return getattr(importlib.import_module(f".{s.module}", __name__), s.entry)
+
+
+def main(argv=None):
+    """The front door, `python -m attnfast bench ...`: main(["kernels", "--smoke"]) -> exit status."""
+    from .cli import main as cli_main
+
+    return cli_main(argv)

@@ -1,115 +1,107 @@
-"""python -m attnfast bench {kernels,encoders,all} [--device cpu|cuda] [--dtype D] [--quick] [--out DIR]
+"""python -m attnfast bench SUITE [options]: the one front door of the benchmarks.
 
-  kernels   attnfast backends vs torch SDPA (each backend) vs naive (vs flash-attn, xformers)
-  encoders  attention encoders vs RNN/LSTM/GRU encoders: speed, memory, long-range recall
-  all       parity summary, kernels, encoders, then REPORT.md with the tables and plots
-
-Plans: default ("full"; `all` about 7 minutes on a 2-core CPU), `--quick` (about 1.5 minutes),
-`--smoke` (seconds; for tests).  Results: OUT/{kernels,encoders}.{json,md,png...}, OUT/REPORT.md;
-every JSON carries the conditions (machine, CPU ISA path, GPU, threads, dtype, versions, time).
+Plans: the default one ("full"; `all` about 7 minutes on a 2-core CPU), --quick
+(`all` about 1.5 minutes), --smoke (seconds; for tests) where the suite has it.
+Every JSON result carries the conditions (machine, CPU ISA path, GPU, threads,
+dtype, versions, time).
 """
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
-from pathlib import Path
 
-import torch
-
-from .common import DEFAULT_OUT, DTYPES, Context
+from . import SUITES, load
 
 
-def parse_args(argv):
+def _add_option(p, name, suite):
+    from .common import DTYPES, default_out_help
+
+    if name == "device":
+        p.add_argument("--device", choices=("cpu", "cuda"), default=None,
+                       help="default: cuda when available, else cpu")
+    elif name == "dtype":
+        p.add_argument("--dtype", choices=sorted(DTYPES), default=None,
+                       help="kernels dtype (default: float32 on cpu, bfloat16 on cuda); encoders run in float32")
+    elif name == "out":
+        p.add_argument("--out", default=None, metavar="DIR",
+                       help=f"result directory (default: {default_out_help()})")
+    elif name == "threads":
+        p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's default)")
+    elif name == "seed":
+        p.add_argument("--seed", type=int, default=0, help="torch.manual_seed for the inputs (default 0)")
+    elif name == "no-progress":
+        p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    else:
+        raise KeyError(name)
+
+
+def parser():
     p = argparse.ArgumentParser(prog="python -m attnfast bench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("what", choices=("kernels", "encoders", "all"))
-    p.add_argument("--device", choices=("cpu", "cuda"), default=None,
-                   help="default: cuda when available, else cpu")
-    p.add_argument("--dtype", choices=sorted(DTYPES), default=None,
-                   help="kernels dtype (default: float32 on cpu, bfloat16 on cuda); encoders run in float32")
-    plan = p.add_mutually_exclusive_group()
-    plan.add_argument("--quick", action="store_true", help="the short plan (about 1.5 minutes for all)")
-    plan.add_argument("--smoke", action="store_true", help="tiny shapes, seconds (tests)")
-    p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="result directory (default: bench/results)")
-    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
-    return p.parse_args(argv)
+    p.add_argument("--list", action="store_true", help="list the suites and exit")
+    sub = p.add_subparsers(dest="suite", metavar="SUITE", title="suites (SUITE --help: its options)")
+    for name, s in SUITES.items():
+        sp = sub.add_parser(name, help=s.description, description=s.description)
+        plans = sp.add_mutually_exclusive_group()
+        if "quick" in s.plans:
+            plans.add_argument("--quick", action="store_true", help="the short plan")
+        if "smoke" in s.plans:
+            plans.add_argument("--smoke", action="store_true", help="tiny shapes, seconds (tests)")
+        for opt in s.options:
+            _add_option(sp, opt, s)
+    return p
 
 
-def conditions(ctx, device, dtype):
-    c = dict(ctx.machine, device=device, dtype=dtype)
-    if device == "cuda":
-        props = torch.cuda.get_device_properties(0)
-        c["gpu"] = f"{props.name} (sm{props.major}{props.minor})"
-        c["cuda"] = torch.version.cuda
-    try:
-        import triton
-
-        c["triton"] = triton.__version__
-    except ImportError:
-        c["triton"] = None
-    return c
-
-
-def _stamp(out, name, cond):
-    """Add the conditions to a JSON result file."""
-    path = out / name
-    data = json.loads(path.read_text())
-    data["conditions"] = cond
-    path.write_text(json.dumps(data, indent=1, default=str) + "\n")
+def list_suites():
+    w = max(map(len, SUITES))
+    lines = []
+    for name, s in SUITES.items():
+        extra = f" [{' + '.join(s.parts)}]" if s.parts else ""
+        lines.append(f"{name:<{w}}  {s.description}{extra}")
+    return "\n".join(lines)
 
 
 def main(argv=None):
-    a = parse_args(sys.argv[1:] if argv is None else argv)
-    device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    p = parser()
+    try:
+        a = p.parse_args(sys.argv[1:] if argv is None else argv)
+    except SystemExit as e:      # --help, or a usage error (argparse has printed it)
+        return e.code
+    if a.list:
+        print(list_suites())
+        return 0
+    if a.suite is None:
+        p.print_usage(sys.stderr)
+        print("a SUITE is needed; --list shows them", file=sys.stderr)
+        return 2
+
+    import torch
+
+    from .common import Context
+
+    device = getattr(a, "device", None) or ("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda" and not torch.cuda.is_available():
         print("--device cuda: no CUDA device here", file=sys.stderr)
         return 2
-    dtype = a.dtype or ("float32" if device == "cpu" else "bfloat16")
-    plan = "smoke" if a.smoke else "quick" if a.quick else "full"
-    ctx = Context.create(quick=plan != "full", out=a.out, threads=a.threads)
-    cond = conditions(ctx, device, dtype)
+    dtype = getattr(a, "dtype", None) or ("float32" if device == "cpu" else "bfloat16")
+    plan = "smoke" if getattr(a, "smoke", False) else "quick" if getattr(a, "quick", False) else "full"
+    ctx = Context.create(plan=plan, out=a.out, threads=getattr(a, "threads", None), seed=getattr(a, "seed", 0),
+                         device=device, dtype=dtype, progress=not getattr(a, "no_progress", False))
     print(ctx.header())
-    timings, ok = {}, True
+    names = SUITES[a.suite].parts or (a.suite,)
+    failed = []
     t_all = time.perf_counter()
-
-    if a.what == "all":
-        from . import parity
-
+    for name in names:
+        s = SUITES[name]
+        labels = [plan] + ([device] if "device" in s.options else []) + ([dtype] if "dtype" in s.options else [])
+        print(f"\n=== {name} ({', '.join(labels)}): {s.description} ===", flush=True)
         t0 = time.perf_counter()
-        print("\n=== parity: the CPU kernel against the reference ===", flush=True)
-        ok &= bool(parity.run(ctx))
-        timings["parity"] = time.perf_counter() - t0
-    if a.what in ("kernels", "all"):
-        from .kernels import markdown, run_kernels
-
-        t0 = time.perf_counter()
-        print(f"\n=== kernels ({plan}, {device}, {dtype}) ===", flush=True)
-        payload = run_kernels(plan, device=device, dtype=dtype, out=a.out, threads=a.threads,
-                              progress_bar=not a.no_progress)
-        _stamp(a.out, "kernels.json", cond)
-        print(markdown(payload))
-        timings["kernels"] = time.perf_counter() - t0
-    if a.what in ("encoders", "all"):
-        from .encoders import run_encoders
-
-        t0 = time.perf_counter()
-        print(f"\n=== encoders ({plan}, {device}) ===", flush=True)
-        run_encoders(plan, a.out, device=device, dtype=torch.float32, progress=not a.no_progress)
-        _stamp(a.out, "encoders.json", dict(cond, dtype="float32"))
-        print((a.out / "encoders.md").read_text())
-        timings["encoders"] = time.perf_counter() - t0
-    if a.what == "all":
-        from .report import write_report
-
-        path = write_report(a.out, cond, plan, timings)
-        print(f"report: {path}")
-    print(f"done in {time.perf_counter() - t_all:.0f} s: " +
-          ", ".join(f"{k} {v:.0f} s" for k, v in timings.items()))
-    return 0 if ok else 1
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+        ok = bool(load(name)(ctx))
+        ctx.timings[name] = time.perf_counter() - t0
+        print(f"--- {name}: {'ok' if ok else 'FAILED'} in {ctx.timings[name]:.1f} s", flush=True)
+        if not ok:
+            failed.append(name)
+    print(f"\ndone in {time.perf_counter() - t_all:.0f} s: " + ", ".join(f"{k} {v:.0f} s" for k, v in ctx.timings.items())
+          + f"; results in {ctx.out_display()}" + (f"; FAILED: {', '.join(failed)}" if failed else ""))
+    return 1 if failed else 0

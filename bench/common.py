@@ -1,5 +1,6 @@
-"""Shared benchmark machinery: run context, machine info, interleaved timing,
-peak-memory probes (fresh subprocesses), and result writing."""
+"""Shared benchmark machinery: run context, machine info, where results go,
+subprocesses of this package, interleaved timing, peak-memory probes (fresh
+subprocesses), inputs, and result writing."""
 from __future__ import annotations
 
 import datetime
@@ -17,14 +18,47 @@ from typing import Callable, Dict, List, Optional
 
 import torch
 
+PACKAGE = __package__                  # "attnfast.bench" (the folder bench/ of the source tree, installed)
 BENCH_DIR = Path(__file__).resolve().parent
-REPO_ROOT = BENCH_DIR.parent
-DEFAULT_OUT = BENCH_DIR / "results"
+# The source checkout this folder is part of (bench/ next to setup.py and attnfast/), or None when
+# the package is installed (site-packages/attnfast/bench).
+SOURCE_ROOT = (BENCH_DIR.parent if (BENCH_DIR.parent / "setup.py").is_file()
+               and (BENCH_DIR.parent / "attnfast" / "__init__.py").is_file() else None)
+INSTALLED_OUT = "attnfast-bench-results"   # the default result folder, in the current directory, when installed
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
           "float64": torch.float64}
 DTYPE_SHORT = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16", "float64": "fp64"}
-MODES = {"fwd": "forward", "fwdbwd": "fwd+bwd"}
+MODES = {"fwd": "forward", "bwd": "backward", "fwdbwd": "fwd+bwd"}
+
+
+def default_out():
+    """bench/results in a source checkout; ./attnfast-bench-results when installed."""
+    return SOURCE_ROOT / "bench" / "results" if SOURCE_ROOT is not None else Path.cwd() / INSTALLED_OUT
+
+
+def default_out_help():
+    return "bench/results" if SOURCE_ROOT is not None else f"./{INSTALLED_OUT}"
+
+
+# ---------------------------------------------------------------------------
+# Subprocesses that run a module of this package (probes, ring ranks)
+# ---------------------------------------------------------------------------
+def module_argv(module, *args):
+    """`-m <this package>.<module> args...`, to follow sys.executable."""
+    return ["-m", f"{PACKAGE}.{module}", *map(str, args)]
+
+
+def subprocess_env(**extra):
+    """The environment for such a subprocess: the folder that holds the attnfast package this
+    process imported goes first on PYTHONPATH, so the child imports the same attnfast (and its
+    bench) from any working directory."""
+    import attnfast
+
+    root = str(Path(attnfast.__file__).resolve().parent.parent)
+    env = dict(os.environ, **extra)
+    env["PYTHONPATH"] = os.pathsep.join([root] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
+    return env
 
 
 # ---------------------------------------------------------------------------
@@ -42,10 +76,12 @@ def cpu_model():
 
 
 def _git_rev():
+    if SOURCE_ROOT is None:        # installed: no checkout to describe
+        return None
     try:
-        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO_ROOT, capture_output=True,
+        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=SOURCE_ROOT, capture_output=True,
                              text=True, timeout=5)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO_ROOT,
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=SOURCE_ROOT,
                                capture_output=True, text=True, timeout=5)
         if rev.returncode == 0:
             return rev.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
@@ -62,7 +98,7 @@ def machine_info():
         "cpu_model": cpu_model(),
         "logical_cpus": os.cpu_count(),
         "threads": torch.get_num_threads(),
-        "cpu_isa": ops._C.cpu_isa() if ops.loaded() else None,
+        "cpu_isa": ops._C.cpu_isa() if getattr(ops, "_C", None) is not None else None,
         "torch": torch.__version__,
         "attnfast": attnfast.__version__,
         "python": platform.python_version(),
@@ -74,27 +110,60 @@ def machine_info():
 
 @dataclass
 class Context:
-    quick: bool
+    """What one run of the front door asked for, shared by the suites it runs."""
+    plan: str                    # "full", "quick" or "smoke"
     out: Path
     threads: Optional[int]       # what --threads asked (None: torch's default)
     seed: int
+    device: str = "cpu"          # what --device chose (suites that take it)
+    dtype: str = "float32"       # what --dtype chose (the kernel sweep)
+    progress: bool = True        # progress bars (--no-progress: off)
     machine: Dict = field(default_factory=dict)
+    timings: Dict[str, float] = field(default_factory=dict)   # seconds per suite run so far
 
     @classmethod
-    def create(cls, quick=False, out=None, threads=None, seed=0):
+    def create(cls, plan="full", out=None, threads=None, seed=0, device="cpu", dtype="float32", progress=True):
         if threads is not None:
             torch.set_num_threads(threads)
         torch.manual_seed(seed)
-        out = Path(out) if out is not None else DEFAULT_OUT
+        out = Path(out) if out is not None else default_out()
         out.mkdir(parents=True, exist_ok=True)
-        return cls(quick=quick, out=out, threads=threads, seed=seed, machine=machine_info())
+        return cls(plan=plan, out=out, threads=threads, seed=seed, device=device, dtype=dtype, progress=progress,
+                   machine=machine_info())
+
+    @property
+    def quick(self):
+        """Any plan but the full one (the suites with two plans take their short one)."""
+        return self.plan != "full"
 
     def header(self):
         m = self.machine
         return (f"attnfast {m['attnfast']} (git {m['git']}), torch {m['torch']}, python {m['python']}\n"
                 f"cpu: {m['cpu_model']}, {m['logical_cpus']} logical cpus, {m['threads']} torch threads, "
                 f"attnfast ISA path {m['cpu_isa']}\n"
-                f"mode: {'quick' if self.quick else 'full'}, seed {self.seed}, {m['timestamp']}")
+                f"plan: {self.plan}, seed {self.seed}, {m['timestamp']}")
+
+    def conditions(self, dtype=None):
+        """The machine, the device and dtype of the run, the GPU and the triton version."""
+        c = dict(self.machine, device=self.device, dtype=dtype or self.dtype)
+        if self.device == "cuda":
+            props = torch.cuda.get_device_properties(0)
+            c["gpu"] = f"{props.name} (sm{props.major}{props.minor})"
+            c["cuda"] = torch.version.cuda
+        try:
+            import triton
+
+            c["triton"] = triton.__version__
+        except ImportError:
+            c["triton"] = None
+        return c
+
+    def stamp(self, name, dtype=None):
+        """Add the conditions to the JSON result file `name`."""
+        path = self.out / name
+        data = json.loads(path.read_text())
+        data["conditions"] = self.conditions(dtype)
+        path.write_text(json.dumps(data, indent=1, default=str) + "\n")
 
     def out_display(self):
         try:
@@ -111,6 +180,29 @@ class Context:
         path = self.out / name
         path.write_text(text)
         return path
+
+
+def cpu_backend_ready():
+    """True when attnfast's CPU backend can run; else says why and returns False."""
+    import attnfast
+
+    st = attnfast.backends()["cpu"]
+    if not st.available:
+        print(f"attnfast cpu backend unavailable: {st.reason}")
+    return st.available
+
+
+def make_inputs(B, H, L, D, dtype, requires_grad=False, Lk=None):
+    """q, k, v (B, H, L, D) ~ N(0, 1) (and the output gradient when requires_grad)."""
+    Lk = L if Lk is None else Lk
+    q = torch.randn(B, H, L, D, dtype=dtype)
+    k = torch.randn(B, H, Lk, D, dtype=dtype)
+    v = torch.randn(B, H, Lk, D, dtype=dtype)
+    if not requires_grad:
+        return q, k, v, None
+    for t in (q, k, v):
+        t.requires_grad_(True)
+    return q, k, v, torch.randn(B, H, L, D, dtype=dtype)
 
 
 def progress(iterable, **kw):
@@ -160,16 +252,14 @@ def median_ms(seconds):
 # ---------------------------------------------------------------------------
 def run_memprobe(peer, dtype, L, mode="fwd", causal=False, B=1, H=8, D=64, threads=None, timeout=600):
     """Peak RSS increase (MiB) of one call, measured in a fresh interpreter."""
-    cmd = [sys.executable, "-m", "bench.memprobe", "--peer", peer, "--dtype", dtype, "--L", str(L),
-           "--mode", mode, "--B", str(B), "--H", str(H), "--D", str(D)]
+    args = ["--peer", peer, "--dtype", dtype, "--L", L, "--mode", mode, "--B", B, "--H", H, "--D", D]
     if causal:
-        cmd.append("--causal")
-    cmd += ["--threads", str(threads if threads is not None else torch.get_num_threads())]
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
+        args.append("--causal")
+    args += ["--threads", threads if threads is not None else torch.get_num_threads()]
     base = dict(peer=peer, dtype=dtype, B=B, H=H, L=L, D=D, causal=causal, mode=mode)
     try:
-        proc = subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+        proc = subprocess.run([sys.executable, *module_argv("memprobe", *args)], env=subprocess_env(),
+                              capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
         return dict(base, peak_mib=None, error=f"timed out after {timeout} s")
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]

@@ -17,8 +17,8 @@ their GFLOP/s.  Groups:
   roofline  attnfast fp32 forward GFLOP/s as a percentage of a fp32 matmul's
   threads   attnfast fwd+bwd on 1 vs 2 threads (2-thread speedup)
 
-Writes cpu_ratios.json (every per-pair time included) and cpu_ratios.md.
-Not a default suite: `python -m bench --suite cpu_ratios [--quick]`.
+Writes cpu_ratios.json (every per-pair time included) and cpu_ratios.md:
+`python -m attnfast bench cpu_ratios [--quick]`.
 """
 from __future__ import annotations
 
@@ -34,11 +34,8 @@ import torch.nn.functional as F
 
 import attnfast
 
-from .common import DTYPE_SHORT, DTYPES, Call, fmt_num, md_table, progress, time_interleaved
-from .peers import attnfast_cpu_unavailable, make_inputs
-
-DESCRIPTION = ("CPU speed targets as ratios: torch SDPA time / attnfast time, peers alternated per case "
-               "(dense, fwd+bwd, masks, window, matmul roofline, thread scaling)")
+from .common import (DTYPE_SHORT, DTYPES, Call, cpu_backend_ready, fmt_num, make_inputs, md_table, progress,
+                     time_interleaved)
 
 MODE_FACTOR = {"fwd": 1.0, "fwdbwd": 3.5}
 GROUPS = ("dense", "fwdbwd", "masks", "window", "roofline", "threads")
@@ -409,9 +406,7 @@ def _finite_ok(r):
 
 
 def run(ctx):
-    why = attnfast_cpu_unavailable()
-    if why is not None:
-        print(f"attnfast cpu backend unavailable: {why}")
+    if not cpu_backend_ready():
         return False
     plan = QUICK if ctx.quick else FULL
     print("sizes chosen (" + ("quick" if ctx.quick else "full") + "):")

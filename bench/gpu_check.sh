@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# GPU check of attnfast: build, GPU tests, GPU benchmark (bench/gpu_kernels.py).
+# GPU check of attnfast: build, GPU tests, GPU benchmark (the gpu_kernels table of bench/kernels.py,
+# through `python -m attnfast bench gpu_kernels`).
 #
 #   bash bench/gpu_check.sh [OUT_DIR]        (default OUT_DIR: bench/results/gpu)
 #
@@ -57,7 +58,8 @@ summary() {
 : >"$OUT/tests.txt"
 : >"$OUT/bench.txt"
 
-# (a) build: editable install, compiles attnfast._C (CPU, and CUDA when nvcc and csrc/cuda/*.cu are there)
+# (a) build: editable install (maps attnfast.bench to bench/), compiles attnfast._C (CPU, and CUDA when
+#     nvcc and csrc/cuda/*.cu are there)
 step "build (pip install -e .)" 300 "$OUT/build.txt" \
     "$PY" -m pip install --no-build-isolation --no-deps -e .
 if [[ $RC -ne 0 ]]; then
@@ -98,7 +100,7 @@ if ((left < bench_s)); then bench_s=$left; fi
 if ((bench_s < 30)); then bench_s=30; fi
 export ATTNFAST_GPU_BENCH_SECONDS=$bench_s
 echo "benchmark deadline: $bench_s s" | tee -a "$OUT/bench.txt"
-step "bench gpu_kernels" $((bench_s + 45)) "$OUT/bench.txt" "$PY" -m bench --suite gpu_kernels --out "$OUT"
+step "bench gpu_kernels" $((bench_s + 45)) "$OUT/bench.txt" "$PY" -m attnfast bench gpu_kernels --out "$OUT"
 BENCH_RC=$RC
 
 summary

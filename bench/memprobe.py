@@ -1,6 +1,7 @@
-"""Peak memory of one attention call, measured in this (fresh) process.
+"""Peak memory of one attention call, measured in this (fresh) process: the probe
+the kernel tables start once per measurement (common.run_memprobe), not a front door.
 
-    python -m bench.memprobe --peer attnfast --dtype float32 --L 4096 [--mode fwd|fwdbwd] [--causal]
+    python -m attnfast.bench.memprobe --peer attnfast --dtype float32 --L 4096 [--mode fwd|fwdbwd] [--causal]
 
 CPU torch has no allocator peak counter, so this reads the process's peak
 resident set size: baseline after the inputs are allocated and filled, then
@@ -62,7 +63,7 @@ def _peak_mib():
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(prog="python -m bench.memprobe")
+    p = argparse.ArgumentParser(prog=f"python -m {__package__}.memprobe")
     p.add_argument("--peer", required=True)
     p.add_argument("--dtype", default="float32")
     p.add_argument("--L", type=int, required=True)
@@ -76,18 +77,18 @@ def main(argv=None):
 
     import torch
 
-    from .common import DTYPES
-    from .peers import PEERS, make_inputs
+    from .common import DTYPES, make_inputs
+    from .kernels import PROBE_PEERS
 
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    peer = PEERS[args.peer]
+    peer = PROBE_PEERS[args.peer]
     dtype = DTYPES[args.dtype]
     grad = args.mode == "fwdbwd"
 
     def call(q, k, v, g):
-        out = peer.fn(q, k, v, args.causal)
+        out = peer.call(q, k, v, dict(is_causal=args.causal))
         if grad:
             out.backward(g)
         return out

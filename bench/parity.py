@@ -10,9 +10,6 @@ from typing import Optional
 
 import torch
 
-DESCRIPTION = "parity of the CPU kernel with the reference (attnfast.testing rule)"
-
-
 @dataclass(frozen=True)
 class ParityCase:
     name: str
@@ -82,11 +79,9 @@ def check(case):
 
 
 def run(ctx):
-    from .peers import attnfast_cpu_unavailable
+    from .common import cpu_backend_ready
 
-    why = attnfast_cpu_unavailable()
-    if why is not None:
-        print(f"attnfast cpu backend unavailable: {why}")
+    if not cpu_backend_ready():
         return False
     cases = QUICK_CASES if ctx.quick else CASES
     records, n_ok = [], 0

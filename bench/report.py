@@ -51,3 +51,10 @@ def write_report(out, cond, plan, timings):
     path = out / "REPORT.md"
     path.write_text("\n".join(parts).rstrip() + "\n")
     return path
+
+
+def run(ctx):
+    """Suite `report`: REPORT.md from what the suites run so far (or before) left in ctx.out."""
+    path = write_report(ctx.out, ctx.conditions(), ctx.plan, ctx.timings)
+    print(f"report: {path}")
+    return True

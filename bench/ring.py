@@ -1,7 +1,7 @@
 """Ring attention on CPU processes (gloo): time per step, communication share, and a
 model of compute vs communication for N GPUs over NVLink / InfiniBand.
 
-    python -m bench --suite ring [--quick]        (writes ring.json, ring.md)
+    python -m attnfast bench ring [--quick | --smoke]        (writes ring.json, ring.md)
 
 Per world size W (2 and 4 processes on this machine, threads split between them)
 and global length L (B=1, H=4, D=64, float32, zigzag layout), rank by rank:
@@ -16,6 +16,7 @@ ranks (blocked time is transfer that compute did not hide plus waiting for a
 slower rank: where blocked < transfers alone, the overlap hid the rest); and the
 model's threshold length for this machine's measured FLOP/s and bandwidth.
 Medians over repeats; the slowest rank's total (a ring step waits for it).
+Each rank is a process running this module with --worker (started by run()).
 """
 from __future__ import annotations
 
@@ -29,8 +30,6 @@ import time
 from pathlib import Path
 
 import torch
-
-DESCRIPTION = "ring attention on 2 and 4 CPU processes: time per step, communication share; GPU scaling model"
 
 B, H, D = 1, 4, 64
 PLANS = {"quick": dict(worlds=(2, 4), lengths=(1024, 4096), reps=3),
@@ -220,20 +219,20 @@ def write_results(ctx, records, cond):
     print("\n".join(md))
 
 
-def run(ctx, plan_name=None):
+def run(ctx):
     from attnfast.distributed import launch_local
 
-    from .common import REPO_ROOT
+    from .common import module_argv, subprocess_env
 
-    plan = PLANS[plan_name or ("quick" if ctx.quick else "full")]
+    plan = PLANS[ctx.plan]
     records, ok = [], True
     for world in plan["worlds"]:
         with tempfile.TemporaryDirectory() as tmp:
             out = Path(tmp) / "ring.json"
-            argv = ["-m", "bench.ring", "--worker", "--out", str(out), "--reps", str(plan["reps"]),
-                    "--lengths", *map(str, plan["lengths"])]
+            argv = module_argv("ring", "--worker", "--out", out, "--reps", plan["reps"], "--lengths", *plan["lengths"])
             t0 = time.perf_counter()
-            results = launch_local(argv, world, timeout=1800, cwd=REPO_ROOT, env={"OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // world))})
+            results = launch_local(argv, world, timeout=1800,
+                                   env=subprocess_env(OMP_NUM_THREADS=str(max(1, (os.cpu_count() or 1) // world))))
             if any(r.returncode != 0 for r in results) or not out.exists():
                 ok = False
                 for r in results:
@@ -248,20 +247,21 @@ def run(ctx, plan_name=None):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(prog="python -m bench.ring", description=__doc__,
+    """A rank of run(): `python -m attnfast.bench.ring --worker ...` (the suite itself is
+    `python -m attnfast bench ring`)."""
+    p = argparse.ArgumentParser(prog=f"python -m {__package__}.ring", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--out", type=str, default=None)
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--lengths", type=int, nargs="+", default=[1024])
-    p.add_argument("--plan", choices=sorted(PLANS), default="quick")
     a = p.parse_args(argv)
-    if a.worker:
-        return _worker(a)
-    from .common import Context
-
-    ctx = Context.create(quick=a.plan != "full", out=a.out)
-    return 0 if run(ctx, a.plan) else 1
+    if not a.worker:
+        print("this module is a rank of the ring benchmark; run the suite with `python -m attnfast bench ring "
+              "[--quick | --smoke]`", file=sys.stderr)
+        return 2
+    _worker(a)
+    return 0
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Additive (Bahdanau) and top-k attention: time and peak memory, fused vs naive.
 
-    python -m bench --suite variants [--quick]      (writes variants.json, variants.md)
+    python -m attnfast bench variants [--quick | --smoke]      (writes variants.json, variants.md)
 
 additive: attnfast.additive_attention on the fused CPU kernel ("fused") vs the naive
           form (attnfast.reference.additive_attention_ref in float32, which holds
@@ -10,14 +10,12 @@ additive: attnfast.additive_attention on the fused CPU kernel ("fused") vs the n
           space (measured as bench/memprobe.py does): a peer that cannot allocate
           is reported as "does not fit".
 topk:     attnfast.topk_attention on the fused CPU kernel ("fused") and on the
-          row-chunked torch path ("chunked") vs dense attnfast.attention at one L
+          row-chunked reference path ("chunked") vs dense attnfast.attention at one L
           for k = 8 ... 256: forward and forward+backward time, peers alternated.
 Shapes: B=1, H=4, E=Ev=Da=64, float32, non-causal.
 """
 from __future__ import annotations
 
-import json
-import os
 import statistics
 import subprocess
 import sys
@@ -25,12 +23,11 @@ import time
 
 import torch
 
-DESCRIPTION = "additive attention fused vs naive (time, peak memory, where naive stops fitting); top-k vs dense"
-
 B, H, E, DA = 1, 4, 64, 64
 MEM_CAP_GIB = 20
 # probe_L: lengths where only the naive form's memory is probed (to find where it stops fitting).
-PLANS = {"quick": dict(L=(256, 512, 1024, 2048), probe_L=(4096,), reps=2, topk_L=1024, ks=(8, 32, 128)),
+PLANS = {"smoke": dict(L=(64,), probe_L=(128,), reps=1, topk_L=96, ks=(8, 96)),
+         "quick": dict(L=(256, 512, 1024, 2048), probe_L=(4096,), reps=2, topk_L=1024, ks=(8, 32, 128)),
          "full": dict(L=(256, 512, 1024, 2048, 4096), probe_L=(8192,), reps=3, topk_L=2048,
                       ks=(8, 16, 32, 64, 128, 256))}
 
@@ -59,14 +56,16 @@ def _additive(peer, ins, backward):
 
 def _probe(peer, L):
     """Peak-RSS increase (MiB) of one forward+backward in a fresh process, or an error string."""
+    from .common import PACKAGE, subprocess_env
+
     code = (f"import resource, torch; resource.setrlimit(resource.RLIMIT_AS, ({MEM_CAP_GIB} << 30, {MEM_CAP_GIB} << 30));"
-            f"from bench.memprobe import _peak_mib, _reset_peak; from bench.variants import _inputs, _additive;"
+            f"from {PACKAGE}.memprobe import _peak_mib, _reset_peak; from {PACKAGE}.variants import _inputs, _additive;"
             f"_additive({peer!r}, _inputs(16), True); ins = _inputs({L}); _reset_peak(); p0 = _peak_mib()[0];"
             f"_additive({peer!r}, ins, True);"
             f"print('PEAK', _peak_mib()[0] - p0)")
-    env = dict(os.environ, PYTHONPATH=os.getcwd())
     try:
-        p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=900, env=env)
+        p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=900,
+                           env=subprocess_env())
     except subprocess.TimeoutExpired:
         return None, "timed out"
     for line in p.stdout.splitlines():
@@ -97,7 +96,7 @@ def _alternate(peers, reps):
 def run(ctx):
     from .common import fmt_num, md_table
 
-    plan = PLANS["quick" if ctx.quick else "full"]
+    plan = PLANS[ctx.plan]
     reps = plan["reps"]
     records = []
     for L in plan["L"]:
@@ -124,7 +123,7 @@ def run(ctx):
     topk = []
     fns = {"dense": lambda kk, *t: attnfast.attention(*t),
            "fused": lambda kk, *t: attnfast.topk_attention(*t, kk, backend="cpu"),
-           "chunked": lambda kk, *t: attnfast.topk_attention(*t, kk, backend="torch")}
+           "chunked": lambda kk, *t: attnfast.topk_attention(*t, kk, backend="reference")}
 
     def call(fn, kk, bwd):
         out = fn(kk, *[t.detach().requires_grad_(bwd) for t in (q, k, v)])

@@ -1,4 +1,4 @@
-"""Smoke test of `python -m bench --suite cpu_ratios --quick` (the CPU speed-target ratios)."""
+"""Smoke test of `python -m attnfast bench cpu_ratios --quick` (the CPU speed-target ratios)."""
 import json
 import math
 import subprocess
@@ -15,7 +15,7 @@ GROUPS = ("dense", "fwdbwd", "masks", "window", "roofline", "threads")
 
 @pytest.mark.skipif(not attnfast.backends()["cpu"].available, reason="cpu backend not built")
 def test_bench_cpu_ratios_quick(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "bench", "--suite", "cpu_ratios", "--quick", "--out", str(tmp_path)],
+    proc = subprocess.run([sys.executable, "-m", "attnfast", "bench", "cpu_ratios", "--quick", "--out", str(tmp_path)],
                           cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     result = tmp_path / "cpu_ratios.json"

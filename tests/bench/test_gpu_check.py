@@ -1,5 +1,5 @@
-"""Smoke tests of the GPU check: bench/gpu_check.sh parses, and the gpu_kernels
-suite runs its tiny interpreter path (TRITON_INTERPRET=1, CPU tensors)."""
+"""Smoke tests of the GPU check: bench/gpu_check.sh parses and benchmarks through the front
+door, and the gpu_kernels suite runs its tiny interpreter path (TRITON_INTERPRET=1, CPU tensors)."""
 import importlib.util
 import json
 import os
@@ -18,13 +18,16 @@ def test_gpu_check_script_syntax():
     script = REPO_ROOT / "bench" / "gpu_check.sh"
     proc = subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True, timeout=30)
     assert proc.returncode == 0, proc.stderr
+    text = script.read_text()
+    assert '-m attnfast bench gpu_kernels --out "$OUT"' in text
+    assert "-m bench " not in text
 
 
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
 def test_gpu_kernels_quick_interpreter(tmp_path):
     env = dict(os.environ, TRITON_INTERPRET="1")
     env.pop("ATTNFAST_BACKEND", None)
-    proc = subprocess.run([sys.executable, "-m", "bench", "--suite", "gpu_kernels", "--quick", "--out",
+    proc = subprocess.run([sys.executable, "-m", "attnfast", "bench", "gpu_kernels", "--quick", "--out",
                            str(tmp_path)], cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     result = tmp_path / "gpu_kernels.json"
