@@ -120,10 +120,8 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1) flash_bwd_kernel(const BwdPa
   cp_async_commit();
 
   float acc_dk[Tr::kNTilesD][4], acc_dv[Tr::kNTilesD][4];
-#pragma unroll
-  for (int i = 0; i < Tr::kNTilesD; ++i)
-#pragma unroll
-    for (int e = 0; e < 4; ++e) acc_dk[i][e] = acc_dv[i][e] = 0.f;
+  zero_acc(acc_dk);
+  zero_acc(acc_dv);
 
   const int m_lo = band.query_lo(n0), m_hi = band.query_hi(min(n0 + BN, p.Lk));
   const int mb_lo = m_lo / BM, mb_hi = m_hi > m_lo ? (m_hi + BM - 1) / BM : mb_lo;
@@ -153,10 +151,8 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1) flash_bwd_kernel(const BwdPa
 
       // S^T = K Q^T and dP^T = V dO^T for this warp's 16 keys x BM queries.
       float acc_s[Tr::kNTilesM][4], acc_dp[Tr::kNTilesM][4];
-#pragma unroll
-      for (int i = 0; i < Tr::kNTilesM; ++i)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) acc_s[i][e] = acc_dp[i][e] = 0.f;
+      zero_acc(acc_s);
+      zero_acc(acc_dp);
 #pragma unroll
       for (int kk = 0; kk < D / 16; ++kk) {
         uint32_t ak[4], av[4];
@@ -168,10 +164,8 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1) flash_bwd_kernel(const BwdPa
           uint32_t bq[4], bo[4];
           ldmatrix_x4(bq, sQ + off);
           ldmatrix_x4(bo, sdO + off);
-          ElemOps<T>::mma(acc_s[2 * np], ak, bq);
-          ElemOps<T>::mma(acc_s[2 * np + 1], ak, bq + 2);
-          ElemOps<T>::mma(acc_dp[2 * np], av, bo);
-          ElemOps<T>::mma(acc_dp[2 * np + 1], av, bo + 2);
+          mma_n16<T>(acc_s + 2 * np, ak, bq);
+          mma_n16<T>(acc_dp + 2 * np, av, bo);
         }
       }
 
@@ -200,14 +194,8 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1) flash_bwd_kernel(const BwdPa
 #pragma unroll
       for (int kq = 0; kq < BM / 16; ++kq) {
         uint32_t ap[4], as[4];
-        ap[0] = ElemOps<T>::pack(acc_s[2 * kq][0], acc_s[2 * kq][1]);
-        ap[1] = ElemOps<T>::pack(acc_s[2 * kq][2], acc_s[2 * kq][3]);
-        ap[2] = ElemOps<T>::pack(acc_s[2 * kq + 1][0], acc_s[2 * kq + 1][1]);
-        ap[3] = ElemOps<T>::pack(acc_s[2 * kq + 1][2], acc_s[2 * kq + 1][3]);
-        as[0] = ElemOps<T>::pack(acc_dp[2 * kq][0], acc_dp[2 * kq][1]);
-        as[1] = ElemOps<T>::pack(acc_dp[2 * kq][2], acc_dp[2 * kq][3]);
-        as[2] = ElemOps<T>::pack(acc_dp[2 * kq + 1][0], acc_dp[2 * kq + 1][1]);
-        as[3] = ElemOps<T>::pack(acc_dp[2 * kq + 1][2], acc_dp[2 * kq + 1][3]);
+        acc_to_a<T>(acc_s + 2 * kq, ap);
+        acc_to_a<T>(acc_dp + 2 * kq, as);
         // dS^T rows (keys) wkey + g and + 8, columns (queries) 16 kq + 2t (+8).
         *reinterpret_cast<uint32_t*>(sdS + (wkey + g) * SS + kq * 16 + 2 * t) = as[0];
         *reinterpret_cast<uint32_t*>(sdS + (wkey + g + 8) * SS + kq * 16 + 2 * t) = as[1];
@@ -219,10 +207,8 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1) flash_bwd_kernel(const BwdPa
           uint32_t bo[4], bq[4];
           ldmatrix_x4_trans(bo, sdO + off);
           ldmatrix_x4_trans(bq, sQ + off);
-          ElemOps<T>::mma(acc_dv[2 * dp], ap, bo);
-          ElemOps<T>::mma(acc_dv[2 * dp + 1], ap, bo + 2);
-          ElemOps<T>::mma(acc_dk[2 * dp], as, bq);
-          ElemOps<T>::mma(acc_dk[2 * dp + 1], as, bq + 2);
+          mma_n16<T>(acc_dv + 2 * dp, ap, bo);
+          mma_n16<T>(acc_dk + 2 * dp, as, bq);
         }
       }
       __syncthreads();  // dS^T complete
@@ -231,10 +217,7 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1) flash_bwd_kernel(const BwdPa
       {
         const int qm0 = (warp % Tr::kDqRowGroups) * 16, dc0 = (warp / Tr::kDqRowGroups) * Tr::kDqCols;
         float acc_dq[Tr::kNTilesDq][4];
-#pragma unroll
-        for (int i = 0; i < Tr::kNTilesDq; ++i)
-#pragma unroll
-          for (int e = 0; e < 4; ++e) acc_dq[i][e] = 0.f;
+        zero_acc(acc_dq);
 #pragma unroll
         for (int kk = 0; kk < BN / 16; ++kk) {
           uint32_t a[4];
@@ -245,8 +228,7 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1) flash_bwd_kernel(const BwdPa
           for (int dp = 0; dp < Tr::kNTilesDq / 2; ++dp) {
             uint32_t bk[4];
             ldmatrix_x4_trans(bk, krow + dp * 16 + (lane >> 4) * 8);
-            ElemOps<T>::mma(acc_dq[2 * dp], a, bk);
-            ElemOps<T>::mma(acc_dq[2 * dp + 1], a, bk + 2);
+            mma_n16<T>(acc_dq + 2 * dp, a, bk);
           }
           if constexpr (Tr::kNTilesDq % 2 == 1) {  // odd n8 tile: two matrices
             uint32_t bk[2];

@@ -73,10 +73,7 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1) flash_fwd_kernel(const FwdPa
   // Rows of this warp: r = 0 -> row wrow + g, r = 1 -> row wrow + g + 8.
   const int wrow = warp * 16;
   float acc_o[Tr::kNTilesO][4];
-#pragma unroll
-  for (int i = 0; i < Tr::kNTilesO; ++i)
-#pragma unroll
-    for (int e = 0; e < 4; ++e) acc_o[i][e] = 0.f;
+  zero_acc(acc_o);
   float row_max[2] = {-INFINITY, -INFINITY};
   float row_sum[2] = {0.f, 0.f};  // this lane's share; reduced over the quad at the end
 
@@ -98,10 +95,7 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1) flash_fwd_kernel(const FwdPa
 
     // S = Q K^T for this warp's 16 rows x BN keys.
     float acc_s[Tr::kNTilesS][4];
-#pragma unroll
-    for (int i = 0; i < Tr::kNTilesS; ++i)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) acc_s[i][e] = 0.f;
+    zero_acc(acc_s);
 #pragma unroll
     for (int kk = 0; kk < D / 16; ++kk) {
       uint32_t a[4];
@@ -110,8 +104,7 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1) flash_fwd_kernel(const FwdPa
       for (int np = 0; np < BN / 16; ++np) {
         uint32_t bf[4];
         ldmatrix_x4(bf, sK + (np * 16 + (lane >> 4) * 8 + (lane & 7)) * S + kk * 16 + ((lane >> 3) & 1) * 8);
-        ElemOps<T>::mma(acc_s[2 * np], a, bf);
-        ElemOps<T>::mma(acc_s[2 * np + 1], a, bf + 2);
+        mma_n16<T>(acc_s + 2 * np, a, bf);
       }
     }
 
@@ -168,16 +161,12 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1) flash_fwd_kernel(const FwdPa
 #pragma unroll
     for (int kp = 0; kp < BN / 16; ++kp) {
       uint32_t a[4];
-      a[0] = ElemOps<T>::pack(acc_s[2 * kp][0], acc_s[2 * kp][1]);
-      a[1] = ElemOps<T>::pack(acc_s[2 * kp][2], acc_s[2 * kp][3]);
-      a[2] = ElemOps<T>::pack(acc_s[2 * kp + 1][0], acc_s[2 * kp + 1][1]);
-      a[3] = ElemOps<T>::pack(acc_s[2 * kp + 1][2], acc_s[2 * kp + 1][3]);
+      acc_to_a<T>(acc_s + 2 * kp, a);
 #pragma unroll
       for (int dp = 0; dp < D / 16; ++dp) {
         uint32_t bf[4];
         ldmatrix_x4_trans(bf, sV + (kp * 16 + ((lane >> 3) & 1) * 8 + (lane & 7)) * S + dp * 16 + (lane >> 4) * 8);
-        ElemOps<T>::mma(acc_o[2 * dp], a, bf);
-        ElemOps<T>::mma(acc_o[2 * dp + 1], a, bf + 2);
+        mma_n16<T>(acc_o + 2 * dp, a, bf);
       }
     }
   }

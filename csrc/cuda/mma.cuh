@@ -110,6 +110,34 @@ struct ElemOps<__half> {
   }
 };
 
+// c[0] += a b[0..1] and c[1] += a b[2..3]: a 16x16 (k16) product as two
+// m16n8k16, with the B fragments of two n8 tiles as one ldmatrix.x4 loads them.
+template <typename T>
+__device__ __forceinline__ void mma_n16(float (*c)[4], const uint32_t* a, const uint32_t* b) {
+  ElemOps<T>::mma(c[0], a, b);
+  ElemOps<T>::mma(c[1], a, b + 2);
+}
+
+// The A fragment (16x16, row) of the accumulators of two n8 tiles c[0], c[1]
+// side by side, rounded to T: each accumulator is one half of the A layout, so
+// a product's fp32 result feeds the next product without shared memory.
+template <typename T>
+__device__ __forceinline__ void acc_to_a(const float (*c)[4], uint32_t* a) {
+  a[0] = ElemOps<T>::pack(c[0][0], c[0][1]);
+  a[1] = ElemOps<T>::pack(c[0][2], c[0][3]);
+  a[2] = ElemOps<T>::pack(c[1][0], c[1][1]);
+  a[3] = ElemOps<T>::pack(c[1][2], c[1][3]);
+}
+
+// Zeroes n8-tile accumulators (N tiles of 4 fp32 values per thread, the C layout above).
+template <int N>
+__device__ __forceinline__ void zero_acc(float (&acc)[N][4]) {
+#pragma unroll
+  for (int i = 0; i < N; ++i)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) acc[i][e] = 0.f;
+}
+
 // max that propagates NaN (fmaxf drops it): a NaN score must make its row NaN,
 // not look like a row with no visible key.
 __device__ __forceinline__ float nan_max(float a, float b) { return (a > b || a != a) ? a : b; }
