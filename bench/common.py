@@ -50,14 +50,19 @@ def module_argv(module, *args):
 
 
 def subprocess_env(**extra):
-    """The environment for such a subprocess: the folder that holds the attnfast package this
-    process imported goes first on PYTHONPATH, so the child imports the same attnfast (and its
-    bench) from any working directory."""
+    """The environment for such a subprocess: unless attnfast is installed in a site directory
+    (which the child reads anyway), the folder that holds the attnfast package this process
+    imported (a source checkout) goes first on PYTHONPATH, so that the child imports the same
+    attnfast, and its bench, from any working directory."""
+    import site
+
     import attnfast
 
-    root = str(Path(attnfast.__file__).resolve().parent.parent)
+    root = Path(attnfast.__file__).resolve().parent.parent
     env = dict(os.environ, **extra)
-    env["PYTHONPATH"] = os.pathsep.join([root] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
+    site_dirs = {Path(d).resolve() for d in site.getsitepackages() + [site.getusersitepackages()]}
+    if root not in site_dirs:
+        env["PYTHONPATH"] = os.pathsep.join([str(root)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
     return env
 
 
