@@ -250,7 +250,7 @@ def test_eight_python_threads_at_once():
 def _probe(L, mode="fwdbwd"):
     # Causal halves the time; the kernel's scratch does not depend on the mask (measured at
     # L=16384: dense 144.9 MiB, causal 144.7 MiB).
-    cmd = [sys.executable, "-m", "bench.memprobe", "--peer", "attnfast", "--L", str(L), "--B", "1", "--H", "4",
+    cmd = [sys.executable, "-m", "attnfast.bench.memprobe", "--peer", "attnfast", "--L", str(L), "--B", "1", "--H", "4",
            "--D", "64", "--mode", mode, "--causal"]
     r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600,
                        env={k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"})
