@@ -53,15 +53,21 @@ inline V tanh_vec(V x) {
 // difference cancels.  Relative error against float64 (x in [0.625, 9], float32):
 // 1 - t*t up to 1.2e-6 at |x| in [1, 2], 6e-5 in [2, 4], ~1 beyond; this form at most
 // 2.3e-7 everywhere (torch's 1 - y*y from a 0.5-ulp y: 1.8e-6, 7.6e-5, ~1).
+// Returned by value: V as deduced here is the naturally aligned vector type
+// (the element-aligned typedef's attribute does not survive deduction), and a
+// reference to it bound to the caller's element-aligned locals is misaligned.
 template <typename V>
-inline void tanh_dtanh_vec(V x, V& t, V& dt) {
+struct TanhDtanh {
+  V t, dt;
+};
+template <typename V>
+inline TanhDtanh<V> tanh_dtanh_vec(V x) {
   const V ax = x < 0.f ? -x : x;
   const V small = tanh_near0(x);
   const V e = exp_vec<V>(ax * 2.0f);
   const V big = 1.0f - 2.0f / (e + 1.0f);
   const auto near0 = ax < 0.625f;
-  t = near0 ? small : (x < 0.f ? -big : big);
-  dt = near0 ? 1.0f - small * small : 4.0f / (e + 2.0f + 1.0f / e);
+  return {near0 ? small : (x < 0.f ? -big : big), near0 ? 1.0f - small * small : 4.0f / (e + 2.0f + 1.0f / e)};
 }
 
 // kt[d][j] = kp[j0 + j][d] for j < n, 0 for the padding up to kAddBlockK.
@@ -243,8 +249,7 @@ void additive_bwd_impl(const AdditiveParams& p) {
             V gq = V{}, gv = V{};
             for (int64_t j = 0; j < kAddBlockK; j += W) {
               const V x = *reinterpret_cast<const V*>(ktb + d * kAddBlockK + j) + q[d];
-              V t, dt;
-              tanh_dtanh_vec(x, t, dt);
+              const auto [t, dt] = tanh_dtanh_vec(x);
               const V dsv = *reinterpret_cast<const V*>(ds.data() + j);
               const V gj = dsv * dt;
               gq += gj;
