@@ -46,7 +46,7 @@ def _read():
     C = ops._C
     cuda_kernels = C is not None and _has_kernel("attnfast::fwd", "CUDA")
     head_dims = ((), ())
-    if C is not None and hasattr(C, "cuda_head_dims"):
+    if C is not None:  # the extension's one list (csrc/cuda/flash.h); empty in a build without CUDA
         fwd, bwd = C.cuda_head_dims()
         head_dims = (tuple(fwd), tuple(bwd))
     return Facts(

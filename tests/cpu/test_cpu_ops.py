@@ -76,7 +76,11 @@ def test_bwd_with_given_delta_splits_over_key_blocks(dtype):
     torch.testing.assert_close(torch.cat([a[2], b[2]], 2).float(), whole[2].float(), **tol)
     own = torch.ops.attnfast.bwd(dout, q, k[:, :, :10], v[:, :, :10], out, lse, None, None, 0.25, -1, 8, False,
                                  0.0, None, False)  # delta from this block's keys alone
-    assert (own[0].float() - a[0].float()).abs().max() > 10 * tol["atol"]
+    # Without the given delta the block's dq is off by far more than the given-delta sum's own
+    # error (scale-free: over 3,000 seeds the ratio was >= 14 in bfloat16, ~1e6 in float32; the
+    # fixed 10 x atol = 0.2 it replaces failed some bfloat16 seeds: the difference went down to 0.13).
+    err = (dq - whole[0].float()).abs().max()
+    assert (own[0].float() - a[0].float()).abs().max() > 5 * err
 
 
 def _f(q, k, v, m):
