@@ -34,10 +34,15 @@ def _cuda(t):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=["bf16", "f16", "f32"])
 @pytest.mark.parametrize("case", CASES, ids=[c.id() for c in CASES])
 def test_triton_parity_cuda(case, dtype):
+    _check_parity(case, dtype, "triton")
+
+
+def _check_parity(case, dtype, backend):
+    """`backend`'s outputs and gradients on CUDA tensors by the parity rule."""
     q, k, v, m = (_cuda(t) for t in make_inputs(case, dtype))
 
     def run(q, k, v, m):
-        return attnfast.attention(q, k, v, attn_mask=m, return_lse=True, backend="triton",
+        return attnfast.attention(q, k, v, attn_mask=m, return_lse=True, backend=backend,
                                   **case.attention_kwargs())
 
     res = compare_with_reference(run, q, k, v, m, **case.ref_kwargs())
@@ -58,15 +63,7 @@ def test_cuda_cpp_parity(case, dtype):
     """The CUDA C++ kernels (csrc/cuda), forward and backward, by the parity rule."""
     if not attnfast.backends()["cuda"].available:
         pytest.fail(f"the cuda backend should be built on a GPU machine: {attnfast.backends()['cuda'].reason}")
-    q, k, v, m = (_cuda(t) for t in make_inputs(case, dtype))
-
-    def run(q, k, v, m):
-        return attnfast.attention(q, k, v, attn_mask=m, return_lse=True, backend="cuda",
-                                  **case.attention_kwargs())
-
-    res = compare_with_reference(run, q, k, v, m, **case.ref_kwargs())
-    bad = [r for r in res if not r.ok]
-    assert not bad, f"{case.id()} {dtype}: " + "; ".join(map(repr, bad))
+    _check_parity(case, dtype, "cuda")
 
 
 @pytest.mark.parametrize("E", [64, 128, 256])
