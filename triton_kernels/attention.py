@@ -51,10 +51,10 @@ def _mask_scores(s, offs_m, offs_n, Mask, mask_base, smm, smn, Lq, Lk, diag, wl,
     outside the causal/window band, or hidden by the mask; a float mask is
     added.  The mask is read only where `need` (a tile the lists mark fully
     visible reads nothing)."""
+    ok = visible(offs_m, offs_n, Lk, diag, wl, wr, WINDOWED)
     inb = (offs_m[:, None] < Lq) & (offs_n[None, :] < Lk)
     inb = inb & (tl.zeros_like(inb) | need)  # (broadcast spelled out for the interpreter)
-    return masked_scores(s, visible(offs_m, offs_n, Lk, diag, wl, wr, WINDOWED), offs_m, offs_n, Mask, mask_base,
-                         smm, smn, inb, MASK_KIND)
+    return masked_scores(s, ok, offs_m, offs_n, Mask, mask_base, smm, smn, inb, MASK_KIND)
 
 
 @triton.jit
