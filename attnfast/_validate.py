@@ -168,7 +168,6 @@ def prepare(
 
     Lq, E = query.shape[-2:]
     Lk = key.shape[-2]
-    Ev = value.shape[-1]
     if key.shape[-1] != E:
         raise ValueError(f"key head dim must equal query head dim {E}: key shape {_shape(key)}")
     if value.shape[-2] != Lk:

@@ -232,7 +232,7 @@ def markdown(result):
         f"speed dtype {c['dtype']}, task float32; {c['timestamp']}",
         "- load average (1/5/15 min) before: " + (", ".join(f"{v:.1f}" for v in la[0]) if la[0] else "-") +
         "; after: " + (", ".join(f"{v:.1f}" for v in la[1]) if la[1] else "-"),
-        f"- run time: " + ", ".join(f"{k[:-2]} {v:.0f} s" for k, v in result["elapsed_s"].items()),
+        "- run time: " + ", ".join(f"{k[:-2]} {v:.0f} s" for k, v in result["elapsed_s"].items()),
         "",
         "## Speed and memory", "",
         f"- attention: one nn.TransformerEncoderLayer(d_model={sp['d_model']}, nhead={sp['nhead']}, "

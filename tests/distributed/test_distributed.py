@@ -2,7 +2,6 @@
 process; the ring itself in 2 and 4 gloo processes on CPU (tests/distributed/ring_worker.py),
 against the parity rule and through failure drills."""
 import json
-import os
 import re
 from pathlib import Path
 

@@ -11,7 +11,6 @@ import math
 import pytest
 import torch
 
-import attnfast
 from attnfast.nn import AdditiveAttention
 from attnfast.testing import parity
 
