@@ -41,6 +41,12 @@ inline A row_exp_sum(A* row, int64_t n, A m) {
   return rs;
 }
 inline float row_exp_sum(float* row, int64_t n, float m) { return softmax_row_f32(row, n, m); }
+// d[i] = exp(a[i] - b[i]) for i < n (a, b, d padded to whole vectors for float).
+template <typename A>
+inline void exp_diff(const A* a, const A* b, int64_t n, A* d) {
+  for (int64_t i = 0; i < n; ++i) d[i] = std::exp(a[i] - b[i]);
+}
+inline void exp_diff(const float* a, const float* b, int64_t n, float* d) { exp_diff_f32(a, b, n, d); }
 
 // Backward P recompute: row[j] = exp(row[j] - lse) for j < n.  s - lse is
 // formed in the lse precision (double for float32 inputs), so the only
@@ -78,8 +84,8 @@ void fwd_impl(const FwdParams& p) {
     // contiguous 32 KiB block (E = 64; see pack_tiles_t).
     Buffer<A> kt(nkb * E * kBlockK), vbuf((nkb * kBlockK) * ldv);
     int64_t packed = -1;  // b * Hkv + hk of the current packs
-    Buffer<A> qbuf(kBlockQ * E), sc(kBlockQ * kBlockK), acc(kBlockQ * ldv), mrow(kBlockQ),
-        alpha(kBlockQ);
+    Buffer<A> qbuf(kBlockQ * E), sc(kBlockQ * kBlockK), acc(kBlockQ * ldv), mrow(pad_up(kBlockQ)),
+        mnew(pad_up(kBlockQ)), alpha(pad_up(kBlockQ));
     // Row sums in the lse precision: the saved lse = m + log(l) is what the
     // backward rebuilds P from, so its error lands on every gradient.
     Buffer<L> lrow(kBlockQ);
@@ -115,29 +121,33 @@ void fwd_impl(const FwdParams& p) {
         matmul_tile<kKCHead>(qbuf.data(), E, nq, E, kt.data() + j0 * E, kBlockK, nk, scale, sc.data(), kBlockK);
         mask_tile<T, A>(p, vis, b, h, i0, nq, j0, nk, sc.data(), kBlockK, tm);
 
-        // Online softmax: P = exp(S - m_new), l = l * alpha + rowsum(P).
+        // Online softmax: P = exp(S - m_new), l = l * alpha + rowsum(P), with
+        // alpha = exp(m - m_new) taken for all rows at once (vectorised).
         for (int64_t i = 0; i < nq; ++i) {
           A* row = sc.data() + i * kBlockK;
           for (int64_t j = nk; j < nkp; ++j) row[j] = ninf;  // padding lanes give exp = 0
           const A mx = row_max(row, nkp);
-          const A m_new = (mx > mrow[i] || mx != mx) ? mx : mrow[i];  // a NaN row stays NaN
-          if (m_new == ninf) {  // nothing visible in this row yet
+          mnew[i] = (mx > mrow[i] || mx != mx) ? mx : mrow[i];  // a NaN row stays NaN
+        }
+        exp_diff(mrow.data(), mnew.data(), nq, alpha.data());  // exp(-inf) = 0 on the first block
+        for (int64_t i = 0; i < nq; ++i) {
+          A* row = sc.data() + i * kBlockK;
+          if (mnew[i] == ninf) {  // nothing visible in this row yet
             for (int64_t j = 0; j < nkp; ++j) row[j] = A(0);
             alpha[i] = A(1);
             continue;
           }
-          alpha[i] = std::exp(mrow[i] - m_new);  // exp(-inf) = 0 on the first block
-          const A rs = row_exp_sum(row, nkp, m_new);
+          const A rs = row_exp_sum(row, nkp, mnew[i]);
           lrow[i] = lrow[i] * static_cast<L>(alpha[i]) + static_cast<L>(rs);
-          mrow[i] = m_new;
+          mrow[i] = mnew[i];
         }
         if (p.dropout_p > 0.f) {
           dropout_factors(p, b, h, i0, nq, j0, nk, fac.data(), kBlockK);
           for (int64_t x = 0; x < nq * kBlockK; ++x) sc[x] *= fac[x];
         }
         // acc = acc * alpha + P V, the rescale fused into the product's epilogue.
-        matmul_tile<kKCSeq>(sc.data(), kBlockK, nq, nk, vbuf.data() + j0 * ldv, ldv, Ev, A(1), acc.data(), ldv,
-                    alpha.data());
+        matmul_tile<kKCSeq, Epi::kRescale>(sc.data(), kBlockK, nq, nk, vbuf.data() + j0 * ldv, ldv, Ev, A(1),
+                                           acc.data(), ldv, alpha.data());
       }
 
       T* out = static_cast<T*>(p.out) + b * p.out_st.b + h * p.out_st.h;
@@ -188,9 +198,10 @@ void bwd_impl(const BwdParams& p) {
 
   run_parallel(p, p.B * p.Hkv, [&](int64_t begin, int64_t end) {
     // Whole-head packs of K and V, reused by every query block of the group.
-    Buffer<A> kt(nkb * E * kBlockK), kbuf(Lk * lde), vt(nkb * Ev * kBlockK), dk(Lk * E), dv(Lk * Ev);
-    Buffer<A> qbuf(kBlockQ * lde), dobuf(kBlockQ * ldv), dq(kBlockQ * E), tq(kBlockQ * lde),
-        tk(kBlockK * lde), tv(kBlockK * ldv), tt(kBlockK * kBlockQ), delta(kBlockQ);
+    // dK, dV and dQ have padded rows (lde, ldv): the products add whole vectors into them.
+    Buffer<A> kt(nkb * E * kBlockK), kbuf(Lk * lde), vt(nkb * Ev * kBlockK), dk(Lk * lde), dv(Lk * ldv);
+    Buffer<A> qbuf(kBlockQ * lde), dobuf(kBlockQ * ldv), dq(kBlockQ * lde), delta(kBlockQ);
+    Buffer<A> tt(drop ? tq_sz : 0);  // P * Z of one tile
     Buffer<A> pp(nkb * tq_sz), dpp(nkb * tq_sz);  // P and dP panels, (nkb, kBlockQ, kBlockK)
     Buffer<A> fac(drop ? nkb * tq_sz : 0);
     Buffer<L> lse(kBlockQ);
@@ -269,12 +280,16 @@ void bwd_impl(const BwdParams& p) {
               if (skip[t]) continue;
               A* pt = pp.data() + t * tq_sz;
               A* dst = dpp.data() + t * tq_sz;
-              // dV += (P * Z)^T dO
-              for (int64_t i = 0; i < nq; ++i)
-                for (int64_t j = 0; j < nk; ++j)
-                  tt[j * kBlockQ + i] = drop ? pt[i * ldp + j] * fac[t * tq_sz + i * ldp + j] : pt[i * ldp + j];
-              matmul_tile<kKCSeq>(tt.data(), kBlockQ, nk, nq, dobuf.data(), ldv, Ev, A(1), tv.data(), ldv);
-              add_tile(nk, Ev, tv.data(), ldv, dv.data() + j0 * Ev, Ev);
+              // dV += (P * Z)^T dO, P^T read in place (kTransA).
+              const A* pz = pt;
+              if (drop) {
+                const A* ft = fac.data() + t * tq_sz;
+                for (int64_t i = 0; i < nq; ++i)
+                  for (int64_t j = 0; j < nk; ++j) tt[i * ldp + j] = pt[i * ldp + j] * ft[i * ldp + j];
+                pz = tt.data();
+              }
+              matmul_tile<kKCSeq, Epi::kAccumulate, true>(pz, ldp, nk, nq, dobuf.data(), ldv, Ev, A(1),
+                                                          dv.data() + j0 * ldv, ldv);
               // dS = P * (dP - delta), over the dP panel.
               for (int64_t i = 0; i < nq; ++i) {
                 A* d = dst + i * ldp;
@@ -289,19 +304,17 @@ void bwd_impl(const BwdParams& p) {
                   for (int64_t j = 0; j < nk; ++j) dm[j] = dst[i * ldp + j];
                 }
               }
-              // dQ += scale * dS K
-              matmul_tile<kKCSeq>(dst, ldp, nq, nk, kbuf.data() + j0 * lde, lde, E, scale, tq.data(), lde);
-              add_tile(nq, E, tq.data(), lde, dq.data(), E);
-              // dK += scale * dS^T Q
-              transpose_tile(dst, ldp, nq, nk, tt.data(), kBlockQ);
-              matmul_tile<kKCSeq>(tt.data(), kBlockQ, nk, nq, qbuf.data(), lde, E, scale, tk.data(), lde);
-              add_tile(nk, E, tk.data(), lde, dk.data() + j0 * E, E);
+              // dQ += scale * dS K;  dK += scale * dS^T Q, dS^T read in place.
+              matmul_tile<kKCSeq, Epi::kAccumulate>(dst, ldp, nq, nk, kbuf.data() + j0 * lde, lde, E, scale,
+                                                    dq.data(), lde);
+              matmul_tile<kKCSeq, Epi::kAccumulate, true>(dst, ldp, nk, nq, qbuf.data(), lde, E, scale,
+                                                          dk.data() + j0 * lde, lde);
             }
           }
-          store_all(dqp + i0 * E, dq.data(), nq * E);
+          for (int64_t i = 0; i < nq; ++i) store_all(dqp + (i0 + i) * E, dq.data() + i * lde, E);
         }
       }
-      store_kv_grads<T>(p, b, hk, dk.data(), dv.data());
+      store_kv_grads<T>(p, b, hk, dk.data(), dv.data(), lde, ldv);
     }
   });
 }

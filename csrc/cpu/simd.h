@@ -47,74 +47,118 @@ constexpr int kNV = 2;
 constexpr int64_t kKCHead = 16;
 constexpr int64_t kKCSeq = 32;
 
-// C[r][0:kNV*W] = scale * sum_{e<d} a[r][e] * b[e][0:kNV*W] for r < MR, or,
-// when `alpha` is given, C[r] = alpha[r] * C[r] + sum (the online-softmax
-// rescale of the output accumulator, fused into the product's epilogue).
-template <typename A, int MR, int64_t kKC>
+// With 32 vector registers (AVX-512) the C tile stays in registers for the
+// whole reduction: each KC chunk's sum is added to it there (the same
+// additions, in the same order, as the load-add-store epilogue of the
+// 16-register ISAs, which have no room for a second set of accumulators).
+constexpr bool kCInRegisters = ATTNFAST_VEC_BYTES >= 64;
+
+// What a product does with its sum S = sum_e a[r][e] * b[e][:] (KC chunks):
+//   kStore:      C = scale * S
+//   kRescale:    C = alpha[r] * C + S   (the online-softmax rescale of the
+//                output accumulator, fused into the product's epilogue)
+//   kAccumulate: C = C + scale * S      (gradients summed over tiles; the same
+//                additions as a separate C += tile pass, without the tile)
+enum class Epi { kStore, kRescale, kAccumulate };
+
+// One MR x (kNV * W) register tile of C.  a is (MR, d) with row stride lda, or,
+// with kTransA, given transposed: element (r, e) at a[e * lda + r] (P^T and
+// dS^T in the backward are read from P and dS so, with no transpose pass).
+// The k loop is unrolled by 4: one product step per loop iteration left the
+// AVX2 score product at 54% of the FMA peak, unrolled it runs at 88%
+// (NOTES.md, v10).
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"  // acc: set by the first chunk (d > 0)
+template <typename A, int MR, int64_t kKC, Epi kEpi, bool kTransA>
 inline void micro_tile(const A* __restrict a, int64_t lda, const A* __restrict b, int64_t ldb, int64_t d,
                        A scale, const A* __restrict alpha, A* __restrict c, int64_t ldc) {
   using V = typename Vec<A>::type;
   constexpr int W = Vec<A>::kWidth;
+  // The sum lives in registers (acc) across chunks when there is room for
+  // two tiles (AVX-512), and always for kAccumulate (C holds the old value).
+  constexpr bool kAcc = kCInRegisters || kEpi == Epi::kAccumulate;
   if (d == 0) {
     for (int r = 0; r < MR; ++r)
       for (int v = 0; v < kNV; ++v) {
         V* cp = reinterpret_cast<V*>(c + r * ldc + v * W);
-        *cp = alpha != nullptr ? *cp * alpha[r] : V{};
+        if constexpr (kEpi == Epi::kStore) *cp = V{};
+        else if constexpr (kEpi == Epi::kRescale) *cp = *cp * alpha[r];
       }
     return;
   }
+  V acc[MR][kNV];  // used only when kAcc
   for (int64_t e0 = 0; e0 < d; e0 += kKC) {
     const int64_t e1 = e0 + kKC < d ? e0 + kKC : d;
     V t[MR][kNV];
     for (int r = 0; r < MR; ++r)
       for (int v = 0; v < kNV; ++v) t[r][v] = V{};
+#pragma GCC unroll 4
     for (int64_t e = e0; e < e1; ++e) {
       V bv[kNV];
       for (int v = 0; v < kNV; ++v) bv[v] = *reinterpret_cast<const V*>(b + e * ldb + v * W);
       for (int r = 0; r < MR; ++r) {
-        const V av = splat<V>(a[r * lda + e]);
+        const V av = splat<V>(kTransA ? a[e * lda + r] : a[r * lda + e]);
         for (int v = 0; v < kNV; ++v) t[r][v] += av * bv[v];
       }
     }
-    const bool last = e1 >= d;
     for (int r = 0; r < MR; ++r)
       for (int v = 0; v < kNV; ++v) {
         V* cp = reinterpret_cast<V*>(c + r * ldc + v * W);
         V s;
-        if (alpha != nullptr) {
-          s = e0 == 0 ? *cp * alpha[r] + t[r][v] : *cp + t[r][v];
-        } else {
-          s = e0 == 0 ? t[r][v] : *cp + t[r][v];
-          if (last) s *= scale;
-        }
-        *cp = s;
+        if (e0 == 0) s = kEpi == Epi::kRescale ? *cp * alpha[r] + t[r][v] : t[r][v];
+        else if constexpr (kAcc) s = acc[r][v] + t[r][v];
+        else s = *cp + t[r][v];
+        if constexpr (kAcc) acc[r][v] = s;
+        else *cp = e1 >= d && kEpi == Epi::kStore ? s * scale : s;
+      }
+  }
+  if constexpr (kAcc) {
+    for (int r = 0; r < MR; ++r)
+      for (int v = 0; v < kNV; ++v) {
+        V* cp = reinterpret_cast<V*>(c + r * ldc + v * W);
+        if constexpr (kEpi == Epi::kStore) *cp = acc[r][v] * scale;
+        else if constexpr (kEpi == Epi::kRescale) *cp = acc[r][v];
+        else *cp = *cp + acc[r][v] * scale;
       }
   }
 }
+#pragma GCC diagnostic pop
 
-// c[i][0:n] = scale * sum_{e<d} a[i][e] * b[e][0:n]  for i < m, or with
-// `alpha`: c[i][0:n] = alpha[i] * c[i][0:n] + sum (scale ignored).
-//   a: (m, d), row stride lda.  b: (d, n), row stride ldb.  c: row stride ldc.
+// c[i][0:n] (op)= sum_{e<d} a[i][e] * b[e][0:n] for i < m, op as kEpi says
+// (`alpha` is used by kRescale only, `scale` by the others).
+//   a: (m, d), row stride lda (kTransA: given as (d, m), row stride lda).
+//   b: (d, n), row stride ldb.  c: row stride ldc.
 // Columns are computed in whole register tiles: b must be readable and c
-// writable up to pad_up(n) columns (internal buffers are padded so).
-template <int64_t kKC, typename A>
+// writable up to pad_up(n) columns (internal buffers are padded so).  When
+// all of b fits in L1 (kL1Panel) row tiles are the outer loop (a tile's rows
+// of a and all of b stay in L1); a larger b is walked one column strip at a
+// time, which then stays in L1 while the rows of a stream past it.
+constexpr int64_t kL1Panel = 32 * 1024;
+template <int64_t kKC, Epi kEpi = Epi::kStore, bool kTransA = false, typename A>
 void matmul_tile(const A* __restrict a, int64_t lda, int64_t m, int64_t d, const A* __restrict b,
                  int64_t ldb, int64_t n, A scale, A* __restrict c, int64_t ldc,
                  const A* __restrict alpha = nullptr) {
   constexpr int64_t NR = kNV * Vec<A>::kWidth;
+  const int64_t mf = m / kMR * kMR;
+  auto rows = [&](int64_t i) { return kTransA ? a + i : a + i * lda; };
+  auto al = [&](int64_t i) { return kEpi == Epi::kRescale ? alpha + i : nullptr; };
+  if (d * n * static_cast<int64_t>(sizeof(A)) <= kL1Panel) {
+    for (int64_t i = 0; i < mf; i += kMR)
+      for (int64_t j = 0; j < n; j += NR)
+        micro_tile<A, kMR, kKC, kEpi, kTransA>(rows(i), lda, b + j, ldb, d, scale, al(i), c + i * ldc + j, ldc);
+  } else {
+    for (int64_t j = 0; j < n; j += NR)
+      for (int64_t i = 0; i < mf; i += kMR)
+        micro_tile<A, kMR, kKC, kEpi, kTransA>(rows(i), lda, b + j, ldb, d, scale, al(i), c + i * ldc + j, ldc);
+  }
+  const int64_t i = mf;
   for (int64_t j = 0; j < n; j += NR) {
-    int64_t i = 0;
-    for (; i + kMR <= m; i += kMR)
-      micro_tile<A, kMR, kKC>(a + i * lda, lda, b + j, ldb, d, scale, alpha ? alpha + i : nullptr, c + i * ldc + j, ldc);
-    const A* ai = a + i * lda;
-    const A* al = alpha ? alpha + i : nullptr;
     A* ci = c + i * ldc + j;
     switch (m - i) {
-      case 5: micro_tile<A, 5, kKC>(ai, lda, b + j, ldb, d, scale, al, ci, ldc); break;
-      case 4: micro_tile<A, 4, kKC>(ai, lda, b + j, ldb, d, scale, al, ci, ldc); break;
-      case 3: micro_tile<A, 3, kKC>(ai, lda, b + j, ldb, d, scale, al, ci, ldc); break;
-      case 2: micro_tile<A, 2, kKC>(ai, lda, b + j, ldb, d, scale, al, ci, ldc); break;
-      case 1: micro_tile<A, 1, kKC>(ai, lda, b + j, ldb, d, scale, al, ci, ldc); break;
+#define ATTNFAST_TAIL(mr) \
+  case mr: micro_tile<A, mr, kKC, kEpi, kTransA>(rows(i), lda, b + j, ldb, d, scale, al(i), ci, ldc); break;
+      ATTNFAST_TAIL(5) ATTNFAST_TAIL(4) ATTNFAST_TAIL(3) ATTNFAST_TAIL(2) ATTNFAST_TAIL(1)
+#undef ATTNFAST_TAIL
       default: break;
     }
   }
@@ -144,6 +188,31 @@ inline V exp_vec(V x) {
   return x < lo ? V{} : y * scale;
 }
 
+// Lane reductions as a tree of half-width steps (log2(W) dependent adds, not
+// W - 1: the lane-by-lane sums of rows were a latency chain of 16 scalar adds
+// per row on AVX-512; NOTES.md, v10).
+typedef float F4 __attribute__((vector_size(16), aligned(4)));
+typedef float F8 __attribute__((vector_size(32), aligned(4)));
+typedef float F16 __attribute__((vector_size(64), aligned(4)));
+// max that propagates NaN from either side
+inline float max_nan(float a, float b) { return (a > b) | (a != a) ? a : b; }
+template <typename V>
+inline V max_nan(V a, V b) { return (a > b) | (a != a) ? a : b; }
+inline float hsum(F4 v) { return (v[0] + v[2]) + (v[1] + v[3]); }
+inline float hmax(F4 v) { return max_nan(max_nan(v[0], v[2]), max_nan(v[1], v[3])); }
+#if ATTNFAST_VEC_BYTES >= 32
+inline F4 lo_half(F8 v) { return __builtin_shufflevector(v, v, 0, 1, 2, 3); }
+inline F4 hi_half(F8 v) { return __builtin_shufflevector(v, v, 4, 5, 6, 7); }
+inline float hsum(F8 v) { return hsum(lo_half(v) + hi_half(v)); }
+inline float hmax(F8 v) { return hmax(max_nan(lo_half(v), hi_half(v))); }
+#endif
+#if ATTNFAST_VEC_BYTES >= 64
+inline F8 lo_half(F16 v) { return __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7); }
+inline F8 hi_half(F16 v) { return __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15); }
+inline float hsum(F16 v) { return hsum(lo_half(v) + hi_half(v)); }
+inline float hmax(F16 v) { return hmax(max_nan(lo_half(v), hi_half(v))); }
+#endif
+
 // row[j] = exp(row[j] - m) for the m given (the forward's new row max; 0 for
 // the backward's rows of s - lse), returns the row sum.  Works in whole
 // vectors: row is read and written up to a whole number of vectors past n, and
@@ -158,9 +227,7 @@ inline float softmax_row_f32(float* row, int64_t n, float m) {
     *pv = e;
     sum += e;
   }
-  float s = 0.f;
-  for (int l = 0; l < W; ++l) s += sum[l];
-  return s;
+  return hsum(sum);
 }
 
 // Row max that propagates NaN: a NaN score (a NaN or inf in q or k) must make
@@ -169,13 +236,16 @@ inline float rowmax_f32(const float* row, int64_t n) {
   using V = Vec<float>::type;
   constexpr int W = Vec<float>::kWidth;
   V m = V{} - __builtin_inff();
-  for (int64_t j = 0; j < n; j += W) {
-    const V x = *reinterpret_cast<const V*>(row + j);
-    m = (x > m) | (x != x) ? x : m;
-  }
-  float r = -__builtin_inff();
-  for (int l = 0; l < W; ++l) r = (m[l] > r || m[l] != m[l]) ? m[l] : r;
-  return r;
+  for (int64_t j = 0; j < n; j += W) m = max_nan(*reinterpret_cast<const V*>(row + j), m);
+  return hmax(m);
+}
+
+// d[i] = exp(a[i] - b[i]) for i < n; whole vectors (a, b, d padded to them).
+inline void exp_diff_f32(const float* a, const float* b, int64_t n, float* d) {
+  using V = Vec<float>::type;
+  constexpr int W = Vec<float>::kWidth;
+  for (int64_t i = 0; i < n; i += W)
+    *reinterpret_cast<V*>(d + i) = exp_vec(*reinterpret_cast<const V*>(a + i) - *reinterpret_cast<const V*>(b + i));
 }
 
 }  // namespace

@@ -1,7 +1,7 @@
 // Building blocks shared by the CPU kernel families (attention_kernel.h,
 // additive_kernel.h, topk_kernel.h): element types and their rounding stores,
 // scratch buffers, the causal/window visibility rule, the thread-pool hook,
-// operand packing, tile adds and transposes, the mask and dropout tiles.  (The
+// operand packing, the mask and dropout tiles.  (The
 // vector micro-kernel and exp are in simd.h.)
 //
 // Built once per ISA like the kernels (isa_build.h): everything here has
@@ -13,6 +13,7 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <new>
 #include <type_traits>
 
 #include "params.h"
@@ -121,10 +122,17 @@ void store_all(T* dst, const A* src, int64_t n) {
 // Zero-initialised scratch array.  (No std::vector here: its out-of-line
 // members are shared weak symbols, and a copy compiled for AVX-512 could be
 // picked by the linker for the portable path.)
+// Aligned to 64 bytes: with the default 16-byte alignment every other
+// AVX-512 load of a packed panel split a cache line.
 template <typename A>
 struct Buffer {
-  explicit Buffer(int64_t n) : n_(n), p_(n > 0 ? new A[n]() : nullptr) {}
-  ~Buffer() { delete[] p_; }
+  static constexpr std::align_val_t kAlign{64};
+  static_assert(std::is_trivial<A>::value, "Buffer holds plain numbers");
+  explicit Buffer(int64_t n)
+      : n_(n), p_(n > 0 ? static_cast<A*>(::operator new[](n * sizeof(A), kAlign)) : nullptr) {
+    if (p_ != nullptr) std::memset(static_cast<void*>(p_), 0, n * sizeof(A));
+  }
+  ~Buffer() { if (p_ != nullptr) ::operator delete[](p_, kAlign); }
   Buffer(const Buffer&) = delete;
   Buffer& operator=(const Buffer&) = delete;
   A* data() { return p_; }
@@ -216,29 +224,15 @@ void pack_kt_v(const AttnParams& p, int64_t b, int64_t hk, A* kt, A* v, int64_t 
 }
 
 // The dK and dV of kv head (b, hk), summed in full-head buffers (Lk, E) and
-// (Lk, Ev), rounded into p.dk and p.dv ((B, Hkv, Lk, E), (B, Hkv, Lk, Ev), contiguous).
+// (Lk, Ev) with row strides ldk and ldv, rounded into p.dk and p.dv
+// ((B, Hkv, Lk, E), (B, Hkv, Lk, Ev), contiguous).
 template <typename T, typename P, typename A>
-void store_kv_grads(const P& p, int64_t b, int64_t hk, const A* dk, const A* dv) {
+void store_kv_grads(const P& p, int64_t b, int64_t hk, const A* dk, const A* dv, int64_t ldk, int64_t ldv) {
   const int64_t head = b * p.Hkv + hk;
-  store_all(static_cast<T*>(p.dk) + head * p.Lk * p.E, dk, p.Lk * p.E);
-  store_all(static_cast<T*>(p.dv) + head * p.Lk * p.Ev, dv, p.Lk * p.Ev);
-}
-
-// y[r][0:n] += x[r][0:n] for r < m (both with row stride ld).
-template <typename A>
-void add_tile(int64_t m, int64_t n, const A* __restrict x, int64_t ldx, A* __restrict y, int64_t ldy) {
-  for (int64_t r = 0; r < m; ++r) {
-#pragma omp simd
-    for (int64_t c = 0; c < n; ++c) y[r * ldy + c] += x[r * ldx + c];
+  for (int64_t j = 0; j < p.Lk; ++j) {
+    store_all(static_cast<T*>(p.dk) + (head * p.Lk + j) * p.E, dk + j * ldk, p.E);
+    store_all(static_cast<T*>(p.dv) + (head * p.Lk + j) * p.Ev, dv + j * ldv, p.Ev);
   }
-}
-
-// dst[c][r] = src[r][c]
-template <typename A>
-void transpose_tile(const A* __restrict src, int64_t lds, int64_t rows, int64_t cols, A* __restrict dst,
-                    int64_t ldd) {
-  for (int64_t r = 0; r < rows; ++r)
-    for (int64_t c = 0; c < cols; ++c) dst[c * ldd + r] = src[r * lds + c];
 }
 
 // What the explicit mask does to the (nq, nk) tile at rows i0.., columns j0..:

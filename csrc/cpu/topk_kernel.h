@@ -272,7 +272,7 @@ void topk_bwd_impl(const TopkParams& p) {
           store_all(dqp + i * E, dq.data(), E);
         }
       }
-      store_kv_grads<T>(p, b, hk, dk.data(), dv.data());
+      store_kv_grads<T>(p, b, hk, dk.data(), dv.data(), p.E, p.Ev);
     }
   });
 }
