@@ -13,6 +13,7 @@
 //             for the block and dK, dV for the whole head (see bwd_impl).
 // All arithmetic is in Elem<T>::acc (float, or double for float64 inputs).
 #pragma once
+#include "decode_kernel.h"
 #include "tile_ops.h"
 
 namespace attnfast {
@@ -23,31 +24,6 @@ namespace {
 // ----------------------------------------------------------------------------
 // Forward
 // ----------------------------------------------------------------------------
-// Softmax pieces, specialised for float (vectorised) and generic (double).
-template <typename A>
-inline A row_max(const A* row, int64_t n) {
-  A mx = -std::numeric_limits<A>::infinity();
-  for (int64_t j = 0; j < n; ++j) mx = (row[j] > mx || row[j] != row[j]) ? row[j] : mx;  // NaN wins
-  return mx;
-}
-inline float row_max(const float* row, int64_t n) { return rowmax_f32(row, n); }
-template <typename A>
-inline A row_exp_sum(A* row, int64_t n, A m) {
-  A rs = A(0);
-  for (int64_t j = 0; j < n; ++j) {
-    row[j] = std::exp(row[j] - m);
-    rs += row[j];
-  }
-  return rs;
-}
-inline float row_exp_sum(float* row, int64_t n, float m) { return softmax_row_f32(row, n, m); }
-// d[i] = exp(a[i] - b[i]) for i < n (a, b, d padded to whole vectors for float).
-template <typename A>
-inline void exp_diff(const A* a, const A* b, int64_t n, A* d) {
-  for (int64_t i = 0; i < n; ++i) d[i] = std::exp(a[i] - b[i]);
-}
-inline void exp_diff(const float* a, const float* b, int64_t n, float* d) { exp_diff_f32(a, b, n, d); }
-
 // Backward P recompute: row[j] = exp(row[j] - lse) for j < n.  s - lse is
 // formed in the lse precision (double for float32 inputs), so the only
 // rounding before the exp is that of the difference itself, the same one a
@@ -66,6 +42,7 @@ inline void recompute_p(float* row, int64_t n, double lse) {
 
 template <typename T>
 void fwd_impl(const FwdParams& p) {
+  if (decode_fits(p)) return decode_impl<T>(p);  // short queries: decode_kernel.h
   using A = typename Elem<T>::acc;
   using L = typename Elem<T>::lse;
   using W = typename Elem<T>::wide;

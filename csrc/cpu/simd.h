@@ -61,7 +61,7 @@ constexpr bool kCInRegisters = ATTNFAST_VEC_BYTES >= 64;
 //                additions as a separate C += tile pass, without the tile)
 enum class Epi { kStore, kRescale, kAccumulate };
 
-// One MR x (kNV * W) register tile of C.  a is (MR, d) with row stride lda, or,
+// One MR x (NV * W) register tile of C.  a is (MR, d) with row stride lda, or,
 // with kTransA, given transposed: element (r, e) at a[e * lda + r] (P^T and
 // dS^T in the backward are read from P and dS so, with no transpose pass).
 // The k loop is unrolled by 4: one product step per loop iteration left the
@@ -69,7 +69,7 @@ enum class Epi { kStore, kRescale, kAccumulate };
 // (NOTES.md, v10).
 #pragma GCC diagnostic push
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"  // acc: set by the first chunk (d > 0)
-template <typename A, int MR, int64_t kKC, Epi kEpi, bool kTransA>
+template <typename A, int MR, int64_t kKC, Epi kEpi, bool kTransA, int NV = kNV>
 inline void micro_tile(const A* __restrict a, int64_t lda, const A* __restrict b, int64_t ldb, int64_t d,
                        A scale, const A* __restrict alpha, A* __restrict c, int64_t ldc) {
   using V = typename Vec<A>::type;
@@ -79,30 +79,30 @@ inline void micro_tile(const A* __restrict a, int64_t lda, const A* __restrict b
   constexpr bool kAcc = kCInRegisters || kEpi == Epi::kAccumulate;
   if (d == 0) {
     for (int r = 0; r < MR; ++r)
-      for (int v = 0; v < kNV; ++v) {
+      for (int v = 0; v < NV; ++v) {
         V* cp = reinterpret_cast<V*>(c + r * ldc + v * W);
         if constexpr (kEpi == Epi::kStore) *cp = V{};
         else if constexpr (kEpi == Epi::kRescale) *cp = *cp * alpha[r];
       }
     return;
   }
-  V acc[MR][kNV];  // used only when kAcc
+  V acc[MR][NV];  // used only when kAcc
   for (int64_t e0 = 0; e0 < d; e0 += kKC) {
     const int64_t e1 = e0 + kKC < d ? e0 + kKC : d;
-    V t[MR][kNV];
+    V t[MR][NV];
     for (int r = 0; r < MR; ++r)
-      for (int v = 0; v < kNV; ++v) t[r][v] = V{};
+      for (int v = 0; v < NV; ++v) t[r][v] = V{};
 #pragma GCC unroll 4
     for (int64_t e = e0; e < e1; ++e) {
-      V bv[kNV];
-      for (int v = 0; v < kNV; ++v) bv[v] = *reinterpret_cast<const V*>(b + e * ldb + v * W);
+      V bv[NV];
+      for (int v = 0; v < NV; ++v) bv[v] = *reinterpret_cast<const V*>(b + e * ldb + v * W);
       for (int r = 0; r < MR; ++r) {
         const V av = splat<V>(kTransA ? a[e * lda + r] : a[r * lda + e]);
-        for (int v = 0; v < kNV; ++v) t[r][v] += av * bv[v];
+        for (int v = 0; v < NV; ++v) t[r][v] += av * bv[v];
       }
     }
     for (int r = 0; r < MR; ++r)
-      for (int v = 0; v < kNV; ++v) {
+      for (int v = 0; v < NV; ++v) {
         V* cp = reinterpret_cast<V*>(c + r * ldc + v * W);
         V s;
         if (e0 == 0) s = kEpi == Epi::kRescale ? *cp * alpha[r] + t[r][v] : t[r][v];
@@ -114,7 +114,7 @@ inline void micro_tile(const A* __restrict a, int64_t lda, const A* __restrict b
   }
   if constexpr (kAcc) {
     for (int r = 0; r < MR; ++r)
-      for (int v = 0; v < kNV; ++v) {
+      for (int v = 0; v < NV; ++v) {
         V* cp = reinterpret_cast<V*>(c + r * ldc + v * W);
         if constexpr (kEpi == Epi::kStore) *cp = acc[r][v] * scale;
         else if constexpr (kEpi == Epi::kRescale) *cp = acc[r][v];

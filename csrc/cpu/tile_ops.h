@@ -327,6 +327,31 @@ void dropout_factors(const AttnParams& p, int64_t b, int64_t h, int64_t i0, int6
   }
 }
 
+// Softmax pieces, specialised for float (vectorised) and generic (double).
+template <typename A>
+inline A row_max(const A* row, int64_t n) {
+  A mx = -std::numeric_limits<A>::infinity();
+  for (int64_t j = 0; j < n; ++j) mx = (row[j] > mx || row[j] != row[j]) ? row[j] : mx;  // NaN wins
+  return mx;
+}
+inline float row_max(const float* row, int64_t n) { return rowmax_f32(row, n); }
+template <typename A>
+inline A row_exp_sum(A* row, int64_t n, A m) {
+  A rs = A(0);
+  for (int64_t j = 0; j < n; ++j) {
+    row[j] = std::exp(row[j] - m);
+    rs += row[j];
+  }
+  return rs;
+}
+inline float row_exp_sum(float* row, int64_t n, float m) { return softmax_row_f32(row, n, m); }
+// d[i] = exp(a[i] - b[i]) for i < n (a, b, d padded to whole vectors for float).
+template <typename A>
+inline void exp_diff(const A* a, const A* b, int64_t n, A* d) {
+  for (int64_t i = 0; i < n; ++i) d[i] = std::exp(a[i] - b[i]);
+}
+inline void exp_diff(const float* a, const float* b, int64_t n, float* d) { exp_diff_f32(a, b, n, d); }
+
 }  // namespace
 }  // namespace ATTNFAST_ISA_NS
 }  // namespace cpu

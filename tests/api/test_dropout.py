@@ -29,6 +29,7 @@ DROPOUT_CASES = [
     Case(Lq=113, Lk=203, E=59),
     Case(Hq=4, Hkv=2, Lq=203, Lk=113, E=40, causal=True, align="bottom_right"),
     Case(Lq=113, Lk=113, E=64, mask="float_grad", mask_bcast="heads", dead_rows=True),
+    Case(B=1, Hq=4, Hkv=2, Lq=2, Lk=1100, E=40),  # the CPU's decode path, keys in splits
 ]
 # The Triton interpreter is slow: the same cases at about half the size.
 DROPOUT_CASES_SMALL = [

@@ -4,7 +4,7 @@ import torch
 
 import attnfast
 from attnfast.testing import compare_with_reference
-from cases import SUBSET, SWEEP, make_inputs
+from cases import DECODE, SUBSET, SWEEP, make_inputs
 
 pytestmark = pytest.mark.skipif(not attnfast.backends()["cpu"].available, reason="cpu backend not built")
 
@@ -25,6 +25,33 @@ def _check(case, dtype, backend="cpu"):
 @pytest.mark.parametrize("case", SWEEP, ids=[c.id() for c in SWEEP])
 def test_parity(case, dtype):
     _check(case, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=["f32", "bf16", "f64"])
+@pytest.mark.parametrize("case", DECODE, ids=[c.id() for c in DECODE])
+def test_parity_decode(case, dtype):
+    _check(case, dtype)
+
+
+@pytest.mark.parametrize("isa", ["default", "avx2"])
+@pytest.mark.parametrize("case", DECODE[:3], ids=[c.id() for c in DECODE[:3]])
+def test_parity_decode_each_isa_path(case, isa, monkeypatch):
+    monkeypatch.setenv("ATTNFAST_CPU_ISA", isa)
+    _check(case, torch.float32)
+
+
+def test_decode_independent_of_thread_count():
+    """The decode path's key splits depend on the shape only: 1 and 2 threads agree bitwise."""
+    q, k, v, m = make_inputs(DECODE[1], torch.float32)
+    outs = []
+    threads = torch.get_num_threads()
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            outs.append(attnfast.attention(q, k, v, return_lse=True, backend="cpu", **DECODE[1].attention_kwargs()))
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float64], ids=["f16", "f64"])

@@ -158,6 +158,17 @@ SWEEP = [
     Case(B=2, Hq=2, Hkv=2, Lq=520, Lk=300, E=40, mask="float_grad", mask_bcast="docs", window=(150, 40)),
 ]
 
+# Short queries over long keys (the CPU's decode path: query rows per kv head
+# group * Lq <= 16; keys cut into splits merged by logsumexp when B * Hkv is small).
+DECODE = [
+    Case(B=1, Hq=1, Hkv=1, Lq=1, Lk=1500, E=64),
+    Case(B=1, Hq=8, Hkv=1, Lq=2, Lk=2100, E=64, causal=True, align="bottom_right"),
+    Case(B=2, Hq=4, Hkv=2, Lq=3, Lk=1100, E=59, Ev=40, mask="bool", mask_bcast="keypad"),
+    Case(B=1, Hq=2, Hkv=2, Lq=5, Lk=1300, E=40, mask="float_grad", dead_rows=True),
+    Case(B=1, Hq=2, Hkv=1, Lq=4, Lk=1200, E=64, window=(300, 0), align="bottom_right", noncontig=True),
+    Case(B=3, Hq=2, Hkv=2, Lq=1, Lk=77, E=128, mask="float", mask_bcast="row"),
+]
+
 # A smaller subset for the slower dtypes / paths.
 SUBSET = [SWEEP[i] for i in (0, 4, 5, 9, 10, 13, 17, 21, 23, 24, 29)]
 
