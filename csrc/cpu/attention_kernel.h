@@ -51,6 +51,7 @@ void fwd_impl(const FwdParams& p) {
   const int64_t group = p.Hq / p.Hkv;
   const int64_t E = p.E, Ev = p.Ev, Lk = p.Lk, ldv = pad_up(Ev);
   const int64_t nkb = cdiv(Lk, kBlockK);
+  const int64_t bq = imin(kBlockQ, p.Lq);  // rows of a query block, at most (scratch sizes)
   const A scale = static_cast<A>(p.scale);
   const A ninf = -std::numeric_limits<A>::infinity();
 
@@ -61,12 +62,11 @@ void fwd_impl(const FwdParams& p) {
     // contiguous 32 KiB block (E = 64; see pack_tiles_t).
     Buffer<A> kt(nkb * E * kBlockK), vbuf((nkb * kBlockK) * ldv);
     int64_t packed = -1;  // b * Hkv + hk of the current packs
-    Buffer<A> qbuf(kBlockQ * E), sc(kBlockQ * kBlockK), acc(kBlockQ * ldv), mrow(pad_up(kBlockQ)),
-        mnew(pad_up(kBlockQ)), alpha(pad_up(kBlockQ));
+    Buffer<A> qbuf(bq * E), sc(bq * kBlockK), acc(bq * ldv), mrow(pad_up(bq)), mnew(pad_up(bq)), alpha(pad_up(bq));
     // Row sums in the lse precision: the saved lse = m + log(l) is what the
     // backward rebuilds P from, so its error lands on every gradient.
-    Buffer<L> lrow(kBlockQ);
-    Buffer<A> fac(p.dropout_p > 0.f ? kBlockQ * kBlockK : 0);
+    Buffer<L> lrow(bq);
+    Buffer<A> fac(p.dropout_p > 0.f ? bq * kBlockK : 0);
     for (int64_t item = begin; item < end; ++item) {
       // Query blocks of a head in the order 0, n-1, 1, n-2, ...: under a causal
       // or windowed rule the work per block grows with its index, and
@@ -167,21 +167,26 @@ void bwd_impl(const BwdParams& p) {
   const int64_t E = p.E, Ev = p.Ev, Lk = p.Lk;
   // K^T, V^T and the P / dP panels are stored tile-major, one contiguous
   // block per key tile (see pack_tiles_t for why); ldp is a tile's row stride.
-  const int64_t nkb = cdiv(Lk, kBlockK), ldp = kBlockK, tq_sz = kBlockQ * kBlockK;
+  const int64_t bq = imin(kBlockQ, p.Lq);  // rows of a query block, at most (scratch sizes)
+  const int64_t nkb = cdiv(Lk, kBlockK), ldp = kBlockK, tq_sz = bq * kBlockK;
   const int64_t lde = pad_up(E), ldv = pad_up(Ev);
   const A scale = static_cast<A>(p.scale);
   const L inf = std::numeric_limits<L>::infinity();
   const bool drop = p.dropout_p > 0.f;
+  // Shapes whose forward ran decode_impl: P is rebuilt from the same score
+  // arithmetic (dot_row), so that a row's one visible key gets P = 1 exactly
+  // (and dS = 0), as the forward's lse says.
+  const bool decoded = decode_fits(p);
 
   run_parallel(p, p.B * p.Hkv, [&](int64_t begin, int64_t end) {
     // Whole-head packs of K and V, reused by every query block of the group.
     // dK, dV and dQ have padded rows (lde, ldv): the products add whole vectors into them.
     Buffer<A> kt(nkb * E * kBlockK), kbuf(Lk * lde), vt(nkb * Ev * kBlockK), dk(Lk * lde), dv(Lk * ldv);
-    Buffer<A> qbuf(kBlockQ * lde), dobuf(kBlockQ * ldv), dq(kBlockQ * lde), delta(kBlockQ);
+    Buffer<A> qbuf(bq * lde), dobuf(bq * ldv), dq(bq * lde), delta(bq);
     Buffer<A> tt(drop ? tq_sz : 0);  // P * Z of one tile
-    Buffer<A> pp(nkb * tq_sz), dpp(nkb * tq_sz);  // P and dP panels, (nkb, kBlockQ, kBlockK)
+    Buffer<A> pp(nkb * tq_sz), dpp(nkb * tq_sz);  // P and dP panels, (nkb, bq, kBlockK)
     Buffer<A> fac(drop ? nkb * tq_sz : 0);
-    Buffer<L> lse(kBlockQ);
+    Buffer<L> lse(bq);
     Buffer<uint8_t> skip(nkb);  // key tiles the mask hides entirely
     for (int64_t item = begin; item < end; ++item) {
       const int64_t hk = item % p.Hkv, b = item / p.Hkv;
@@ -220,7 +225,13 @@ void bwd_impl(const BwdParams& p) {
               const TileMask tm = classify_tile<T>(p, b, h, i0, nq, j0, nk);
               skip[t] = tm == TileMask::kHidden;
               if (skip[t]) continue;
-              matmul_tile<kKCHead>(qbuf.data(), lde, nq, E, kt.data() + t * E * kBlockK, kBlockK, nk, scale, pt, ldp);
+              if (decoded) {  // the scores exactly as decode_impl formed them
+                for (int64_t i = 0; i < nq; ++i)
+                  for (int64_t j = 0; j < nk; ++j)
+                    pt[i * ldp + j] = dot_row(qbuf.data() + i * lde, kbuf.data() + (j0 + j) * lde, E) * scale;
+              } else {
+                matmul_tile<kKCHead>(qbuf.data(), lde, nq, E, kt.data() + t * E * kBlockK, kBlockK, nk, scale, pt, ldp);
+              }
               mask_tile<T, A>(p, vis, b, h, i0, nq, j0, nk, pt, ldp, tm);
               for (int64_t i = 0; i < nq; ++i) recompute_p(pt + i * ldp, nk, lse[i]);
               matmul_tile<kKCHead>(dobuf.data(), ldv, nq, Ev, vt.data() + t * Ev * kBlockK, kBlockK, nk, A(1), dpt, ldp);

@@ -185,6 +185,10 @@ void load_rows(const T* base, int64_t rs, int64_t cs, int64_t r0, int64_t nr, in
   for (int64_t r = 0; r < nr; ++r) {
     const T* src = base + (r0 + r) * rs;
     A* d = dst + r * ld;
+    if (std::is_same<T, A>::value && cs == 1) {
+      std::memcpy(static_cast<void*>(d), static_cast<const void*>(src), ncols * sizeof(A));
+      continue;
+    }
     for (int64_t c = 0; c < ncols; ++c) d[c] = Elem<T>::load(src + c * cs);
   }
 }
