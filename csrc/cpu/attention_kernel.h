@@ -158,6 +158,18 @@ void fwd_impl(const FwdParams& p) {
 // up to 4x the error of a naive float32 softmax backward (measured: about 1
 // case in 300 broke the parity rule).  The panels cost O(kBlockQ * Lk) memory
 // per thread and no extra matmul.
+// Slices of a kv head's backward: enough for kBwdItems work items when B * Hkv
+// is below that, at least one unit (query head, query block) per slice, and
+// the slices' dK, dV partials within kBwdPartBytes.  A function of the shape
+// only: results are the same for any thread count.
+constexpr int64_t kBwdItems = 8;
+constexpr int64_t kBwdPartBytes = int64_t(256) << 20;
+inline int64_t bwd_slices(int64_t heads, int64_t units, int64_t bytes_per_slice) {
+  int64_t n = imin(units, cdiv(kBwdItems, heads));
+  while (n > 1 && heads * n * bytes_per_slice > kBwdPartBytes) --n;
+  return imax(1, n);
+}
+
 template <typename T>
 void bwd_impl(const BwdParams& p) {
   using A = typename Elem<T>::acc;
@@ -178,32 +190,48 @@ void bwd_impl(const BwdParams& p) {
   // (and dS = 0), as the forward's lse says.
   const bool decoded = decode_fits(p);
 
-  run_parallel(p, p.B * p.Hkv, [&](int64_t begin, int64_t end) {
-    // Whole-head packs of K and V, reused by every query block of the group.
+  // Work items: (batch, kv head, slice).  The (query head of the group, query
+  // block) units of a kv head are cut into nsl contiguous slices; with more
+  // than one, each slice sums its own dK, dV and a last pass adds the slices
+  // in order.  nsl depends on the shape only (bwd_slices).
+  const int64_t nqb = cdiv(p.Lq, kBlockQ), units = group * nqb, heads = p.B * p.Hkv;
+  const int64_t nsl = bwd_slices(heads, units, Lk * (lde + ldv) * static_cast<int64_t>(sizeof(A)));
+  Buffer<A> part_dk(nsl > 1 ? heads * nsl * Lk * lde : 0), part_dv(nsl > 1 ? heads * nsl * Lk * ldv : 0);
+
+  run_parallel(p, heads * nsl, [&](int64_t begin, int64_t end) {
+    // Whole-head packs of K and V, reused by every query block of the slice.
     // dK, dV and dQ have padded rows (lde, ldv): the products add whole vectors into them.
-    Buffer<A> kt(nkb * E * kBlockK), kbuf(Lk * lde), vt(nkb * Ev * kBlockK), dk(Lk * lde), dv(Lk * ldv);
+    Buffer<A> kt(nkb * E * kBlockK), kbuf(Lk * lde), vt(nkb * Ev * kBlockK);
+    Buffer<A> dk_own(nsl > 1 ? 0 : Lk * lde), dv_own(nsl > 1 ? 0 : Lk * ldv);
     Buffer<A> qbuf(bq * lde), dobuf(bq * ldv), dq(bq * lde), delta(bq);
     Buffer<A> tt(drop ? tq_sz : 0);  // P * Z of one tile
     Buffer<A> pp(nkb * tq_sz), dpp(nkb * tq_sz);  // P and dP panels, (nkb, bq, kBlockK)
     Buffer<A> fac(drop ? nkb * tq_sz : 0);
     Buffer<L> lse(bq);
     Buffer<uint8_t> skip(nkb);  // key tiles the mask hides entirely
+    int64_t packed = -1;  // b * Hkv + hk of the current packs
     for (int64_t item = begin; item < end; ++item) {
-      const int64_t hk = item % p.Hkv, b = item / p.Hkv;
-      const T* k = head_of<T>(p.k, p.k_st, b, hk);
-      pack_tiles_t(k, p.k_st, Lk, E, kt.data());                                      // (nkb, E, kBlockK)
-      pack_tiles_t(head_of<T>(p.v, p.v_st, b, hk), p.v_st, Lk, Ev, vt.data());       // (nkb, Ev, kBlockK)
-      load_rows(k, p.k_st.r, p.k_st.c, 0, Lk, E, kbuf.data(), lde);                   // (Lk, E)
-      dk.zero();
-      dv.zero();
+      const int64_t sl = item % nsl, bk = item / nsl;
+      const int64_t hk = bk % p.Hkv, b = bk / p.Hkv;
+      if (packed != bk) {
+        const T* k = head_of<T>(p.k, p.k_st, b, hk);
+        pack_tiles_t(k, p.k_st, Lk, E, kt.data());                                      // (nkb, E, kBlockK)
+        pack_tiles_t(head_of<T>(p.v, p.v_st, b, hk), p.v_st, Lk, Ev, vt.data());       // (nkb, Ev, kBlockK)
+        load_rows(k, p.k_st.r, p.k_st.c, 0, Lk, E, kbuf.data(), lde);                   // (Lk, E)
+        packed = bk;
+      }
+      A* dk = nsl > 1 ? part_dk.data() + (bk * nsl + sl) * Lk * lde : dk_own.data();
+      A* dv = nsl > 1 ? part_dv.data() + (bk * nsl + sl) * Lk * ldv : dv_own.data();
+      for (int64_t x = 0; x < Lk * lde; ++x) dk[x] = A(0);
+      for (int64_t x = 0; x < Lk * ldv; ++x) dv[x] = A(0);
 
-      for (int64_t g = 0; g < group; ++g) {
-        const int64_t h = hk * group + g, bh = b * p.Hq + h;
+      for (int64_t u = sl * units / nsl; u < (sl + 1) * units / nsl; ++u) {
+        const int64_t g = u / nqb, h = hk * group + g, bh = b * p.Hq + h;
         const T* q = static_cast<const T*>(p.q) + b * p.q_st.b + h * p.q_st.h;
         const T* dout = static_cast<const T*>(p.dout) + b * p.dout_st.b + h * p.dout_st.h;
         T* dqp = static_cast<T*>(p.dq) + bh * p.Lq * E;
-        for (int64_t i0 = 0; i0 < p.Lq; i0 += kBlockQ) {
-          const int64_t nq = imin(kBlockQ, p.Lq - i0);
+        {
+          const int64_t i0 = (u % nqb) * kBlockQ, nq = imin(kBlockQ, p.Lq - i0);
           dq.zero();
           int64_t jlo, jhi;
           vis.block_cols(i0, nq, jlo, jhi);
@@ -277,7 +305,7 @@ void bwd_impl(const BwdParams& p) {
                 pz = tt.data();
               }
               matmul_tile<kKCSeq, Epi::kAccumulate, true>(pz, ldp, nk, nq, dobuf.data(), ldv, Ev, A(1),
-                                                          dv.data() + j0 * ldv, ldv);
+                                                          dv + j0 * ldv, ldv);
               // dS = P * (dP - delta), over the dP panel.
               for (int64_t i = 0; i < nq; ++i) {
                 A* d = dst + i * ldp;
@@ -296,13 +324,37 @@ void bwd_impl(const BwdParams& p) {
               matmul_tile<kKCSeq, Epi::kAccumulate>(dst, ldp, nq, nk, kbuf.data() + j0 * lde, lde, E, scale,
                                                     dq.data(), lde);
               matmul_tile<kKCSeq, Epi::kAccumulate, true>(dst, ldp, nk, nq, qbuf.data(), lde, E, scale,
-                                                          dk.data() + j0 * lde, lde);
+                                                          dk + j0 * lde, lde);
             }
           }
           for (int64_t i = 0; i < nq; ++i) store_all(dqp + (i0 + i) * E, dq.data() + i * lde, E);
         }
       }
-      store_kv_grads<T>(p, b, hk, dk.data(), dv.data(), lde, ldv);
+      if (nsl == 1) store_kv_grads<T>(p, b, hk, dk, dv, lde, ldv);
+    }
+  });
+  if (nsl == 1) return;
+
+  // dK, dV = the slices' sums added in slice order, key rows in blocks.
+  run_parallel(p, heads * nkb, [&](int64_t begin, int64_t end) {
+    Buffer<A> sk(kBlockK * lde), sv(kBlockK * ldv);
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t t = item % nkb, bk = item / nkb;
+      const int64_t j0 = t * kBlockK, nk = imin(kBlockK, Lk - j0);
+      for (int64_t x = 0; x < nk * lde; ++x) sk[x] = A(0);
+      for (int64_t x = 0; x < nk * ldv; ++x) sv[x] = A(0);
+      for (int64_t sl = 0; sl < nsl; ++sl) {
+        const A* pk = part_dk.data() + ((bk * nsl + sl) * Lk + j0) * lde;
+        const A* pv = part_dv.data() + ((bk * nsl + sl) * Lk + j0) * ldv;
+        for (int64_t x = 0; x < nk * lde; ++x) sk[x] += pk[x];
+        for (int64_t x = 0; x < nk * ldv; ++x) sv[x] += pv[x];
+      }
+      T* dkp = static_cast<T*>(p.dk) + (bk * Lk + j0) * E;
+      T* dvp = static_cast<T*>(p.dv) + (bk * Lk + j0) * Ev;
+      for (int64_t j = 0; j < nk; ++j) {
+        store_all(dkp + j * E, sk.data() + j * lde, E);
+        store_all(dvp + j * Ev, sv.data() + j * ldv, Ev);
+      }
     }
   });
 }
