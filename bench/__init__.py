@@ -52,6 +52,9 @@ SUITES = {
                   "model", "ring", plans=("quick", "smoke")),
     "cpu_ratios": Suite("CPU speed targets as ratios: torch SDPA time / attnfast time, peers alternated per case "
                         "(dense, fwd+bwd, masks, window, matmul roofline, thread scaling)", "cpu_ratios"),
+    "roofline": Suite("CPU roofline: FMA peak probe, sgemm rate, stream bandwidth, the micro-kernel alone, and the "
+                      "target grid (torch SDPA / attnfast, alternated pairs) as shares of them, per ISA path",
+                      "roofline", plans=("quick", "smoke")),
     "report": Suite("REPORT.md from the results in --out (conditions, then the parity, kernel, encoder, ring "
                     "and variants sections that are there)", "report", plans=("quick", "smoke"),
                     options=("device", "dtype", "out")),

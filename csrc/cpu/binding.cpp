@@ -393,6 +393,26 @@ TORCH_LIBRARY_IMPL(attnfast, CPU, m) {
   m.impl("topk_bwd", &topk_bwd_cpu);
 }
 
+// One probe.h measurement on the named ISA build -> (seconds, flops).
+std::tuple<double, double> cpu_probe(int64_t kind, const std::string& isa, int64_t iters, int64_t threads,
+                                     int64_t m, int64_t d, int64_t n) {
+  TORCH_CHECK(kind >= 0 && kind <= 2, "cpu_probe: kind must be 0 (FMA peak), 1 (score product) or 2 (P V product)");
+  TORCH_CHECK(iters > 0 && threads > 0 && m > 0 && d > 0 && n > 0 && m * d <= (int64_t(1) << 26) &&
+                  d * n <= (int64_t(1) << 26) && m * n <= (int64_t(1) << 26),
+              "cpu_probe: iters, threads and the tile shape must be positive (tiles up to 2^26 elements)");
+  const Isa best = best_isa();
+  const Kernels* k = nullptr;
+  if (isa == "avx512") k = best == Isa::kAvx512 ? &isa_avx512::kernels : nullptr;
+  else if (isa == "avx2") k = best != Isa::kDefault ? &isa_avx2::kernels : nullptr;
+  else if (isa == "default") k = &isa_default::kernels;
+  TORCH_CHECK(k != nullptr, "cpu_probe: isa must be one this CPU runs ('default', 'avx2', 'avx512'; best here: ",
+              name_of(best), "), got '", isa, "'");
+  double result[3] = {0.0, 0.0, 0.0};
+  ProbeParams p{static_cast<int>(kind), iters, threads, m, d, n, result, torch_parallel_for};
+  k->probe(p);
+  return {result[0], result[1]};
+}
+
 }  // namespace cpu
 }  // namespace attnfast
 
@@ -420,6 +440,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "CPU instruction-set path the kernels take now ('avx512', 'avx2' or 'default').");
   m.def("cpu_isa_best", &attnfast::cpu::best_isa_name,
         "Best instruction-set path this CPU supports (ignores ATTNFAST_CPU_ISA).");
+  m.def("cpu_probe", &attnfast::cpu::cpu_probe, pybind11::arg("kind"), pybind11::arg("isa"), pybind11::arg("iters"),
+        pybind11::arg("threads") = 1, pybind11::arg("m") = 1, pybind11::arg("d") = 1, pybind11::arg("n") = 1,
+        "Roofline measurement -> (seconds, flops): kind 0 = FMA peak on `threads` threads (iters rounds "
+        "of 12 FMA chains), 1 = the score product of an (m, d) x (d, n) tile, 2 = the P V product with "
+        "the rescale, iters times on one thread; isa: 'default', 'avx2' or 'avx512'.");
   m.def("cuda_head_dims", &attnfast::cuda_head_dims,
         "(forward head dims, backward head dims) with CUDA C++ kernels, tuples of ints; ((), ()) in a "
         "build without them.");

@@ -13,6 +13,7 @@
 // through the linker.  The binding calls a build only when the CPU reports its
 // features.
 #include <algorithm>
+#include <chrono>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -37,6 +38,7 @@ ATTNFAST_TARGET_PRAGMA(ATTNFAST_ISA_TARGET)
 #include "attention_kernel.h"
 #include "additive_kernel.h"
 #include "topk_kernel.h"
+#include "probe.h"
 #ifdef ATTNFAST_ISA_TARGET
 #pragma GCC pop_options
 #endif

@@ -113,6 +113,17 @@ struct AdditiveParams {
   ParallelFor parallel_for;
 };
 
+// A measurement for the benchmarks (probe.h): kind, iterations, threads and
+// the tile shape (m, d, n) in; seconds, flops and a checksum out (`result`).
+struct ProbeParams {
+  int kind;          // 0: FMA peak on `threads` threads, 1: score product, 2: P V product (one thread)
+  int64_t iters;
+  int64_t threads;
+  int64_t m, d, n;
+  double* result;    // [seconds, flops, checksum]
+  ParallelFor parallel_for;
+};
+
 // The kernels' entry points, (name, params).  Every ISA build (kernel_<isa>.cpp,
 // see isa_build.h) defines all of them in its namespace, and a table of them.
 #define ATTNFAST_CPU_ENTRY_POINTS(X) \
@@ -121,7 +132,8 @@ struct AdditiveParams {
   X(additive_fwd, AdditiveParams)    \
   X(additive_bwd, AdditiveParams)    \
   X(topk_fwd, TopkParams)            \
-  X(topk_bwd, TopkParams)
+  X(topk_bwd, TopkParams)            \
+  X(probe, ProbeParams)
 
 // The ISA builds, by namespace; the binding picks one at run time.
 #define ATTNFAST_CPU_ISAS(X) X(isa_default) X(isa_avx2) X(isa_avx512)
