@@ -347,8 +347,8 @@ def backends():
     for name, (ok, reason) in _AVAILABLE.items():
         if name == "cpu" and ok:
             reason += f", ISA path {ops._C.cpu_isa()}"
-            if FACTS.cpu_isa_best != "avx512":
-                reason += " (this CPU lacks AVX-512 with avx512_bf16)"
+            if FACTS.cpu_isa_best == "default":
+                reason += " (this CPU lacks AVX2 + FMA: the portable path)"
         out[name] = BackendStatus(name, ok, reason)
     return out
 
@@ -382,9 +382,11 @@ def _note_degraded(backend, plan):
         if backend.name == "reference":
             _warn_once("cpu", f"attnfast: the C++ CPU kernel is unavailable ({_AVAILABLE['cpu'][1]}); "
                               "calls run the naive reference (correct, but O(L^2) memory and slow)")
-        elif backend.name == "cpu" and FACTS.cpu_isa_best != "avx512":
-            _warn_once("cpu-isa", f"attnfast: this CPU lacks AVX-512 (with avx512_bf16); the CPU kernel runs its "
-                                  f"{FACTS.cpu_isa_best} path")
+        elif backend.name == "cpu" and FACTS.cpu_isa_best == "default":
+            # AVX2 + FMA is a first-class path (the kernels are tuned for it); only a CPU without
+            # it falls to the portable 128-bit build.
+            _warn_once("cpu-isa", "attnfast: this CPU lacks AVX2 + FMA; the CPU kernel runs its portable "
+                                  "(128-bit vector) path")
     elif backend.name == "reference":
         why = "; ".join(f"{b}: {REGISTRY[b].serves(plan)}" for b in ("triton", "cuda"))
         _warn_once(f"gpu:{why}", f"attnfast: no GPU kernel serves this call ({why}); it runs the naive reference")

@@ -266,18 +266,21 @@ def microkernel(plan):
     return rows
 
 
-def stream_bandwidth(plan):
-    out = {}
-    for mib in (16, plan.stream_mib):
-        x = torch.ones(mib * 1024 * 1024 // 4)
+def read_bandwidth(nbytes):
+    """GB/s of torch.sum over a float32 buffer of `nbytes` (all threads; best of 5 after a warm-up):
+    what a kernel that reads that much data, from wherever it lives, can hope for."""
+    x = torch.ones(max(1, int(nbytes) // 4))
+    x.sum()
+    ts = []
+    for _ in range(5):
+        t0 = time.perf_counter()
         x.sum()
-        ts = []
-        for _ in range(5):
-            t0 = time.perf_counter()
-            x.sum()
-            ts.append(time.perf_counter() - t0)
-        out[f"{mib} MiB"] = x.numel() * 4 / min(ts) / 1e9
-    return out
+        ts.append(time.perf_counter() - t0)
+    return x.numel() * 4 / min(ts) / 1e9
+
+
+def stream_bandwidth(plan):
+    return {f"{mib} MiB": read_bandwidth(mib * 1024 * 1024) for mib in (16, plan.stream_mib)}
 
 
 def _pct(x, peak):
@@ -285,8 +288,9 @@ def _pct(x, peak):
 
 
 def grid_table(recs, peak, bw):
+    """bw: {kv_bytes: GB/s of a read of that many bytes} for the decode rows."""
     header = ["case", "ratio median (min-max)", "target", "met", "attnfast GFLOP/s (% peak)",
-              "torch GFLOP/s (% peak)", "decode GB/s attnfast / torch (% stream)"]
+              "torch GFLOP/s (% peak)", "decode GB/s attnfast / torch (% of a read that size)"]
     rows = []
     for r in recs:
         ta, tb = statistics.median(r["times_attnfast_s"]), statistics.median(r["times_torch_s"])
@@ -294,9 +298,9 @@ def grid_table(recs, peak, bw):
         dec = "-"
         met = r["ratio_median"] >= r["target"]
         if r["kv_bytes"]:
-            ba, bb = r["kv_bytes"] / ta / 1e9, r["kv_bytes"] / tb / 1e9
-            dec = f"{fmt_num(ba)} / {fmt_num(bb)} ({fmt_num(_pct(ba, bw))}% / {fmt_num(_pct(bb, bw))}%)"
-            met = met or (_pct(ba, bw) or 0) >= 80
+            ba, bb, roof = r["kv_bytes"] / ta / 1e9, r["kv_bytes"] / tb / 1e9, bw.get(r["kv_bytes"])
+            dec = f"{fmt_num(ba)} / {fmt_num(bb)} ({fmt_num(_pct(ba, roof))}% / {fmt_num(_pct(bb, roof))}%)"
+            met = met or (_pct(ba, roof) or 0) >= 80
         rows.append([r["name"], f"{r['ratio_median']:.2f} ({r['ratio_min']:.2f}-{r['ratio_max']:.2f})",
                      f"{r['target']:.2f}", "yes" if met else "no",
                      f"{fmt_num(ga)} ({fmt_num(_pct(ga, peak))}%)", f"{fmt_num(gb)} ({fmt_num(_pct(gb, peak))}%)", dec])
@@ -315,7 +319,7 @@ def run(ctx):
     bw = stream_bandwidth(plan)
     limits = dict(fma_peak_gflops=peaks, stream_gbs=bw)
     md = ["# CPU roofline: limits, the micro-kernel alone, attnfast vs torch SDPA", "",
-          f"- machine: {ctx.machine.get('cpu', '?')}, {threads} threads, plan {plan_name}",
+          f"- machine: {ctx.machine.get('cpu_model', '?')}, {threads} threads, plan {plan_name}",
           "- FMA peak (GFLOP/s, 12 independent FMA chains per thread): " +
           "; ".join(f"{isa}: {fmt_num(p['1'])} on 1 thread, {fmt_num(p[str(threads)])} on {threads}"
                     for isa, p in peaks.items()),
@@ -325,7 +329,10 @@ def run(ctx):
                     [[r["isa"], r["E"], r["product"], tuple(r["shape"]), fmt_num(r["gflops"]),
                       fmt_num(_pct(r["gflops"], peaks[r["isa"]]["1"]))] for r in mk]), ""]
     print("\n".join(md), flush=True)
-    big_bw = bw[f"{plan.stream_mib} MiB"]
+    # The decode rows' roofline: a read of as many bytes as the call's K and V (the same working set,
+    # so the same level of the memory hierarchy).
+    dec_bw = {b: read_bandwidth(b) for b in sorted({case_bytes(c) for c in grid(plan) if c.group == "decode"})}
+    limits["decode_read_gbs"] = {str(int(b)): v for b, v in dec_bw.items()}
     ok = True
     grids = {}
     for path in (["best", "avx2"] if "avx512" in peaks else ["best"]):
@@ -339,15 +346,15 @@ def run(ctx):
             sec.append(f"- sgemm (torch.mm {plan.mm_N}^3, {threads} threads): fp32 "
                        f"{fmt_num(info['sgemm_fp32_gflops'])} GFLOP/s ({fmt_num(_pct(info['sgemm_fp32_gflops'], peak))}% "
                        f"of the FMA peak), bf16 {fmt_num(info['sgemm_bf16_gflops'])} GFLOP/s")
-        sec.append(f"- % peak: of the {threads}-thread FMA peak of the {isa} path; decode: GB/s of K and V read, "
-                   f"% of the {plan.stream_mib} MiB stream bandwidth; met: ratio >= target (decode: or >= 80% "
-                   "of the stream bandwidth)")
+        sec.append(f"- % peak: of the {threads}-thread FMA peak of the {isa} path; decode: GB/s of K and V read, and "
+                   "% of the rate of a plain read (torch.sum) of as many bytes; met: ratio >= target (decode: or "
+                   ">= 80% of that read rate)")
         sec.append("")
         if err or not recs:
             sec.append(f"grid failed: {err}")
             ok = False
         else:
-            sec.append(grid_table(recs, peak, big_bw))
+            sec.append(grid_table(recs, peak, dec_bw))
             ok &= all(math.isfinite(r["ratio_median"]) and r["ratio_median"] > 0 for r in recs)
         sec.append("")
         print("\n".join(sec), flush=True)

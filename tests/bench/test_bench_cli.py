@@ -10,8 +10,8 @@ import torch
 import attnfast.bench
 
 ROOT = Path(__file__).resolve().parents[2]
-SUITES = ("parity", "kernels", "cpu_kernels", "gpu_kernels", "encoders", "variants", "ring", "cpu_ratios", "report",
-          "all")
+SUITES = ("parity", "kernels", "cpu_kernels", "gpu_kernels", "encoders", "variants", "ring", "cpu_ratios", "roofline",
+          "report", "all")
 # the options each suite takes (beyond --help)
 OPTIONS = {
     "parity": {"--quick", "--out", "--threads", "--seed"},
@@ -22,6 +22,7 @@ OPTIONS = {
     "variants": {"--quick", "--smoke", "--out", "--threads", "--seed"},
     "ring": {"--quick", "--smoke", "--out", "--threads", "--seed"},
     "cpu_ratios": {"--quick", "--out", "--threads", "--seed"},
+    "roofline": {"--quick", "--smoke", "--out", "--threads", "--seed"},
     "report": {"--quick", "--smoke", "--device", "--dtype", "--out"},
     "all": {"--quick", "--smoke", "--device", "--dtype", "--out", "--threads", "--no-progress"},
 }
