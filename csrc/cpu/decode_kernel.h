@@ -38,9 +38,8 @@ inline int64_t decode_splits(const AttnParams& p) {
 // else a converted copy in tmp (n values, zero-padded to whole vectors).
 template <typename T, typename A>
 const A* row_as(const T* base, int64_t rs, int64_t cs, int64_t j, int64_t n, bool direct, A* tmp) {
-  const T* src = base + j * rs;
-  if (direct) return reinterpret_cast<const A*>(src);
-  for (int64_t c = 0; c < n; ++c) tmp[c] = Elem<T>::load(src + c * cs);
+  if (direct) return reinterpret_cast<const A*>(base + j * rs);
+  load_rows(base, rs, cs, j, 1, n, tmp, n);
   return tmp;
 }
 
@@ -55,6 +54,27 @@ inline float dot_row(const float* q, const float* k, int64_t n) {
     acc += *reinterpret_cast<const V*>(q + e) * *reinterpret_cast<const V*>(k + e);
   float tail = 0.f;
   for (; e < n; ++e) tail += q[e] * k[e];
+  return hsum(acc) + tail;
+}
+// The same sum with k in bfloat16, widened in registers (a bfloat16 is the top
+// half of a float32): no converted copy of the key row.
+inline float dot_row(const float* q, const bf16_t* k, int64_t n) {
+  using V = Vec<float>::type;
+  constexpr int W = Vec<float>::kWidth;
+  typedef uint16_t U16 __attribute__((vector_size(W * 2), aligned(2)));
+  typedef uint32_t U32 __attribute__((vector_size(W * 4)));
+  V acc = V{};
+  int64_t e = 0;
+  for (; e + W <= n; e += W) {
+    U16 h;
+    std::memcpy(&h, k + e, sizeof(h));
+    const U32 u = __builtin_convertvector(h, U32) << 16;
+    V kv;
+    std::memcpy(&kv, &u, sizeof(kv));
+    acc += *reinterpret_cast<const V*>(q + e) * kv;
+  }
+  float tail = 0.f;
+  for (; e < n; ++e) tail += q[e] * Elem<bf16_t>::load(k + e);
   return hsum(acc) + tail;
 }
 template <typename A>
@@ -123,6 +143,13 @@ void decode_impl(const FwdParams& p) {
       }
       const T* k = head_of<T>(p.k, p.k_st, b, hk);
       for (int64_t j = 0; j < nk; ++j) {
+        if constexpr (std::is_same<T, bf16_t>::value && std::is_same<A, float>::value) {
+          if (p.k_st.c == 1) {  // widened in registers
+            const bf16_t* kr = k + (j0 + j) * p.k_st.r;
+            for (int64_t r = 0; r < rows; ++r) s[r * lds + j] = dot_row(qbuf.data() + r * lde, kr, E) * scale;
+            continue;
+          }
+        }
         const A* kr = row_as<T, A>(k, p.k_st.r, p.k_st.c, j0 + j, E, k_direct, ktmp.data());
         for (int64_t r = 0; r < rows; ++r) s[r * lds + j] = dot_row(qbuf.data() + r * lde, kr, E) * scale;
       }

@@ -187,9 +187,11 @@ void load_rows(const T* base, int64_t rs, int64_t cs, int64_t r0, int64_t nr, in
     A* d = dst + r * ld;
     if (std::is_same<T, A>::value && cs == 1) {
       std::memcpy(static_cast<void*>(d), static_cast<const void*>(src), ncols * sizeof(A));
-      continue;
+    } else if (cs == 1) {  // unit stride: the conversion vectorises
+      for (int64_t c = 0; c < ncols; ++c) d[c] = Elem<T>::load(src + c);
+    } else {
+      for (int64_t c = 0; c < ncols; ++c) d[c] = Elem<T>::load(src + c * cs);
     }
-    for (int64_t c = 0; c < ncols; ++c) d[c] = Elem<T>::load(src + c * cs);
   }
 }
 
