@@ -45,7 +45,6 @@ void fwd_impl(const FwdParams& p) {
   if (decode_fits(p)) return decode_impl<T>(p);  // short queries: decode_kernel.h
   using A = typename Elem<T>::acc;
   using L = typename Elem<T>::lse;
-  using W = typename Elem<T>::wide;
   const Visibility vis(p);
   const int64_t nqb = cdiv(p.Lq, kBlockQ);
   const int64_t group = p.Hq / p.Hkv;
@@ -127,19 +126,7 @@ void fwd_impl(const FwdParams& p) {
                                            acc.data(), ldv, alpha.data());
       }
 
-      T* out = static_cast<T*>(p.out) + b * p.out_st.b + h * p.out_st.h;
-      L* lse = static_cast<L*>(p.lse) + (b * p.Hq + h) * p.Lq;
-      for (int64_t i = 0; i < nq; ++i) {
-        const L l = lrow[i];
-        // One rounding: out = acc / l in the lse precision.  (acc * float(1/l)
-        // rounds twice.)
-        const L inv = l != l ? l : l > L(0) ? L(1) / l : L(0);  // fully masked row: output 0; NaN row: NaN
-        T* orow = out + (i0 + i) * p.out_st.r;
-        for (int64_t c = 0; c < Ev; ++c)
-          Elem<T>::store(orow + c * p.out_st.c, static_cast<A>(static_cast<L>(acc[i * ldv + c]) * inv));
-        lse[i0 + i] = l > L(0) ? static_cast<L>(static_cast<W>(mrow[i]) + std::log(static_cast<W>(l)))
-                      : l != l ? l : -std::numeric_limits<L>::infinity();
-      }
+      for (int64_t i = 0; i < nq; ++i) store_out_row<T>(p, b, h, i0 + i, acc.data() + i * ldv, mrow[i], lrow[i]);
     }
   });
 }
@@ -147,17 +134,6 @@ void fwd_impl(const FwdParams& p) {
 // ----------------------------------------------------------------------------
 // Backward
 // ----------------------------------------------------------------------------
-// One work item per (batch, kv head): it owns dK and dV of that head outright
-// (full-length accumulators), so the q heads of a GQA group add into them
-// without atomics.  Per query block it makes two sweeps over the visible keys:
-//   1. P = exp(S - lse) and dP = dO V^T into (kBlockQ, Lk) panels, and
-//      delta = rowsum(P * dP);
-//   2. dS = P * (dP - delta); dV += P^T dO, dQ = scale dS K, dK += scale dS^T Q.
-// delta is taken from the same rounded P and dP that dS uses, not from
-// FlashAttention-2's rowsum(dO * O): with the stored O, float32 gradients had
-// up to 4x the error of a naive float32 softmax backward (measured: about 1
-// case in 300 broke the parity rule).  The panels cost O(kBlockQ * Lk) memory
-// per thread and no extra matmul.
 // Slices of a kv head's backward: enough for kBwdItems work items when B * Hkv
 // is below that, at least one unit (query head, query block) per slice, and
 // the slices' dK, dV partials within kBwdPartBytes.  A function of the shape
@@ -170,6 +146,17 @@ inline int64_t bwd_slices(int64_t heads, int64_t units, int64_t bytes_per_slice)
   return imax(1, n);
 }
 
+// One work item per (batch, kv head, slice of its query blocks): it owns dK and
+// dV of that head (or its slice's partial sums) outright, full-length
+// accumulators, so the q heads of a GQA group add into them without atomics.  Per query block it makes two sweeps over the visible keys:
+//   1. P = exp(S - lse) and dP = dO V^T into (kBlockQ, Lk) panels, and
+//      delta = rowsum(P * dP);
+//   2. dS = P * (dP - delta); dV += P^T dO, dQ = scale dS K, dK += scale dS^T Q.
+// delta is taken from the same rounded P and dP that dS uses, not from
+// FlashAttention-2's rowsum(dO * O): with the stored O, float32 gradients had
+// up to 4x the error of a naive float32 softmax backward (measured: about 1
+// case in 300 broke the parity rule).  The panels cost O(kBlockQ * Lk) memory
+// per thread and no extra matmul.
 template <typename T>
 void bwd_impl(const BwdParams& p) {
   using A = typename Elem<T>::acc;

@@ -128,7 +128,7 @@ void decode_impl(const FwdParams& p) {
   Buffer<L> part_ml(nsplit > 1 ? heads * nsplit * rows * 2 : 0);
 
   run_parallel(p, heads * nsplit, [&](int64_t begin, int64_t end) {
-    Buffer<A> qbuf(rows * lde), s(rows * lds), o(rows * ldv), ktmp(lde);
+    Buffer<A> qbuf(rows * lde), s(rows * lds), o(nsplit > 1 ? 0 : rows * ldv), ktmp(lde);
     Buffer<A> vbuf(v_direct ? 0 : chunk * ldv);
     Buffer<A> fac(p.dropout_p > 0.f ? rows * lds : 0), mrow(rows);
     Buffer<L> lrow(rows);
@@ -195,17 +195,8 @@ void decode_impl(const FwdParams& p) {
         }
         continue;
       }
-      for (int64_t r = 0; r < rows; ++r) {
-        const int64_t g = r / p.Lq, i = r % p.Lq, h = hk * group + g;
-        const L l = lrow[r];
-        const L inv = l != l ? l : l > L(0) ? L(1) / l : L(0);
-        T* orow = static_cast<T*>(p.out) + b * p.out_st.b + h * p.out_st.h + i * p.out_st.r;
-        for (int64_t c = 0; c < Ev; ++c)
-          Elem<T>::store(orow + c * p.out_st.c, static_cast<A>(static_cast<L>(od[r * ldv + c]) * inv));
-        L* lse = static_cast<L*>(p.lse) + (b * p.Hq + h) * p.Lq;
-        lse[i] = l > L(0) ? static_cast<L>(static_cast<W>(mrow[r]) + std::log(static_cast<W>(l)))
-                 : l != l ? l : -std::numeric_limits<L>::infinity();
-      }
+      for (int64_t r = 0; r < rows; ++r)
+        store_out_row<T>(p, b, hk * group + r / p.Lq, r % p.Lq, od + r * ldv, mrow[r], lrow[r]);
     }
   });
   if (nsplit == 1) return;
@@ -217,7 +208,6 @@ void decode_impl(const FwdParams& p) {
     for (int64_t bk = begin; bk < end; ++bk) {
       const int64_t hk = bk % p.Hkv, b = bk / p.Hkv;
       for (int64_t r = 0; r < rows; ++r) {
-        const int64_t g = r / p.Lq, i = r % p.Lq, h = hk * group + g;
         const L* ml = part_ml.data() + bk * nsplit * rows * 2 + 2 * r;
         L M = -std::numeric_limits<L>::infinity();
         bool nan = false;
@@ -233,18 +223,13 @@ void decode_impl(const FwdParams& p) {
           l += ls * w[sp];
         }
         if (nan) l = std::numeric_limits<L>::quiet_NaN();
-        const L inv = l != l ? l : l > L(0) ? L(1) / l : L(0);
         for (int64_t c = 0; c < Ev; ++c) acc[c] = L(0);
         for (int64_t sp = 0; sp < nsplit; ++sp) {
           if (w[sp] == L(0)) continue;
           const A* os = part.data() + ((bk * nsplit + sp) * rows + r) * ldv;
           for (int64_t c = 0; c < Ev; ++c) acc[c] += static_cast<L>(os[c]) * w[sp];
         }
-        T* orow = static_cast<T*>(p.out) + b * p.out_st.b + h * p.out_st.h + i * p.out_st.r;
-        for (int64_t c = 0; c < Ev; ++c) Elem<T>::store(orow + c * p.out_st.c, static_cast<A>(acc[c] * inv));
-        L* lse = static_cast<L*>(p.lse) + (b * p.Hq + h) * p.Lq;
-        lse[i] = l > L(0) ? static_cast<L>(static_cast<W>(M) + std::log(static_cast<W>(l)))
-                 : l != l ? l : -std::numeric_limits<L>::infinity();
+        store_out_row<T>(p, b, hk * group + r / p.Lq, r % p.Lq, acc.data(), M, l);
       }
     }
   });

@@ -318,6 +318,23 @@ void mask_tile(const AttnParams& p, const Visibility& vis, int64_t b, int64_t h,
   }
 }
 
+// Row i of head (b, h): out = acc / l, lse = m + log(l), from an unnormalised
+// accumulator row (Ev values), the row max m and the row sum l (lse precision).
+// One rounding for out: the division is in the lse precision (acc * float(1/l)
+// rounds twice).  A row with l = 0 (nothing visible) gets 0 and -inf; a NaN row NaN.
+template <typename T, typename X, typename M, typename L>
+void store_out_row(const FwdParams& p, int64_t b, int64_t h, int64_t i, const X* acc, M m, L l) {
+  using A = typename Elem<T>::acc;
+  using W = typename Elem<T>::wide;
+  const L inv = l != l ? l : l > L(0) ? L(1) / l : L(0);
+  T* orow = static_cast<T*>(p.out) + b * p.out_st.b + h * p.out_st.h + i * p.out_st.r;
+  for (int64_t c = 0; c < p.Ev; ++c)
+    Elem<T>::store(orow + c * p.out_st.c, static_cast<A>(static_cast<L>(acc[c]) * inv));
+  L* lse = static_cast<L*>(p.lse) + (b * p.Hq + h) * p.Lq;
+  lse[i] = l > L(0) ? static_cast<L>(static_cast<W>(m) + std::log(static_cast<W>(l)))
+           : l != l ? l : -std::numeric_limits<L>::infinity();
+}
+
 // fac[i][j] = dropout factor of element (i0+i, j0+j): 0 if dropped, 1/(1-p) if kept.
 template <typename A>
 void dropout_factors(const AttnParams& p, int64_t b, int64_t h, int64_t i0, int64_t nq, int64_t j0,

@@ -33,13 +33,6 @@ def test_parity_decode(case, dtype):
     _check(case, dtype)
 
 
-@pytest.mark.parametrize("isa", ["default", "avx2"])
-@pytest.mark.parametrize("case", DECODE[:3], ids=[c.id() for c in DECODE[:3]])
-def test_parity_decode_each_isa_path(case, isa, monkeypatch):
-    monkeypatch.setenv("ATTNFAST_CPU_ISA", isa)
-    _check(case, torch.float32)
-
-
 def test_decode_independent_of_thread_count():
     """The decode path's key splits depend on the shape only: 1 and 2 threads agree bitwise."""
     q, k, v, m = make_inputs(DECODE[1], torch.float32)
@@ -60,8 +53,11 @@ def test_parity_other_dtypes(case, dtype):
     _check(case, dtype)
 
 
+ISA_CASES = SUBSET + DECODE[:3]
+
+
 @pytest.mark.parametrize("isa", ["default", "avx2"])
-@pytest.mark.parametrize("case", SUBSET, ids=[c.id() for c in SUBSET])
+@pytest.mark.parametrize("case", ISA_CASES, ids=[c.id() for c in ISA_CASES])
 def test_parity_each_isa_path(case, isa, monkeypatch):
     """Every ISA build this CPU can run gives the same verdict (fp32)."""
     monkeypatch.setenv("ATTNFAST_CPU_ISA", isa)
