@@ -135,13 +135,17 @@ void fwd_impl(const FwdParams& p) {
 // Backward
 // ----------------------------------------------------------------------------
 // Slices of a kv head's backward: enough for kBwdItems work items when B * Hkv
-// is below that, at least one unit (query head, query block) per slice, and
-// the slices' dK, dV partials within kBwdPartBytes.  A function of the shape
-// only: results are the same for any thread count.
+// is below that, at most kSliceUnits units (query head, query block) a slice
+// (the float32 sum of a slice's dK, dV runs over that many contributions: a
+// GQA group of 512 heads summed in one accumulator broke the parity rule in
+// about 1 draw in 2), at least one unit a slice, and the slices' dK, dV partials
+// within kBwdPartBytes.  A function of the shape only: results are the same
+// for any thread count.
 constexpr int64_t kBwdItems = 8;
+constexpr int64_t kSliceUnits = 32;
 constexpr int64_t kBwdPartBytes = int64_t(256) << 20;
 inline int64_t bwd_slices(int64_t heads, int64_t units, int64_t bytes_per_slice) {
-  int64_t n = imin(units, cdiv(kBwdItems, heads));
+  int64_t n = imin(units, imax(cdiv(kBwdItems, heads), cdiv(units, kSliceUnits)));
   while (n > 1 && heads * n * bytes_per_slice > kBwdPartBytes) --n;
   return imax(1, n);
 }
