@@ -185,6 +185,7 @@ void load_rows(const T* base, int64_t rs, int64_t cs, int64_t r0, int64_t nr, in
   for (int64_t r = 0; r < nr; ++r) {
     const T* src = base + (r0 + r) * rs;
     A* d = dst + r * ld;
+    if (ncols == 0) return;  // (empty rows may come with null pointers: no memcpy of them)
     if (std::is_same<T, A>::value && cs == 1) {
       std::memcpy(static_cast<void*>(d), static_cast<const void*>(src), ncols * sizeof(A));
     } else if (cs == 1) {  // unit stride: the conversion vectorises
