@@ -61,7 +61,7 @@ san = ["-fsanitize=address,undefined", "-fno-omit-frame-pointer",
 # is one OpenMP runtime.
 omp = [] if sys.platform == "darwin" else ["-fopenmp"]
 cxx_flags = opt + omp + ["-Wall", "-Wno-unknown-pragmas"] + san
-sources = rel("csrc/cpu/*.cpp")
+sources = rel("csrc/*.cpp") + rel("csrc/cpu/*.cpp")
 use_cuda, why = cuda_available_for_build()
 ext_kwargs = dict(extra_compile_args={"cxx": cxx_flags}, extra_link_args=omp + san)
 if use_cuda:

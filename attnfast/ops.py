@@ -1,5 +1,8 @@
 """torch.library registration of the C++ ops (attnfast._C): fake kernels and autograd.
 
+attnfast::fwd's autograd is in C++ (csrc/autograd.cpp: a Python autograd kernel
+costs more per call than a small attention); the additive and top-k ops' is here.
+
 The schemas and the CPU kernels are registered in C++ (csrc/cpu/binding.cpp), the
 CUDA kernels of attnfast::fwd/bwd in csrc/cuda/binding_cuda.cpp when the extension
 is built with CUDA; this module adds what torch.compile and autograd need.  The
@@ -70,24 +73,6 @@ if _C is not None:
         dv = v.new_empty(v.shape)
         dmask = q.new_empty((B, Hq, Lq, Lk) if mask_grad else (0,), dtype=acc_dtype(q.dtype))
         return dq, dk, dv, dmask
-
-    def _setup_context(ctx, inputs, output):
-        q, k, v, attn_mask, scale, wl, wr, br, dropout_p, rng = inputs
-        out, lse = output
-        ctx.save_for_backward(q, k, v, attn_mask, out, lse, rng)
-        ctx.args = (scale, wl, wr, br, dropout_p)
-
-    def _backward(ctx, dout, dlse):
-        q, k, v, attn_mask, out, lse, rng = ctx.saved_tensors
-        scale, wl, wr, br, dropout_p = ctx.args
-        mask_grad = attn_mask is not None and attn_mask.is_floating_point() and ctx.needs_input_grad[3]
-        dq, dk, dv, dmask = torch.ops.attnfast.bwd(
-            dout, q, k, v, out, lse, dlse, attn_mask, scale, wl, wr, br, dropout_p, rng, mask_grad
-        )
-        dmask = dmask.to(attn_mask.dtype) if mask_grad else None
-        return dq, dk, dv, dmask, None, None, None, None, None, None
-
-    torch.library.register_autograd("attnfast::fwd", _backward, setup_context=_setup_context)
 
     # Additive attention (csrc/cpu/additive_kernel.h): float32 qp, kp, va, v; lse float64.
     @torch.library.register_fake("attnfast::additive_fwd")
