@@ -133,6 +133,39 @@ def check_mask(attn_mask, query, target, what="(..., Hq, Lq, Lk)", what_types="a
     return attn_mask
 
 
+_FLOATS = frozenset(FLOAT_DTYPES)
+
+
+def _plain_plan(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa, causal_alignment, window):
+    """The Plan of the most common call, or None to take the general path: three plain
+    4-D tensors of one floating dtype and device, no mask, no window, the default
+    arguments' types.  It accepts only what `prepare` would accept (and gives the
+    same Plan); any doubt goes to the general path, which explains a refusal."""
+    T = torch.Tensor
+    if (attn_mask is not None or window is not None or type(q) is not T or type(k) is not T or type(v) is not T
+            or type(is_causal) is not bool or type(dropout_p) is not float or not 0.0 <= dropout_p < 1.0
+            or causal_alignment not in ALIGNMENTS or q.dim() != 4 or k.dim() != 4 or v.dim() != 4):
+        return None
+    dtype = q.dtype
+    if (dtype not in _FLOATS or k.dtype != dtype or v.dtype != dtype or q.layout != torch.strided
+            or k.layout != torch.strided or v.layout != torch.strided or k.device != q.device
+            or v.device != q.device):
+        return None
+    B, Hq, Lq, E = q.shape
+    Bk, Hkv, Lk, Ek = k.shape
+    Bv, Hv, Lv, _ = v.shape
+    if Bk != B or Bv != B or Hv != Hkv or Lv != Lk or Ek != E:
+        return None
+    if Hq != Hkv and (not enable_gqa or Hkv == 0 or Hq % Hkv != 0):
+        return None
+    if scale is None:
+        scale = 1.0 / math.sqrt(E) if E > 0 else 1.0
+    elif type(scale) is not float or not math.isfinite(scale):
+        return None
+    return Plan(q=q, k=k, v=v, mask=None, scale=scale, window_left=-1, window_right=0 if is_causal else -1,
+                bottom_right=causal_alignment == "bottom_right", dropout_p=dropout_p, lead=(B, Hq))
+
+
 def prepare(
     query,
     key,
@@ -145,6 +178,18 @@ def prepare(
     causal_alignment="top_left",
     window=None,
 ) -> Plan:
+    """Checks the arguments of softmax attention (raising a clear error naming the
+    argument) and returns their Plan."""
+    plan = _plain_plan(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, causal_alignment,
+                       window)
+    if plan is not None:
+        return plan
+    return _prepare_general(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa,
+                            causal_alignment, window)
+
+
+def _prepare_general(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, causal_alignment,
+                     window) -> Plan:
     _check_tensor("query", query)
     _check_tensor("key", key)
     _check_tensor("value", value)

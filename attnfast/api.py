@@ -11,7 +11,8 @@ def _run(plan, backend, return_lse):
     """Run a validated Plan on the chosen Backend; output (and lse) in the caller's layout."""
     out, lse = backend.attention_forward(plan)
     Lq, Ev = plan.q.shape[2], plan.v.shape[3]
-    out = out.reshape(plan.lead + (Lq, Ev))
+    if len(plan.lead) != 2:  # 4-D inputs: out is (B, Hq, Lq, Ev) already
+        out = out.reshape(plan.lead + (Lq, Ev))
     if return_lse:
         return out, lse.to(dispatch.public_lse_dtype(plan.q.dtype)).reshape(plan.lead + (Lq,))
     return out

@@ -329,6 +329,9 @@ REGISTRY = {b.name: b for b in (CpuBackend(), TritonBackend(), CudaBackend(), Re
 BACKENDS = tuple(REGISTRY)  # the names
 _AVAILABLE = {name: b.availability() for name, b in REGISTRY.items()}
 _ORDER = {"cuda": ("triton", "cuda", "reference"), "cpu": ("cpu", "reference")}
+# The C++ kernels serve every CPU softmax-attention plan (each floating dtype, every
+# option), and on a CPU with AVX2 + FMA there is nothing to warn about: choose's fast path.
+_CPU_FIRST = _AVAILABLE["cpu"][0] and FACTS.cpu_isa_best != "default"
 
 
 @dataclass(frozen=True)
@@ -397,6 +400,8 @@ def choose(plan, backend=None):
     None for the environment's ATTNFAST_BACKEND or else the first in the device's order
     that serves the plan."""
     requested = backend if backend is not None else os.environ.get(ENV_VAR) or None
+    if requested is None and _CPU_FIRST and plan.family == "attention" and plan.q.is_cpu:
+        return REGISTRY["cpu"]  # what the loop below gives for every CPU attention plan (and no warning)
     if requested is not None:
         chosen = get(requested)
         why = chosen.serves(plan)

@@ -32,6 +32,46 @@ def test_dispatch_prefers_cpu_kernel_on_cpu():
     assert dispatch.choose(plan, "reference").name == "reference"
 
 
+def _plan_fields(plan):
+    return (plan.q, plan.k, plan.v, plan.mask, plan.scale, plan.window_left, plan.window_right, plan.bottom_right,
+            plan.dropout_p, plan.lead)
+
+
+def test_prepare_fast_path_gives_the_general_plan_and_refuses_what_it_refuses():
+    """prepare's fast path (_plain_plan) may only return the Plan the general checks
+    give, and must decline every call the general checks reject."""
+    import itertools
+
+    from attnfast import _validate
+
+    shapes = [((1, 4, 5, 8), (1, 4, 7, 8), (1, 4, 7, 6)), ((2, 4, 5, 8), (2, 2, 7, 8), (2, 2, 7, 8)),
+              ((1, 3, 5, 8), (1, 2, 7, 8), (1, 2, 7, 8)), ((1, 4, 5, 8), (1, 4, 7, 9), (1, 4, 7, 8)),
+              ((1, 4, 5, 8), (1, 4, 7, 8), (1, 4, 6, 8)), ((1, 4, 5, 8), (2, 4, 7, 8), (2, 4, 7, 8)),
+              ((1, 4, 5, 0), (1, 4, 7, 0), (1, 4, 7, 3)), ((4, 5, 8), (4, 7, 8), (4, 7, 8)),
+              ((1, 0, 5, 8), (1, 0, 7, 8), (1, 0, 7, 8))]
+    variants = itertools.product(
+        shapes, (torch.float32, torch.float64, torch.int32), (None, torch.float16), (False, True, 1),
+        (None, 0.3, 2, float("inf"), float("nan")), (0.0, 0, 0.5, 1.0, True), ("top_left", "bottom_right", "x"),
+        (False, True))
+    fast_hits = 0
+    for (sq, sk, sv), dtype, v_dtype, causal, scale, p, align, gqa in variants:
+        q, k = torch.zeros(sq, dtype=dtype), torch.zeros(sk, dtype=dtype)
+        v = torch.zeros(sv, dtype=v_dtype or dtype)
+        args = (q, k, v, None, p, causal, scale, gqa, align, None)
+        fast = _validate._plain_plan(*args)
+        try:
+            general = _validate._prepare_general(*args)
+        except (TypeError, ValueError):
+            assert fast is None, args
+            continue
+        if fast is not None:
+            fast_hits += 1
+            a, b = _plan_fields(fast), _plan_fields(general)
+            assert all(x is y for x, y in zip(a[:3], b[:3])) and a[3:] == b[3:], args
+            assert type(fast.dropout_p) is float and type(fast.scale) is float
+    assert fast_hits > 100
+
+
 def test_env_override(monkeypatch):
     from attnfast._validate import prepare
 
