@@ -59,9 +59,14 @@ void fwd_impl(const FwdParams& p) {
     // every query block of that head this thread runs (items come in order).
     // K^T is stored tile-major, (nkb, E, kBlockK): one key tile is one
     // contiguous 32 KiB block (E = 64; see pack_tiles_t).
-    Buffer<A> kt(nkb * E * kBlockK), vbuf((nkb * kBlockK) * ldv);
+    // Not zeroed (Init::kUninit): what the products read beyond the packed
+    // keys, values and queries lands only in padding lanes, which are set to
+    // -inf before the softmax (scores) or never stored (output columns past Ev);
+    // acc is zeroed per item.
+    Buffer<A> kt(nkb * E * kBlockK, Init::kUninit), vbuf((nkb * kBlockK) * ldv, Init::kUninit);
     int64_t packed = -1;  // b * Hkv + hk of the current packs
-    Buffer<A> qbuf(bq * E), sc(bq * kBlockK), acc(bq * ldv), mrow(pad_up(bq)), mnew(pad_up(bq)), alpha(pad_up(bq));
+    Buffer<A> qbuf(bq * E, Init::kUninit), sc(bq * kBlockK, Init::kUninit), acc(bq * ldv, Init::kUninit);
+    Buffer<A> mrow(pad_up(bq)), mnew(pad_up(bq)), alpha(pad_up(bq));
     // Row sums in the lse precision: the saved lse = m + log(l) is what the
     // backward rebuilds P from, so its error lands on every gradient.
     Buffer<L> lrow(bq);

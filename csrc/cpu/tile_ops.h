@@ -119,20 +119,74 @@ void store_all(T* dst, const A* src, int64_t n) {
   for (int64_t x = 0; x < n; ++x) Elem<T>::store(dst + x, src[x]);
 }
 
-// Zero-initialised scratch array.  (No std::vector here: its out-of-line
-// members are shared weak symbols, and a copy compiled for AVX-512 could be
-// picked by the linker for the portable path.)
-// Aligned to 64 bytes: with the default 16-byte alignment every other
-// AVX-512 load of a packed panel split a cache line.
+// Per-thread scratch stack.  Buffers are locals, destroyed in the reverse
+// order of their construction, so each thread's live buffers form a stack;
+// the block stays with the thread between calls.  A small call's scratch then
+// costs no malloc, no free and no page fault (with plain heap buffers, glibc
+// gave the freed 100+ KiB back to the system after every call of a
+// B=1 L=64 forward and faulted the pages in again on the next).
+class Arena {
+ public:
+  static constexpr size_t kBytes = size_t(4) << 20;  // kept per thread at most
+  static constexpr std::align_val_t kAlign{64};
+  ~Arena() { if (base_ != nullptr) ::operator delete[](base_, kAlign); }
+  // n bytes (a multiple of 64) on top of the stack, or nullptr if they do not fit.
+  void* push(size_t n) {
+    if (n > kBytes - used_) return nullptr;
+    if (base_ == nullptr) base_ = static_cast<char*>(::operator new[](kBytes, kAlign));
+    void* p = base_ + used_;
+    used_ += n;
+    return p;
+  }
+  void pop(size_t n) { used_ -= n; }
+
+ private:
+  char* base_ = nullptr;
+  size_t used_ = 0;
+};
+inline Arena& thread_arena() {
+  thread_local Arena arena;
+  return arena;
+}
+
+// Zero-initialised scratch array, from the thread's Arena when it fits, else
+// the heap.  (No std::vector here: its out-of-line members are shared weak
+// symbols, and a copy compiled for AVX-512 could be picked by the linker for
+// the portable path.)  Aligned to 64 bytes: with the default 16-byte
+// alignment every other AVX-512 load of a packed panel split a cache line.
+// Under AddressSanitizer every Buffer comes from the heap (inside the arena an
+// overrun would go unseen), and kUninit ones are filled with NaN bytes: a read
+// of an element never written then shows in the results the tests compare.
+#if defined(__SANITIZE_ADDRESS__)
+constexpr bool kSanitized = true;
+#else
+constexpr bool kSanitized = false;
+#endif
+
+// kUninit skips the zeroing, for a buffer every element of which that is read
+// is written first (the forward's packs and tiles: their zeroing was 13% of a
+// B=1 H=1 L=64 forward).
+enum class Init { kZero, kUninit };
+
 template <typename A>
 struct Buffer {
-  static constexpr std::align_val_t kAlign{64};
   static_assert(std::is_trivial<A>::value, "Buffer holds plain numbers");
-  explicit Buffer(int64_t n)
-      : n_(n), p_(n > 0 ? static_cast<A*>(::operator new[](n * sizeof(A), kAlign)) : nullptr) {
-    if (p_ != nullptr) std::memset(static_cast<void*>(p_), 0, n * sizeof(A));
+  explicit Buffer(int64_t n, Init init = Init::kZero)
+      : n_(n), bytes_(n > 0 ? (n * sizeof(A) + 63) / 64 * 64 : 0) {
+    if (bytes_ == 0) return;
+    if (!kSanitized) p_ = static_cast<A*>(thread_arena().push(bytes_));
+    if (p_ == nullptr) {
+      p_ = static_cast<A*>(::operator new[](bytes_, Arena::kAlign));
+      heap_ = true;
+    }
+    if (init == Init::kZero) std::memset(static_cast<void*>(p_), 0, bytes_);
+    else if (kSanitized) std::memset(static_cast<void*>(p_), 0xff, bytes_);
   }
-  ~Buffer() { if (p_ != nullptr) ::operator delete[](p_, kAlign); }
+  ~Buffer() {
+    if (p_ == nullptr) return;
+    if (heap_) ::operator delete[](p_, Arena::kAlign);
+    else thread_arena().pop(bytes_);
+  }
   Buffer(const Buffer&) = delete;
   Buffer& operator=(const Buffer&) = delete;
   A* data() { return p_; }
@@ -141,7 +195,9 @@ struct Buffer {
 
  private:
   int64_t n_;
-  A* p_;
+  size_t bytes_;
+  A* p_ = nullptr;
+  bool heap_ = false;
 };
 
 inline int64_t imin(int64_t a, int64_t b) { return a < b ? a : b; }
@@ -196,13 +252,49 @@ void load_rows(const T* base, int64_t rs, int64_t cs, int64_t r0, int64_t nr, in
   }
 }
 
-// Loads rows [r0, r0+nr) transposed: dst[c][r] (ld = ld).
+// 8 x 8 float transpose in registers: rows x[0..7] -> columns x[0..7]
+// (unpack pairs of rows, then pairs of pairs, then swap 128-bit halves).
+typedef float F8u __attribute__((vector_size(32), aligned(4)));
+inline void transpose8(F8u (&x)[8]) {
+  F8u t[8], u[8];
+  for (int i = 0; i < 8; i += 2) {
+    t[i] = __builtin_shufflevector(x[i], x[i + 1], 0, 8, 1, 9, 4, 12, 5, 13);
+    t[i + 1] = __builtin_shufflevector(x[i], x[i + 1], 2, 10, 3, 11, 6, 14, 7, 15);
+  }
+  for (int i = 0; i < 8; i += 4)
+    for (int h = 0; h < 2; ++h) {
+      u[i + 2 * h] = __builtin_shufflevector(t[i + h], t[i + h + 2], 0, 1, 8, 9, 4, 5, 12, 13);
+      u[i + 2 * h + 1] = __builtin_shufflevector(t[i + h], t[i + h + 2], 2, 3, 10, 11, 6, 7, 14, 15);
+    }
+  for (int i = 0; i < 4; ++i) {
+    x[i] = __builtin_shufflevector(u[i], u[i + 4], 0, 1, 2, 3, 8, 9, 10, 11);
+    x[i + 4] = __builtin_shufflevector(u[i], u[i + 4], 4, 5, 6, 7, 12, 13, 14, 15);
+  }
+}
+
+// Loads rows [r0, r0+nr) transposed: dst[c][r] (ld = ld).  Unit-stride rows
+// into float go through 8 x 8 register transposes (the scalar loop was ~9% of
+// a B=1 H=8 L=64 forward: the K^T pack).
 template <typename T, typename A>
 void load_rows_t(const T* base, int64_t rs, int64_t cs, int64_t r0, int64_t nr, int64_t ncols,
                  int64_t ld, A* dst) {
+  int64_t rb = 0, cb = 0;  // rows and columns done by whole 8 x 8 blocks
+  if (std::is_same<A, float>::value && cs == 1) {
+    rb = nr / 8 * 8, cb = ncols / 8 * 8;
+    for (int64_t r = 0; r < rb; r += 8)
+      for (int64_t c = 0; c < cb; c += 8) {
+        F8u x[8];
+        for (int i = 0; i < 8; ++i) {
+          const T* src = base + (r0 + r + i) * rs + c;
+          for (int j = 0; j < 8; ++j) x[i][j] = static_cast<float>(Elem<T>::load(src + j));
+        }
+        transpose8(x);
+        for (int j = 0; j < 8; ++j) std::memcpy(static_cast<void*>(dst + (c + j) * ld + r), &x[j], sizeof(F8u));
+      }
+  }
   for (int64_t r = 0; r < nr; ++r) {
     const T* src = base + (r0 + r) * rs;
-    for (int64_t c = 0; c < ncols; ++c) dst[c * ld + r] = Elem<T>::load(src + c * cs);
+    for (int64_t c = r < rb ? cb : 0; c < ncols; ++c) dst[c * ld + r] = Elem<T>::load(src + c * cs);
   }
 }
 
