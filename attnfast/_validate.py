@@ -136,6 +136,10 @@ def check_mask(attn_mask, query, target, what="(..., Hq, Lq, Lk)", what_types="a
 _FLOATS = frozenset(FLOAT_DTYPES)
 
 
+def _default_scale(E):
+    return 1.0 / math.sqrt(E) if E > 0 else 1.0
+
+
 def _plain_plan(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa, causal_alignment, window):
     """The Plan of the most common call, or None to take the general path: three plain
     4-D tensors of one floating dtype and device, no mask, no window, the default
@@ -159,7 +163,7 @@ def _plain_plan(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa, cau
     if Hq != Hkv and (not enable_gqa or Hkv == 0 or Hq % Hkv != 0):
         return None
     if scale is None:
-        scale = 1.0 / math.sqrt(E) if E > 0 else 1.0
+        scale = _default_scale(E)
     elif type(scale) is not float or not math.isfinite(scale):
         return None
     return Plan(q=q, k=k, v=v, mask=None, scale=scale, window_left=-1, window_right=0 if is_causal else -1,
@@ -237,7 +241,7 @@ def _prepare_general(query, key, value, attn_mask, dropout_p, is_causal, scale, 
                 )
 
     if scale is None:
-        scale = 1.0 / math.sqrt(E) if E > 0 else 1.0
+        scale = _default_scale(E)
     else:
         if isinstance(scale, torch.Tensor) or not isinstance(scale, (int, float)) or isinstance(scale, bool):
             raise TypeError(f"scale must be a float or None, got {type(scale).__name__}")

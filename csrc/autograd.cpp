@@ -62,8 +62,6 @@ class Fwd : public torch::autograd::Function<Fwd> {
     ctx->saved_data["wr"] = wr;
     ctx->saved_data["br"] = br;
     ctx->saved_data["p"] = dropout_p;
-    // The mask's gradient edge, if it has one: q, k, v always are edges 0-2.
-    ctx->saved_data["mask_edge"] = mask.has_value() && mask->defined();
     ctx->set_materialize_grads(false);  // an unused output's gradient stays undefined
     return {out, lse};
   }
@@ -76,8 +74,8 @@ class Fwd : public torch::autograd::Function<Fwd> {
     const variable_list none(10);
     if (!dout_in.defined() && !dlse.defined()) return none;
     const Tensor dout = dout_in.defined() ? dout_in : at::zeros_like(out);
-    const bool mask_grad = ctx->saved_data["mask_edge"].toBool() && mask.is_floating_point() &&
-                           ctx->needs_input_grad(3);
+    // A saved mask is defined only when there is one; then it is edge 3 (q, k, v are 0-2).
+    const bool mask_grad = mask.defined() && mask.is_floating_point() && ctx->needs_input_grad(3);
     auto [dq, dk, dv, dmask] =
         call_bwd(dout, q, k, v, out, lse, opt(dlse), opt(mask), ctx->saved_data["scale"].toDouble(),
                  ctx->saved_data["wl"].toInt(), ctx->saved_data["wr"].toInt(), ctx->saved_data["br"].toBool(),

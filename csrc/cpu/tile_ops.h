@@ -149,11 +149,6 @@ inline Arena& thread_arena() {
   return arena;
 }
 
-// Zero-initialised scratch array, from the thread's Arena when it fits, else
-// the heap.  (No std::vector here: its out-of-line members are shared weak
-// symbols, and a copy compiled for AVX-512 could be picked by the linker for
-// the portable path.)  Aligned to 64 bytes: with the default 16-byte
-// alignment every other AVX-512 load of a packed panel split a cache line.
 // Under AddressSanitizer every Buffer comes from the heap (inside the arena an
 // overrun would go unseen), and kUninit ones are filled with NaN bytes: a read
 // of an element never written then shows in the results the tests compare.
@@ -168,6 +163,11 @@ constexpr bool kSanitized = false;
 // B=1 H=1 L=64 forward).
 enum class Init { kZero, kUninit };
 
+// Zero-initialised scratch array, from the thread's Arena when it fits, else
+// the heap.  (No std::vector here: its out-of-line members are shared weak
+// symbols, and a copy compiled for AVX-512 could be picked by the linker for
+// the portable path.)  Aligned to 64 bytes: with the default 16-byte
+// alignment every other AVX-512 load of a packed panel split a cache line.
 template <typename A>
 struct Buffer {
   static_assert(std::is_trivial<A>::value, "Buffer holds plain numbers");
