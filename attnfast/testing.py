@@ -69,7 +69,7 @@ def parity(name, actual, same_precision, truth, n=1, magnitude=0.0):
     return ParityResult(name, err, ref_err, tol)
 
 
-def _score_scale(q, k, attn_mask, scale):
+def score_scale(q, k, attn_mask, scale):
     """max over (query, key) pairs of |scale| * sum_d |q_d k_d| (+ max|finite float mask|)."""
     if q.numel() == 0 or k.numel() == 0:
         return 0.0
@@ -79,6 +79,29 @@ def _score_scale(q, k, attn_mask, scale):
     if q.dim() >= 3 and ka.shape[-3] != qa.shape[-3]:  # GQA: each key head serves a group of query heads
         ka = ka.repeat_interleave(qa.shape[-3] // ka.shape[-3], dim=-3)
     mag = (qa @ ka.transpose(-1, -2)).nan_to_num(posinf=0.0).max().item() * abs(scale)
+    if attn_mask is not None and attn_mask.is_floating_point() and attn_mask.numel():
+        m = attn_mask.detach().double()
+        m = m[torch.isfinite(m)]
+        mag += m.abs().max().item() if m.numel() else 0.0
+    return mag
+
+
+def additive_score_scale(q, k, v, w_q, w_k, v_a, attn_mask=None):
+    """The rounding scale of additive (Bahdanau) scores s = v_aᵀ tanh(W_q q + W_k k):
+    max over (query, key) pairs of sum_d |v_a[d]| (1 + (|W_q||q|)[d] + (|W_k||k|)[d])
+    (+ max|finite float mask|).  Each projection is a dot product whose rounding error
+    scales with its terms, tanh passes it on with a slope of at most 1, and each term of
+    the sum over d is at most |v_a[d]|: the lse floor for additive attention, as
+    `score_scale` is for dot-product scores.  Arguments as `additive_attention`'s
+    (v is not used)."""
+    if q.numel() == 0 or k.numel() == 0:
+        return 0.0
+    qa, ka = q.detach().abs().double(), k.detach().abs().double()
+    wq, wk, va = (t.detach().abs().double() for t in (w_q, w_k, v_a))
+    va = va.unsqueeze(-2)  # (Da,) -> (1, Da); (H, Da) -> (H, 1, Da): broadcasts over rows
+    sq = ((qa @ wq.transpose(-1, -2)) * va).sum(-1)  # (..., H, Lq)
+    sk = ((ka @ wk.transpose(-1, -2)) * va).sum(-1)  # (..., H, Lk)
+    mag = (sq.amax(-1) + sk.amax(-1) + va.sum(-1).squeeze(-1)).max().item()
     if attn_mask is not None and attn_mask.is_floating_point() and attn_mask.numel():
         m = attn_mask.detach().double()
         m = m[torch.isfinite(m)]
@@ -111,7 +134,7 @@ def compare_with_reference(run, q, k, v, attn_mask=None, grads=True, **ref_kwarg
     t_out, t_lse = attention_ref(*tru_ins, upcast=True, **ref_kwargs)
     n = max(q.shape[-2], k.shape[-2], q.shape[-1], v.shape[-1])
     results = [parity("out", out, r_out, t_out, n),
-               parity("lse", lse, r_lse, t_lse, n, _score_scale(q, k, attn_mask, ref_kwargs.get("scale")))]
+               parity("lse", lse, r_lse, t_lse, n, score_scale(q, k, attn_mask, ref_kwargs.get("scale")))]
     if grads:
         dout = torch.randn_like(t_out).to(q.dtype)
         wrt = [0, 1, 2] + ([3] if mask_grad else [])

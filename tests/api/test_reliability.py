@@ -341,18 +341,43 @@ def test_lse_floor_follows_the_scores_rounding_scale_and_still_catches_errors():
     """The lse floor scales with |scale| * sum|q k| (the rounding scale of a score), so a
     1 x 1 problem's lse is not judged against a lucky naive draw; an lse off by 1e-5
     relative to that scale still fails."""
-    from attnfast.testing import _score_scale
+    from attnfast.testing import score_scale
 
     q, k = torch.tensor([[[[1.0, -1.0]]]]), torch.tensor([[[[3.0, 2.0]]]])
-    assert _score_scale(q, k, None, 0.5) == 2.5
-    assert _score_scale(q, torch.zeros(1, 1, 1, 2), torch.full((1, 1, 1, 1), -4.0), 1.0) == 4.0
+    assert score_scale(q, k, None, 0.5) == 2.5
+    assert score_scale(q, torch.zeros(1, 1, 1, 2), torch.full((1, 1, 1, 1), -4.0), 1.0) == 4.0
     q, k, v = (_rand(1, 1, 1, 40) for _ in range(3))
 
     def off_by(delta):
         def run(q, k, v, m):
             out, lse = attnfast.attention(q, k, v, return_lse=True)
-            return out, lse + delta * _score_scale(q, k, None, None)
+            return out, lse + delta * score_scale(q, k, None, None)
         return {r.name: r.ok for r in compare_with_reference(run, q, k, v, grads=False)}
 
     assert off_by(0.0)["lse"]
     assert not off_by(1e-5)["lse"]
+
+
+def test_additive_score_scale_bounds_the_rounding_of_additive_scores():
+    """additive_score_scale is the sum over d of |v_a[d]| (1 + |W_q||q| + |W_k||k|): checked by
+    hand on one case, and, over random 1 x 1 problems whose single score often cancels, the
+    float32 score's error stays within two ulps of it where max|score| alone would not do."""
+    from attnfast.reference import additive_scores
+    from attnfast.testing import additive_score_scale
+
+    q, k = torch.tensor([[[[1.0, -2.0]]]]), torch.tensor([[[[0.5]]]])
+    w_q, w_k, v_a = torch.tensor([[1.0, 1.0], [2.0, 0.0]]), torch.tensor([[1.0], [-4.0]]), torch.tensor([1.0, -0.5])
+    # d=0: |1| (1 + 3 + 0.5); d=1: |-0.5| (1 + 2 + 2) -> 4.5 + 2.5
+    assert additive_score_scale(q, k, k, w_q, w_k, v_a) == 7.0
+    assert additive_score_scale(q, k, k, w_q, w_k, v_a, torch.full((1, 1), -3.0)) == 10.0
+    eps = torch.finfo(torch.float32).eps
+    beyond_abs = 0
+    for _ in range(200):
+        q, k, w_q, w_k, v_a = torch.randn(1, 1, 1, 4), torch.randn(1, 1, 1, 4), torch.randn(4, 4) / 2, \
+            torch.randn(4, 4) / 2, torch.randn(4)
+        s32 = additive_scores(q @ w_q.T, k @ w_k.T, v_a).double()
+        s64 = additive_scores(q.double() @ w_q.double().T, k.double() @ w_k.double().T, v_a.double())
+        err = (s32 - s64).abs().item()
+        assert err <= 2 * eps * additive_score_scale(q, k, k, w_q, w_k, v_a)
+        beyond_abs += err > 2 * eps * s64.abs().item()
+    assert beyond_abs > 0  # the cancelling sums the scale is there for

@@ -177,12 +177,14 @@ def with_(c, **kw):
     return replace(c, **kw)
 
 
-def check_parity(run, ref, inputs, lse_weight=None):
+def check_parity(run, ref, inputs, lse_weight=None, score_scale=0.0):
     """Parity (attnfast.testing.parity) of run(*inputs) -> (out, lse) and of the gradient of
     every floating input, against ref(*inputs, upcast=...) -> (out, lse): the same-precision
     reference (for float64 inputs, ref(..., reorder_ops=True): the same maths in another
     rounding order) and the float64 truth.  The loss is out . dout (random), plus
-    lse . lse_weight over the rows that see some key when lse_weight is given."""
+    lse . lse_weight over the rows that see some key when lse_weight is given.  score_scale:
+    the scores' rounding scale, the lse floor's magnitude when above max|lse| (a score's
+    rounding error scales with its terms, not with its possibly cancelling sum)."""
     from attnfast.testing import parity
 
     leaves = lambda: [t.detach().clone().requires_grad_(t.is_floating_point()) for t in inputs]  # noqa: E731
@@ -193,7 +195,7 @@ def check_parity(run, ref, inputs, lse_weight=None):
     n = max(max(t.shape) for t in inputs)
     res = [parity("out", out, r_out, t_out, n),
            parity("lse", lse, r_lse.float() if lse.dtype == torch.float32 else r_lse, t_lse, n,
-                  magnitude=t_lse.abs().max().item())]
+                  magnitude=max(t_lse.abs().max().item(), score_scale))]
     dout = torch.randn_like(t_out)
 
     def loss(o, l):

@@ -12,6 +12,7 @@ import torch
 pytest.importorskip("triton")
 
 from attnfast.reference import additive_attention_ref  # noqa: E402
+from attnfast.testing import additive_score_scale  # noqa: E402
 from cases import check_parity  # noqa: E402
 from attnfast.triton_kernels import additive as K  # noqa: E402
 
@@ -87,7 +88,7 @@ def test_parity(case, dtype):
     def ref(*t, upcast):
         return additive_attention_ref(*t, attn_mask=mask, is_causal=causal, upcast=upcast)
 
-    check_parity(run, ref, ins)
+    check_parity(run, ref, ins, score_scale=additive_score_scale(*ins, mask))
 
 
 def test_parity_bool_mask_and_strided_inputs():
@@ -107,7 +108,7 @@ def test_parity_bool_mask_and_strided_inputs():
     def ref(*t, upcast):
         return additive_attention_ref(*t, attn_mask=mask, upcast=upcast)
 
-    check_parity(run, ref, [q, k, v, *ws])
+    check_parity(run, ref, [q, k, v, *ws], score_scale=additive_score_scale(q, k, v, *ws))
 
 
 def test_dead_rows_have_no_nan_gradient():

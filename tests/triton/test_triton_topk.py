@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from attnfast.reference import topk_attention_ref, topk_select
+from attnfast.testing import score_scale
 from cases import check_parity
 
 pytest.importorskip("triton")
@@ -73,7 +74,7 @@ def test_parity(case, dtype):
         return topk_attention_ref(q, k, v, top_k, attn_mask=mask, is_causal=causal, enable_gqa=True,
                                   upcast=upcast)
 
-    check_parity(run, ref, ins)
+    check_parity(run, ref, ins, score_scale=score_scale(ins[0], ins[1], mask, None))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
@@ -94,7 +95,7 @@ def test_lse_gradient():
         return topk_attention_ref(q, k, v, top_k, attn_mask=mask, is_causal=causal, enable_gqa=True,
                                   upcast=upcast)
 
-    check_parity(run, ref, ins, lse_weight=w)
+    check_parity(run, ref, ins, lse_weight=w, score_scale=score_scale(ins[0], ins[1], mask, None))
 
 
 def _chosen(idx, Lk):

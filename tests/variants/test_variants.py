@@ -5,6 +5,7 @@ import torch
 import attnfast
 from attnfast import chunked
 from attnfast.reference import additive_attention_ref, topk_attention_ref, topk_select
+from attnfast.testing import additive_score_scale, score_scale
 from cases import check_parity
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float64]
@@ -51,7 +52,7 @@ def test_additive_parity(case, dtype, backend, monkeypatch):
     def ref(*t, upcast, reorder_ops=False):
         return additive_attention_ref(*t, attn_mask=m, is_causal=causal, upcast=upcast, reorder_ops=reorder_ops)
 
-    check_parity(run, ref, ins)
+    check_parity(run, ref, ins, score_scale=additive_score_scale(*ins, m))
 
 
 @pytest.mark.parametrize("backend", [pytest.param("cpu", marks=needs_ext), "reference",
@@ -113,7 +114,7 @@ def test_triton_backends_through_the_public_functions(dtype):
         return topk_attention_ref(*t, 5, attn_mask=mask.to(dev), is_causal=True, enable_gqa=True, upcast=upcast,
                                   reorder_ops=reorder_ops)
 
-    check_parity(run, ref, ins)
+    check_parity(run, ref, ins, score_scale=score_scale(ins[0], ins[1], None, None))
     k2, w_q, w_k, v_a = torch.randn(2, 1, 4, 13, 5), torch.randn(4, 6, 8) / 3, torch.randn(6, 5) / 2, torch.randn(6)
     v2 = torch.randn(2, 1, 4, 13, 3)
     ins = [t.to(dev, dtype) for t in (q, k2, v2, w_q, w_k, v_a)]
@@ -126,7 +127,7 @@ def test_triton_backends_through_the_public_functions(dtype):
         return additive_attention_ref(*t, attn_mask=mask.to(dev), is_causal=True, upcast=upcast,
                                       reorder_ops=reorder_ops)
 
-    check_parity(run_add, ref_add, ins)
+    check_parity(run_add, ref_add, ins, score_scale=additive_score_scale(*ins))
 
 
 TOPK = [  # (B, Hq, Hkv, Lq, Lk, E, Ev, top_k, mask, causal)
@@ -163,7 +164,7 @@ def test_topk_parity(case, dtype, backend, monkeypatch):
         return topk_attention_ref(*t, top_k, attn_mask=mask, is_causal=causal, enable_gqa=True, upcast=upcast,
                                   reorder_ops=reorder_ops)
 
-    check_parity(run, ref, ins)
+    check_parity(run, ref, ins, score_scale=score_scale(ins[0], ins[1], mask, None))
 
 
 def test_topk_equals_dense_when_k_is_every_key():
