@@ -79,8 +79,9 @@ class Backend:
         raise NotImplementedError
 
     def saved_lse_dtype(self, dtype):
-        """dtype of the lse `attention_forward` returns (and `attention_backward` takes)."""
-        return torch.float32
+        """dtype of the lse `attention_forward` returns (and `attention_backward` takes):
+        float64 for float32 inputs (the backward rebuilds P = exp(s - lse) from it)."""
+        return ops.lse_dtype(dtype)
 
     def serves(self, plan):
         """None if this backend can run `plan`, else the reason it cannot."""
@@ -181,9 +182,6 @@ class CpuBackend(_FusedBackend):
             return False, f"extension attnfast._C not built: {FACTS.extension_error}"
         return True, "fused C++ kernel"
 
-    def saved_lse_dtype(self, dtype):
-        return ops.lse_dtype(dtype)
-
     def _device_refuses(self, device_type):
         return None if device_type == "cpu" else f"it serves CPU tensors, got {device_type} tensors"
 
@@ -241,9 +239,6 @@ class CudaBackend(Backend):
     attention_forward = CpuBackend.attention_forward
     attention_backward = CpuBackend.attention_backward
 
-    def saved_lse_dtype(self, dtype):
-        return ops.lse_dtype(dtype)
-
 
 class TritonBackend(_FusedBackend):
     name = "triton"
@@ -290,9 +285,6 @@ class ReferenceBackend(Backend):
 
     def availability(self):
         return True, "torch code: naive matmul-softmax-matmul; row chunks for the additive and top-k families"
-
-    def saved_lse_dtype(self, dtype):
-        return ops.lse_dtype(dtype)
 
     def attention_forward(self, plan):
         from .reference import attention_ref

@@ -14,8 +14,8 @@ import triton
 import triton.language as tl
 from torch.library import triton_op
 
-from .common import (INTERPRETING, MASK_NONE, dot, dot_mode, launcher, load_rows, mask_args, masked_scores,
-                     program_block, visible)
+from .common import (INTERPRETING, MASK_NONE, dot, dot_mode, launcher, load_rows, lse_parts, mask_args,
+                     masked_scores, program_block, row_lse, visible)
 
 
 @triton.jit
@@ -109,10 +109,13 @@ def _fwd_tile(acc, m_i, l_i, q, start_n, need, offs_m, K, V, Mask, k_base, v_bas
               WINDOWED: tl.constexpr, DOT: tl.constexpr, DROPOUT: tl.constexpr):
     """One key tile of the online softmax: (acc, m, l) updated."""
     offs_n = start_n + tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    kt = tl.load(K + k_base + offs_n[None, :] * skn + offs_d[:, None] * skd,
-                 mask=(offs_n[None, :] < Lk) & (offs_d[:, None] < E), other=0.0)  # (D, N)
-    s = dot(q, kt, DOT) * scale
+    # The scores as the backward kernels form them, dot(q, trans(k)) on the same
+    # tiles: the backward's P = exp(s - lse) then rebuilds the forward's very
+    # scores, and a row's largest P keeps the cancellation a naive softmax has
+    # (s - max = 0).  (k loaded as a (D, N) tile instead rounds differently
+    # under the interpreter: P of 5-10 ulps off, dV 4x a naive error.)
+    k = load_rows(K, k_base, offs_n, skn, skd, Lk, BLOCK_D, E)
+    s = dot(q, tl.trans(k), DOT) * scale
     s = _mask_scores(s, offs_m, offs_n, Mask, mask_base, smm, smn, Lq, Lk, diag, wl, wr, need,
                      MASK_KIND, WINDOWED)
     # NaN-propagating max (tl.max drops NaN): a NaN score must make its row NaN, not
@@ -172,13 +175,13 @@ def _fwd_kernel(Q, K, V, Mask, Blocks, Out, Lse,
     out = acc / tl.where(alive, l_i, 1.0)[:, None]  # fully masked rows: 0
     tl.store(Out + b * sob + h * soh + offs_m[:, None] * som + offs_dv[None, :] * sod,
              out.to(Out.dtype.element_ty), mask=(offs_m[:, None] < Lq) & (offs_dv[None, :] < Ev))
-    lse = tl.where(alive, m_i + tl.log(tl.where(alive, l_i, 1.0)),
-                   tl.where(l_i != l_i, l_i, float("-inf")))  # NaN rows keep NaN
-    tl.store(Lse + pid_bh * Lq + offs_m, lse, mask=offs_m < Lq)
+    lse = tl.where(alive, row_lse(m_i, tl.where(alive, l_i, 1.0)),
+                   tl.where(l_i != l_i, l_i, float("-inf")).to(tl.float64))  # NaN rows keep NaN
+    tl.store(Lse + pid_bh * Lq + offs_m, lse.to(Lse.dtype.element_ty), mask=offs_m < Lq)
 
 
 @triton.jit
-def _rows_tile(dq, delta_acc, q, do, lse, delta, start_n, need, offs_m, K, V, Mask, k_base, v_base,
+def _rows_tile(dq, delta_acc, q, do, lse_hi, lse_lo, delta, start_n, need, offs_m, K, V, Mask, k_base, v_base,
                mask_base, skn, skd, svn, svd, smm, smn, Lq, Lk, scale, diag, wl, wr, bh,
                seed_lo, seed_hi, rng_offset, p_drop, E: tl.constexpr, Ev: tl.constexpr,
                BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
@@ -191,7 +194,7 @@ def _rows_tile(dq, delta_acc, q, do, lse, delta, start_n, need, offs_m, K, V, Ma
     s = dot(q, tl.trans(k), DOT) * scale
     s = _mask_scores(s, offs_m, offs_n, Mask, mask_base, smm, smn, Lq, Lk, diag, wl, wr, need,
                      MASK_KIND, WINDOWED)
-    p = tl.exp(s - lse[:, None])  # masked: exp(-inf) = 0; dead rows have lse = +inf
+    p = tl.exp((s - lse_hi[:, None]) - lse_lo[:, None])  # masked: exp(-inf) = 0; dead rows: hi = +inf
     dp = dot(do, tl.trans(v), DOT)
     if DROPOUT:
         dp = dp * _dropout_scale(offs_m, offs_n, Lk, bh, seed_lo, seed_hi, rng_offset, p_drop)
@@ -226,8 +229,7 @@ def _bwd_rows_kernel(Q, K, V, Mask, Blocks, DO, Lse, DLse, Delta, DQ,
     offs_d = tl.arange(0, BLOCK_D)
     q = load_rows(Q, b * sqb + h * sqh, offs_m, sqm, sqd, Lq, BLOCK_D, E)
     do = load_rows(DO, b * sdb + h * sdh, offs_m, sdm, sdd, Lq, BLOCK_DV, Ev)
-    lse = tl.load(Lse + pid_bh * Lq + offs_m, mask=offs_m < Lq, other=float("inf"))
-    lse = tl.where(lse == float("-inf"), float("inf"), lse)  # dead rows: P = 0
+    lse_hi, lse_lo = lse_parts(tl.load(Lse + pid_bh * Lq + offs_m, mask=offs_m < Lq, other=float("inf")))
     if DELTA_PASS:
         delta = tl.zeros([BLOCK_M], tl.float32)
     else:
@@ -241,7 +243,7 @@ def _bwd_rows_kernel(Q, K, V, Mask, Blocks, DO, Lse, DLse, Delta, DQ,
         lo, hi = _band_range(start_m, BLOCK_M, BLOCK_N, Lk, diag, wl, wr, WINDOWED)
         for start_n in range(lo, hi, BLOCK_N):
             dq, delta_acc = _rows_tile(
-                dq, delta_acc, q, do, lse, delta, start_n, False, offs_m, K, V, Mask, k_base, v_base,
+                dq, delta_acc, q, do, lse_hi, lse_lo, delta, start_n, False, offs_m, K, V, Mask, k_base, v_base,
                 mask_base, skn, skd, svn, svd, smm, smn, Lq, Lk, scale, diag, wl, wr, pid_bh,
                 seed_lo, seed_hi, rng_offset, p_drop, E, Ev, BLOCK_N, BLOCK_D, BLOCK_DV, 0,
                 WINDOWED, DOT, DROPOUT, DELTA_PASS)
@@ -250,13 +252,13 @@ def _bwd_rows_kernel(Q, K, V, Mask, Blocks, DO, Lse, DLse, Delta, DQ,
         for t in range(0, tl.load(rec) * (SUM_N // BLOCK_N)):
             start_n, need = _listed_tile(rec, t, SUM_N, BLOCK_N)
             dq, delta_acc = _rows_tile(
-                dq, delta_acc, q, do, lse, delta, start_n, need, offs_m, K, V, Mask, k_base,
+                dq, delta_acc, q, do, lse_hi, lse_lo, delta, start_n, need, offs_m, K, V, Mask, k_base,
                 v_base, mask_base, skn, skd, svn, svd, smm, smn, Lq, Lk, scale, diag, wl, wr, pid_bh,
                 seed_lo, seed_hi, rng_offset, p_drop, E, Ev, BLOCK_N, BLOCK_D, BLOCK_DV, MASK_KIND,
                 WINDOWED, DOT, DROPOUT, DELTA_PASS)
     if DELTA_PASS:
         if HAS_DLSE:  # d lse / d s = P: a gradient on lse only shifts delta
-            delta_acc -= tl.load(DLse + pid_bh * Lq + offs_m, mask=offs_m < Lq, other=0.0)
+            delta_acc -= tl.load(DLse + pid_bh * Lq + offs_m, mask=offs_m < Lq, other=0.0).to(tl.float32)
         tl.store(Delta + pid_bh * Lq + offs_m, delta_acc, mask=offs_m < Lq)
     else:
         dq = dq * scale
@@ -276,13 +278,12 @@ def _dkdv_tile(dk, dv, k, v, start_m, need, offs_n, h, bh, b, Q, DO, Lse, Delta,
     offs_m = start_m + tl.arange(0, BLOCK_M)
     q = load_rows(Q, b * sqb + h * sqh, offs_m, sqm, sqd, Lq, BLOCK_D, E)
     do = load_rows(DO, b * sdb + h * sdh, offs_m, sdm, sdd, Lq, BLOCK_DV, Ev)
-    lse = tl.load(Lse + bh * Lq + offs_m, mask=offs_m < Lq, other=float("inf"))
-    lse = tl.where(lse == float("-inf"), float("inf"), lse)  # dead rows: P = 0
+    lse_hi, lse_lo = lse_parts(tl.load(Lse + bh * Lq + offs_m, mask=offs_m < Lq, other=float("inf")))
     delta = tl.load(Delta + bh * Lq + offs_m, mask=offs_m < Lq, other=0.0)
     s = dot(q, tl.trans(k), DOT) * scale
     s = _mask_scores(s, offs_m, offs_n, Mask, b * smb + h * smh, smm, smn, Lq, Lk, diag, wl, wr,
                      need, MASK_KIND, WINDOWED)
-    p = tl.exp(s - lse[:, None])  # (M, N); rows past Lq have lse = +inf: p = 0
+    p = tl.exp((s - lse_hi[:, None]) - lse_lo[:, None])  # (M, N); dead rows, rows past Lq: p = 0
     if DROPOUT:
         z = _dropout_scale(offs_m, offs_n, Lk, bh, seed_lo, seed_hi, rng_offset, p_drop)
         dv += dot(tl.trans(p * z).to(do.dtype), do, DOT)
@@ -579,11 +580,13 @@ class _Launch:
 
 def attention_fwd(q, k, v, mask, scale, window_left, window_right, bottom_right, dropout_p=0.0, seed=0,
                   offset=0, launch=None):
-    """(out, lse): out (B, Hq, Lq, Ev) contiguous, lse (B, Hq, Lq) float32."""
+    """(out, lse): out (B, Hq, Lq, Ev) contiguous, lse (B, Hq, Lq) float64 for float32
+    inputs, else float32 (common.row_lse)."""
     wrap = launch or (lambda kern: kern)
     L = _Launch(q, k, v, mask, window_left, window_right, bottom_right, dropout_p, seed, offset, False)
     out = torch.empty((L.B, L.Hq, L.Lq, v.shape[3]), dtype=q.dtype, device=q.device)
-    lse = torch.empty((L.B, L.Hq, L.Lq), dtype=torch.float32, device=q.device)
+    lse = torch.empty((L.B, L.Hq, L.Lq), dtype=torch.float64 if q.dtype == torch.float32 else torch.float32,
+                      device=q.device)
     kern, extra = L.kernel(_fwd_kernel, _fwd_tuned)
     grid = lambda meta: (triton.cdiv(L.Lq, meta["BLOCK_M"]), L.B * L.Hq)  # noqa: E731
     wrap(kern)[grid](

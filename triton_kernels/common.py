@@ -63,6 +63,40 @@ def dot(a, b, DOT: tl.constexpr):
         return tl.dot(a, b)
 
 
+# The saved lse of float32 inputs is float64 (the CPU op's convention): the
+# backward rebuilds P = exp(s - lse), and a float32 lse puts its own rounding,
+# half an ulp of |lse| ~ log Lk, on every P as a relative error: 1.2x a naive
+# float32 softmax's error at the median and up to 3x in the tail (measured),
+# which the parity rule catches on some draws.  The float64 lse is built and
+# read with float32 transcendentals only (no float64 log or exp on the device).
+@triton.jit
+def row_lse(m, l):
+    """m + log(l) in float64 for float32 row maxima m and sums l >= 1 (every row that
+    sees a key has l >= 1): l = 2^e f with f in [sqrt(1/2), sqrt(2)), log f in
+    float32 (|log f| < 0.35: its rounding is < 3e-8) and e ln 2 from a two-part ln 2
+    whose high part has 16 bits (e * LN2_HI is exact in float32)."""
+    bits = l.to(tl.int32, bitcast=True)
+    e = ((bits >> 23) & 0xFF) - 127
+    f = ((bits & 0x7FFFFF) | 0x3F800000).to(tl.float32, bitcast=True)  # [1, 2)
+    big = f > 1.4142135
+    f = tl.where(big, f * 0.5, f)
+    e = tl.where(big, e + 1, e).to(tl.float32)
+    return (m.to(tl.float64) + (e * 0.693145751953125).to(tl.float64)
+            + (e * 1.4286068202862268e-06).to(tl.float64) + tl.log(f).to(tl.float64))
+
+
+@triton.jit
+def lse_parts(lse):
+    """(hi, lo): float32 parts of saved lse values (float64, or float32 for half
+    inputs, where lo = 0) with hi + lo = lse; P = exp((s - hi) - lo) then rounds
+    like a naive softmax's exp(s - max) (s - hi is exact where P is large).  Rows
+    that see no key (-inf) and rows past Lq (+inf) get hi = +inf, lo = 0: P = 0."""
+    none = (lse == float("-inf")) | (lse == float("inf"))
+    x = tl.where(none, 0.0, lse)
+    hi = x.to(tl.float32)
+    return tl.where(none, float("inf"), hi), (x - hi.to(x.dtype)).to(tl.float32)
+
+
 @triton.jit
 def program_block(H, group, BLOCK: tl.constexpr):
     """This program's block of rows (queries or keys) for the kernels launched on a grid

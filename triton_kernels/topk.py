@@ -15,7 +15,8 @@ and takes a softmax over those.  No kernel holds the (Lq, Lk) score matrix:
                   row with fewer visible keys than top_k.
   _fwd_kernel     per block of rows, gathers the chosen k/v rows chunk by
                   chunk with an online softmax: out (B, Hq, Lq, Ev) in the
-                  input dtype, lse (B, Hq, Lq) float32.
+                  input dtype, lse (B, Hq, Lq) float64 for float32 inputs, else
+                  float32 (common.row_lse).
   _bwd_kernel     recomputes P of the chosen entries (the choice held fixed):
                   delta = rowsum(P * dP) - dlse in a first pass over the
                   chunks, then dS = P (dP - delta); dq in registers, dk and dv
@@ -37,8 +38,8 @@ import triton
 import triton.language as tl
 from torch.library import triton_op
 
-from .common import (INTERPRETING, MASK_FLOAT, dot, dot_mode, launcher, load_rows, mask_args, masked_scores,
-                     program_block, visible)
+from .common import (INTERPRETING, MASK_FLOAT, dot, dot_mode, launcher, load_rows, lse_parts, mask_args,
+                     masked_scores, program_block, row_lse, visible)
 
 # Sort key of a hidden or padded entry: below every visible key (whose high
 # word is at least ordered(-FLT_MAX) = -2139095040), and all equal.
@@ -249,9 +250,9 @@ def _fwd_kernel(Q, K, V, Mask, Idx, Out, Lse,
     out = acc / tl.where(alive, l_i, 1.0)[:, None]  # rows with no visible key: 0
     tl.store(Out + b * sob + h * soh + offs_m[:, None] * som + offs_dv[None, :] * sod,
              out.to(Out.dtype.element_ty), mask=row_ok[:, None] & (offs_dv[None, :] < Ev))
-    lse = tl.where(alive, m_i + tl.log(tl.where(alive, l_i, 1.0)),
-                   tl.where(l_i != l_i, l_i, float("-inf")))  # NaN rows keep NaN
-    tl.store(Lse + rows, lse, mask=row_ok)
+    lse = tl.where(alive, row_lse(m_i, tl.where(alive, l_i, 1.0)),
+                   tl.where(l_i != l_i, l_i, float("-inf")).to(tl.float64))  # NaN rows keep NaN
+    tl.store(Lse + rows, lse.to(Lse.dtype.element_ty), mask=row_ok)
 
 
 @triton.jit
@@ -277,8 +278,7 @@ def _bwd_kernel(Q, K, V, Mask, Idx, DO, Lse, DLse, DQ, DK, DV,
     q = load_rows(Q, b * sqb + h * sqh, offs_m, sqm, sqd, Lq, BLOCK_D, E).to(tl.float32)
     do = load_rows(DO, b * sdb + h * sdh, offs_m, sdm, sdd, Lq, BLOCK_DV, Ev).to(tl.float32)
     rows = pid_bh.to(tl.int64) * Lq + offs_m
-    lse = tl.load(Lse + rows, mask=row_ok, other=float("inf"))
-    lse = tl.where(lse == float("-inf"), float("inf"), lse)  # rows with no visible key: P = 0
+    lse_hi, lse_lo = lse_parts(tl.load(Lse + rows, mask=row_ok, other=float("inf")))  # no visible key: P = 0
     k_base = b * skb + hk * skh
     v_base = b * svb + hk * svh
     mask_base = b * smb + h * smh
@@ -298,7 +298,7 @@ def _bwd_kernel(Q, K, V, Mask, Idx, DO, Lse, DLse, DQ, DK, DV,
             if MASK_KIND == MASK_FLOAT:
                 s = s + tl.load(Mask + mask_base + offs_m[:, None] * smm + j.to(tl.int64) * smn,
                                 mask=ok, other=0.0).to(tl.float32)
-            p = tl.exp(tl.where(ok, s, float("-inf")) - lse[:, None])
+            p = tl.exp((tl.where(ok, s, float("-inf")) - lse_hi[:, None]) - lse_lo[:, None])
             v3 = tl.load(V + v_base + jn * svn + offs_dv[None, None, :] * svd,
                          mask=ok[:, :, None] & (offs_dv[None, None, :] < Ev), other=0.0).to(tl.float32)
             dp = tl.sum(do[:, None, :] * v3, 2)
@@ -314,7 +314,7 @@ def _bwd_kernel(Q, K, V, Mask, Idx, DO, Lse, DLse, DQ, DK, DV,
                               mask=ok[:, :, None] & (offs_dv[None, None, :] < Ev), sem="relaxed")
         if grad_pass == 0:
             if HAS_DLSE:  # d lse / d s = P: a gradient on lse only shifts delta
-                delta -= tl.load(DLse + rows, mask=row_ok, other=0.0)
+                delta -= tl.load(DLse + rows, mask=row_ok, other=0.0).to(tl.float32)
     tl.store(DQ + rows[:, None] * E + offs_d[None, :], (dq * scale).to(DQ.dtype.element_ty),
              mask=row_ok[:, None] & (offs_d[None, :] < E))
 
@@ -398,13 +398,15 @@ def select_topk(q, k, mask, causal, scale, top_k, launch=None):
 
 def topk_fwd(q, k, v, mask, causal, scale, top_k, launch=None):
     """(out, lse, idx): out (B, Hq, Lq, Ev) contiguous in q's dtype, lse (B, Hq, Lq)
-    float32 (-inf for rows with no visible key), idx as `select_topk`."""
+    float64 for float32 inputs, else float32 (-inf for rows with no visible key), idx
+    as `select_topk`."""
     wrap = launch or (lambda kern: kern)
     B, Hq, Lq, E = q.shape
     Hkv, Ev = k.shape[1], v.shape[3]
     idx = select_topk(q, k, mask, causal, scale, top_k, launch)
     out = torch.empty((B, Hq, Lq, Ev), dtype=q.dtype, device=q.device)
-    lse = torch.empty((B, Hq, Lq), dtype=torch.float32, device=q.device)
+    lse = torch.empty((B, Hq, Lq), dtype=torch.float64 if q.dtype == torch.float32 else torch.float32,
+                      device=q.device)
     if lse.numel() == 0:
         return out, lse, idx
     m, mstrides, kind = mask_args(q, mask)
