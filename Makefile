@@ -4,6 +4,8 @@
 # make test-asan : the C++ extension built with ASan + UBSan into build/asan/ (the in-place build
 #                  stays as it is), then the CPU parity, error, op and fuzz tests under it
 # make fuzz  : the fuzz tests with their large profile
+# make sweep : the parity checks of the CPU, nn, variant and Triton suites over SWEEP_RUNS runs
+#              of fresh seeds: how often each fails, the checks nearest their bound (tools/parity_sweep.py)
 # make harness : build/attnfast_harness, the CUDA kernels' standalone test and timing binary (nvcc only, no torch)
 # PYTHON=python3 uses an existing interpreter as it is (nothing is installed
 # into it but attnfast itself); by default a .venv is created here.
@@ -20,7 +22,7 @@ PY    := $(PYTHON)
 READY :=
 endif
 
-.PHONY: all deps build test test-fast test-asan fuzz bench info clean harness
+.PHONY: all deps build test test-fast test-asan fuzz sweep bench info clean harness
 
 all: test
 
@@ -52,6 +54,10 @@ FUZZ := ATTNFAST_FUZZ_PROFILE=fuzz $(PY) -m pytest -q tests/api/test_fuzz.py
 
 fuzz: build
 	$(FUZZ)
+
+SWEEP_RUNS ?= 10
+sweep: build
+	$(PY) tools/parity_sweep.py --runs $(SWEEP_RUNS) tests/cpu tests/nn tests/variants tests/triton
 
 bench: build
 	$(PY) -m attnfast bench all --quick

@@ -48,9 +48,21 @@ class ParityResult:
                 f"(same-precision ref err {self.ref_err:.3g}): {'ok' if self.ok else 'FAIL'}")
 
 
+# Callables given every ParityResult `parity` makes (tools/parity_sweep.py records
+# the err / tol of each check over many draws with them).
+observers = []
+
+
 def parity(name, actual, same_precision, truth, n=1, magnitude=0.0):
     """Apply the parity rule to one tensor (see the comment above); `magnitude`
     raises the floor's scale (lse: the scores' rounding scale)."""
+    result = _parity(name, actual, same_precision, truth, n, magnitude)
+    for observe in observers:
+        observe(result)
+    return result
+
+
+def _parity(name, actual, same_precision, truth, n, magnitude):
     truth = truth.detach().to(torch.float64)
     a = actual.detach().to(torch.float64)
     r = same_precision.detach().to(torch.float64)

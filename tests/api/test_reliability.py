@@ -381,3 +381,19 @@ def test_additive_score_scale_bounds_the_rounding_of_additive_scores():
         assert err <= 2 * eps * additive_score_scale(q, k, k, w_q, w_k, v_a)
         beyond_abs += err > 2 * eps * s64.abs().item()
     assert beyond_abs > 0  # the cancelling sums the scale is there for
+
+
+def test_parity_sweep_tool_records_every_check():
+    """tools/parity_sweep.py: runs a selection over fresh seeds and reports each parity
+    check's err/tol (here the lse floor test's checks, two runs)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    res = subprocess.run([sys.executable, str(root / "tools" / "parity_sweep.py"), "--runs", "2",
+                          "tests/api/test_reliability.py", "-k", "lse_floor"],
+                         cwd=root, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "runs with a failure: 0/2" in res.stdout
+    assert "test_lse_floor_follows_the_scores_rounding_scale_and_still_catches_errors :: lse" in res.stdout
