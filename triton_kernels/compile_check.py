@@ -49,7 +49,9 @@ def _signature(fn, dtype, mask_kind):
             ty = "*i32"
         elif name == "Mask":
             ty = {0: f"*{dtype}", 1: "*i1", 2: f"*{dtype}"}[mask_kind]
-        elif name in ("Lse", "DLse", "Delta", "DMask"):
+        elif name in ("Lse", "DLse"):  # the saved lse: float64 for float32 inputs
+            ty = "*fp64" if dtype == "fp32" else "*fp32"
+        elif name in ("Delta", "DMask"):
             ty = "*fp32"
         elif name in ("Q", "K", "V", "Out", "DO", "DQ", "DK", "DV"):
             ty = f"*{dtype}"
