@@ -48,6 +48,17 @@ class ParityResult:
                 f"(same-precision ref err {self.ref_err:.3g}): {'ok' if self.ok else 'FAIL'}")
 
 
+class ParityFailure(AssertionError):
+    """Some check of one draw broke the parity rule (raised by `assert_parity`)."""
+
+
+def assert_parity(results, context=""):
+    """Raise ParityFailure naming every result that breaks the rule (none: return)."""
+    bad = [r for r in results if not r.ok]
+    if bad:
+        raise ParityFailure((f"{context}: " if context else "") + "; ".join(map(repr, bad)))
+
+
 # Callables given every ParityResult `parity` makes (tools/parity_sweep.py records
 # the err / tol of each check over many draws with them).
 observers = []

@@ -45,6 +45,39 @@ def fresh_seed(request):
     yield seed
 
 
+# One fresh redraw before a parity failure fails the test.  The rule compares the
+# kernel's rounding with one naive implementation's on one random draw: a kernel as
+# precise as the reference sits at a median of ~0.3 of its bound, yet on about one
+# draw in several hundred the reference's own error comes out small and a check
+# crosses it (measured by `make sweep`, tools/parity_sweep.py); a wrong result
+# fails every draw.  The first draw's failure stays in the report as a warning with
+# its seed.  With ATTNFAST_TEST_SEED set (a replay, or tools/parity_sweep.py) the
+# one draw decides.  The fuzz tests redraw the same way.
+PARITY_REDRAW_STEP = 0x9E3779B9
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_call(item):
+    from attnfast.testing import ParityFailure
+
+    try:
+        return (yield)
+    except ParityFailure as first:
+        if "ATTNFAST_TEST_SEED" in os.environ or (
+                hypothesis is not None and hypothesis.is_hypothesis_test(item.function)):
+            raise  # a replay (or a sweep) judges its one draw; hypothesis redraws itself
+        seed = dict(item.user_properties).get("seed", 0)
+        redraw = (seed + PARITY_REDRAW_STEP) % 2**31
+        torch.manual_seed(redraw)
+        try:
+            item.runtest()
+        except ParityFailure as again:
+            raise ParityFailure(f"parity fails on two draws: seed {seed}: {first}; seed {redraw}: {again}") from None
+        item.warn(pytest.PytestWarning(f"parity failed on the first draw (ATTNFAST_TEST_SEED={seed}) and passed "
+                                       f"on a fresh one (seed {redraw}): {first}"))
+        return None
+
+
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item, call):
     outcome = yield

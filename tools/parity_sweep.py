@@ -5,7 +5,9 @@
 Runs the given pytest selection `--runs` times in one process, each run with a
 fresh ATTNFAST_TEST_SEED (every test of a run draws its data from that seed),
 and records, for every check the parity rule makes (attnfast.testing.parity),
-err / tol: a check fails above 1.  Prints the tests that failed with their
+err / tol: a check fails above 1.  Every draw is judged on its own (with
+ATTNFAST_TEST_SEED set, tests/conftest.py does not redraw after a parity
+failure), so the rates are per draw.  Prints the tests that failed with their
 seeds (replay: ATTNFAST_TEST_SEED=<seed> pytest <test>), the checks with the
 highest err / tol (max and median over the runs), and the share of runs that
 had a failure with a 95% upper bound.

@@ -4,7 +4,7 @@ import torch
 import torch.nn.functional as F
 
 import attnfast
-from attnfast.testing import parity
+from attnfast.testing import assert_parity, parity
 
 
 def _agree(args, kwargs, dtype, grads=True):
@@ -33,8 +33,7 @@ def _agree(args, kwargs, dtype, grads=True):
         rg = torch.autograd.grad(truth, [truth_in[i] for i in idx], do)
         for i, a, b, c in zip(idx, g, tg, rg):
             res.append(parity(f"grad{i}", a, b, c))
-    bad = [r for r in res if not r.ok]
-    assert not bad, "; ".join(map(repr, bad))
+    assert_parity(res)
     return ours
 
 

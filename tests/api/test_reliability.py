@@ -397,3 +397,58 @@ def test_parity_sweep_tool_records_every_check():
     assert res.returncode == 0, res.stdout + res.stderr
     assert "runs with a failure: 0/2" in res.stdout
     assert "test_lse_floor_follows_the_scores_rounding_scale_and_still_catches_errors :: lse" in res.stdout
+
+
+_REDRAW_PROBE = '''
+import torch
+from attnfast.testing import ParityFailure
+
+SEEDS = []
+PLAIN = []
+
+
+def test_fails_once():
+    SEEDS.append(torch.initial_seed())
+    if len(SEEDS) == 1:
+        raise ParityFailure("first draw")
+    assert SEEDS[1] != SEEDS[0]  # the redraw is a fresh draw
+
+
+def test_fails_always():
+    raise ParityFailure("every draw")
+
+
+def test_plain_assertions_are_not_redrawn():
+    PLAIN.append(1)
+    assert len(PLAIN) > 1
+'''
+
+
+@pytest.mark.parametrize("replay", [False, True], ids=["fresh", "replay"])
+def test_a_parity_failure_gets_one_fresh_redraw(tmp_path, replay):
+    """tests/conftest.py: a ParityFailure is judged again on one fresh draw (and reported as a
+    warning with its seed when that passes); failing both fails; a replay (ATTNFAST_TEST_SEED)
+    judges its one draw; other assertion errors are never redrawn."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    tests_dir = Path(__file__).resolve().parents[1]
+    (tmp_path / "test_probe.py").write_text(_REDRAW_PROBE)
+    env = dict(os.environ, PYTHONPATH=str(tests_dir) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env.pop("ATTNFAST_TEST_SEED", None)
+    if replay:
+        env["ATTNFAST_TEST_SEED"] = "12345"
+    res = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "conftest", "-p", "no:cacheprovider",
+                          "-rA", "-W", "default", str(tmp_path / "test_probe.py")],
+                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    out = res.stdout
+    assert "FAILED test_probe.py::test_plain_assertions_are_not_redrawn" in out, out
+    assert "FAILED test_probe.py::test_fails_always" in out, out
+    if replay:
+        assert "FAILED test_probe.py::test_fails_once" in out and "2 failed" not in out, out
+    else:
+        assert "PASSED test_probe.py::test_fails_once" in out, out
+        assert "parity failed on the first draw" in out, out
+        assert "parity fails on two draws" in out, out

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import attnfast
-from attnfast.testing import compare_with_reference
+from attnfast.testing import assert_parity, compare_with_reference
 from cases import DECODE, SUBSET, SWEEP, make_inputs
 
 pytestmark = pytest.mark.skipif(not attnfast.backends()["cpu"].available, reason="cpu backend not built")
@@ -17,8 +17,7 @@ def _check(case, dtype, backend="cpu"):
                                   **case.attention_kwargs())
 
     results = compare_with_reference(run, q, k, v, m, **case.ref_kwargs())
-    bad = [r for r in results if not r.ok]
-    assert not bad, f"{case.id()} {dtype}: " + "; ".join(map(repr, bad))
+    assert_parity(results, f"{case.id()} {dtype}")
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])

@@ -11,7 +11,7 @@ backend (forward, lse, dq, dk, dv and a float mask's gradient).
 import pytest
 import torch
 
-from attnfast.testing import compare_with_reference
+from attnfast.testing import assert_parity, compare_with_reference
 from cases import Case, make_inputs
 
 cuda_emu = pytest.importorskip("cuda_emu")
@@ -42,8 +42,7 @@ def test_emulated_cuda_kernels_parity(case, dtype):
     q, k, v, m = make_inputs(case, dtype)
     res = compare_with_reference(lambda q, k, v, m: cuda_emu.attention(q, k, v, m, **case.attention_kwargs()),
                                  q, k, v, m, **case.ref_kwargs())
-    bad = [r for r in res if not r.ok]
-    assert not bad, f"{case.id()} {dtype}: " + "; ".join(map(repr, bad))
+    assert_parity(res, f"{case.id()} {dtype}")
 
 
 @pytest.mark.parametrize("case", [Case(B=1, Hq=2, Hkv=1, Lq=70, Lk=90, E=256, causal=True, align="bottom_right"),

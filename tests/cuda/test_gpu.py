@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import attnfast
-from attnfast.testing import compare_with_reference, dropout_mask
+from attnfast.testing import assert_parity, compare_with_reference, dropout_mask
 from cases import Case, make_inputs
 
 pytestmark = pytest.mark.gpu
@@ -46,8 +46,7 @@ def _check_parity(case, dtype, backend):
                                   **case.attention_kwargs())
 
     res = compare_with_reference(run, q, k, v, m, **case.ref_kwargs())
-    bad = [r for r in res if not r.ok]
-    assert not bad, f"{case.id()} {dtype}: " + "; ".join(map(repr, bad))
+    assert_parity(res, f"{case.id()} {dtype}")
 
 
 CUDA_CASES = [c for c in CASES if c.E in (64, 96, 128)] + [

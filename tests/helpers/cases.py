@@ -185,7 +185,7 @@ def check_parity(run, ref, inputs, lse_weight=None, score_scale=0.0):
     lse . lse_weight over the rows that see some key when lse_weight is given.  score_scale:
     the scores' rounding scale, the lse floor's magnitude when above max|lse| (a score's
     rounding error scales with its terms, not with its possibly cancelling sum)."""
-    from attnfast.testing import parity
+    from attnfast.testing import assert_parity, parity
 
     leaves = lambda: [t.detach().clone().requires_grad_(t.is_floating_point()) for t in inputs]  # noqa: E731
     a_in, r_in, t_in = leaves(), leaves(), leaves()
@@ -212,5 +212,4 @@ def check_parity(run, ref, inputs, lse_weight=None, score_scale=0.0):
             continue
         assert a is not None and torch.isfinite(a).all(), f"grad[{i}] missing or not finite"
         res.append(parity(f"grad[{i}]", a, r, t, n))
-    bad = [r for r in res if not r.ok]
-    assert not bad, bad
+    assert_parity(res)

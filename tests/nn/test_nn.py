@@ -13,7 +13,7 @@ import torch.nn.functional as F
 import attnfast
 import attnfast.nn as ann
 from attnfast.patching import kernel_calls
-from attnfast.testing import parity
+from attnfast.testing import assert_parity, parity
 
 E, H = 32, 4
 pytestmark = pytest.mark.filterwarnings("ignore:Support for mismatched key_padding_mask and attn_mask")
@@ -164,8 +164,7 @@ def _check_parity(case, batch_first, need_weights, dtype=torch.float32, average=
     for name, a, b, c in zip(names, grads(ours, o, w, xs, dtype), grads(theirs, to, tw, txs, dtype),
                              grads(truth, ro, rw, rxs, torch.float64)):
         res.append(parity(name, a, b, c))
-    bad = [r for r in res if not r.ok]
-    assert not bad, "; ".join(map(repr, bad))
+    assert_parity(res)
 
 
 @pytest.mark.parametrize("need_weights", [False, True], ids=["fused", "weights"])

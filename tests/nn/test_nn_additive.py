@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from attnfast.nn import AdditiveAttention
-from attnfast.testing import parity
+from attnfast.testing import assert_parity, parity
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float64]
 PARAMS = ["w_q", "w_k", "v_a", "proj_bias", "out_proj.weight", "out_proj.bias"]
@@ -167,8 +167,7 @@ def test_parity(case, dtype, need_weights):
         # A parameter's gradient sums over the batch and both sequences: its longest
         # reduction (the float64 floor's n) is B*Lq*Lk terms.
         res.append(parity(f"grad {name}", a, r, t, n if name in ("query", "key", "value") else max(n, B * Lq * Lk)))
-    bad = [r for r in res if not r.ok]
-    assert not bad, bad
+    assert_parity(res)
     if mk.get("dead"):
         assert torch.equal(ctx[0], torch.zeros_like(ctx[0]))
 

@@ -16,7 +16,7 @@ transformers = pytest.importorskip("transformers")
 
 import attnfast.integrations.transformers as hf  # noqa: E402
 from attnfast.patching import kernel_calls  # noqa: E402
-from attnfast.testing import parity  # noqa: E402
+from attnfast.testing import assert_parity, parity  # noqa: E402
 
 VOCAB, LAYERS = 96, 2
 HIDDEN = 64
@@ -67,8 +67,7 @@ def _check(ours, sdpa, truth, inputs, expect_calls):
         parts = [grads.pop(name.replace(".key.", f".{p}.")) for p in ("query", "key", "value")]
         grads[name.replace(".key.", ".qkv.")] = tuple(torch.cat(x) for x in zip(*parts))
     results += [parity(f"d{n}", a, b, c) for n, (a, b, c) in grads.items()]
-    bad = [x for x in results if not x.ok]
-    assert not bad, "; ".join(map(repr, bad))
+    assert_parity(results)
 
 
 @pytest.mark.parametrize("padded", [False, True], ids=["causal", "causal+padding"])
