@@ -67,28 +67,34 @@ def dot(a, b, DOT: tl.constexpr):
 # backward rebuilds P = exp(s - lse), and a float32 lse puts its own rounding,
 # half an ulp of |lse| ~ log Lk, on every P as a relative error: 1.2x a naive
 # float32 softmax's error at the median and up to 3x in the tail (measured),
-# which the parity rule catches on some draws.  The float64 lse is built and
-# read with float32 transcendentals only (no float64 log or exp on the device).
+# which the parity rule catches on some draws.  The float64 lse is built with
+# float64 adds, multiplies and one divide only (no float64 log on the device, and
+# no platform float32 log, whose error differs between GPUs and numpy).
 @triton.jit
 def row_lse(m, l):
     """m + log(l) in float64 for float32 row maxima m and sums l >= 1 (every row that
-    sees a key has l >= 1): l = 2^e f with f in [sqrt(1/2), sqrt(2)), log f in
-    float32 (|log f| < 0.35: its rounding is < 3e-8) and e ln 2 from a two-part ln 2
-    whose high part has 16 bits (e * LN2_HI is exact in float32)."""
+    sees a key has l >= 1): l = 2^e f with f in [sqrt(1/2), sqrt(2)); e ln 2 from a
+    two-part ln 2 whose high part has 15 significant bits (e * LN2_HI is exact in
+    float32); log f = 2 atanh(u), u = (f - 1) / (f + 1), |u| < 0.172, by its series to
+    u^17 (the rest < 2e-16)."""
     bits = l.to(tl.int32, bitcast=True)
     e = ((bits >> 23) & 0xFF) - 127
     f = ((bits & 0x7FFFFF) | 0x3F800000).to(tl.float32, bitcast=True)  # [1, 2)
     big = f > 1.4142135
-    f = tl.where(big, f * 0.5, f)
+    f = tl.where(big, f * 0.5, f).to(tl.float64)
     e = tl.where(big, e + 1, e).to(tl.float32)
+    u = (f - 1.0) / (f + 1.0)
+    u2 = u * u
+    series = u2 * (2.0 / 3.0 + u2 * (2.0 / 5.0 + u2 * (2.0 / 7.0 + u2 * (2.0 / 9.0 + u2 * (
+        2.0 / 11.0 + u2 * (2.0 / 13.0 + u2 * (2.0 / 15.0 + u2 * (2.0 / 17.0))))))))
     return (m.to(tl.float64) + (e * 0.693145751953125).to(tl.float64)
-            + (e * 1.4286068202862268e-06).to(tl.float64) + tl.log(f).to(tl.float64))
+            + (e * 1.4286068202862268e-06).to(tl.float64) + (2.0 * u + u * series))
 
 
 @triton.jit
 def lse_parts(lse):
     """(hi, lo): float32 parts of saved lse values (float64, or float32 for half
-    inputs, where lo = 0) with hi + lo = lse; P = exp((s - hi) - lo) then rounds
+    inputs, where lo = 0) with hi + lo = lse to 48 bits; P = exp((s - hi) - lo) rounds
     like a naive softmax's exp(s - max) (s - hi is exact where P is large).  Rows
     that see no key (-inf) and rows past Lq (+inf) get hi = +inf, lo = 0: P = 0."""
     none = (lse == float("-inf")) | (lse == float("inf"))

@@ -109,3 +109,50 @@ def test_rejects_what_it_cannot_serve():
     q = torch.randn(1, 2, 8, 16, device=DEVICE, dtype=torch.float64)
     with pytest.raises(attnfast.BackendUnavailableError, match="float64"):
         attnfast.attention(q, q, q, backend="triton")
+
+
+try:  # the probes of test_saved_lse_...: jit functions of this module (they see its globals)
+    import triton
+    import triton.language as tl
+
+    from attnfast.triton_kernels.common import lse_parts, row_lse
+
+    @triton.jit
+    def _row_lse_probe(M, L, LSE, HI, LO, N: tl.constexpr):
+        i = tl.arange(0, N)
+        lse = row_lse(tl.load(M + i), tl.load(L + i))
+        tl.store(LSE + i, lse)
+        hi, lo = lse_parts(lse)
+        tl.store(HI + i, hi)
+        tl.store(LO + i, lo)
+
+    @triton.jit
+    def _lse_parts_probe(X, HI, LO):
+        i = tl.arange(0, 4)
+        hi, lo = lse_parts(tl.load(X + i, mask=i < 3, other=float("inf")))  # row 3: past the end
+        tl.store(HI + i, hi, mask=i < 3)
+        tl.store(LO + i, lo, mask=i < 3)
+except ImportError:  # no triton: the module's tests skip
+    pass
+
+
+def test_saved_lse_is_float64_to_float32_rounding_and_splits_exactly():
+    """common.row_lse: m + log(l) as float64 from float32 m and l with float64 arithmetic
+    only, within 1e-10 of torch's float64 (float32 storage alone would lose up to half an
+    ulp of |lse|, ~2.4e-7 at |lse| ~ 4); common.lse_parts: hi + lo = lse to 48 bits, rows that
+    see no key (-inf) or lie past Lq (+inf) get hi = +inf, lo = 0."""
+    n = 1024
+    m = (torch.randn(n, device=DEVICE) * 30).float()
+    l = torch.exp(torch.rand(n, device=DEVICE) * 16).float().clamp_min(1.0)  # 1 .. 9e6, every binade
+    l[:4] = torch.tensor([1.0, 2.0, 1.4142135, 1.4142137])  # the edges of the reduction
+    lse, hi, lo = (torch.empty(n, device=DEVICE, dtype=d) for d in (torch.float64, torch.float32, torch.float32))
+    _row_lse_probe[(1,)](m, l, lse, hi, lo, N=n)
+    want = m.double() + torch.log(l.double())
+    assert (lse - want).abs().max().item() <= 1e-10
+    assert ((hi.double() + lo.double() - lse).abs() <= 1e-14 * lse.abs()).all()  # two float32s: 48 bits
+    assert (want - want.float().double()).abs().max().item() > 1e-7  # what float32 storage would lose
+
+    edge = torch.tensor([float("-inf"), float("inf"), 3.5], device=DEVICE, dtype=torch.float64)
+    hi, lo = torch.empty(3, device=DEVICE), torch.empty(3, device=DEVICE)
+    _lse_parts_probe[(1,)](edge, hi, lo)
+    assert hi.tolist() == [float("inf"), float("inf"), 3.5] and lo.tolist() == [0.0, 0.0, 0.0]
