@@ -92,6 +92,15 @@ def _parity(name, actual, same_precision, truth, n, magnitude):
     return ParityResult(name, err, ref_err, tol)
 
 
+def _float_mask_magnitude(attn_mask):
+    """max|finite value| of a float mask (added to the scores); 0 for none or a bool mask."""
+    if attn_mask is None or not attn_mask.is_floating_point() or not attn_mask.numel():
+        return 0.0
+    m = attn_mask.detach().double()
+    m = m[torch.isfinite(m)]
+    return m.abs().max().item() if m.numel() else 0.0
+
+
 def score_scale(q, k, attn_mask, scale):
     """max over (query, key) pairs of |scale| * sum_d |q_d k_d| (+ max|finite float mask|)."""
     if q.numel() == 0 or k.numel() == 0:
@@ -102,11 +111,7 @@ def score_scale(q, k, attn_mask, scale):
     if q.dim() >= 3 and ka.shape[-3] != qa.shape[-3]:  # GQA: each key head serves a group of query heads
         ka = ka.repeat_interleave(qa.shape[-3] // ka.shape[-3], dim=-3)
     mag = (qa @ ka.transpose(-1, -2)).nan_to_num(posinf=0.0).max().item() * abs(scale)
-    if attn_mask is not None and attn_mask.is_floating_point() and attn_mask.numel():
-        m = attn_mask.detach().double()
-        m = m[torch.isfinite(m)]
-        mag += m.abs().max().item() if m.numel() else 0.0
-    return mag
+    return mag + _float_mask_magnitude(attn_mask)
 
 
 def additive_score_scale(q, k, v, w_q, w_k, v_a, attn_mask=None):
@@ -125,11 +130,7 @@ def additive_score_scale(q, k, v, w_q, w_k, v_a, attn_mask=None):
     sq = ((qa @ wq.transpose(-1, -2)) * va).sum(-1)  # (..., H, Lq)
     sk = ((ka @ wk.transpose(-1, -2)) * va).sum(-1)  # (..., H, Lk)
     mag = (sq.amax(-1) + sk.amax(-1) + va.sum(-1).squeeze(-1)).max().item()
-    if attn_mask is not None and attn_mask.is_floating_point() and attn_mask.numel():
-        m = attn_mask.detach().double()
-        m = m[torch.isfinite(m)]
-        mag += m.abs().max().item() if m.numel() else 0.0
-    return mag
+    return mag + _float_mask_magnitude(attn_mask)
 
 
 def compare_with_reference(run, q, k, v, attn_mask=None, grads=True, **ref_kwargs):

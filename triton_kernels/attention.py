@@ -14,6 +14,8 @@ import triton
 import triton.language as tl
 from torch.library import triton_op
 
+from ..ops import lse_dtype
+
 from .common import (INTERPRETING, MASK_NONE, dot, dot_mode, launcher, load_rows, lse_parts, mask_args,
                      masked_scores, program_block, row_lse, visible)
 
@@ -585,8 +587,7 @@ def attention_fwd(q, k, v, mask, scale, window_left, window_right, bottom_right,
     wrap = launch or (lambda kern: kern)
     L = _Launch(q, k, v, mask, window_left, window_right, bottom_right, dropout_p, seed, offset, False)
     out = torch.empty((L.B, L.Hq, L.Lq, v.shape[3]), dtype=q.dtype, device=q.device)
-    lse = torch.empty((L.B, L.Hq, L.Lq), dtype=torch.float64 if q.dtype == torch.float32 else torch.float32,
-                      device=q.device)
+    lse = torch.empty((L.B, L.Hq, L.Lq), dtype=lse_dtype(q.dtype), device=q.device)
     kern, extra = L.kernel(_fwd_kernel, _fwd_tuned)
     grid = lambda meta: (triton.cdiv(L.Lq, meta["BLOCK_M"]), L.B * L.Hq)  # noqa: E731
     wrap(kern)[grid](

@@ -38,6 +38,8 @@ import triton
 import triton.language as tl
 from torch.library import triton_op
 
+from ..ops import lse_dtype
+
 from .common import (INTERPRETING, MASK_FLOAT, dot, dot_mode, launcher, load_rows, lse_parts, mask_args,
                      masked_scores, program_block, row_lse, visible)
 
@@ -405,8 +407,7 @@ def topk_fwd(q, k, v, mask, causal, scale, top_k, launch=None):
     Hkv, Ev = k.shape[1], v.shape[3]
     idx = select_topk(q, k, mask, causal, scale, top_k, launch)
     out = torch.empty((B, Hq, Lq, Ev), dtype=q.dtype, device=q.device)
-    lse = torch.empty((B, Hq, Lq), dtype=torch.float64 if q.dtype == torch.float32 else torch.float32,
-                      device=q.device)
+    lse = torch.empty((B, Hq, Lq), dtype=lse_dtype(q.dtype), device=q.device)
     if lse.numel() == 0:
         return out, lse, idx
     m, mstrides, kind = mask_args(q, mask)
