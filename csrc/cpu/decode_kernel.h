@@ -7,6 +7,12 @@
 //   s[r][j] = scale * q_r . k_j      (dot products over E, one key row at a time)
 //   mask, then per row m = max s, l = sum exp(s - m), p = exp(s - m)
 //   o_r = sum_j p[r][j] v_j          (the blocked kernel's P V product, V read in place)
+// A split walks its keys in blocks of kDecodeBlock, so that the K and V rows of
+// a block are read together (K then V of the whole split was ~10% slower at
+// D = 128).  Each block has its own (o, m, l) in the arithmetic type; they
+// are merged into the split's (o, m, l) in the lse type (float64 for float32
+// inputs): the online softmax's rescale in float32 added a rounding per block,
+// enough to push a ring-attention gradient past the parity rule.
 // The keys are cut into splits of at least kSplitMin keys, so that B * Hkv
 // items become up to kDecodeItems; each split keeps its own (o, m, l) and a
 // last pass merges them by log-sum-exp in split order.  The split count is a
@@ -22,6 +28,7 @@ namespace {
 constexpr int64_t kDecodeRows = 16;    // query rows per kv head (group * Lq) served here
 constexpr int64_t kSplitMin = 512;     // keys per split, at least
 constexpr int64_t kDecodeItems = 8;    // work items aimed at (a fixed number: see above)
+constexpr int64_t kDecodeBlock = 256;  // keys per block of a split's walk
 
 inline bool decode_fits(const AttnParams& p) {
   return p.Lq * (p.Hq / p.Hkv) <= kDecodeRows && p.Lk > 0;
@@ -43,43 +50,36 @@ const A* row_as(const T* base, int64_t rs, int64_t cs, int64_t j, int64_t n, boo
   return tmp;
 }
 
-// sum_e q[e] * k[e] for e < n; q is padded with zeros to whole vectors, k is
-// read in whole vectors only below n (the rest one value at a time).
-inline float dot_row(const float* q, const float* k, int64_t n) {
+// out[x] = sum_e q[e] * k[x][e] for e < n, NK key rows at once: NK
+// independent sums the core overlaps (one row at a time was a single chain of
+// dependent FMAs).  q is padded with zeros to whole vectors; k is read in
+// whole vectors only below n (the rest one value at a time), bfloat16 keys
+// widened in registers.  Each key's sum is the same arithmetic for any NK.
+template <int NK, typename T>
+inline void dot_rows(const float* q, const T* const* k, int64_t n, float* out) {
   using V = Vec<float>::type;
   constexpr int W = Vec<float>::kWidth;
-  V acc = V{};
-  int64_t e = 0;
-  for (; e + W <= n; e += W)
-    acc += *reinterpret_cast<const V*>(q + e) * *reinterpret_cast<const V*>(k + e);
-  float tail = 0.f;
-  for (; e < n; ++e) tail += q[e] * k[e];
-  return hsum(acc) + tail;
-}
-// The same sum with k in bfloat16, widened in registers (a bfloat16 is the top
-// half of a float32): no converted copy of the key row.
-inline float dot_row(const float* q, const bf16_t* k, int64_t n) {
-  using V = Vec<float>::type;
-  constexpr int W = Vec<float>::kWidth;
-  typedef uint16_t U16 __attribute__((vector_size(W * 2), aligned(2)));
-  typedef uint32_t U32 __attribute__((vector_size(W * 4)));
-  V acc = V{};
+  V acc[NK];
+  for (int x = 0; x < NK; ++x) acc[x] = V{};
   int64_t e = 0;
   for (; e + W <= n; e += W) {
-    U16 h;
-    std::memcpy(&h, k + e, sizeof(h));
-    const U32 u = __builtin_convertvector(h, U32) << 16;
-    V kv;
-    std::memcpy(&kv, &u, sizeof(kv));
-    acc += *reinterpret_cast<const V*>(q + e) * kv;
+    const V qv = *reinterpret_cast<const V*>(q + e);
+    for (int x = 0; x < NK; ++x) acc[x] += qv * load_vec<V>(k[x] + e);
   }
-  float tail = 0.f;
-  for (; e < n; ++e) tail += q[e] * Elem<bf16_t>::load(k + e);
-  return hsum(acc) + tail;
+  for (int x = 0; x < NK; ++x) {
+    float tail = 0.f;
+    for (int64_t t = e; t < n; ++t) tail += q[t] * Elem<T>::load(k[x] + t);
+    out[x] = hsum(acc[x]) + tail;
+  }
 }
-template <typename A>
-inline A dot_row(const A* q, const A* k, int64_t n) {
-  A s = A(0);
+template <typename T>
+inline float dot_row(const float* q, const T* k, int64_t n) {
+  float out;
+  dot_rows<1>(q, &k, n, &out);
+  return out;
+}
+inline double dot_row(const double* q, const double* k, int64_t n) {
+  double s = 0.0;
   for (int64_t e = 0; e < n; ++e) s += q[e] * k[e];
   return s;
 }
@@ -87,22 +87,47 @@ inline A dot_row(const A* q, const A* k, int64_t n) {
 // o[r][0:n] = sum_{j<d} p[r][j] * v[j][0:n] for r < rows: the blocked
 // kernel's P V product (same KC chunks), in tiles of 2 rows by 4 vectors, so
 // that one row still has 4 independent sums (the 6 x 2 tile left a single row
-// with 2 dependent FMA chains).  v is read in whole tiles of kDecodeNR columns
-// (a caller reading V in place checks n % kDecodeNR == 0); o is padded so.
+// with 2 dependent FMA chains).  v (float, or bfloat16 widened as it is read)
+// is read in whole tiles of kDecodeNR columns (a caller reading V in place
+// checks n % kDecodeNR == 0); o is padded so.
 constexpr int kDecodeNV = 4;
-template <typename A>
-void pv_rows(const A* p, int64_t lds, int64_t rows, int64_t d, const A* v, int64_t ldv, int64_t n, A* o,
+template <typename A, typename B>
+void pv_rows(const A* p, int64_t lds, int64_t rows, int64_t d, const B* v, int64_t ldv, int64_t n, A* o,
              int64_t ldo) {
   constexpr int64_t NR = kDecodeNV * Vec<A>::kWidth;
   for (int64_t j = 0; j < n; j += NR) {
     int64_t r = 0;
     for (; r + 2 <= rows; r += 2)
-      micro_tile<A, 2, kKCSeq, Epi::kStore, false, kDecodeNV>(p + r * lds, lds, v + j, ldv, d, A(1), nullptr,
-                                                              o + r * ldo + j, ldo);
+      micro_tile<A, 2, kKCSeq, Epi::kStore, false, kDecodeNV, B>(p + r * lds, lds, v + j, ldv, d, A(1),
+                                                                 nullptr, o + r * ldo + j, ldo);
     if (r < rows)
-      micro_tile<A, 1, kKCSeq, Epi::kStore, false, kDecodeNV>(p + r * lds, lds, v + j, ldv, d, A(1), nullptr,
-                                                              o + r * ldo + j, ldo);
+      micro_tile<A, 1, kKCSeq, Epi::kStore, false, kDecodeNV, B>(p + r * lds, lds, v + j, ldv, d, A(1),
+                                                                 nullptr, o + r * ldo + j, ldo);
   }
+}
+
+// Adds a block's (o_b, m_b, l_b) of one row into the running (o, m, l), all
+// kept in L: with M = max(m, m_b), o = o exp(m - M) + o_b exp(m_b - M), the
+// same for l.  The exponentials are taken in the wide type.  A NaN m_b makes
+// the row NaN (l), as in the blocked kernel.
+template <typename A, typename L, typename W>
+inline void merge_block(const A* ob, A mb, A lb, int64_t n, L* o, L& m, L& l) {
+  if (mb != mb) {
+    m = l = std::numeric_limits<L>::quiet_NaN();
+    return;
+  }
+  if (l != l || lb == A(0)) return;  // row already NaN, or nothing visible in the block
+  L w = L(1);
+  if (static_cast<L>(mb) > m) {
+    const L f = l > L(0) ? static_cast<L>(std::exp(static_cast<W>(m) - static_cast<W>(mb))) : L(0);
+    for (int64_t c = 0; c < n; ++c) o[c] *= f;
+    l *= f;
+    m = static_cast<L>(mb);
+  } else if (static_cast<L>(mb) < m) {
+    w = static_cast<L>(std::exp(static_cast<W>(mb) - static_cast<W>(m)));
+  }
+  for (int64_t c = 0; c < n; ++c) o[c] += static_cast<L>(ob[c]) * w;
+  l += static_cast<L>(lb) * w;
 }
 
 template <typename T>
@@ -116,81 +141,100 @@ void decode_impl(const FwdParams& p) {
   const int64_t E = p.E, Ev = p.Ev, lde = pad_up(E), ldv = cdiv(Ev, NR) * NR;
   const int64_t nsplit = decode_splits(p), heads = p.B * p.Hkv;
   const int64_t chunk = cdiv(p.Lk, nsplit);
-  const int64_t lds = pad_up(chunk);
+  const int64_t lds = imin(kDecodeBlock, pad_up(chunk));
   const A scale = static_cast<A>(p.scale);
   const A ninf = -std::numeric_limits<A>::infinity();
-  constexpr bool same = std::is_same<T, A>::value;
-  const bool k_direct = same && p.k_st.c == 1;
-  // V rows feed the product as its B operand, read in whole register tiles.
-  const bool v_direct = same && p.v_st.c == 1 && Ev % NR == 0;
+  // float32 and bfloat16 (widened as loaded) key and value rows are read in
+  // place; V rows feed the product as its B operand, in whole register tiles.
+  constexpr bool kInPlace = std::is_same<A, float>::value && (std::is_same<T, A>::value ||
+                                                              std::is_same<T, bf16_t>::value);
+  const bool k_direct = kInPlace && p.k_st.c == 1;
+  const bool v_direct = kInPlace && p.v_st.c == 1 && Ev % NR == 0;
   // Per split and row: the unnormalised output (ldv) and m, l.
-  Buffer<A> part(nsplit > 1 ? heads * nsplit * rows * ldv : 0);
+  Buffer<L> part(nsplit > 1 ? heads * nsplit * rows * ldv : 0);
   Buffer<L> part_ml(nsplit > 1 ? heads * nsplit * rows * 2 : 0);
 
   run_parallel(p, heads * nsplit, [&](int64_t begin, int64_t end) {
-    Buffer<A> qbuf(rows * lde), s(rows * lds), o(nsplit > 1 ? 0 : rows * ldv), ktmp(lde);
-    Buffer<A> vbuf(v_direct ? 0 : chunk * ldv);
-    Buffer<A> fac(p.dropout_p > 0.f ? rows * lds : 0), mrow(rows);
-    Buffer<L> lrow(rows);
+    Buffer<A> qbuf(rows * lde), s(rows * lds), ob(rows * ldv), ktmp(lde);
+    Buffer<A> vbuf(v_direct ? 0 : lds * ldv);
+    Buffer<A> fac(p.dropout_p > 0.f ? rows * lds : 0), mb(rows), lb(rows);
+    Buffer<L> o(nsplit > 1 ? 0 : rows * ldv), mrow(rows), lrow(rows);
     for (int64_t item = begin; item < end; ++item) {
       const int64_t sp = item % nsplit, bk = item / nsplit;
       const int64_t hk = bk % p.Hkv, b = bk / p.Hkv;
       const int64_t j0 = sp * chunk, nk = imin(chunk, p.Lk - j0);
-      const int64_t nkp = pad_up(nk);
       for (int64_t g = 0; g < group; ++g) {
         const T* q = static_cast<const T*>(p.q) + b * p.q_st.b + (hk * group + g) * p.q_st.h;
         load_rows(q, p.q_st.r, p.q_st.c, 0, p.Lq, E, qbuf.data() + g * p.Lq * lde, lde);
       }
       const T* k = head_of<T>(p.k, p.k_st, b, hk);
-      for (int64_t j = 0; j < nk; ++j) {
-        if constexpr (std::is_same<T, bf16_t>::value && std::is_same<A, float>::value) {
-          if (p.k_st.c == 1) {  // widened in registers
-            const bf16_t* kr = k + (j0 + j) * p.k_st.r;
-            for (int64_t r = 0; r < rows; ++r) s[r * lds + j] = dot_row(qbuf.data() + r * lde, kr, E) * scale;
-            continue;
+      const T* v = head_of<T>(p.v, p.v_st, b, hk);
+      L* od = nsplit > 1 ? part.data() + (bk * nsplit + sp) * rows * ldv : o.data();
+      for (int64_t r = 0; r < rows; ++r) {
+        mrow[r] = -std::numeric_limits<L>::infinity();
+        lrow[r] = L(0);
+        for (int64_t c = 0; c < ldv; ++c) od[r * ldv + c] = L(0);
+      }
+      // The split's keys in blocks of kDecodeBlock: scores, the block's
+      // softmax, P V, then the block merged into the split's (o, m, l).
+      for (int64_t c0 = 0; c0 < nk; c0 += kDecodeBlock) {
+        const int64_t jb = j0 + c0, nc = imin(kDecodeBlock, nk - c0), ncp = pad_up(nc);
+        int64_t j = 0;
+        if constexpr (kInPlace) {
+          if (k_direct) {  // key rows read in place, four at a time
+            for (; j + 4 <= nc; j += 4) {
+              const T* kr[4];
+              for (int x = 0; x < 4; ++x) kr[x] = k + (jb + j + x) * p.k_st.r;
+              for (int64_t r = 0; r < rows; ++r) {
+                float d4[4];
+                dot_rows<4>(qbuf.data() + r * lde, kr, E, d4);
+                for (int x = 0; x < 4; ++x) s[r * lds + j + x] = d4[x] * scale;
+              }
+            }
+            for (; j < nc; ++j) {
+              const T* kr = k + (jb + j) * p.k_st.r;
+              for (int64_t r = 0; r < rows; ++r) s[r * lds + j] = dot_row(qbuf.data() + r * lde, kr, E) * scale;
+            }
           }
         }
-        const A* kr = row_as<T, A>(k, p.k_st.r, p.k_st.c, j0 + j, E, k_direct, ktmp.data());
-        for (int64_t r = 0; r < rows; ++r) s[r * lds + j] = dot_row(qbuf.data() + r * lde, kr, E) * scale;
-      }
-      for (int64_t g = 0; g < group; ++g) {
-        const int64_t h = hk * group + g;
-        A* sg = s.data() + g * p.Lq * lds;
-        mask_tile<T, A>(p, vis, b, h, 0, p.Lq, j0, nk, sg, lds, TileMask::kMixed);
-        if (p.dropout_p > 0.f) dropout_factors(p, b, h, 0, p.Lq, j0, nk, fac.data() + g * p.Lq * lds, lds);
-      }
-      L* ml = nsplit > 1 ? part_ml.data() + (bk * nsplit + sp) * rows * 2 : nullptr;
-      for (int64_t r = 0; r < rows; ++r) {
-        A* row = s.data() + r * lds;
-        for (int64_t j = nk; j < nkp; ++j) row[j] = ninf;  // padding lanes give exp = 0
-        const A m = row_max(row, nkp);
-        A l = A(0);
-        if (m == ninf) {
-          for (int64_t j = 0; j < nkp; ++j) row[j] = A(0);
-        } else {
-          l = row_exp_sum(row, nkp, m);
+        for (; j < nc; ++j) {  // other dtypes and strides: a converted copy of the row
+          load_rows(k, p.k_st.r, p.k_st.c, jb + j, 1, E, ktmp.data(), E);
+          for (int64_t r = 0; r < rows; ++r)
+            s[r * lds + j] = dot_row(qbuf.data() + r * lde, static_cast<const A*>(ktmp.data()), E) * scale;
         }
-        mrow[r] = m;
-        lrow[r] = static_cast<L>(l);
-        if (p.dropout_p > 0.f)
-          for (int64_t j = 0; j < nk; ++j) row[j] *= fac[r * lds + j];
-      }
-      const T* v = head_of<T>(p.v, p.v_st, b, hk);
-      const A* vb;
-      int64_t ldb;
-      if (v_direct) {
-        vb = reinterpret_cast<const A*>(v + j0 * p.v_st.r);
-        ldb = p.v_st.r;
-      } else {
-        load_rows(v, p.v_st.r, p.v_st.c, j0, nk, Ev, vbuf.data(), ldv);
-        vb = vbuf.data();
-        ldb = ldv;
-      }
-      A* od = nsplit > 1 ? part.data() + (bk * nsplit + sp) * rows * ldv : o.data();
-      pv_rows(s.data(), lds, rows, nk, vb, ldb, Ev, od, ldv);
-      if (nsplit > 1) {
+        for (int64_t g = 0; g < group; ++g) {
+          const int64_t h = hk * group + g;
+          A* sg = s.data() + g * p.Lq * lds;
+          mask_tile<T, A>(p, vis, b, h, 0, p.Lq, jb, nc, sg, lds, TileMask::kMixed);
+          if (p.dropout_p > 0.f) dropout_factors(p, b, h, 0, p.Lq, jb, nc, fac.data() + g * p.Lq * lds, lds);
+        }
         for (int64_t r = 0; r < rows; ++r) {
-          ml[2 * r] = static_cast<L>(mrow[r]);
+          A* row = s.data() + r * lds;
+          for (int64_t jj = nc; jj < ncp; ++jj) row[jj] = ninf;  // padding lanes give exp = 0
+          mb[r] = row_max(row, ncp);
+          lb[r] = A(0);
+          if (mb[r] == ninf) {  // nothing visible in this block's row
+            for (int64_t jj = 0; jj < ncp; ++jj) row[jj] = A(0);
+            continue;
+          }
+          lb[r] = row_exp_sum(row, ncp, mb[r]);
+          if (p.dropout_p > 0.f)
+            for (int64_t jj = 0; jj < nc; ++jj) row[jj] *= fac[r * lds + jj];
+        }
+        if constexpr (kInPlace) {
+          if (v_direct) pv_rows(s.data(), lds, rows, nc, v + jb * p.v_st.r, p.v_st.r, Ev, ob.data(), ldv);
+        }
+        if (!v_direct) {
+          load_rows(v, p.v_st.r, p.v_st.c, jb, nc, Ev, vbuf.data(), ldv);
+          pv_rows(s.data(), lds, rows, nc, static_cast<const A*>(vbuf.data()), ldv, Ev, ob.data(), ldv);
+        }
+        for (int64_t r = 0; r < rows; ++r)
+          merge_block<A, L, W>(ob.data() + r * ldv, mb[r], lb[r], Ev, od + r * ldv, mrow[r], lrow[r]);
+      }
+      if (nsplit > 1) {
+        L* ml = part_ml.data() + (bk * nsplit + sp) * rows * 2;
+        for (int64_t r = 0; r < rows; ++r) {
+          ml[2 * r] = mrow[r];
           ml[2 * r + 1] = lrow[r];
         }
         continue;
@@ -226,8 +270,8 @@ void decode_impl(const FwdParams& p) {
         for (int64_t c = 0; c < Ev; ++c) acc[c] = L(0);
         for (int64_t sp = 0; sp < nsplit; ++sp) {
           if (w[sp] == L(0)) continue;
-          const A* os = part.data() + ((bk * nsplit + sp) * rows + r) * ldv;
-          for (int64_t c = 0; c < Ev; ++c) acc[c] += static_cast<L>(os[c]) * w[sp];
+          const L* os = part.data() + ((bk * nsplit + sp) * rows + r) * ldv;
+          for (int64_t c = 0; c < Ev; ++c) acc[c] += os[c] * w[sp];
         }
         store_out_row<T>(p, b, hk * group + r / p.Lq, r % p.Lq, acc.data(), M, l);
       }

@@ -69,8 +69,18 @@ enum class Epi { kStore, kRescale, kAccumulate };
 // (NOTES.md, v10).
 #pragma GCC diagnostic push
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"  // acc: set by the first chunk (d > 0)
-template <typename A, int MR, int64_t kKC, Epi kEpi, bool kTransA, int NV = kNV>
-inline void micro_tile(const A* __restrict a, int64_t lda, const A* __restrict b, int64_t ldb, int64_t d,
+// b may hold a narrower type B than A (bfloat16 for float): its vectors are
+// widened as they are loaded (load_vec), with no converted copy of b.
+// (memcpy: a vector type passed as a template argument loses its element
+// alignment attribute, and a dereference would then assume a whole vector's.)
+template <typename V, typename X>
+inline V load_vec(const X* p) {  // W values of A's own type
+  V x;
+  std::memcpy(&x, p, sizeof(x));
+  return x;
+}
+template <typename A, int MR, int64_t kKC, Epi kEpi, bool kTransA, int NV = kNV, typename B = A>
+inline void micro_tile(const A* __restrict a, int64_t lda, const B* __restrict b, int64_t ldb, int64_t d,
                        A scale, const A* __restrict alpha, A* __restrict c, int64_t ldc) {
   using V = typename Vec<A>::type;
   constexpr int W = Vec<A>::kWidth;
@@ -95,7 +105,7 @@ inline void micro_tile(const A* __restrict a, int64_t lda, const A* __restrict b
 #pragma GCC unroll 4
     for (int64_t e = e0; e < e1; ++e) {
       V bv[NV];
-      for (int v = 0; v < NV; ++v) bv[v] = *reinterpret_cast<const V*>(b + e * ldb + v * W);
+      for (int v = 0; v < NV; ++v) bv[v] = load_vec<V>(b + e * ldb + v * W);
       for (int r = 0; r < MR; ++r) {
         const V av = splat<V>(kTransA ? a[e * lda + r] : a[r * lda + e]);
         for (int v = 0; v < NV; ++v) t[r][v] += av * bv[v];

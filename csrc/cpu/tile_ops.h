@@ -81,6 +81,22 @@ template <> struct Elem<bf16_t> {
     p->bits = static_cast<uint16_t>(u >> 16);
   }
 };
+
+// W bfloat16 values widened to a float vector (a bfloat16 is the top half of a
+// float32): the B operand of micro_tile and the keys of dot_rows read so.
+template <typename V>
+inline V load_vec(const bf16_t* p) {
+  static_assert(sizeof(V) == sizeof(Vec<float>::type), "widens to the float vector of this ISA");
+  constexpr int W = Vec<float>::kWidth;
+  typedef uint16_t U16 __attribute__((vector_size(W * 2), aligned(2)));
+  typedef uint32_t U32 __attribute__((vector_size(W * 4)));
+  U16 h;
+  std::memcpy(&h, p, sizeof(h));
+  const U32 u = __builtin_convertvector(h, U32) << 16;
+  V x;
+  std::memcpy(&x, &u, sizeof(x));
+  return x;
+}
 template <> struct Elem<f16_t> {
   using acc = float;
   using lse = float;

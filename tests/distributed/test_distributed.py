@@ -13,6 +13,7 @@ import attnfast
 from attnfast.distributed import (block_plan, launch_local, merge_partial, model_hidden_length, ring_attention,
                                   shard_sequence, unshard_sequence, _spans)
 from attnfast.reference import attention_ref
+from attnfast.testing import ParityFailure
 
 WORKER = str(Path(__file__).with_name("ring_worker.py"))
 
@@ -188,8 +189,11 @@ def _failure_text(results):
 @pytest.mark.parametrize("world", [2, 4])
 def test_ring_matches_single_process_by_the_parity_rule(world, tmp_path, fresh_seed):
     out = tmp_path / "ring.json"
+    # The workers' seed comes from torch's generator (seeded with fresh_seed, so the printed
+    # seed replays it): a parity redraw (conftest.py) reseeds torch and so draws new data.
+    seed = int(torch.randint(2**31 - 1, ()).item())
     # the Triton backend's case (under the interpreter) on the 2-rank ring only: it is slow
-    env = {"ATTNFAST_TEST_SEED": str(fresh_seed), "OMP_NUM_THREADS": "1",
+    env = {"ATTNFAST_TEST_SEED": str(seed), "OMP_NUM_THREADS": "1",
            "TRITON_INTERPRET": "1" if world == 2 else "0"}
     results = launch_local([WORKER, "parity", str(out)], world, timeout=240, env=env)
     assert all(r.returncode == 0 for r in results), _failure_text(results)
@@ -200,7 +204,12 @@ def test_ring_matches_single_process_by_the_parity_rule(world, tmp_path, fresh_s
     bad = [f"{r['name']} {c['tensor']}: ring err {c['err']:.3g} > tol {c['tol']:.3g} (single-process err "
            f"{c['single_err']:.3g}, ring vs single {c['ring_vs_single']:.3g})"
            for r in records for c in r["checks"] if not c["ok"]]
-    assert not bad, "\n".join(bad)
+    # Judged like every parity test: a failure gets one fresh draw.  The ring's float32
+    # gradients use FlashAttention-2's delta = rowsum(dO * O) (a row spans ranks), not the
+    # row sum of the rounded P * dP the kernels take alone: at up to ~4x the naive error,
+    # about 5 draws in 100 break the rule (at up to 1.4x of it; the reference backend too).
+    if bad:
+        raise ParityFailure(f"worker seed {seed}: " + "\n".join(bad))
 
 
 @pytest.mark.gpu
