@@ -53,6 +53,8 @@ void fwd_impl(const FwdParams& p) {
   const int64_t bq = imin(kBlockQ, p.Lq);  // rows of a query block, at most (scratch sizes)
   const A scale = static_cast<A>(p.scale);
   const A ninf = -std::numeric_limits<A>::infinity();
+  // Key blocks of the softmax: ntile packed tiles (fwd_key_tiles), ldk keys.
+  const int64_t ntile = fwd_key_tiles(), ldk = ntile * kBlockK;
 
   run_parallel(p, p.B * p.Hq * nqb, [&](int64_t begin, int64_t end) {
     // K^T (E, Lk) and V (Lk, Ev) of one kv head, packed once and reused by
@@ -65,12 +67,12 @@ void fwd_impl(const FwdParams& p) {
     // acc is zeroed per item.
     Buffer<A> kt(nkb * E * kBlockK, Init::kUninit), vbuf((nkb * kBlockK) * ldv, Init::kUninit);
     int64_t packed = -1;  // b * Hkv + hk of the current packs
-    Buffer<A> qbuf(bq * E, Init::kUninit), sc(bq * kBlockK, Init::kUninit), acc(bq * ldv, Init::kUninit);
+    Buffer<A> qbuf(bq * E, Init::kUninit), sc(bq * ldk, Init::kUninit), acc(bq * ldv, Init::kUninit);
     Buffer<A> mrow(pad_up(bq)), mnew(pad_up(bq)), alpha(pad_up(bq));
     // Row sums in the lse precision: the saved lse = m + log(l) is what the
     // backward rebuilds P from, so its error lands on every gradient.
     Buffer<L> lrow(bq);
-    Buffer<A> fac(p.dropout_p > 0.f ? bq * kBlockK : 0);
+    Buffer<A> fac(p.dropout_p > 0.f ? bq * ldk : 0);
     for (int64_t item = begin; item < end; ++item) {
       // Query blocks of a head in the order 0, n-1, 1, n-2, ...: under a causal
       // or windowed rule the work per block grows with its index, and
@@ -92,27 +94,42 @@ void fwd_impl(const FwdParams& p) {
 
       int64_t jlo, jhi;  // keys visible to any row of this block
       vis.block_cols(i0, nq, jlo, jhi);
-      // Tiles are aligned to the packing; columns of the first tile left of
-      // jlo are invisible to every row and get -inf from mask_tile.
-      for (int64_t j0 = jlo / kBlockK * kBlockK; j0 < jhi; j0 += kBlockK) {
-        const int64_t nk = imin(kBlockK, jhi - j0);
-        const int64_t nkp = imin(kBlockK, pad_up(nk));  // whole vectors
-        const TileMask tm = classify_tile<T>(p, b, h, i0, nq, j0, nk);
-        if (tm == TileMask::kHidden) continue;
-        matmul_tile<kKCHead>(qbuf.data(), E, nq, E, kt.data() + j0 * E, kBlockK, nk, scale, sc.data(), kBlockK);
-        mask_tile<T, A>(p, vis, b, h, i0, nq, j0, nk, sc.data(), kBlockK, tm);
+      // Blocks of ntile key tiles, aligned to the packing; columns of the first
+      // tile left of jlo are invisible to every row and get -inf from mask_tile.
+      for (int64_t j0 = jlo / kBlockK * kBlockK; j0 < jhi; j0 += ldk) {
+        const int64_t nk = imin(ldk, jhi - j0);
+        const int64_t nkp = imin(ldk, pad_up(nk));  // whole vectors
+        // Scores tile by tile; a tile the mask hides entirely gets no product
+        // (its columns -inf: P = 0) and no P V term.
+        bool hidden[kFwdTilesMax];
+        int64_t shown = 0;
+        for (int64_t t = 0; t * kBlockK < nk; ++t) {
+          const int64_t jt = j0 + t * kBlockK, nt = imin(kBlockK, nk - t * kBlockK);
+          A* st = sc.data() + t * kBlockK;
+          const TileMask tm = classify_tile<T>(p, b, h, i0, nq, jt, nt);
+          hidden[t] = tm == TileMask::kHidden;
+          if (hidden[t]) {
+            for (int64_t i = 0; i < nq; ++i)
+              for (int64_t j = 0; j < imin(kBlockK, nkp - t * kBlockK); ++j) st[i * ldk + j] = ninf;
+            continue;
+          }
+          ++shown;
+          matmul_tile<kKCHead>(qbuf.data(), E, nq, E, kt.data() + jt * E, kBlockK, nt, scale, st, ldk);
+          mask_tile<T, A>(p, vis, b, h, i0, nq, jt, nt, st, ldk, tm);
+        }
+        if (shown == 0) continue;
 
         // Online softmax: P = exp(S - m_new), l = l * alpha + rowsum(P), with
         // alpha = exp(m - m_new) taken for all rows at once (vectorised).
         for (int64_t i = 0; i < nq; ++i) {
-          A* row = sc.data() + i * kBlockK;
+          A* row = sc.data() + i * ldk;
           for (int64_t j = nk; j < nkp; ++j) row[j] = ninf;  // padding lanes give exp = 0
           const A mx = row_max(row, nkp);
           mnew[i] = (mx > mrow[i] || mx != mx) ? mx : mrow[i];  // a NaN row stays NaN
         }
         exp_diff(mrow.data(), mnew.data(), nq, alpha.data());  // exp(-inf) = 0 on the first block
         for (int64_t i = 0; i < nq; ++i) {
-          A* row = sc.data() + i * kBlockK;
+          A* row = sc.data() + i * ldk;
           if (mnew[i] == ninf) {  // nothing visible in this row yet
             for (int64_t j = 0; j < nkp; ++j) row[j] = A(0);
             alpha[i] = A(1);
@@ -123,12 +140,26 @@ void fwd_impl(const FwdParams& p) {
           mrow[i] = mnew[i];
         }
         if (p.dropout_p > 0.f) {
-          dropout_factors(p, b, h, i0, nq, j0, nk, fac.data(), kBlockK);
-          for (int64_t x = 0; x < nq * kBlockK; ++x) sc[x] *= fac[x];
+          dropout_factors(p, b, h, i0, nq, j0, nk, fac.data(), ldk);
+          for (int64_t x = 0; x < nq * ldk; ++x) sc[x] *= fac[x];
         }
-        // acc = acc * alpha + P V, the rescale fused into the product's epilogue.
-        matmul_tile<kKCSeq, Epi::kRescale>(sc.data(), kBlockK, nq, nk, vbuf.data() + j0 * ldv, ldv, Ev, A(1),
-                                           acc.data(), ldv, alpha.data());
+        // acc = acc * alpha + P V, the rescale fused into the product's epilogue
+        // of the first run of shown tiles; later runs (past a hidden tile) add.
+        bool first = true;
+        for (int64_t t = 0; t * kBlockK < nk;) {
+          if (hidden[t]) { ++t; continue; }
+          int64_t t1 = t + 1;
+          while (t1 * kBlockK < nk && !hidden[t1]) ++t1;
+          const int64_t ja = t * kBlockK, nr = imin(t1 * kBlockK, nk) - ja;
+          const A* pa = sc.data() + ja;
+          const A* vb = vbuf.data() + (j0 + ja) * ldv;
+          if (first)
+            matmul_tile<kKCSeq, Epi::kRescale>(pa, ldk, nq, nr, vb, ldv, Ev, A(1), acc.data(), ldv, alpha.data());
+          else
+            matmul_tile<kKCSeq, Epi::kAccumulate>(pa, ldk, nq, nr, vb, ldv, Ev, A(1), acc.data(), ldv);
+          first = false;
+          t = t1;
+        }
       }
 
       for (int64_t i = 0; i < nq; ++i) store_out_row<T>(p, b, h, i0 + i, acc.data() + i * ldv, mrow[i], lrow[i]);

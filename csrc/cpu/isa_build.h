@@ -21,6 +21,8 @@
 #include <new>
 #include <type_traits>
 
+#include <unistd.h>
+
 #include "params.h"
 
 #if !defined(ATTNFAST_ISA_NS) || !defined(ATTNFAST_VEC_BYTES)

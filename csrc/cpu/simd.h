@@ -230,24 +230,49 @@ inline float hmax(F16 v) { return hmax(max_nan(lo_half(v), hi_half(v))); }
 inline float softmax_row_f32(float* row, int64_t n, float m) {
   using V = Vec<float>::type;
   constexpr int W = Vec<float>::kWidth;
-  V sum = V{};
-  for (int64_t j = 0; j < n; j += W) {
+  V sum = V{}, sum2 = V{};
+  int64_t j = 0;
+  for (; j + 2 * W <= n; j += 2 * W) {
+    V* pv = reinterpret_cast<V*>(row + j);
+    const V e = exp_vec(pv[0] - m), e2 = exp_vec(pv[1] - m);
+    pv[0] = e;
+    pv[1] = e2;
+    sum += e;
+    sum2 += e2;
+  }
+  for (; j < n; j += W) {
     V* pv = reinterpret_cast<V*>(row + j);
     const V e = exp_vec(*pv - m);
     *pv = e;
     sum += e;
   }
-  return hsum(sum);
+  return hsum(sum + sum2);
 }
 
-// Row max that propagates NaN: a NaN score (a NaN or inf in q or k) must make
-// its row NaN, not look like a row with no visible key (which gives 0).
+// Row max for the softmax.  NaN scores (a NaN or inf in q or k) are skipped
+// by the max (one vmaxps a vector, two independent chains): they reach the
+// row's sum through exp(NaN - m) = NaN, which makes the row NaN.  Only a row
+// whose every other score is -inf needs them here: its max would say "no
+// visible key" (output 0), so then the row is scanned and NaN returned.
 inline float rowmax_f32(const float* row, int64_t n) {
   using V = Vec<float>::type;
   constexpr int W = Vec<float>::kWidth;
-  V m = V{} - __builtin_inff();
-  for (int64_t j = 0; j < n; j += W) m = max_nan(*reinterpret_cast<const V*>(row + j), m);
-  return hmax(m);
+  V m = V{} - __builtin_inff(), m2 = m;
+  int64_t j = 0;
+  for (; j + 2 * W <= n; j += 2 * W) {
+    const V x = *reinterpret_cast<const V*>(row + j), y = *reinterpret_cast<const V*>(row + j + W);
+    m = x > m ? x : m;
+    m2 = y > m2 ? y : m2;
+  }
+  for (; j < n; j += W) {
+    const V x = *reinterpret_cast<const V*>(row + j);
+    m = x > m ? x : m;
+  }
+  const float mx = hmax(m > m2 ? m : m2);
+  if (mx == -__builtin_inff())
+    for (int64_t t = 0; t < n; ++t)
+      if (row[t] != row[t]) return row[t];
+  return mx;
 }
 
 // d[i] = exp(a[i] - b[i]) for i < n; whole vectors (a, b, d padded to them).

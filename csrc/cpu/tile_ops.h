@@ -16,6 +16,8 @@
 #include <new>
 #include <type_traits>
 
+#include <unistd.h>
+
 #include "params.h"
 #include "philox.h"
 #include "simd.h"
@@ -35,6 +37,22 @@ namespace {
 // packs, which outgrow L2 beyond L ~ 1024: NOTES.md, v8.)
 constexpr int64_t kBlockQ = 192;
 constexpr int64_t kBlockK = 128;
+
+// The dense forward's softmax runs over kFwdTiles packed key tiles at once
+// (up to kFwdTilesMax): a row's max, exp-sum and rescale cost a fixed amount
+// per row and key block besides the per-key work, and with 128 keys that fixed
+// part was a third of the softmax (AVX-512: 8 vectors a row).  512 keys
+// (4 tiles) when the per-core L2 holds the (kBlockQ, 512) float score block
+// twice over (384 KiB each), else 256.  A function of the machine, not of the
+// thread count.
+constexpr int64_t kFwdTilesMax = 4;
+inline int64_t fwd_key_tiles() {
+  static const int64_t n = [] {
+    const long l2 = sysconf(_SC_LEVEL2_CACHE_SIZE);
+    return l2 >= 2 * kBlockQ * kFwdTilesMax * kBlockK * 4 ? kFwdTilesMax : int64_t(2);
+  }();
+  return n;
+}
 
 struct bf16_t { uint16_t bits; };
 struct f16_t { uint16_t bits; };
