@@ -230,23 +230,14 @@ inline float hmax(F16 v) { return hmax(max_nan(lo_half(v), hi_half(v))); }
 inline float softmax_row_f32(float* row, int64_t n, float m) {
   using V = Vec<float>::type;
   constexpr int W = Vec<float>::kWidth;
-  V sum = V{}, sum2 = V{};
-  int64_t j = 0;
-  for (; j + 2 * W <= n; j += 2 * W) {
-    V* pv = reinterpret_cast<V*>(row + j);
-    const V e = exp_vec(pv[0] - m), e2 = exp_vec(pv[1] - m);
-    pv[0] = e;
-    pv[1] = e2;
-    sum += e;
-    sum2 += e2;
-  }
-  for (; j < n; j += W) {
+  V sum = V{};
+  for (int64_t j = 0; j < n; j += W) {
     V* pv = reinterpret_cast<V*>(row + j);
     const V e = exp_vec(*pv - m);
     *pv = e;
     sum += e;
   }
-  return hsum(sum + sum2);
+  return hsum(sum);
 }
 
 // Row max for the softmax.  NaN scores (a NaN or inf in q or k) are skipped
