@@ -3,8 +3,12 @@ from __future__ import annotations
 
 import torch
 
-from . import dispatch
+from . import dispatch, ops
 from ._validate import prepare
+
+# The plain CPU call's checks and op call in C++ (csrc/cpu/binding.cpp, plain_sdpa): None
+# when the CPU kernels are not the default choice here (what dispatch.choose would say).
+_PLAIN_SDPA = ops._C.plain_sdpa if ops._C is not None and dispatch._CPU_FIRST else None
 
 
 def _run(plan, backend, return_lse):
@@ -26,6 +30,10 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     `attn_mask` may be bool (True = take part), float (added to the scores),
     or a torch.nn.attention.bias.CausalBias.
     """
+    if _PLAIN_SDPA is not None and not torch.compiler.is_compiling():
+        out = _PLAIN_SDPA(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
+        if out is not None:
+            return out
     plan = prepare(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
     return _run(plan, dispatch.choose(plan), False)
 

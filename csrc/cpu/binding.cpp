@@ -5,9 +5,11 @@
 // csrc/attn_args.h, shared with the CUDA binding) are the last line of defence
 // so that no call can read out of bounds.
 #include <ATen/Parallel.h>
+#include <ATen/PythonTorchFunctionTLS.h>
 #include <torch/extension.h>
 #include <torch/library.h>
 
+#include <cmath>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
@@ -432,6 +434,59 @@ pybind11::tuple cuda_head_dims() {
 #endif
 }
 
+// The public call's fast path (attnfast.scaled_dot_product_attention on CPU
+// tensors): _validate._plain_plan's checks in C++, then attnfast::fwd through
+// the dispatcher (autograd, dispatch modes and fake tensors as from Python).
+// The Python around the op cost ~4 us a call, as much as torch's whole SDPA
+// call.  Returns None for anything but the plain call (three exact 4-D CPU
+// tensors of one floating dtype and consistent shapes, no mask, no dropout,
+// a bool is_causal and enable_gqa, a finite float scale or None, no torch
+// function mode, ATTNFAST_BACKEND unset): the Python path then takes it and
+// explains any refusal.
+pybind11::object plain_sdpa(pybind11::handle q_obj, pybind11::handle k_obj, pybind11::handle v_obj,
+                            pybind11::handle attn_mask, pybind11::handle dropout_p, pybind11::handle is_causal,
+                            pybind11::handle scale_obj, pybind11::handle enable_gqa) {
+  const pybind11::object none = pybind11::none();
+  if (!attn_mask.is_none() || !PyFloat_CheckExact(dropout_p.ptr()) || PyFloat_AS_DOUBLE(dropout_p.ptr()) != 0.0 ||
+      !PyBool_Check(is_causal.ptr()) || !PyBool_Check(enable_gqa.ptr()) || !THPVariable_CheckExact(q_obj.ptr()) ||
+      !THPVariable_CheckExact(k_obj.ptr()) || !THPVariable_CheckExact(v_obj.ptr()) ||
+      at::impl::torch_function_mode_enabled())
+    return none;
+  const char* forced = std::getenv("ATTNFAST_BACKEND");
+  if (forced != nullptr && forced[0] != '\0') return none;
+  const at::Tensor& q = THPVariable_Unpack(q_obj.ptr());
+  const at::Tensor& k = THPVariable_Unpack(k_obj.ptr());
+  const at::Tensor& v = THPVariable_Unpack(v_obj.ptr());
+  const auto dt = q.scalar_type();
+  if (!(dt == at::kFloat || dt == at::kDouble || dt == at::kBFloat16 || dt == at::kHalf) ||
+      k.scalar_type() != dt || v.scalar_type() != dt || q.dim() != 4 || k.dim() != 4 || v.dim() != 4 ||
+      q.layout() != at::kStrided || k.layout() != at::kStrided || v.layout() != at::kStrided ||
+      !q.device().is_cpu() || !k.device().is_cpu() || !v.device().is_cpu())
+    return none;
+  const int64_t B = q.size(0), Hq = q.size(1), E = q.size(3), Hkv = k.size(1), Lk = k.size(2);
+  if (k.size(0) != B || v.size(0) != B || v.size(1) != Hkv || v.size(2) != Lk || k.size(3) != E) return none;
+  if (Hq != Hkv && (enable_gqa.ptr() != Py_True || Hkv == 0 || Hq % Hkv != 0)) return none;
+  double scale;
+  if (scale_obj.is_none()) {
+    scale = E > 0 ? 1.0 / std::sqrt(static_cast<double>(E)) : 1.0;  // _validate._default_scale
+  } else {
+    if (!PyFloat_CheckExact(scale_obj.ptr())) return none;
+    scale = PyFloat_AS_DOUBLE(scale_obj.ptr());
+    if (!std::isfinite(scale)) return none;
+  }
+  static const auto op = c10::Dispatcher::singleton().findSchemaOrThrow("attnfast::fwd", "").typed<
+      std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                         const std::optional<at::Tensor>&, double, int64_t, int64_t, bool, double,
+                                         const std::optional<at::Tensor>&)>();
+  const int64_t right = is_causal.ptr() == Py_True ? 0 : -1;
+  at::Tensor out;
+  {
+    pybind11::gil_scoped_release unlocked;
+    out = std::get<0>(op.call(q, k, v, std::nullopt, scale, -1, right, false, 0.0, std::nullopt));
+  }
+  return pybind11::reinterpret_steal<pybind11::object>(THPVariable_Wrap(std::move(out)));
+}
+
 }  // namespace
 }  // namespace attnfast
 
@@ -445,6 +500,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "Roofline measurement -> (seconds, flops): kind 0 = FMA peak on `threads` threads (iters rounds "
         "of 12 FMA chains), 1 = the score product of an (m, d) x (d, n) tile, 2 = the P V product with "
         "the rescale, iters times on one thread; isa: 'default', 'avx2' or 'avx512'.");
+  m.def("plain_sdpa", &attnfast::plain_sdpa,
+        "scaled_dot_product_attention(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa) on the "
+        "CPU kernels for the plain call, or None (then the Python path decides).");
   m.def("cuda_head_dims", &attnfast::cuda_head_dims,
         "(forward head dims, backward head dims) with CUDA C++ kernels, tuples of ints; ((), ()) in a "
         "build without them.");

@@ -176,13 +176,18 @@ void matmul_tile(const A* __restrict a, int64_t lda, int64_t m, int64_t d, const
 
 // exp(x) on float vectors, branch-free.  Cody-Waite range reduction
 // x = n ln2 + r and a degree-6 polynomial (Cephes expf coefficients): about
-// 1 ulp, like the Sleef u10 exp torch uses.  Returns exactly 0 for
-// x < -87.3 (incl. -inf), where exp is at most subnormal.
+// 1 ulp, like the Sleef u10 exp torch uses.  x is clamped to [-88, 88.7] by
+// one max and one min (NaN passes through: a > b ? a : b is vmaxps a, b);
+// x <= -88 (incl. -inf) gives n = -127, whose scale 2^(n+127 << 23) is the
+// bit pattern of +0: exactly 0 with no compare and select (a third of the
+// clamping's instructions before).  Between -88 and -87.3 the result is
+// subnormal, as exp is.
 template <typename V>
 inline V exp_vec(V x) {
   typedef int32_t VI __attribute__((vector_size(sizeof(V))));
-  const V lo = V{} - 87.3f, hi = V{} + 88.7f;
-  const V xc = x < lo ? lo : (x > hi ? hi : x);
+  const V lo = V{} - 88.0f, hi = V{} + 88.7f;
+  const V xl = lo > x ? lo : x;
+  const V xc = hi < xl ? hi : xl;
   const V n = (xc * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
   const V r = (xc - n * 0.693359375f) - n * -2.12194440e-4f;
   V y = V{} + 1.9875691500e-4f;
@@ -195,7 +200,7 @@ inline V exp_vec(V x) {
   const VI bits = (__builtin_convertvector(n, VI) + 127) << 23;
   V scale;
   std::memcpy(&scale, &bits, sizeof(scale));
-  return x < lo ? V{} : y * scale;
+  return y * scale;
 }
 
 // Lane reductions as a tree of half-width steps (log2(W) dependent adds, not
