@@ -98,44 +98,51 @@ void fwd_impl(const FwdParams& p) {
       // tile left of jlo are invisible to every row and get -inf from mask_tile.
       for (int64_t j0 = jlo / kBlockK * kBlockK; j0 < jhi; j0 += ldk) {
         const int64_t nk = imin(ldk, jhi - j0);
-        const int64_t nkp = imin(ldk, pad_up(nk));  // whole vectors
         // Scores tile by tile; a tile the mask hides entirely gets no product
-        // (its columns -inf: P = 0) and no P V term.
-        bool hidden[kFwdTilesMax];
-        int64_t shown = 0;
+        // and no P V term, and the softmax covers only the columns from the
+        // first to the last shown tile (hidden ones between them are -inf).
+        TileMask tms[kFwdTilesMax];
+        int64_t t_lo = -1, t_hi = 0;
         for (int64_t t = 0; t * kBlockK < nk; ++t) {
+          tms[t] = classify_tile<T>(p, b, h, i0, nq, j0 + t * kBlockK, imin(kBlockK, nk - t * kBlockK));
+          if (tms[t] != TileMask::kHidden) {
+            if (t_lo < 0) t_lo = t;
+            t_hi = t + 1;
+          }
+        }
+        if (t_lo < 0) continue;
+        for (int64_t t = t_lo; t < t_hi; ++t) {
           const int64_t jt = j0 + t * kBlockK, nt = imin(kBlockK, nk - t * kBlockK);
           A* st = sc.data() + t * kBlockK;
-          const TileMask tm = classify_tile<T>(p, b, h, i0, nq, jt, nt);
-          hidden[t] = tm == TileMask::kHidden;
-          if (hidden[t]) {
+          if (tms[t] == TileMask::kHidden) {
             for (int64_t i = 0; i < nq; ++i)
-              for (int64_t j = 0; j < imin(kBlockK, nkp - t * kBlockK); ++j) st[i * ldk + j] = ninf;
+              for (int64_t j = 0; j < kBlockK; ++j) st[i * ldk + j] = ninf;
             continue;
           }
-          ++shown;
           matmul_tile<kKCHead>(qbuf.data(), E, nq, E, kt.data() + jt * E, kBlockK, nt, scale, st, ldk);
-          mask_tile<T, A>(p, vis, b, h, i0, nq, jt, nt, st, ldk, tm);
+          mask_tile<T, A>(p, vis, b, h, i0, nq, jt, nt, st, ldk, tms[t]);
         }
-        if (shown == 0) continue;
+        // The softmax's columns [c0, c1): whole vectors, padding lanes -inf.
+        const int64_t c0 = t_lo * kBlockK, c1 = imin(t_hi * kBlockK, nk);
+        const int64_t nc = imin(ldk, pad_up(c1)) - c0;
 
         // Online softmax: P = exp(S - m_new), l = l * alpha + rowsum(P), with
         // alpha = exp(m - m_new) taken for all rows at once (vectorised).
         for (int64_t i = 0; i < nq; ++i) {
-          A* row = sc.data() + i * ldk;
-          for (int64_t j = nk; j < nkp; ++j) row[j] = ninf;  // padding lanes give exp = 0
-          const A mx = row_max(row, nkp);
+          A* row = sc.data() + i * ldk + c0;
+          for (int64_t j = c1 - c0; j < nc; ++j) row[j] = ninf;  // padding lanes give exp = 0
+          const A mx = row_max(row, nc);
           mnew[i] = (mx > mrow[i] || mx != mx) ? mx : mrow[i];  // a NaN row stays NaN
         }
         exp_diff(mrow.data(), mnew.data(), nq, alpha.data());  // exp(-inf) = 0 on the first block
         for (int64_t i = 0; i < nq; ++i) {
-          A* row = sc.data() + i * ldk;
+          A* row = sc.data() + i * ldk + c0;
           if (mnew[i] == ninf) {  // nothing visible in this row yet
-            for (int64_t j = 0; j < nkp; ++j) row[j] = A(0);
+            for (int64_t j = 0; j < nc; ++j) row[j] = A(0);
             alpha[i] = A(1);
             continue;
           }
-          const A rs = row_exp_sum(row, nkp, mnew[i]);
+          const A rs = row_exp_sum(row, nc, mnew[i]);
           lrow[i] = lrow[i] * static_cast<L>(alpha[i]) + static_cast<L>(rs);
           mrow[i] = mnew[i];
         }
@@ -146,10 +153,10 @@ void fwd_impl(const FwdParams& p) {
         // acc = acc * alpha + P V, the rescale fused into the product's epilogue
         // of the first run of shown tiles; later runs (past a hidden tile) add.
         bool first = true;
-        for (int64_t t = 0; t * kBlockK < nk;) {
-          if (hidden[t]) { ++t; continue; }
+        for (int64_t t = t_lo; t < t_hi;) {
+          if (tms[t] == TileMask::kHidden) { ++t; continue; }
           int64_t t1 = t + 1;
-          while (t1 * kBlockK < nk && !hidden[t1]) ++t1;
+          while (t1 < t_hi && tms[t1] != TileMask::kHidden) ++t1;
           const int64_t ja = t * kBlockK, nr = imin(t1 * kBlockK, nk) - ja;
           const A* pa = sc.data() + ja;
           const A* vb = vbuf.data() + (j0 + ja) * ldv;
