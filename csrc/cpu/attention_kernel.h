@@ -55,6 +55,10 @@ void fwd_impl(const FwdParams& p) {
   const A ninf = -std::numeric_limits<A>::infinity();
   // Key blocks of the softmax: ntile packed tiles (fwd_key_tiles), ldk keys.
   const int64_t ntile = fwd_key_tiles(), ldk = ntile * kBlockK;
+  // Tile classes shared by the heads and batches that share the mask.
+  TileTable table(p, nqb);
+  Buffer<uint8_t> table_store(table.size(), Init::kUninit);
+  table.fill<T>(p, table_store.data());
 
   run_parallel(p, p.B * p.Hq * nqb, [&](int64_t begin, int64_t end) {
     // K^T (E, Lk) and V (Lk, Ev) of one kv head, packed once and reused by
@@ -104,7 +108,8 @@ void fwd_impl(const FwdParams& p) {
         TileMask tms[kFwdTilesMax];
         int64_t t_lo = -1, t_hi = 0;
         for (int64_t t = 0; t * kBlockK < nk; ++t) {
-          tms[t] = classify_tile<T>(p, b, h, i0, nq, j0 + t * kBlockK, imin(kBlockK, nk - t * kBlockK));
+          tms[t] = table.active() ? table.at(b, h, qb, j0 / kBlockK + t)
+                                  : classify_tile<T>(p, b, h, i0, nq, j0 + t * kBlockK, imin(kBlockK, nk - t * kBlockK));
           if (tms[t] != TileMask::kHidden) {
             if (t_lo < 0) t_lo = t;
             t_hi = t + 1;
