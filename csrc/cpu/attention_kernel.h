@@ -236,6 +236,10 @@ void bwd_impl(const BwdParams& p) {
   const int64_t nqb = cdiv(p.Lq, kBlockQ), units = group * nqb, heads = p.B * p.Hkv;
   const int64_t nsl = bwd_slices(heads, units, Lk * (lde + ldv) * static_cast<int64_t>(sizeof(A)));
   Buffer<A> part_dk(nsl > 1 ? heads * nsl * Lk * lde : 0), part_dv(nsl > 1 ? heads * nsl * Lk * ldv : 0);
+  // Tile classes shared by the heads and batches that share the mask (as in the forward).
+  TileTable table(p, nqb);
+  Buffer<uint8_t> table_store(table.size(), Init::kUninit);
+  table.fill<T>(p, table_store.data());
 
   run_parallel(p, heads * nsl, [&](int64_t begin, int64_t end) {
     // Whole-head packs of K and V, reused by every query block of the slice.
@@ -289,7 +293,7 @@ void bwd_impl(const BwdParams& p) {
               const int64_t nk = imin(kBlockK, jhi - j0), t = j0 / kBlockK;
               A* pt = pp.data() + t * tq_sz;
               A* dpt = dpp.data() + t * tq_sz;
-              const TileMask tm = classify_tile<T>(p, b, h, i0, nq, j0, nk);
+              const TileMask tm = table.active() ? table.at(b, h, u % nqb, t) : classify_tile<T>(p, b, h, i0, nq, j0, nk);
               skip[t] = tm == TileMask::kHidden;
               if (skip[t]) continue;
               if (decoded) {  // the scores exactly as decode_impl formed them
