@@ -58,7 +58,8 @@ void fwd_impl(const FwdParams& p) {
   // Tile classes shared by the heads and batches that share the mask.
   TileTable table(p, nqb);
   Buffer<uint8_t> table_store(table.size(), Init::kUninit);
-  table.fill<T>(p, table_store.data());
+  Buffer<int32_t> table_diag(table.size(), Init::kUninit);
+  table.fill<T>(p, table_store.data(), table_diag.data());
 
   run_parallel(p, p.B * p.Hq * nqb, [&](int64_t begin, int64_t end) {
     // K^T (E, Lk) and V (Lk, Ev) of one kv head, packed once and reused by
@@ -106,10 +107,15 @@ void fwd_impl(const FwdParams& p) {
         // and no P V term, and the softmax covers only the columns from the
         // first to the last shown tile (hidden ones between them are -inf).
         TileMask tms[kFwdTilesMax];
+        int64_t tds[kFwdTilesMax] = {};
         int64_t t_lo = -1, t_hi = 0;
         for (int64_t t = 0; t * kBlockK < nk; ++t) {
-          tms[t] = table.active() ? table.at(b, h, qb, j0 / kBlockK + t)
-                                  : classify_tile<T>(p, b, h, i0, nq, j0 + t * kBlockK, imin(kBlockK, nk - t * kBlockK));
+          if (table.active()) {
+            tms[t] = table.at(b, h, qb, j0 / kBlockK + t);
+            tds[t] = table.lower_d(b, h, qb, j0 / kBlockK + t);
+          } else {
+            tms[t] = classify_tile<T>(p, b, h, i0, nq, j0 + t * kBlockK, imin(kBlockK, nk - t * kBlockK));
+          }
           if (tms[t] != TileMask::kHidden) {
             if (t_lo < 0) t_lo = t;
             t_hi = t + 1;
@@ -125,7 +131,7 @@ void fwd_impl(const FwdParams& p) {
             continue;
           }
           matmul_tile<kKCHead>(qbuf.data(), E, nq, E, kt.data() + jt * E, kBlockK, nt, scale, st, ldk);
-          mask_tile<T, A>(p, vis, b, h, i0, nq, jt, nt, st, ldk, tms[t]);
+          mask_tile<T, A>(p, vis, b, h, i0, nq, jt, nt, st, ldk, tms[t], tds[t]);
         }
         // The softmax's columns [c0, c1): whole vectors, padding lanes -inf.
         const int64_t c0 = t_lo * kBlockK, c1 = imin(t_hi * kBlockK, nk);
@@ -239,7 +245,8 @@ void bwd_impl(const BwdParams& p) {
   // Tile classes shared by the heads and batches that share the mask (as in the forward).
   TileTable table(p, nqb);
   Buffer<uint8_t> table_store(table.size(), Init::kUninit);
-  table.fill<T>(p, table_store.data());
+  Buffer<int32_t> table_diag(table.size(), Init::kUninit);
+  table.fill<T>(p, table_store.data(), table_diag.data());
 
   run_parallel(p, heads * nsl, [&](int64_t begin, int64_t end) {
     // Whole-head packs of K and V, reused by every query block of the slice.
@@ -294,6 +301,7 @@ void bwd_impl(const BwdParams& p) {
               A* pt = pp.data() + t * tq_sz;
               A* dpt = dpp.data() + t * tq_sz;
               const TileMask tm = table.active() ? table.at(b, h, u % nqb, t) : classify_tile<T>(p, b, h, i0, nq, j0, nk);
+              const int64_t td = table.active() ? table.lower_d(b, h, u % nqb, t) : 0;
               skip[t] = tm == TileMask::kHidden;
               if (skip[t]) continue;
               if (decoded) {  // the scores exactly as decode_impl formed them
@@ -303,7 +311,7 @@ void bwd_impl(const BwdParams& p) {
               } else {
                 matmul_tile<kKCHead>(qbuf.data(), lde, nq, E, kt.data() + t * E * kBlockK, kBlockK, nk, scale, pt, ldp);
               }
-              mask_tile<T, A>(p, vis, b, h, i0, nq, j0, nk, pt, ldp, tm);
+              mask_tile<T, A>(p, vis, b, h, i0, nq, j0, nk, pt, ldp, tm, td);
               for (int64_t i = 0; i < nq; ++i) recompute_p(pt + i * ldp, nk, lse[i]);
               matmul_tile<kKCHead>(dobuf.data(), ldv, nq, Ev, vt.data() + t * Ev * kBlockK, kBlockK, nk, A(1), dpt, ldp);
               if (drop) {

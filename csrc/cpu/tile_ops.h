@@ -373,7 +373,35 @@ void store_kv_grads(const P& p, int64_t b, int64_t hk, const A* dk, const A* dv,
 // (a bool mask then needs no per-element pass), or a mix.  Reading the mask
 // tile costs nq*nk byte loads against the tile's nq*nk*E FMAs; rows of a mask
 // broadcast over rows are read once, and contiguous bool rows 8 bytes a time.
-enum class TileMask { kHidden, kVisible, kMixed };
+// kLower (only from a TileTable, for bool masks): row i of the tile shows
+// exactly its first clamp(i + d, 0, nk) keys (a causal-shaped mask across the
+// diagonal): applied as a rule, with no per-element pass.
+enum class TileMask { kHidden, kVisible, kMixed, kLower };
+
+// Whether the bool (nq, nk) tile at m (row stride rs, unit column stride)
+// shows each row i exactly its first clamp(i + d, 0, nk) keys, for one d; if
+// so, sets d.  Needs a row with a strict prefix (0 < count < nk) to find d.
+inline bool lower_prefix(const uint8_t* m, int64_t rs, int64_t nq, int64_t nk, int64_t& d) {
+  bool found = false;
+  for (int64_t i = 0; i < nq; ++i) {
+    const uint8_t* r = m + i * rs;
+    int64_t c = 0;
+    while (c < nk && r[c]) ++c;
+    for (int64_t j = c; j < nk; ++j)
+      if (r[j]) return false;  // not a prefix
+    if (!found && c > 0 && c < nk) {
+      d = c - i;
+      found = true;
+    }
+  }
+  if (!found) return false;
+  for (int64_t i = 0; i < nq; ++i) {
+    const uint8_t* r = m + i * rs;
+    const int64_t want = imin(nk, imax(0, i + d));
+    if ((want > 0 && !r[want - 1]) || (want < nk && r[want])) return false;
+  }
+  return true;
+}
 
 template <typename T>
 TileMask classify_tile(const AttnParams& p, int64_t b, int64_t h, int64_t i0, int64_t nq, int64_t j0,
@@ -444,6 +472,7 @@ TileMask classify_tile(const AttnParams& p, int64_t b, int64_t h, int64_t i0, in
 struct TileTable {
   int64_t nb = 0, nh = 0, nqb = 0, nkb = 0;
   uint8_t* cls = nullptr;
+  int32_t* diag = nullptr;  // d of a kLower entry (see lower_prefix)
   template <typename P>
   TileTable(const P& p, int64_t nqb_) {
     if (p.mask_kind == MaskKind::none || (p.mask_st.b != 0 && p.mask_st.h != 0)) return;
@@ -454,21 +483,36 @@ struct TileTable {
   }
   int64_t size() const { return nb * nh * nqb * nkb; }
   bool active() const { return cls != nullptr; }
-  TileMask at(int64_t b, int64_t h, int64_t qb, int64_t kt) const {
-    return static_cast<TileMask>(cls[(((nb > 1 ? b : 0) * nh + (nh > 1 ? h : 0)) * nqb + qb) * nkb + kt]);
+  int64_t index(int64_t b, int64_t h, int64_t qb, int64_t kt) const {
+    return (((nb > 1 ? b : 0) * nh + (nh > 1 ? h : 0)) * nqb + qb) * nkb + kt;
   }
-  // Classifies every entry into `store` (size() bytes), on the thread pool.
+  TileMask at(int64_t b, int64_t h, int64_t qb, int64_t kt) const {
+    return static_cast<TileMask>(cls[index(b, h, qb, kt)]);
+  }
+  int64_t lower_d(int64_t b, int64_t h, int64_t qb, int64_t kt) const { return diag[index(b, h, qb, kt)]; }
+  // Classifies every entry into `store` (size() bytes) and `dstore` (size()
+  // int32s), on the thread pool.
   template <typename T, typename P>
-  void fill(const P& p, uint8_t* store) {
+  void fill(const P& p, uint8_t* store, int32_t* dstore) {
     if (size() == 0) return;
     cls = store;
+    diag = dstore;
+    const Strides4& st = p.mask_st;
     run_parallel(p, nb * nh * nqb, [&](int64_t begin, int64_t end) {
       for (int64_t item = begin; item < end; ++item) {
         const int64_t qb = item % nqb, bh = item / nqb, h = bh % nh, b = bh / nh;
         const int64_t i0 = qb * kBlockQ, nq = imin(kBlockQ, p.Lq - i0);
-        for (int64_t kt = 0; kt < nkb; ++kt)
-          cls[item * nkb + kt] = static_cast<uint8_t>(
-              classify_tile<T>(p, b, h, i0, nq, kt * kBlockK, imin(kBlockK, p.Lk - kt * kBlockK)));
+        for (int64_t kt = 0; kt < nkb; ++kt) {
+          const int64_t j0 = kt * kBlockK, nk = imin(kBlockK, p.Lk - j0);
+          TileMask tm = classify_tile<T>(p, b, h, i0, nq, j0, nk);
+          int64_t d = 0;
+          if (tm == TileMask::kMixed && p.mask_kind == MaskKind::boolean && st.c == 1 &&
+              lower_prefix(static_cast<const uint8_t*>(p.mask) + b * st.b + h * st.h + i0 * st.r + j0, st.r, nq,
+                           nk, d))
+            tm = TileMask::kLower;
+          cls[item * nkb + kt] = static_cast<uint8_t>(tm);
+          diag[item * nkb + kt] = static_cast<int32_t>(d);
+        }
       }
     });
   }
@@ -478,7 +522,7 @@ struct TileTable {
 // columns [j0, j0+nk) of head (b, h).
 template <typename T, typename A>
 void mask_tile(const AttnParams& p, const Visibility& vis, int64_t b, int64_t h, int64_t i0, int64_t nq,
-               int64_t j0, int64_t nk, A* s, int64_t lds, TileMask tm) {
+               int64_t j0, int64_t nk, A* s, int64_t lds, TileMask tm, int64_t lower_d = 0) {
   const A ninf = -std::numeric_limits<A>::infinity();
   const bool windowed = vis.left >= 0 || vis.right >= 0;
   for (int64_t i = 0; i < nq; ++i) {
@@ -491,6 +535,11 @@ void mask_tile(const AttnParams& p, const Visibility& vis, int64_t b, int64_t h,
       for (int64_t j = hi; j < nk; ++j) row[j] = ninf;
     }
     if (p.mask_kind == MaskKind::none || tm == TileMask::kVisible) continue;
+    if (tm == TileMask::kLower) {  // the row's mask shows its first c keys
+      const int64_t c = imin(nk, imax(0, i + lower_d));
+      for (int64_t j = imax(lo, c); j < hi; ++j) row[j] = ninf;
+      continue;
+    }
     const int64_t off = b * p.mask_st.b + h * p.mask_st.h + (i0 + i) * p.mask_st.r + j0 * p.mask_st.c;
     if (p.mask_kind == MaskKind::boolean) {
       const uint8_t* m = static_cast<const uint8_t*>(p.mask) + off;

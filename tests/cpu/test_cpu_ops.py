@@ -130,3 +130,43 @@ def test_compile_inductor_fullgraph():
     ge = torch.autograd.grad(e.sum(), (q, k, v))
     for a, b in zip(gc, ge):
         torch.testing.assert_close(a, b)
+
+
+def _lower(Lq, Lk, d):
+    return torch.ones(Lq, Lk, dtype=torch.bool).tril(diagonal=d)
+
+
+MASKS = {
+    "tril": lambda: _lower(700, 700, 0),
+    "tril-below": lambda: _lower(700, 700, -37),
+    "tril-above": lambda: _lower(700, 700, 300),
+    "tril-lq<lk": lambda: _lower(300, 900, 600),
+    "tril-lq>lk": lambda: _lower(900, 300, -500),
+    "near-tril": lambda: _lower(700, 700, 0).index_put_((torch.tensor(200), torch.tensor(150)), torch.tensor(False)),
+    "near-tril-above": lambda: _lower(700, 700, 0).index_put_((torch.tensor(200), torch.tensor(260)), torch.tensor(True)),
+    "per-batch": lambda: torch.stack([_lower(700, 700, 0), _lower(700, 700, 5)])[:, None],
+}
+
+
+@pytest.mark.parametrize("window", [None, (100, 0)], ids=["nowin", "window"])
+@pytest.mark.parametrize("name", list(MASKS))
+def test_bool_mask_equals_its_float_mask_bitwise(name, window):
+    """A bool mask and the float mask of 0 / -inf give the same scores, so the same outputs and
+    gradients to the bit, whichever way each is applied: tiles classified once per call (shared
+    by batches and heads), causal-shaped tiles applied as a rule (no per-element pass), mixed
+    ones element by element; near-causal masks must not be taken for causal ones."""
+    m = MASKS[name]()
+    Lq, Lk = m.shape[-2:]
+    fm = torch.zeros(m.shape).masked_fill(~m, float("-inf"))
+    q = torch.randn(2, 3, Lq, 32, requires_grad=True)
+    k = torch.randn(2, 3, Lk, 32, requires_grad=True)
+    v = torch.randn(2, 3, Lk, 32, requires_grad=True)
+    g = torch.randn(2, 3, Lq, 32)
+    res = []
+    for mask in (m, fm):
+        out, lse = attnfast.attention(q, k, v, attn_mask=mask, window=window, return_lse=True, backend="cpu")
+        res.append([out, lse, *torch.autograd.grad(out, (q, k, v), g)])
+    for a, b in zip(*res):
+        assert torch.equal(a, b)
+    ref = attnfast.attention(q, k, v, attn_mask=m, window=window, backend="reference")
+    assert (res[0][0] - ref).abs().max() < 1e-4
