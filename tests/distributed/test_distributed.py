@@ -86,7 +86,7 @@ def _covered(calls, q_spans, k_spans):
 def test_block_plan_covers_exactly_the_visible_pairs(layout, world, lq, lk):
     """Over all steps, each rank's calls cover every (query, key) pair that top-left
     causality makes visible exactly once, and no hidden pair."""
-    Lq, Lk = lq * world, lk * world
+    Lk = lk * world
     for rank in range(world):
         q_spans = _spans(layout, rank, world, lq)
         seen = {}
