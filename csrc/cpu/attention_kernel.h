@@ -56,10 +56,7 @@ void fwd_impl(const FwdParams& p) {
   // Key blocks of the softmax: ntile packed tiles (fwd_key_tiles), ldk keys.
   const int64_t ntile = fwd_key_tiles(), ldk = ntile * kBlockK;
   // Tile classes shared by the heads and batches that share the mask.
-  TileTable table(p, nqb);
-  Buffer<uint8_t> table_store(table.size(), Init::kUninit);
-  Buffer<int32_t> table_diag(table.size(), Init::kUninit);
-  table.fill<T>(p, table_store.data(), table_diag.data());
+  TileTable<T> table(p, nqb);
 
   run_parallel(p, p.B * p.Hq * nqb, [&](int64_t begin, int64_t end) {
     // K^T (E, Lk) and V (Lk, Ev) of one kv head, packed once and reused by
@@ -243,10 +240,7 @@ void bwd_impl(const BwdParams& p) {
   const int64_t nsl = bwd_slices(heads, units, Lk * (lde + ldv) * static_cast<int64_t>(sizeof(A)));
   Buffer<A> part_dk(nsl > 1 ? heads * nsl * Lk * lde : 0), part_dv(nsl > 1 ? heads * nsl * Lk * ldv : 0);
   // Tile classes shared by the heads and batches that share the mask (as in the forward).
-  TileTable table(p, nqb);
-  Buffer<uint8_t> table_store(table.size(), Init::kUninit);
-  Buffer<int32_t> table_diag(table.size(), Init::kUninit);
-  table.fill<T>(p, table_store.data(), table_diag.data());
+  TileTable<T> table(p, nqb);
 
   run_parallel(p, heads * nsl, [&](int64_t begin, int64_t end) {
     // Whole-head packs of K and V, reused by every query block of the slice.

@@ -40,16 +40,6 @@ inline int64_t decode_splits(const AttnParams& p) {
   return imax(1, imin(want, p.Lk / kSplitMin));
 }
 
-// Pointer to row j of a (row, column) slice as A values: the row itself when it
-// already is (T == A, unit column stride) and whole vectors stay in bounds,
-// else a converted copy in tmp (n values, zero-padded to whole vectors).
-template <typename T, typename A>
-const A* row_as(const T* base, int64_t rs, int64_t cs, int64_t j, int64_t n, bool direct, A* tmp) {
-  if (direct) return reinterpret_cast<const A*>(base + j * rs);
-  load_rows(base, rs, cs, j, 1, n, tmp, n);
-  return tmp;
-}
-
 // out[x] = sum_e q[e] * k[x][e] for e < n, NK key rows at once: NK
 // independent sums the core overlaps (one row at a time was a single chain of
 // dependent FMAs).  q is padded with zeros to whole vectors; k is read in

@@ -469,35 +469,15 @@ TileMask classify_tile(const AttnParams& p, int64_t b, int64_t h, int64_t i0, in
 // its keys; a caller whose visible keys end inside the tile gets a kMixed
 // where the exact class might be kHidden or kVisible, which mask_tile still
 // handles (element by element).  Unused (active() false) when nothing is shared.
+template <typename T>
 struct TileTable {
   int64_t nb = 0, nh = 0, nqb = 0, nkb = 0;
-  uint8_t* cls = nullptr;
-  int32_t* diag = nullptr;  // d of a kLower entry (see lower_prefix)
   template <typename P>
-  TileTable(const P& p, int64_t nqb_) {
-    if (p.mask_kind == MaskKind::none || (p.mask_st.b != 0 && p.mask_st.h != 0)) return;
-    nb = p.mask_st.b != 0 ? p.B : 1;
-    nh = p.mask_st.h != 0 ? p.Hq : 1;
-    nqb = nqb_;
-    nkb = cdiv(p.Lk, kBlockK);
-  }
-  int64_t size() const { return nb * nh * nqb * nkb; }
-  bool active() const { return cls != nullptr; }
-  int64_t index(int64_t b, int64_t h, int64_t qb, int64_t kt) const {
-    return (((nb > 1 ? b : 0) * nh + (nh > 1 ? h : 0)) * nqb + qb) * nkb + kt;
-  }
-  TileMask at(int64_t b, int64_t h, int64_t qb, int64_t kt) const {
-    return static_cast<TileMask>(cls[index(b, h, qb, kt)]);
-  }
-  int64_t lower_d(int64_t b, int64_t h, int64_t qb, int64_t kt) const { return diag[index(b, h, qb, kt)]; }
-  // Classifies every entry into `store` (size() bytes) and `dstore` (size()
-  // int32s), on the thread pool.
-  template <typename T, typename P>
-  void fill(const P& p, uint8_t* store, int32_t* dstore) {
+  TileTable(const P& p, int64_t nqb_) : cls_(dims(p, nqb_), Init::kUninit), diag_(size(), Init::kUninit) {
     if (size() == 0) return;
-    cls = store;
-    diag = dstore;
     const Strides4& st = p.mask_st;
+    uint8_t* cls = cls_.data();
+    int32_t* diag = diag_.data();
     run_parallel(p, nb * nh * nqb, [&](int64_t begin, int64_t end) {
       for (int64_t item = begin; item < end; ++item) {
         const int64_t qb = item % nqb, bh = item / nqb, h = bh % nh, b = bh / nh;
@@ -516,6 +496,29 @@ struct TileTable {
       }
     });
   }
+  bool active() const { return size() > 0; }
+  TileMask at(int64_t b, int64_t h, int64_t qb, int64_t kt) {
+    return static_cast<TileMask>(cls_[index(b, h, qb, kt)]);
+  }
+  int64_t lower_d(int64_t b, int64_t h, int64_t qb, int64_t kt) { return diag_[index(b, h, qb, kt)]; }
+
+ private:
+  // Sets the dimensions (all 0 when nothing is shared) and returns size().
+  template <typename P>
+  int64_t dims(const P& p, int64_t nqb_) {
+    if (p.mask_kind == MaskKind::none || (p.mask_st.b != 0 && p.mask_st.h != 0)) return 0;
+    nb = p.mask_st.b != 0 ? p.B : 1;
+    nh = p.mask_st.h != 0 ? p.Hq : 1;
+    nqb = nqb_;
+    nkb = cdiv(p.Lk, kBlockK);
+    return size();
+  }
+  int64_t size() const { return nb * nh * nqb * nkb; }
+  int64_t index(int64_t b, int64_t h, int64_t qb, int64_t kt) const {
+    return (((nb > 1 ? b : 0) * nh + (nh > 1 ? h : 0)) * nqb + qb) * nkb + kt;
+  }
+  Buffer<uint8_t> cls_;   // the TileMask of each entry
+  Buffer<int32_t> diag_;  // d of a kLower entry (see lower_prefix)
 };
 
 // Sets invisible scores to -inf and applies the mask for rows [i0, i0+nq) and
