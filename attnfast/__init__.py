@@ -8,7 +8,8 @@
 """
 from . import ops  # noqa: F401  (registers the custom ops)
 from . import nn  # noqa: F401
-from .api import attention, scaled_dot_product_attention, varlen_attention
+from .api import attention, scaled_dot_product_attention
+from .varlen import attention_with_kvcache, varlen_attention
 from .dispatch import BackendUnavailableError, DegradedWarning, backends
 from .patching import patch, patched, unpatch
 from .reference import attention_ref
@@ -20,6 +21,7 @@ __all__ = [
     "attention",
     "scaled_dot_product_attention",
     "varlen_attention",
+    "attention_with_kvcache",
     "additive_attention",
     "topk_attention",
     "attention_ref",

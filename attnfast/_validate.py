@@ -192,6 +192,29 @@ def prepare(
                             causal_alignment, window)
 
 
+def _scale_arg(scale, E):
+    """The softmax scale: 1/sqrt(E) for None, else a finite float."""
+    if scale is None:
+        return _default_scale(E)
+    if isinstance(scale, torch.Tensor) or not isinstance(scale, (int, float)) or isinstance(scale, bool):
+        raise TypeError(f"scale must be a float or None, got {type(scale).__name__}")
+    try:
+        scale = float(scale)
+    except OverflowError:
+        raise ValueError(f"scale must be finite, got an int of {scale.bit_length()} bits") from None
+    if not math.isfinite(scale):
+        raise ValueError(f"scale must be finite, got {scale}")
+    return scale
+
+
+def _dropout_arg(dropout_p):
+    if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)):
+        raise TypeError(f"dropout_p must be a float, got {type(dropout_p).__name__}")
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
+    return float(dropout_p)
+
+
 def _prepare_general(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, causal_alignment,
                      window) -> Plan:
     _check_tensor("query", query)
@@ -240,21 +263,8 @@ def _prepare_general(query, key, value, attn_mask, dropout_p, is_causal, scale, 
                     f"enable_gqa needs query heads ({Hq}) to be a multiple of key/value heads ({Hkv})"
                 )
 
-    if scale is None:
-        scale = _default_scale(E)
-    else:
-        if isinstance(scale, torch.Tensor) or not isinstance(scale, (int, float)) or isinstance(scale, bool):
-            raise TypeError(f"scale must be a float or None, got {type(scale).__name__}")
-        try:
-            scale = float(scale)
-        except OverflowError:
-            raise ValueError(f"scale must be finite, got an int of {scale.bit_length()} bits") from None
-        if not math.isfinite(scale):
-            raise ValueError(f"scale must be finite, got {scale}")
-    if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)):
-        raise TypeError(f"dropout_p must be a float, got {type(dropout_p).__name__}")
-    if not 0.0 <= dropout_p < 1.0:
-        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
+    scale = _scale_arg(scale, E)
+    _dropout_arg(dropout_p)
 
     left, right = _window(window)
     if is_causal:

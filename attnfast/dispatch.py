@@ -8,6 +8,11 @@ family it implements, on the canonical plans of attnfast/_validate.py:
     "attention"  Plan            attention_forward(plan), attention_backward(plan, dout, out, lse, delta=None)
     "additive"   AdditivePlan    additive_forward(plan)
     "topk"       TopkPlan        topk_forward(plan)
+    "varlen"     VarlenPlan      varlen_forward(plan)
+    "kvcache"    KvcachePlan     kvcache_forward(plan)
+
+The varlen and KV-cache methods have defaults that run the sequences one by one
+on the backend's attention_forward; a backend with kernels for them overrides it.
 
 The forwards are differentiable (their ops carry autograd); `attention_backward`
 is the lse-driven backward that ring attention calls block by block.
@@ -70,7 +75,7 @@ class Backend:
     """One backend: what it serves and the kernels of each family it implements."""
 
     name = ""
-    families = frozenset({"attention", "additive", "topk"})  # those it implements
+    families = frozenset({"attention", "additive", "topk", "varlen", "kvcache"})  # those it implements
     # {family: dtypes its kernels take}; absent: every floating dtype
     dtypes = {}
 
@@ -126,6 +131,49 @@ class Backend:
         """(out (B, H, Lq, Ev), lse (B, H, Lq)) of additive attention, differentiable in the
         plan's q, k, v, w_q, w_k, v_a."""
         raise NotImplementedError
+
+    def varlen_forward(self, plan):
+        """(out (total_q, Hq, Ev), lse (Hq, total_q)) of packed sequences (attnfast/varlen.py),
+        differentiable in q, k, v.  This default: one attention call per sequence on this
+        backend (each draws its own dropout rng)."""
+        from .api import attention
+
+        cq, ck = plan.cu_q.tolist(), plan.cu_k.tolist()
+        used = None if plan.seqused_k is None else plan.seqused_k.tolist()
+        outs, lses = [], []
+        for i in range(len(cq) - 1):
+            n = ck[i + 1] - ck[i] if used is None else used[i]
+            qi, ki, vi = (t.transpose(0, 1) for t in (plan.q[cq[i]:cq[i + 1]], plan.k[ck[i]:ck[i] + n],
+                                                        plan.v[ck[i]:ck[i] + n]))
+            o, l = attention(qi, ki, vi, window=(plan.window_left, plan.window_right), scale=plan.scale,
+                             causal_alignment="bottom_right" if plan.bottom_right else "top_left",
+                             enable_gqa=True, dropout_p=plan.dropout_p, return_lse=True, backend=self.name)
+            outs.append(o.transpose(0, 1))
+            lses.append(l)
+        if not outs:
+            return plan.q.new_empty((0, plan.q.shape[1], plan.v.shape[2])), plan.q.new_empty((plan.q.shape[1], 0))
+        return torch.cat(outs, 0), torch.cat(lses, 1)
+
+    def kvcache_forward(self, plan):
+        """(out (B, Lq, Hq, Ev), lse (B, Hq, Lq)) of attention over a KV cache (attnfast/varlen.py),
+        forward only.  This default: one attention call per batch entry on this backend, over
+        its keys (a view; gathered from the pages of a paged cache)."""
+        from .api import attention
+        from .reference import kvcache_keys
+
+        outs, lses = [], []
+        lens = plan.seqlens_k.tolist()
+        for b in range(plan.q.shape[0]):
+            k, v = kvcache_keys(plan.k_cache, plan.v_cache, b, lens[b], plan.block_table, plan.cache_batch_idx)
+            o, l = attention(plan.q[b].transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1),
+                             window=(plan.window_left, plan.window_right), causal_alignment="bottom_right",
+                             scale=plan.scale, enable_gqa=True, return_lse=True, backend=self.name)
+            outs.append(o.transpose(0, 1))
+            lses.append(l)
+        q = plan.q
+        if not outs:
+            return q.new_empty(q.shape[:3] + (plan.v_cache.shape[3],)), q.new_empty((0, q.shape[2], q.shape[1]))
+        return torch.stack(outs), torch.stack(lses)
 
     def topk_forward(self, plan):
         """(out (B, Hq, Lq, Ev), lse (B, Hq, Lq)) of hard top-k attention, differentiable in
@@ -195,6 +243,17 @@ class CpuBackend(_FusedBackend):
                                       plan.window_left, plan.window_right, plan.bottom_right, 0.0, None, False,
                                       delta)[:3]
 
+    def varlen_forward(self, plan):
+        rng = draw_rng(plan.q.device) if plan.dropout_p > 0.0 else None
+        return torch.ops.attnfast.varlen_fwd(plan.q, plan.k, plan.v, plan.cu_q, plan.cu_k, plan.seqused_k,
+                                             plan.max_q, plan.max_k, plan.scale, plan.window_left,
+                                             plan.window_right, plan.bottom_right, plan.dropout_p, rng)
+
+    def kvcache_forward(self, plan):
+        return torch.ops.attnfast.kvcache_fwd(plan.q, plan.k_cache, plan.v_cache, plan.seqlens_k,
+                                              plan.cache_batch_idx, plan.block_table, plan.scale, plan.window_left,
+                                              plan.window_right, plan.num_splits)
+
 
 class CudaBackend(Backend):
     """The CUDA C++ kernels: float16/bfloat16, equal query and value head dims with a kernel
@@ -243,7 +302,8 @@ class CudaBackend(Backend):
 class TritonBackend(_FusedBackend):
     name = "triton"
     op_prefix = "triton_"
-    dtypes = dict.fromkeys(("attention", "additive", "topk"), (torch.float16, torch.bfloat16, torch.float32))
+    dtypes = dict.fromkeys(("attention", "additive", "topk", "varlen", "kvcache"),
+                           (torch.float16, torch.bfloat16, torch.float32))
 
     def _op(self, family, name):
         importlib.import_module(f".triton_kernels.{family}", __package__)  # imports triton; registers the ops

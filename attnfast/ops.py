@@ -121,3 +121,37 @@ if _C is not None:
         return dq, dk, dv, None, None, None, None
 
     torch.library.register_autograd("attnfast::topk_fwd", _topk_backward, setup_context=_topk_setup)
+
+    # Packed variable-length sequences (csrc/cpu/seqs.h): q (total_q, Hq, E) -> out (total_q, Hq, Ev),
+    # lse (Hq, total_q) in lse_dtype.
+    @torch.library.register_fake("attnfast::varlen_fwd")
+    def _varlen_fwd_fake(q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_k, max_seqlen_q, max_seqlen_k, scale,
+                         window_left, window_right, bottom_right, dropout_p, rng):
+        return (q.new_empty((q.shape[0], q.shape[1], v.shape[-1])),
+                q.new_empty((q.shape[1], q.shape[0]), dtype=lse_dtype(q.dtype)))
+
+    @torch.library.register_fake("attnfast::varlen_bwd")
+    def _varlen_bwd_fake(dout, q, k, v, out, lse, dlse, cu_seqlens_q, cu_seqlens_k, seqused_k, max_seqlen_q,
+                         max_seqlen_k, scale, window_left, window_right, bottom_right, dropout_p, rng):
+        return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+    def _varlen_setup(ctx, inputs, output):
+        q, k, v, cu_q, cu_k, used, max_q, max_k, scale, wl, wr, br, p, rng = inputs
+        ctx.save_for_backward(q, k, v, *output, cu_q, cu_k, used, rng)
+        ctx.args = (max_q, max_k, scale, wl, wr, br, p)
+
+    def _varlen_backward(ctx, dout, dlse):
+        q, k, v, out, lse, cu_q, cu_k, used, rng = ctx.saved_tensors
+        max_q, max_k, scale, wl, wr, br, p = ctx.args
+        dq, dk, dv = torch.ops.attnfast.varlen_bwd(dout.contiguous(), q, k, v, out, lse, dlse, cu_q, cu_k, used,
+                                                   max_q, max_k, scale, wl, wr, br, p, rng)
+        return (dq, dk, dv) + (None,) * 11
+
+    torch.library.register_autograd("attnfast::varlen_fwd", _varlen_backward, setup_context=_varlen_setup)
+
+    # Attention over a KV cache, forward only: q (B, Lq, Hq, E) -> out (B, Lq, Hq, Ev), lse (B, Hq, Lq).
+    @torch.library.register_fake("attnfast::kvcache_fwd")
+    def _kvcache_fwd_fake(q, k_cache, v_cache, seqlens_k, cache_batch_idx, block_table, scale, window_left,
+                          window_right, num_splits):
+        B, Lq, Hq, _ = q.shape
+        return q.new_empty((B, Lq, Hq, v_cache.shape[-1])), q.new_empty((B, Hq, Lq), dtype=lse_dtype(q.dtype))

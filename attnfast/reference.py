@@ -228,3 +228,56 @@ def attention_bwd_ref(dout, q, k, v, lse, delta, attn_mask=None, scale=None, win
     dk = ((ds.transpose(-1, -2) @ qa) * scale).view(B, Hkv, g, Lk, -1).sum(2)
     dv = (p.transpose(-1, -2) @ do).view(B, Hkv, g, Lk, -1).sum(2)
     return dq.to(q.dtype), dk.to(q.dtype), dv.to(q.dtype)
+
+
+def kvcache_keys(k_cache, v_cache, b, n, block_table=None, cache_batch_idx=None):
+    """The first n keys and values of batch entry b of a KV cache: (n, Hkv, E), (n, Hkv, Ev).
+
+    k_cache, v_cache: (B_cache, S, Hkv, D), entry cache_batch_idx[b] (else b); or
+    page pools (pages, page_size, Hkv, D) with block_table (B, max_pages)."""
+    if block_table is not None:
+        page = k_cache.shape[1]
+        pages = block_table[b, :(n + page - 1) // page].long()
+        k = k_cache[pages].reshape((-1,) + tuple(k_cache.shape[2:]))[:n]
+        v = v_cache[pages].reshape((-1,) + tuple(v_cache.shape[2:]))[:n]
+        return k, v
+    row = int(cache_batch_idx[b]) if cache_batch_idx is not None else b
+    return k_cache[row, :n], v_cache[row, :n]
+
+
+def attention_with_kvcache_ref(q, k_cache, v_cache, seqlens_k, block_table=None, cache_batch_idx=None,
+                               is_causal=False, window=None, scale=None, upcast=True, reorder_ops=False):
+    """Naive attention over a KV cache (nothing appended here): entry b of q (B, Lq, Hq, E)
+    attends to the first seqlens_k[b] keys of its cache entry, bottom-right aligned.
+    Returns (out (B, Lq, Hq, Ev), lse (B, Hq, Lq))."""
+    outs, lses = [], []
+    for b in range(q.shape[0]):
+        k, v = kvcache_keys(k_cache, v_cache, b, int(seqlens_k[b]), block_table, cache_batch_idx)
+        o, l = attention_ref(q[b].transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), is_causal=is_causal,
+                             causal_alignment="bottom_right", window=window, scale=scale, enable_gqa=True,
+                             upcast=upcast, reorder_ops=reorder_ops)
+        outs.append(o.transpose(0, 1))
+        lses.append(l)
+    return torch.stack(outs), torch.stack(lses)
+
+
+def varlen_attention_ref(q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_k=None, is_causal=False,
+                         causal_alignment="top_left", window=None, scale=None, dropout_masks=None, upcast=True,
+                         reorder_ops=False):
+    """Naive attention of packed sequences, one at a time: q (total_q, Hq, E), k (total_k, Hkv, E),
+    v (total_k, Hkv, Ev); dropout_masks: one (Hq, Lq_i, Lk_i) multiplier tensor per sequence, or None.
+    Returns (out (total_q, Hq, Ev), lse (Hq, total_q))."""
+    cq, ck = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
+    outs, lses = [], []
+    for i in range(len(cq) - 1):
+        n = ck[i + 1] - ck[i] if seqused_k is None else int(seqused_k[i])
+        o, l = attention_ref(q[cq[i]:cq[i + 1]].transpose(0, 1), k[ck[i]:ck[i] + n].transpose(0, 1),
+                             v[ck[i]:ck[i] + n].transpose(0, 1), is_causal=is_causal,
+                             causal_alignment=causal_alignment, window=window, scale=scale, enable_gqa=True,
+                             dropout_mask=None if dropout_masks is None else dropout_masks[i], upcast=upcast,
+                             reorder_ops=reorder_ops)
+        outs.append(o.transpose(0, 1))
+        lses.append(l)
+    if not outs:
+        return q.new_empty((0, q.shape[1], v.shape[2])), q.new_empty((q.shape[1], 0))
+    return torch.cat(outs, 0), torch.cat(lses, 1)

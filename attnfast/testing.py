@@ -169,3 +169,58 @@ def compare_with_reference(run, q, k, v, attn_mask=None, grads=True, **ref_kwarg
         for i, a, r, t in zip(wrt, g, rg, tg):
             results.append(parity(names[i], a, r, t, n))
     return results
+
+
+def compare_varlen_with_reference(run, q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_k=None, grads=True,
+                                  dropout_masks=None, **ref_kwargs):
+    """The parity rule for packed sequences: `run(q, k, v) -> (out (total_q, Hq, Ev), lse (Hq, total_q))`
+    against `varlen_attention_ref` (is_causal, causal_alignment, window, scale as its keywords),
+    over the whole batch at once.  Returns a list of ParityResult."""
+    from .reference import varlen_attention_ref
+
+    def leaves():
+        return [t.detach().clone().requires_grad_(grads) for t in (q, k, v)]
+
+    ins, ref_ins, tru_ins = leaves(), leaves(), leaves()
+    out, lse = run(*ins)
+    refs = dict(ref_kwargs, seqused_k=seqused_k, dropout_masks=dropout_masks)
+    r_out, r_lse = varlen_attention_ref(*ref_ins, cu_seqlens_q, cu_seqlens_k, upcast=False,
+                                        reorder_ops=q.dtype == torch.float64, **refs)
+    t_out, t_lse = varlen_attention_ref(*tru_ins, cu_seqlens_q, cu_seqlens_k, upcast=True, **refs)
+    lens = lambda cu: (cu[1:] - cu[:-1]).max().item() if cu.numel() > 1 else 0  # noqa: E731
+    n = max(lens(cu_seqlens_q), lens(cu_seqlens_k), q.shape[-1], v.shape[-1])
+    cq, ck = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
+    used = [b - a for a, b in zip(ck, ck[1:])] if seqused_k is None else seqused_k.tolist()
+    magnitude = max((score_scale(q[cq[i]:cq[i + 1]].transpose(0, 1), k[ck[i]:ck[i] + used[i]].transpose(0, 1),
+                                 None, ref_kwargs.get("scale")) for i in range(len(cq) - 1)), default=0.0)
+    results = [parity("out", out, r_out, t_out, n), parity("lse", lse, r_lse, t_lse, n, magnitude)]
+    if grads and out.numel():
+        dout = torch.randn_like(t_out).to(q.dtype)
+        g = torch.autograd.grad(out, ins, dout, allow_unused=True)
+        rg = torch.autograd.grad(r_out, ref_ins, dout.to(r_out.dtype), allow_unused=True)
+        tg = torch.autograd.grad(t_out, tru_ins, dout.to(t_out.dtype), allow_unused=True)
+        for name, a, r, t, x in zip(("dq", "dk", "dv"), g, rg, tg, ins):
+            zero = torch.zeros_like(x)
+            results.append(parity(name, zero if a is None else a, zero if r is None else r,
+                                  zero if t is None else t, n))
+    return results
+
+
+def compare_kvcache_with_reference(out, lse, q, k_cache, v_cache, seqlens_k, block_table=None,
+                                   cache_batch_idx=None, **ref_kwargs):
+    """The parity rule for attention over a KV cache (after any append): out (B, Lq, Hq, Ev), lse
+    (B, Hq, Lq) against `attention_with_kvcache_ref` (is_causal, window, scale as its keywords).
+    Returns a list of ParityResult."""
+    from .reference import attention_with_kvcache_ref, kvcache_keys
+
+    args = (q, k_cache, v_cache, seqlens_k, block_table, cache_batch_idx)
+    r_out, r_lse = attention_with_kvcache_ref(*args, upcast=False, reorder_ops=q.dtype == torch.float64,
+                                              **ref_kwargs)
+    t_out, t_lse = attention_with_kvcache_ref(*args, upcast=True, **ref_kwargs)
+    n = max(q.shape[1], int(seqlens_k.max()) if seqlens_k.numel() else 0, q.shape[-1], v_cache.shape[-1])
+    scale = ref_kwargs.get("scale")
+    lens = seqlens_k.tolist()
+    magnitude = max((score_scale(q[b].transpose(0, 1), kvcache_keys(k_cache, v_cache, b, lens[b], block_table,
+                                                                    cache_batch_idx)[0].transpose(0, 1), None, scale)
+                     for b in range(q.shape[0])), default=0.0)
+    return [parity("out", out, r_out, t_out, n), parity("lse", lse, r_lse, t_lse, n, magnitude)]

@@ -125,6 +125,9 @@ void fill_common(AttnParams& p, const at::Tensor& q, const at::Tensor& k, const 
   p.scale = a.scale;
   p.window_left = a.window_left;
   p.window_right = a.window_right;
+  p.bottom_right = bottom_right;
+  p.lse_sb = p.Hq * p.Lq;
+  p.lse_sh = p.Lq;
   TORCH_CHECK(dropout_p >= 0.0 && dropout_p < 1.0, "attnfast cpu: dropout_p must be in [0, 1)");
   p.dropout_p = dropout_p;
   p.seed = 0;
@@ -210,6 +213,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bwd_cpu(
   p.dq = dq.data_ptr();
   p.dk = dk.data_ptr();
   p.dv = dv.data_ptr();
+  p.dq_st = strides_of(dq);
+  p.dk_st = strides_of(dk);
+  p.dv_st = strides_of(dv);
   p.dmask = mask_grad ? dmask.data_ptr() : nullptr;
   kernels().attention_bwd(p);
   return {dq, dk, dv, dmask};
@@ -349,8 +355,248 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> topk_bwd_cpu(
   p.dq = dq.data_ptr();
   p.dk = dk.data_ptr();
   p.dv = dv.data_ptr();
+  p.dk_st = strides_of(dk);
+  p.dv_st = strides_of(dv);
   kernels().topk_bwd(p);
   return {dq, dk, dv};
+}
+
+// ---------------------------------------------------------------------------
+// Ragged batches (seqs.h): packed variable-length sequences and the KV cache.
+// ---------------------------------------------------------------------------
+
+// A (total, heads, dim) packed tensor as the (1, heads, total, dim) view attn_args checks.
+at::Tensor packed_as_4d(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.dim() == 3, "attnfast cpu varlen: ", name, " must be (total_tokens, heads, head_dim), got ",
+              t.dim(), "-D");
+  return t.unsqueeze(0).transpose(1, 2);
+}
+
+// An int32 CPU vector of n entries, contiguous (a copy for other int types).
+at::Tensor int32_arg(const at::Tensor& t, const char* name, int64_t n) {
+  TORCH_CHECK(t.dim() == 1 && t.numel() == n, "attnfast cpu: ", name, " must be a 1-D tensor of ", n,
+              " entries, got shape ", t.sizes());
+  TORCH_CHECK(t.device().is_cpu(), "attnfast cpu: ", name, " must be a CPU tensor");
+  TORCH_CHECK(t.scalar_type() == at::kInt || t.scalar_type() == at::kLong, "attnfast cpu: ", name,
+              " must be int32 (or int64), got ", t.scalar_type());
+  return t.to(at::kInt).contiguous();
+}
+
+// Checks cumulative offsets (batch + 1 entries: 0, ..., total, never decreasing); the longest length.
+int64_t check_offsets(const at::Tensor& cu, const char* name, int64_t total) {
+  const int32_t* c = cu.data_ptr<int32_t>();
+  const int64_t n = cu.numel() - 1;
+  TORCH_CHECK(c[0] == 0 && c[n] == total, "attnfast cpu varlen: ", name, " must start at 0 and end at ", total,
+              " (the packed length), got ", c[0], " and ", c[n]);
+  int64_t longest = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    TORCH_CHECK(c[i + 1] >= c[i], "attnfast cpu varlen: ", name, " must never decrease (entry ", i + 1, ")");
+    longest = std::max<int64_t>(longest, c[i + 1] - c[i]);
+  }
+  return longest;
+}
+
+// The ragged fields of a varlen call on p (filled by fill_common from the 4-D views):
+// sequence lengths from the offsets, the longest as Lq and Lk.
+void fill_varlen(AttnParams& p, const at::Tensor& cu_q, const at::Tensor& cu_k,
+                 const std::optional<at::Tensor>& used_k, int64_t max_q, int64_t max_k) {
+  const int64_t total_q = p.Lq, total_k = p.Lk, B = cu_q.numel() - 1;
+  const int64_t lq = check_offsets(cu_q, "cu_seqlens_q", total_q);
+  int64_t lk = check_offsets(cu_k, "cu_seqlens_k", total_k);
+  TORCH_CHECK(lq <= max_q && lk <= max_k, "attnfast cpu varlen: max_seqlen_q, max_seqlen_k (", max_q, ", ", max_k,
+              ") are below the longest sequences (", lq, ", ", lk, ")");
+  if (used_k.has_value()) {
+    const int32_t* u = used_k->data_ptr<int32_t>();
+    const int32_t* c = cu_k.data_ptr<int32_t>();
+    lk = 0;
+    for (int64_t b = 0; b < B; ++b) {
+      TORCH_CHECK(u[b] >= 0 && u[b] <= c[b + 1] - c[b], "attnfast cpu varlen: seqused_k[", b, "] = ", u[b],
+                  " is outside [0, ", c[b + 1] - c[b], "] (sequence ", b, "'s keys)");
+      lk = std::max<int64_t>(lk, u[b]);
+    }
+    p.used_k = u;
+  }
+  p.B = B;
+  p.Lq = lq;
+  p.Lk = lk;
+  p.q_st.b = p.k_st.b = p.v_st.b = 0;
+  p.cu_q = cu_q.data_ptr<int32_t>();
+  p.cu_k = cu_k.data_ptr<int32_t>();
+  p.lse_sb = 0;  // lse (Hq, total_q)
+  p.lse_sh = total_q;
+}
+
+Strides4 packed_strides(const at::Tensor& t) { return Strides4{0, t.stride(1), t.stride(0), t.stride(2)}; }
+
+std::tuple<at::Tensor, at::Tensor> varlen_fwd_cpu(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& cu_seqlens_q,
+    const at::Tensor& cu_seqlens_k, const std::optional<at::Tensor>& seqused_k, int64_t max_seqlen_q,
+    int64_t max_seqlen_k, double scale, int64_t window_left, int64_t window_right, bool bottom_right,
+    double dropout_p, const std::optional<at::Tensor>& rng) {
+  FwdParams p;
+  fill_common(p, packed_as_4d(q, "q"), packed_as_4d(k, "k"), packed_as_4d(v, "v"), std::nullopt, scale,
+              window_left, window_right, bottom_right, dropout_p, rng);
+  const int64_t total_q = q.size(0), B = cu_seqlens_q.numel() - 1;
+  TORCH_CHECK(B >= 0, "attnfast cpu varlen: cu_seqlens_q must have batch + 1 entries");
+  const at::Tensor cq = int32_arg(cu_seqlens_q, "cu_seqlens_q", B + 1);
+  const at::Tensor ck = int32_arg(cu_seqlens_k, "cu_seqlens_k", B + 1);
+  std::optional<at::Tensor> used;
+  if (seqused_k.has_value()) used = int32_arg(*seqused_k, "seqused_k", B);
+  fill_varlen(p, cq, ck, used, max_seqlen_q, max_seqlen_k);
+  at::Tensor out = at::empty({total_q, p.Hq, p.Ev}, q.options());
+  at::Tensor lse = at::empty({p.Hq, total_q}, q.options().dtype(lse_dtype(q)));
+  if (out.numel() == 0 && lse.numel() == 0) return {out, lse};
+  p.out = out.data_ptr();
+  p.out_st = packed_strides(out);
+  p.lse = lse.data_ptr();
+  kernels().attention_fwd(p);
+  return {out, lse};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_bwd_cpu(
+    const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
+    const at::Tensor& lse, const std::optional<at::Tensor>& dlse, const at::Tensor& cu_seqlens_q,
+    const at::Tensor& cu_seqlens_k, const std::optional<at::Tensor>& seqused_k, int64_t max_seqlen_q,
+    int64_t max_seqlen_k, double scale, int64_t window_left, int64_t window_right, bool bottom_right,
+    double dropout_p, const std::optional<at::Tensor>& rng) {
+  BwdParams p;
+  fill_common(p, packed_as_4d(q, "q"), packed_as_4d(k, "k"), packed_as_4d(v, "v"), std::nullopt, scale,
+              window_left, window_right, bottom_right, dropout_p, rng);
+  const int64_t total_q = q.size(0), B = cu_seqlens_q.numel() - 1;
+  TORCH_CHECK(B >= 0, "attnfast cpu varlen: cu_seqlens_q must have batch + 1 entries");
+  const at::Tensor cq = int32_arg(cu_seqlens_q, "cu_seqlens_q", B + 1);
+  const at::Tensor ck = int32_arg(cu_seqlens_k, "cu_seqlens_k", B + 1);
+  std::optional<at::Tensor> used;
+  if (seqused_k.has_value()) used = int32_arg(*seqused_k, "seqused_k", B);
+  fill_varlen(p, cq, ck, used, max_seqlen_q, max_seqlen_k);
+  TORCH_CHECK(dout.dim() == 3 && out.dim() == 3 && dout.sizes() == out.sizes() && out.size(0) == total_q &&
+                  out.size(1) == p.Hq && out.size(2) == p.Ev,
+              "attnfast cpu varlen: dout and out must be (total_q, Hq, Ev)");
+  TORCH_CHECK(dout.scalar_type() == q.scalar_type() && out.scalar_type() == q.scalar_type() &&
+                  dout.device().is_cpu() && out.device().is_cpu(),
+              "attnfast cpu varlen: dout and out must be CPU tensors of the query dtype");
+  TORCH_CHECK(lse.scalar_type() == lse_dtype(q) && lse.dim() == 2 && lse.size(0) == p.Hq &&
+                  lse.size(1) == total_q && lse.device().is_cpu(),
+              "attnfast cpu varlen: lse must be (Hq, total_q), float64 for float32/float64 inputs, else float32");
+  const at::Tensor lse_c = lse.contiguous();
+  at::Tensor dlse_c;
+  if (dlse.has_value()) {
+    TORCH_CHECK(dlse->sizes() == lse.sizes() && dlse->scalar_type() == lse.scalar_type() && dlse->device().is_cpu(),
+                "attnfast cpu varlen: dlse must match lse in shape, dtype and device");
+    dlse_c = dlse->contiguous();
+  }
+  at::Tensor dq = at::empty_like(q, at::MemoryFormat::Contiguous);
+  at::Tensor dk = at::zeros(k.sizes(), k.options());  // keys past seqused_k get no gradient
+  at::Tensor dv = at::zeros(v.sizes(), v.options());
+  if (dq.numel() == 0 && dk.numel() == 0 && dv.numel() == 0) return {dq, dk, dv};
+  p.dout = dout.data_ptr();
+  p.dout_st = packed_strides(dout);
+  p.out = out.data_ptr();
+  p.out_st = packed_strides(out);
+  p.lse = lse_c.data_ptr();
+  p.dlse = dlse.has_value() ? dlse_c.data_ptr() : nullptr;
+  p.dq = dq.data_ptr();
+  p.dk = dk.data_ptr();
+  p.dv = dv.data_ptr();
+  p.dq_st = packed_strides(dq);
+  p.dk_st = packed_strides(dk);
+  p.dv_st = packed_strides(dv);
+  p.dmask = nullptr;
+  kernels().attention_bwd(p);
+  return {dq, dk, dv};
+}
+
+// Attention of q (B, Lq, Hq, E) over a KV cache: k_cache / v_cache (B_cache, S, Hkv, E / Ev), or a page
+// pool (pages, page_size, Hkv, E / Ev) with block_table (B, max_pages); entry b uses the first
+// seqlens_k[b] keys of cache entry cache_batch_idx[b] (b without it).  The diagonal is bottom-right.
+// -> (out (B, Lq, Hq, Ev), lse (B, Hq, Lq) as fwd's).  Nothing is written to the cache here.
+std::tuple<at::Tensor, at::Tensor> kvcache_fwd_cpu(
+    const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& seqlens_k,
+    const std::optional<at::Tensor>& cache_batch_idx, const std::optional<at::Tensor>& block_table, double scale,
+    int64_t window_left, int64_t window_right, int64_t num_splits) {
+  TORCH_CHECK(q.dim() == 4 && k_cache.dim() == 4 && v_cache.dim() == 4,
+              "attnfast cpu kvcache: q, k_cache, v_cache must be 4-D (batch, seqlen, heads, head_dim)");
+  TORCH_CHECK(k_cache.size(0) >= 1 || q.size(0) == 0, "attnfast cpu kvcache: the cache is empty");
+  const int64_t B = q.size(0), Lq = q.size(1);
+  // attn_args checks q, k, v (dtype, device, heads, dims) on (B, H, L, E) views with B cache entries.
+  const auto as_b = [&](const at::Tensor& c) {
+    at::Tensor t = c.transpose(1, 2);
+    return B == 0 ? t.narrow(0, 0, 0) : t.narrow(0, 0, 1).expand({B, t.size(1), t.size(2), t.size(3)});
+  };
+  FwdParams p;
+  fill_common(p, q.transpose(1, 2), as_b(k_cache), as_b(v_cache), std::nullopt, scale, window_left, window_right,
+              true, 0.0, std::nullopt);
+  TORCH_CHECK(num_splits >= 0, "attnfast cpu kvcache: num_splits must be >= 0 (0 chooses), got ", num_splits);
+  p.num_splits = num_splits;
+  p.k_st.b = k_cache.stride(0);
+  p.v_st.b = v_cache.stride(0);
+  TORCH_CHECK(k_cache.size(0) == v_cache.size(0) && k_cache.size(1) == v_cache.size(1),
+              "attnfast cpu kvcache: k_cache and v_cache must have the same (entries, seqlen)");
+  const at::Tensor lens = int32_arg(seqlens_k, "cache_seqlens", B);
+  const int32_t* len = lens.data_ptr<int32_t>();
+  int64_t capacity = k_cache.size(1);
+  at::Tensor table, bidx;
+  if (block_table.has_value()) {
+    TORCH_CHECK(!cache_batch_idx.has_value(), "attnfast cpu kvcache: cache_batch_idx and block_table exclude "
+                "each other");
+    TORCH_CHECK(block_table->dim() == 2 && block_table->size(0) == B && block_table->device().is_cpu() &&
+                    block_table->scalar_type() == at::kInt,
+                "attnfast cpu kvcache: block_table must be an int32 CPU tensor (batch, max_blocks), got ",
+                block_table->scalar_type(), " ", block_table->sizes());
+    table = block_table->contiguous();
+    capacity = k_cache.size(1) * table.size(1);
+  } else if (cache_batch_idx.has_value()) {
+    bidx = int32_arg(*cache_batch_idx, "cache_batch_idx", B);
+    for (int64_t b = 0; b < B; ++b)
+      TORCH_CHECK(bidx.data_ptr<int32_t>()[b] >= 0 && bidx.data_ptr<int32_t>()[b] < k_cache.size(0),
+                  "attnfast cpu kvcache: cache_batch_idx[", b, "] = ", bidx.data_ptr<int32_t>()[b],
+                  " is outside [0, ", k_cache.size(0), ")");
+    p.batch_k = bidx.data_ptr<int32_t>();
+  } else {
+    TORCH_CHECK(k_cache.size(0) == B, "attnfast cpu kvcache: k_cache has ", k_cache.size(0),
+                " entries for a batch of ", B, " (pass cache_batch_idx)");
+  }
+  int64_t longest = 0;
+  for (int64_t b = 0; b < B; ++b) {
+    TORCH_CHECK(len[b] >= 0 && len[b] <= capacity, "attnfast cpu kvcache: cache_seqlens[", b, "] = ", len[b],
+                " is outside [0, ", capacity, "] (the cache's capacity)");
+    longest = std::max<int64_t>(longest, len[b]);
+  }
+  at::Tensor kc = k_cache, vc = v_cache;
+  if (block_table.has_value()) {
+    const int64_t page = k_cache.size(1);
+    const int32_t* bt = table.data_ptr<int32_t>();
+    for (int64_t b = 0; b < B; ++b)
+      for (int64_t j = 0; j < (len[b] + page - 1) / page; ++j)
+        TORCH_CHECK(bt[b * table.size(1) + j] >= 0 && bt[b * table.size(1) + j] < k_cache.size(0),
+                    "attnfast cpu kvcache: block_table[", b, ", ", j, "] = ", bt[b * table.size(1) + j],
+                    " is outside the pool [0, ", k_cache.size(0), ")");
+    if (Lq * (p.Hq / std::max<int64_t>(p.Hkv, 1)) <= 16) {  // decode_call: the kernel reads the pages in place
+      p.block_table = bt;
+      p.block_table_stride = table.size(1);
+      p.page_size = page;
+    } else {  // longer queries: each entry's pages gathered into one contiguous cache row
+      const at::Tensor pages = at::where(at::arange(table.size(1), table.options()).unsqueeze(0) <
+                                             ((lens.unsqueeze(1) + page - 1) / page),
+                                         table, at::zeros({}, table.options()));
+      kc = k_cache.index_select(0, pages.flatten().to(at::kLong)).view({B, capacity, k_cache.size(2), k_cache.size(3)});
+      vc = v_cache.index_select(0, pages.flatten().to(at::kLong)).view({B, capacity, v_cache.size(2), v_cache.size(3)});
+      p.k = kc.data_ptr();
+      p.v = vc.data_ptr();
+      p.k_st = Strides4{kc.stride(0), kc.stride(2), kc.stride(1), kc.stride(3)};
+      p.v_st = Strides4{vc.stride(0), vc.stride(2), vc.stride(1), vc.stride(3)};
+    }
+  }
+  p.used_k = len;
+  p.Lk = longest;
+  at::Tensor out = at::empty({B, Lq, p.Hq, p.Ev}, q.options());
+  at::Tensor lse = at::empty({B, p.Hq, Lq}, q.options().dtype(lse_dtype(q)));
+  if (out.numel() == 0 && lse.numel() == 0) return {out, lse};
+  p.out = out.data_ptr();
+  p.out_st = Strides4{out.stride(0), out.stride(2), out.stride(1), out.stride(3)};
+  p.lse = lse.data_ptr();
+  kernels().attention_fwd(p);
+  return {out, lse};
 }
 
 }  // namespace
@@ -384,6 +630,30 @@ TORCH_LIBRARY(attnfast, m) {
   m.def(
       "topk_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor? attn_mask, float scale, Tensor lse, "
       "Tensor idx, Tensor? dlse) -> (Tensor, Tensor, Tensor)");
+  // Packed variable-length sequences: q (total_q, Hq, E), k (total_k, Hkv, E), v (total_k, Hkv, Ev);
+  // sequence i is rows cu_seqlens_q[i]:cu_seqlens_q[i+1] of q and cu_seqlens_k[i]:cu_seqlens_k[i+1] of
+  // k, v (int32, batch + 1 entries), of whose keys only the first seqused_k[i] take part when given.
+  // The diagonal, window and dropout as in fwd, per sequence (sequence i's dropout draws with
+  // offset + i).  -> (out (total_q, Hq, Ev), lse (Hq, total_q), dtype as fwd's)
+  m.def(
+      "varlen_fwd(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens_q, Tensor cu_seqlens_k, Tensor? seqused_k, "
+      "int max_seqlen_q, int max_seqlen_k, float scale, int window_left, int window_right, bool bottom_right, "
+      "float dropout_p, Tensor? rng) -> (Tensor, Tensor)");
+  // -> (dq, dk, dv) like q, k, v
+  m.def(
+      "varlen_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor? dlse, "
+      "Tensor cu_seqlens_q, Tensor cu_seqlens_k, Tensor? seqused_k, int max_seqlen_q, int max_seqlen_k, "
+      "float scale, int window_left, int window_right, bool bottom_right, float dropout_p, Tensor? rng) "
+      "-> (Tensor, Tensor, Tensor)");
+  // Attention over a KV cache (forward only; appending to the cache is the caller's):
+  // q (B, Lq, Hq, E); k_cache, v_cache (B_cache, S, Hkv, E / Ev), or a page pool
+  // (pages, page_size, Hkv, E / Ev) with block_table int32 (B, max_pages); entry b attends
+  // to the first seqlens_k[b] keys of its cache entry (cache_batch_idx[b], else b), bottom-right
+  // diagonal.  num_splits: key splits of the short-query kernel (0 chooses from the shape).
+  // -> (out (B, Lq, Hq, Ev), lse (B, Hq, Lq), dtype as fwd's)
+  m.def(
+      "kvcache_fwd(Tensor q, Tensor k_cache, Tensor v_cache, Tensor seqlens_k, Tensor? cache_batch_idx, "
+      "Tensor? block_table, float scale, int window_left, int window_right, int num_splits) -> (Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(attnfast, CPU, m) {
@@ -393,6 +663,9 @@ TORCH_LIBRARY_IMPL(attnfast, CPU, m) {
   m.impl("additive_bwd", &additive_bwd_cpu);
   m.impl("topk_fwd", &topk_fwd_cpu);
   m.impl("topk_bwd", &topk_bwd_cpu);
+  m.impl("varlen_fwd", &varlen_fwd_cpu);
+  m.impl("varlen_bwd", &varlen_bwd_cpu);
+  m.impl("kvcache_fwd", &kvcache_fwd_cpu);
 }
 
 // One probe.h measurement on the named ISA build -> (seconds, flops).

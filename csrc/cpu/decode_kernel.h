@@ -18,7 +18,7 @@
 // last pass merges them by log-sum-exp in split order.  The split count is a
 // function of the shape only, so results do not depend on the thread count.
 #pragma once
-#include "tile_ops.h"
+#include "seqs.h"
 
 namespace attnfast {
 namespace cpu {
@@ -30,14 +30,25 @@ constexpr int64_t kSplitMin = 512;     // keys per split, at least
 constexpr int64_t kDecodeItems = 8;    // work items aimed at (a fixed number: see above)
 constexpr int64_t kDecodeBlock = 256;  // keys per block of a split's walk
 
-inline bool decode_fits(const AttnParams& p) {
-  return p.Lq * (p.Hq / p.Hkv) <= kDecodeRows && p.Lk > 0;
+// Whether the forward of this call (its views: seqs.h) runs here: at most
+// kDecodeRows query rows per kv head in every view.  A dense call also needs
+// keys (an empty one goes to the blocked kernel); a ragged call's sequences
+// may have none (their rows come out 0, lse -inf).
+template <typename P>
+bool decode_call(const P& call, const std::vector<P>& views) {
+  if (call.Hkv == 0) return false;
+  for (const P& v : views)
+    if (v.Lq * (v.Hq / v.Hkv) > kDecodeRows) return false;
+  return is_ragged(call) || call.Lk > 0;
 }
 
-inline int64_t decode_splits(const AttnParams& p) {
-  const int64_t heads = p.B * p.Hkv;
+// Key splits of view v: enough for kDecodeItems items over the call's
+// `heads` kv heads (all views together), at least kSplitMin keys a split; or
+// the caller's num_splits.  A function of the shape only.
+inline int64_t decode_splits(const AttnParams& v, int64_t heads) {
+  if (v.num_splits > 0) return imax(1, imin(v.num_splits, v.Lk));
   const int64_t want = imax(1, kDecodeItems / imax(1, heads));
-  return imax(1, imin(want, p.Lk / kSplitMin));
+  return imax(1, imin(want, v.Lk / kSplitMin));
 }
 
 // out[x] = sum_e q[e] * k[x][e] for e < n, NK key rows at once: NK
@@ -120,46 +131,82 @@ inline void merge_block(const A* ob, A mb, A lb, int64_t n, L* o, L& m, L& l) {
   l += static_cast<L>(lb) * w;
 }
 
+// Scratch of one thread's range of decode items, sized for the call's longest sequence.
 template <typename T>
-void decode_impl(const FwdParams& p) {
+struct DecodeScratch {
+  using A = typename Elem<T>::acc;
+  using L = typename Elem<T>::lse;
+  Buffer<A> qbuf, s, ob, ktmp, vbuf, fac, mb, lb;
+  Buffer<L> o, mrow, lrow;
+  DecodeScratch(int64_t rows, int64_t lde, int64_t lds, int64_t ldv, bool v_direct, bool drop, bool own_o)
+      : qbuf(rows * lde), s(rows * lds), ob(rows * ldv), ktmp(lde), vbuf(v_direct ? 0 : lds * ldv),
+        fac(drop ? rows * lds : 0), mb(rows), lb(rows), o(own_o ? rows * ldv : 0), mrow(rows), lrow(rows) {}
+};
+
+// One view's decode layout: splits, keys per split, score row stride, and
+// where its splits' partials start in the call's buffers.
+struct DecodeView {
+  int64_t nsplit, chunk, lds, part, ml;
+};
+
+template <typename T>
+void decode_impl(const FwdParams& call, const std::vector<FwdParams>& views) {
   using A = typename Elem<T>::acc;
   using L = typename Elem<T>::lse;
   using W = typename Elem<T>::wide;
   constexpr int64_t NR = kDecodeNV * Vec<A>::kWidth;
-  const Visibility vis(p);
-  const int64_t group = p.Hq / p.Hkv, rows = group * p.Lq;
-  const int64_t E = p.E, Ev = p.Ev, lde = pad_up(E), ldv = cdiv(Ev, NR) * NR;
-  const int64_t nsplit = decode_splits(p), heads = p.B * p.Hkv;
-  const int64_t chunk = cdiv(p.Lk, nsplit);
-  const int64_t lds = imin(kDecodeBlock, pad_up(chunk));
-  const A scale = static_cast<A>(p.scale);
+  const int64_t group = call.Hq / call.Hkv, rows_max = group * call.Lq;
+  const int64_t E = call.E, Ev = call.Ev, lde = pad_up(E), ldv = cdiv(Ev, NR) * NR;
+  const A scale = static_cast<A>(call.scale);
   const A ninf = -std::numeric_limits<A>::infinity();
   // float32 and bfloat16 (widened as loaded) key and value rows are read in
   // place; V rows feed the product as its B operand, in whole register tiles.
   constexpr bool kInPlace = std::is_same<A, float>::value && (std::is_same<T, A>::value ||
                                                               std::is_same<T, bf16_t>::value);
-  const bool k_direct = kInPlace && p.k_st.c == 1;
-  const bool v_direct = kInPlace && p.v_st.c == 1 && Ev % NR == 0;
-  // Per split and row: the unnormalised output (ldv) and m, l.
-  Buffer<L> part(nsplit > 1 ? heads * nsplit * rows * ldv : 0);
-  Buffer<L> part_ml(nsplit > 1 ? heads * nsplit * rows * 2 : 0);
+  const bool k_direct = kInPlace && call.k_st.c == 1;
+  const bool v_direct = kInPlace && call.v_st.c == 1 && Ev % NR == 0;
+  int64_t heads = 0;
+  for (const FwdParams& v : views) heads += v.B * v.Hkv;
+  // Per view: its splits; per split and row, the unnormalised output (ldv) and m, l.
+  std::vector<DecodeView> dv(views.size());
+  int64_t part_n = 0, ml_n = 0, lds_max = 0;
+  bool any_split = false;
+  for (size_t x = 0; x < views.size(); ++x) {
+    const FwdParams& v = views[x];
+    const int64_t nsplit = decode_splits(v, heads), chunk = cdiv(v.Lk, nsplit);
+    dv[x] = DecodeView{nsplit, chunk, imin(kDecodeBlock, pad_up(chunk)), part_n, ml_n};
+    lds_max = imax(lds_max, dv[x].lds);
+    if (nsplit > 1) {
+      any_split = true;
+      part_n += v.B * v.Hkv * nsplit * group * v.Lq * ldv;
+      ml_n += v.B * v.Hkv * nsplit * group * v.Lq * 2;
+    }
+  }
+  Buffer<L> part(part_n, Init::kUninit), part_ml(ml_n, Init::kUninit);
+  const std::vector<int64_t> start = item_starts(views, [&](const FwdParams& v) {
+    return v.Lq == 0 ? 0 : v.B * v.Hkv * dv[&v - views.data()].nsplit;
+  });
 
-  run_parallel(p, heads * nsplit, [&](int64_t begin, int64_t end) {
-    Buffer<A> qbuf(rows * lde), s(rows * lds), ob(rows * ldv), ktmp(lde);
-    Buffer<A> vbuf(v_direct ? 0 : lds * ldv);
-    Buffer<A> fac(p.dropout_p > 0.f ? rows * lds : 0), mb(rows), lb(rows);
-    Buffer<L> o(nsplit > 1 ? 0 : rows * ldv), mrow(rows), lrow(rows);
+  run_views(call, start, [&] {
+    return DecodeScratch<T>(rows_max, lde, lds_max, ldv, v_direct, call.dropout_p > 0.f, true);
+  }, [&](DecodeScratch<T>& sc, int64_t x, int64_t begin, int64_t end) {
+    const FwdParams& p = views[x];
+    const Visibility vis(p);
+    const int64_t rows = group * p.Lq, nsplit = dv[x].nsplit, chunk = dv[x].chunk, lds = dv[x].lds;
+    Buffer<A>&qbuf = sc.qbuf, &s = sc.s, &ob = sc.ob, &ktmp = sc.ktmp, &vbuf = sc.vbuf, &fac = sc.fac, &mb = sc.mb,
+    &lb = sc.lb;
+    Buffer<L>&mrow = sc.mrow, &lrow = sc.lrow;
     for (int64_t item = begin; item < end; ++item) {
       const int64_t sp = item % nsplit, bk = item / nsplit;
       const int64_t hk = bk % p.Hkv, b = bk / p.Hkv;
-      const int64_t j0 = sp * chunk, nk = imin(chunk, p.Lk - j0);
+      const int64_t j0 = sp * chunk, nk = imax(0, imin(chunk, p.Lk - j0));
       for (int64_t g = 0; g < group; ++g) {
         const T* q = static_cast<const T*>(p.q) + b * p.q_st.b + (hk * group + g) * p.q_st.h;
         load_rows(q, p.q_st.r, p.q_st.c, 0, p.Lq, E, qbuf.data() + g * p.Lq * lde, lde);
       }
       const T* k = head_of<T>(p.k, p.k_st, b, hk);
       const T* v = head_of<T>(p.v, p.v_st, b, hk);
-      L* od = nsplit > 1 ? part.data() + (bk * nsplit + sp) * rows * ldv : o.data();
+      L* od = nsplit > 1 ? part.data() + dv[x].part + (bk * nsplit + sp) * rows * ldv : sc.o.data();
       for (int64_t r = 0; r < rows; ++r) {
         mrow[r] = -std::numeric_limits<L>::infinity();
         lrow[r] = L(0);
@@ -167,28 +214,39 @@ void decode_impl(const FwdParams& p) {
       }
       // The split's keys in blocks of kDecodeBlock: scores, the block's
       // softmax, P V, then the block merged into the split's (o, m, l).
-      for (int64_t c0 = 0; c0 < nk; c0 += kDecodeBlock) {
-        const int64_t jb = j0 + c0, nc = imin(kDecodeBlock, nk - c0), ncp = pad_up(nc);
+      for (int64_t c0 = 0, nc = 0; c0 < nk; c0 += nc) {
+        const int64_t jb = j0 + c0;
+        nc = imin(kDecodeBlock, nk - c0);
+        // The block's first key and value rows; a paged cache's blocks end at its page ends.
+        const T* kb = k + jb * p.k_st.r;
+        const T* vb = v + jb * p.v_st.r;
+        if (p.block_table != nullptr) {
+          const int64_t page = p.block_table[jb / p.page_size], in = jb % p.page_size;
+          nc = imin(nc, p.page_size - in);
+          kb = k + page * p.k_st.b + in * p.k_st.r;
+          vb = v + page * p.v_st.b + in * p.v_st.r;
+        }
+        const int64_t ncp = pad_up(nc);
         int64_t j = 0;
         if constexpr (kInPlace) {
           if (k_direct) {  // key rows read in place, four at a time
             for (; j + 4 <= nc; j += 4) {
               const T* kr[4];
-              for (int x = 0; x < 4; ++x) kr[x] = k + (jb + j + x) * p.k_st.r;
+              for (int y = 0; y < 4; ++y) kr[y] = kb + (j + y) * p.k_st.r;
               for (int64_t r = 0; r < rows; ++r) {
                 float d4[4];
                 dot_rows<4>(qbuf.data() + r * lde, kr, E, d4);
-                for (int x = 0; x < 4; ++x) s[r * lds + j + x] = d4[x] * scale;
+                for (int y = 0; y < 4; ++y) s[r * lds + j + y] = d4[y] * scale;
               }
             }
             for (; j < nc; ++j) {
-              const T* kr = k + (jb + j) * p.k_st.r;
+              const T* kr = kb + j * p.k_st.r;
               for (int64_t r = 0; r < rows; ++r) s[r * lds + j] = dot_row(qbuf.data() + r * lde, kr, E) * scale;
             }
           }
         }
         for (; j < nc; ++j) {  // other dtypes and strides: a converted copy of the row
-          load_rows(k, p.k_st.r, p.k_st.c, jb + j, 1, E, ktmp.data(), E);
+          load_rows(kb, p.k_st.r, p.k_st.c, j, 1, E, ktmp.data(), E);
           for (int64_t r = 0; r < rows; ++r)
             s[r * lds + j] = dot_row(qbuf.data() + r * lde, static_cast<const A*>(ktmp.data()), E) * scale;
         }
@@ -212,17 +270,17 @@ void decode_impl(const FwdParams& p) {
             for (int64_t jj = 0; jj < nc; ++jj) row[jj] *= fac[r * lds + jj];
         }
         if constexpr (kInPlace) {
-          if (v_direct) pv_rows(s.data(), lds, rows, nc, v + jb * p.v_st.r, p.v_st.r, Ev, ob.data(), ldv);
+          if (v_direct) pv_rows(s.data(), lds, rows, nc, vb, p.v_st.r, Ev, ob.data(), ldv);
         }
         if (!v_direct) {
-          load_rows(v, p.v_st.r, p.v_st.c, jb, nc, Ev, vbuf.data(), ldv);
+          load_rows(vb, p.v_st.r, p.v_st.c, 0, nc, Ev, vbuf.data(), ldv);
           pv_rows(s.data(), lds, rows, nc, static_cast<const A*>(vbuf.data()), ldv, Ev, ob.data(), ldv);
         }
         for (int64_t r = 0; r < rows; ++r)
           merge_block<A, L, W>(ob.data() + r * ldv, mb[r], lb[r], Ev, od + r * ldv, mrow[r], lrow[r]);
       }
       if (nsplit > 1) {
-        L* ml = part_ml.data() + (bk * nsplit + sp) * rows * 2;
+        L* ml = part_ml.data() + dv[x].ml + (bk * nsplit + sp) * rows * 2;
         for (int64_t r = 0; r < rows; ++r) {
           ml[2 * r] = mrow[r];
           ml[2 * r + 1] = lrow[r];
@@ -233,16 +291,28 @@ void decode_impl(const FwdParams& p) {
         store_out_row<T>(p, b, hk * group + r / p.Lq, r % p.Lq, od + r * ldv, mrow[r], lrow[r]);
     }
   });
-  if (nsplit == 1) return;
+  if (!any_split) return;
 
   // Merge the splits of each row in split order: M = max m_s,
   // l = sum l_s exp(m_s - M), out = sum o_s exp(m_s - M) / l.
-  run_parallel(p, heads, [&](int64_t begin, int64_t end) {
-    Buffer<L> w(nsplit), acc(Ev);
+  const std::vector<int64_t> heads_at = item_starts(views, [&](const FwdParams& v) {
+    return dv[&v - views.data()].nsplit > 1 && v.Lq > 0 ? v.B * v.Hkv : 0;
+  });
+  int64_t nsplit_max = 1;
+  for (const DecodeView& d : dv) nsplit_max = imax(nsplit_max, d.nsplit);
+  struct MergeScratch {
+    Buffer<L> w, acc;
+    MergeScratch(int64_t n, int64_t ev) : w(n), acc(ev) {}
+  };
+  run_views(call, heads_at, [&] { return MergeScratch(nsplit_max, Ev); },
+            [&](MergeScratch& ms, int64_t x, int64_t begin, int64_t end) {
+    const FwdParams& p = views[x];
+    const int64_t rows = group * p.Lq, nsplit = dv[x].nsplit;
+    Buffer<L>&w = ms.w, &acc = ms.acc;
     for (int64_t bk = begin; bk < end; ++bk) {
       const int64_t hk = bk % p.Hkv, b = bk / p.Hkv;
       for (int64_t r = 0; r < rows; ++r) {
-        const L* ml = part_ml.data() + bk * nsplit * rows * 2 + 2 * r;
+        const L* ml = part_ml.data() + dv[x].ml + bk * nsplit * rows * 2 + 2 * r;
         L M = -std::numeric_limits<L>::infinity();
         bool nan = false;
         for (int64_t sp = 0; sp < nsplit; ++sp) {
@@ -252,15 +322,15 @@ void decode_impl(const FwdParams& p) {
         }
         L l = L(0);
         for (int64_t sp = 0; sp < nsplit; ++sp) {
-          const L ms = ml[sp * rows * 2], ls = ml[sp * rows * 2 + 1];
-          w[sp] = ls > L(0) ? static_cast<L>(std::exp(static_cast<W>(ms) - static_cast<W>(M))) : L(0);
+          const L ms_ = ml[sp * rows * 2], ls = ml[sp * rows * 2 + 1];
+          w[sp] = ls > L(0) ? static_cast<L>(std::exp(static_cast<W>(ms_) - static_cast<W>(M))) : L(0);
           l += ls * w[sp];
         }
         if (nan) l = std::numeric_limits<L>::quiet_NaN();
         for (int64_t c = 0; c < Ev; ++c) acc[c] = L(0);
         for (int64_t sp = 0; sp < nsplit; ++sp) {
           if (w[sp] == L(0)) continue;
-          const L* os = part.data() + ((bk * nsplit + sp) * rows + r) * ldv;
+          const L* os = part.data() + dv[x].part + ((bk * nsplit + sp) * rows + r) * ldv;
           for (int64_t c = 0; c < Ev; ++c) acc[c] += os[c] * w[sp];
         }
         store_out_row<T>(p, b, hk * group + r / p.Lq, r % p.Lq, acc.data(), M, l);

@@ -52,6 +52,32 @@ struct AttnParams {
   uint64_t offset;
 
   ParallelFor parallel_for;
+
+  // The lse (and its gradient, and delta): element (b, h, i) at b * lse_sb + h * lse_sh + i.
+  int64_t lse_sb = 0, lse_sh = 0;
+
+  // A ragged batch (seqs.h), when any of these is set: batch entry b is a
+  // sequence of its own, with query rows [cu_q[b], cu_q[b+1]) (row offsets
+  // into q, out and the lse, on top of b's batch strides; nullptr: [0, Lq)),
+  // keys [cu_k[b], cu_k[b+1]) (nullptr: [0, Lk)), of which only the first
+  // used_k[b] take part (nullptr: all), read from key batch batch_k[b]
+  // (nullptr: b).  Lq and Lk are then the longest sequence's lengths, the
+  // diagonal is each sequence's own (bottom_right: its Lk - Lq, else 0), no
+  // mask is allowed, and sequence b's dropout draws with offset + b.
+  const int32_t* cu_q = nullptr;
+  const int32_t* cu_k = nullptr;
+  const int32_t* used_k = nullptr;
+  const int32_t* batch_k = nullptr;
+  bool bottom_right = false;
+  // A paged key/value cache (short-query forward only, decode_kernel.h): key
+  // row j of batch entry b is row j % page_size of page block_table[b *
+  // block_table_stride + j / page_size]; k and v then point at the page pool,
+  // whose pages are k_st.b (v_st.b) elements apart.
+  const int32_t* block_table = nullptr;
+  int64_t block_table_stride = 0;
+  int64_t page_size = 0;
+  // Key splits of the short-query forward (decode_kernel.h): 0 chooses from the shape.
+  int64_t num_splits = 0;
 };
 
 struct FwdParams : AttnParams {
@@ -67,9 +93,10 @@ struct BwdParams : AttnParams {
   Strides4 out_st;
   const void* lse;   // (B, Hq, Lq) contiguous, dtype as in FwdParams
   const void* dlse;  // (B, Hq, Lq) contiguous gradient of lse (same dtype), or nullptr
-  void* dq;          // (B, Hq, Lq, E)   contiguous, query dtype
-  void* dk;          // (B, Hkv, Lk, E)  contiguous
-  void* dv;          // (B, Hkv, Lk, Ev) contiguous
+  void* dq;          // (B, Hq, Lq, E), strides dq_st (unit columns), query dtype
+  void* dk;          // (B, Hkv, Lk, E), strides dk_st (unit columns)
+  void* dv;          // (B, Hkv, Lk, Ev), strides dv_st (unit columns)
+  Strides4 dq_st, dk_st, dv_st;
   void* dmask;       // (B, Hq, Lq, Lk) contiguous, accumulation dtype, or nullptr
   // (B, Hq, Lq) contiguous rowsum(dO * O) given by the caller (lse dtype), used in place
   // of the kernel's rowsum(P * dP); or nullptr.  Ring attention gives it: there P and dP
@@ -89,6 +116,7 @@ struct TopkParams : AttnParams {
   void* dq;           // backward outputs, contiguous, query dtype
   void* dk;
   void* dv;
+  Strides4 dk_st, dv_st;  // of dk and dv (contiguous)
 };
 
 // Additive (Bahdanau) attention on projected queries/keys (additive_kernel.h), float32,

@@ -357,14 +357,15 @@ void pack_kt_v(const AttnParams& p, int64_t b, int64_t hk, A* kt, A* v, int64_t 
 }
 
 // The dK and dV of kv head (b, hk), summed in full-head buffers (Lk, E) and
-// (Lk, Ev) with row strides ldk and ldv, rounded into p.dk and p.dv
-// ((B, Hkv, Lk, E), (B, Hkv, Lk, Ev), contiguous).
+// (Lk, Ev) with row strides ldk and ldv, rounded into p.dk and p.dv (strides
+// dk_st, dv_st).
 template <typename T, typename P, typename A>
 void store_kv_grads(const P& p, int64_t b, int64_t hk, const A* dk, const A* dv, int64_t ldk, int64_t ldv) {
-  const int64_t head = b * p.Hkv + hk;
+  T* dkh = static_cast<T*>(p.dk) + b * p.dk_st.b + hk * p.dk_st.h;
+  T* dvh = static_cast<T*>(p.dv) + b * p.dv_st.b + hk * p.dv_st.h;
   for (int64_t j = 0; j < p.Lk; ++j) {
-    store_all(static_cast<T*>(p.dk) + (head * p.Lk + j) * p.E, dk + j * ldk, p.E);
-    store_all(static_cast<T*>(p.dv) + (head * p.Lk + j) * p.Ev, dv + j * ldv, p.Ev);
+    store_all(dkh + j * p.dk_st.r, dk + j * ldk, p.E);
+    store_all(dvh + j * p.dv_st.r, dv + j * ldv, p.Ev);
   }
 }
 
@@ -571,7 +572,7 @@ void store_out_row(const FwdParams& p, int64_t b, int64_t h, int64_t i, const X*
   T* orow = static_cast<T*>(p.out) + b * p.out_st.b + h * p.out_st.h + i * p.out_st.r;
   for (int64_t c = 0; c < p.Ev; ++c)
     Elem<T>::store(orow + c * p.out_st.c, static_cast<A>(static_cast<L>(acc[c]) * inv));
-  L* lse = static_cast<L*>(p.lse) + (b * p.Hq + h) * p.Lq;
+  L* lse = static_cast<L*>(p.lse) + b * p.lse_sb + h * p.lse_sh;
   lse[i] = l > L(0) ? static_cast<L>(static_cast<W>(m) + std::log(static_cast<W>(l)))
            : l != l ? l : -std::numeric_limits<L>::infinity();
 }
