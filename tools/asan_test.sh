@@ -54,7 +54,8 @@ fi
 
 # The tests that reach the C++ kernels, in two processes side by side: most of their time is
 # single-threaded Python and reference maths.  The parity sweep is one, the rest the other.
-rest=(tests/api/test_errors.py tests/api/test_fast_path.py tests/cpu/test_cpu_ops.py tests/variants/test_variants.py)
+rest=(tests/api/test_errors.py tests/api/test_fast_path.py tests/api/test_varlen.py tests/api/test_kvcache.py
+      tests/cpu/test_cpu_ops.py tests/variants/test_variants.py)
 [[ -f tests/api/test_fuzz.py ]] && rest+=(tests/api/test_fuzz.py)
 run tests/cpu/test_cpu_parity.py "$@" >"$OUT/parity.log" 2>&1 &
 parity=$!

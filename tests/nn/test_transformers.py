@@ -98,6 +98,34 @@ def test_llama_gqa(padded, monkeypatch):
         assert (m, kw["is_causal"]) == (((B, 1, L, L), False) if padded else (None, True))
 
 
+@pytest.mark.parametrize("left_padded", [False, True], ids=["unpadded", "left-padded"])
+def test_llama_generate_gives_sdpa_tokens(left_padded):
+    """Greedy generation of 64 new tokens (decoding: one query over a growing KV cache, through
+    the short-query kernel) gives the same tokens as "sdpa", with and without left padding."""
+    config = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=2 * HIDDEN,
+                                      num_hidden_layers=LAYERS, num_attention_heads=4, num_key_value_heads=2,
+                                      max_position_embeddings=128, attention_dropout=0.0, pad_token_id=0,
+                                      bos_token_id=1, eos_token_id=None)
+    sdpa = transformers.AutoModelForCausalLM.from_config(copy.deepcopy(config), attn_implementation="sdpa").eval()
+    ours = transformers.AutoModelForCausalLM.from_config(copy.deepcopy(config), attn_implementation="attnfast").eval()
+    ours.load_state_dict(sdpa.state_dict())
+    B, L, NEW = 3, 11, 64
+    ids = torch.randint(2, VOCAB, (B, L))
+    mask = torch.ones(B, L, dtype=torch.long)
+    if left_padded:
+        mask[1, :4] = 0
+        mask[2, :7] = 0
+        ids[mask == 0] = 0
+    tokens = []
+    for model in (sdpa, ours):
+        with kernel_calls() as calls:
+            tokens.append(model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=NEW,
+                                         min_new_tokens=NEW, do_sample=False))
+    assert calls["attnfast_fwd"] == NEW * LAYERS  # the prompt, then one call per new token and layer
+    assert tokens[0].shape == (B, L + NEW)
+    assert torch.equal(tokens[1], tokens[0])
+
+
 def test_bert_padding():
     config = transformers.BertConfig(vocab_size=VOCAB, hidden_size=HIDDEN, num_hidden_layers=LAYERS,
                                      num_attention_heads=4, intermediate_size=2 * HIDDEN, max_position_embeddings=64,
