@@ -55,6 +55,12 @@ SUITES = {
     "roofline": Suite("CPU roofline: FMA peak probe, sgemm rate, stream bandwidth, the micro-kernel alone, and the "
                       "target grid (torch SDPA / attnfast, alternated pairs) as shares of them, per ISA path",
                       "roofline", plans=("quick", "smoke")),
+    "varlen": Suite("packed batches: one varlen_attention call vs the per-sequence loop vs padded dense SDPA, "
+                    "1 to 4096 sequences (CPU)", "serving", "run_varlen", plans=("quick", "smoke")),
+    "decode": Suite("decoding (Lq = 1): split-KV vs no split vs torch SDPA, and GB/s as a share of the read "
+                    "bandwidth (CPU)", "serving", "run_decode", plans=("quick", "smoke")),
+    "kvcache": Suite("attention_with_kvcache decode steps, contiguous vs paged cache: tokens/s (CPU)", "serving",
+                     "run_kvcache", plans=("quick", "smoke")),
     "report": Suite("REPORT.md from the results in --out (conditions, then the parity, kernel, encoder, ring "
                     "and variants sections that are there)", "report", plans=("quick", "smoke"),
                     options=("device", "dtype", "out")),

@@ -11,7 +11,7 @@ import attnfast.bench
 
 ROOT = Path(__file__).resolve().parents[2]
 SUITES = ("parity", "kernels", "cpu_kernels", "gpu_kernels", "encoders", "variants", "ring", "cpu_ratios", "roofline",
-          "report", "all")
+          "varlen", "decode", "kvcache", "report", "all")
 # the options each suite takes (beyond --help)
 OPTIONS = {
     "parity": {"--quick", "--out", "--threads", "--seed"},
@@ -23,6 +23,9 @@ OPTIONS = {
     "ring": {"--quick", "--smoke", "--out", "--threads", "--seed"},
     "cpu_ratios": {"--quick", "--out", "--threads", "--seed"},
     "roofline": {"--quick", "--smoke", "--out", "--threads", "--seed"},
+    "varlen": {"--quick", "--smoke", "--out", "--threads", "--seed"},
+    "decode": {"--quick", "--smoke", "--out", "--threads", "--seed"},
+    "kvcache": {"--quick", "--smoke", "--out", "--threads", "--seed"},
     "report": {"--quick", "--smoke", "--device", "--dtype", "--out"},
     "all": {"--quick", "--smoke", "--device", "--dtype", "--out", "--threads", "--no-progress"},
 }
