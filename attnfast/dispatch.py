@@ -331,6 +331,12 @@ class TritonBackend(_FusedBackend):
         return self._op("attention", "fwd")(plan.q, plan.k, plan.v, plan.mask, plan.scale, plan.window_left,
                                              plan.window_right, plan.bottom_right, plan.dropout_p, seed, 0)
 
+    def varlen_forward(self, plan):
+        seed = int(draw_rng()[0]) if plan.dropout_p > 0.0 else 0
+        return self._op("attention", "varlen_fwd")(plan.q, plan.k, plan.v, plan.cu_q, plan.cu_k, plan.seqused_k,
+                                                    plan.max_q, plan.max_k, plan.scale, plan.window_left,
+                                                    plan.window_right, plan.bottom_right, plan.dropout_p, seed, 0)
+
     def attention_backward(self, plan, dout, out, lse, delta=None):
         return self._op("attention", "bwd")(dout, plan.q, plan.k, plan.v, out, lse, None, plan.mask, plan.scale,
                                              plan.window_left, plan.window_right, plan.bottom_right, False, 0.0,

@@ -50,8 +50,10 @@ def loguniform_lengths(n, total, gen):
         mid = math.sqrt(lo * hi)
         lo, hi = (mid, hi) if mean_of(mid) < mean else (lo, mid)
     x = torch.exp(torch.rand(n, generator=gen, dtype=torch.float64) * math.log(hi))
-    lens = torch.clamp((x * (total - n) / x.sum()).floor().long() + 1, min=1)
-    lens[torch.argmax(lens)] += total - int(lens.sum())
+    share = x * (total - n) / x.sum()  # each length is 1 + its share of the rest, rounded so the sum stays exact
+    lens = share.floor().long() + 1
+    short = total - int(lens.sum())
+    lens[torch.argsort(share - share.floor(), descending=True)[:short]] += 1
     return lens.tolist()
 
 
@@ -60,11 +62,16 @@ def loguniform_lengths(n, total, gen):
 # ---------------------------------------------------------------------------
 VARLEN_PLANS = {
     # (sequences, total tokens) cases, heads, head dim, rounds; padded dense only up to pad_flops
-    "full": dict(cases=[(1, 8192), (16, 65536), (256, 65536), (2000, 65536), (4096, 65536)], H=8, D=64, reps=5,
-                 pad_flops=2e12),
+    "full": dict(cases=[(1, 4096), (16, 16384), (256, 65536), (2000, 65536), (4096, 65536)], H=8, D=64, reps=5,
+                 pad_flops=1e12),
     "quick": dict(cases=[(1, 2048), (16, 8192), (256, 8192), (2000, 16384)], H=8, D=64, reps=3, pad_flops=5e11),
     "smoke": dict(cases=[(3, 96), (40, 320)], H=2, D=16, reps=2, pad_flops=1e9),
 }
+
+
+# The per-sequence loop's forward+backward runs up to this many sequences (at 256 it took ~30 s a
+# call: every sequence's slice gradient is a zero-filled full-size tensor).
+LOOP_BACKWARD_MAX = 256
 
 
 def _padded(q, k, v, lens, H, D):
@@ -100,7 +107,7 @@ def run_varlen(ctx):
             "loop": lambda g: dispatch.Backend.varlen_forward(cpu, attnfast.varlen.VarlenPlan(
                 g[0], g[1], g[2], plan_v.cu_q, plan_v.cu_k, None, Lmax, Lmax, plan_v.scale, -1, 0, False, 0.0))[0],
         }
-        pad_flops = 4.0 * n * H * Lmax * Lmax * D
+        pad_flops = 4.0 * n * H * Lmax * Lmax * D  # forward; the backward adds twice that
         padded = pad_flops <= plan["pad_flops"]
         if padded:
             qp, kp, vp, mask = _padded(q, k, v, lens, H, D)
@@ -114,6 +121,10 @@ def run_varlen(ctx):
             grad = mode == "fwd+bwd"
             timed = {}
             for name, fn in calls.items():
+                if name == "padded_sdpa" and grad and 3 * pad_flops > plan["pad_flops"]:
+                    continue
+                if name == "loop" and grad and n > LOOP_BACKWARD_MAX:
+                    continue
                 ins = pad_ins if name == "padded_sdpa" else (q, k, v)
                 leaves = [t.detach().clone().requires_grad_(grad) for t in ins]
                 g_out = (dout.view(total, H, D) if name != "padded_sdpa" else
@@ -125,25 +136,34 @@ def run_varlen(ctx):
                         out.backward(g_out)
 
                 timed[name] = Call(run, (lambda leaves=leaves: [setattr(t, "grad", None) for t in leaves]))
+            # The loop's backward costs seconds per call past a few sequences (each sequence's
+            # gradient lands in a zero-filled full-size tensor): fewer rounds there.
+            rounds = reps if not grad or n <= 16 else 2
             with torch.inference_mode(False):
-                times = time_interleaved(timed, reps=reps, warmup=1)
-            rec = dict(sequences=n, tokens=total, longest=Lmax, mode=mode, heads=H, head_dim=D,
+                times = time_interleaved(timed, reps=rounds, warmup=1 if rounds == reps else 0)
+            rec = dict(sequences=n, tokens=total, longest=Lmax, mode=mode, heads=H, head_dim=D, rounds=rounds,
                        median_ms={k: _ms(t) for k, t in times.items()},
-                       speedup_vs_loop=_ratio(times["loop"], times["varlen"]),
-                       speedup_vs_padded=_ratio(times["padded_sdpa"], times["varlen"]) if padded else None,
+                       speedup_vs_loop=_ratio(times["loop"], times["varlen"]) if "loop" in times else None,
+                       speedup_vs_padded=_ratio(times["padded_sdpa"], times["varlen"]) if "padded_sdpa" in times
+                       else None,
                        times_s=times)
             recs.append(rec)
-            rows.append([str(n), str(total), str(Lmax), mode, fmt_num(rec["median_ms"]["varlen"]),
-                         fmt_num(rec["median_ms"]["loop"]), fmt_num(rec["median_ms"].get("padded_sdpa"))
-                         if padded else f"skipped ({pad_flops / 1e12:.1f} TFLOP)",
-                         fmt_num(rec["speedup_vs_loop"]), fmt_num(rec["speedup_vs_padded"]) if padded else "-"])
+            pad_cell = (fmt_num(rec["median_ms"]["padded_sdpa"]) if "padded_sdpa" in times else
+                        f"not run ({(3 if grad else 1) * pad_flops / 1e12:.1f} TFLOP)")
+            loop_cell = fmt_num(rec["median_ms"]["loop"]) if "loop" in times else f"not run (> {LOOP_BACKWARD_MAX} seqs)"
+            rows.append([str(n), str(total), str(Lmax), mode, str(rounds), fmt_num(rec["median_ms"]["varlen"]),
+                         loop_cell, pad_cell, fmt_num(rec["speedup_vs_loop"]) if "loop" in times else "-",
+                         fmt_num(rec["speedup_vs_padded"]) if "padded_sdpa" in times else "-"])
             print(f"  n={n:5d} tokens={total} longest={Lmax:5d} {mode:8s} varlen {rec['median_ms']['varlen']:.2f} ms "
-                  f"loop x{rec['speedup_vs_loop']:.2f} padded x{rec['speedup_vs_padded'] or float('nan'):.2f}",
+                  f"loop x{rec['speedup_vs_loop'] or float('nan'):.2f} "
+                  f"padded x{rec['speedup_vs_padded'] or float('nan'):.2f}",
                   flush=True)
     md = ["# varlen: one call vs the per-sequence loop vs padded dense SDPA (CPU, float32, causal)", "",
           f"H = {H}, D = {D}, {torch.get_num_threads()} threads; lengths log-uniform, seed {ctx.seed}; "
-          f"medians of {reps} rounds (peers alternated).  speedup = peer time / varlen time.", "",
-          md_table(["sequences", "tokens", "longest", "mode", "varlen ms", "loop ms", "padded SDPA ms",
+          "medians of the rounds shown (peers alternated; the loop's forward+backward takes seconds past 16 "
+          "sequences: 2 rounds there).  speedup = peer time / varlen time.  Padded SDPA runs where its work "
+          f"is below {plan['pad_flops'] / 1e12:g} TFLOP.", "",
+          md_table(["sequences", "tokens", "longest", "mode", "rounds", "varlen ms", "loop ms", "padded SDPA ms",
                     "speedup vs loop", "speedup vs padded"], rows), ""]
     ctx.write_text("serving_varlen.md", "\n".join(md))
     ctx.write_json("serving_varlen.json", dict(records=recs, plan=ctx.plan))

@@ -99,6 +99,32 @@ def _listed_tile(rec, t, CELL: tl.constexpr, BLOCK: tl.constexpr):
 
 
 @triton.jit
+def _seq(CuQ, CuK, UsedK, b, Lq, Lk, diag, br, VARLEN: tl.constexpr, USED_K: tl.constexpr):
+    """(first query row, Lq, first key row, Lk, diag) of batch entry b: the call's own for a
+    dense call; sequence b's for packed sequences (VARLEN: rows cu[b]:cu[b+1] of the packed
+    tensors, only the first UsedK[b] keys with USED_K, the diagonal bottom-right when br)."""
+    if VARLEN:
+        q0 = tl.load(CuQ + b)
+        k0 = tl.load(CuK + b)
+        Lq = tl.load(CuQ + b + 1) - q0
+        Lk = tl.load(CuK + b + 1) - k0
+        if USED_K:
+            Lk = tl.load(UsedK + b)
+        diag = tl.where(br != 0, Lk - Lq, 0)
+        return q0, Lq, k0, Lk, diag
+    return 0, Lq, 0, Lk, diag
+
+
+@triton.jit
+def _drop_stream(b, h, bh, rng_offset, VARLEN: tl.constexpr):
+    """(counter word bh, offset) of head (b, h)'s dropout: sequence b of packed sequences
+    draws as a one-sequence call with offset + b."""
+    if VARLEN:
+        return h, rng_offset + b
+    return bh, rng_offset
+
+
+@triton.jit
 def _nan_max(a, b):
     return tl.maximum(a, b, propagate_nan=tl.PropagateNan.ALL)
 
@@ -135,33 +161,35 @@ def _fwd_tile(acc, m_i, l_i, q, start_n, need, offs_m, K, V, Mask, k_base, v_bas
 
 
 @triton.jit
-def _fwd_kernel(Q, K, V, Mask, Blocks, Out, Lse,
+def _fwd_kernel(Q, K, V, Mask, Blocks, Out, Lse, CuQ, CuK, UsedK,
                 sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
-                smb, smh, smm, smn, sbb, sbh, sbr, sob, soh, som, sod,
-                Hq, Lq, Lk, group, scale, diag, wl, wr, seed_lo, seed_hi, rng_offset, p_drop,
+                smb, smh, smm, smn, sbb, sbh, sbr, sob, soh, som, sod, slb, slh,
+                Hq, Lq, Lk, group, scale, diag, br, wl, wr, seed_lo, seed_hi, rng_offset, p_drop,
                 ARCH, LQ_KEY, LK_KEY,
                 E: tl.constexpr, Ev: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                 BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, SUM_M: tl.constexpr,
                 SUM_N: tl.constexpr, MASK_KIND: tl.constexpr, WINDOWED: tl.constexpr,
-                DOT: tl.constexpr, DROPOUT: tl.constexpr):
-    # One program per (query block, batch * q head).  ARCH, LQ_KEY, LK_KEY only
-    # key the autotuner.
+                DOT: tl.constexpr, DROPOUT: tl.constexpr, VARLEN: tl.constexpr, USED_K: tl.constexpr):
+    # One program per (query block, batch * q head): with VARLEN, batch entry b is
+    # packed sequence b (_seq).  ARCH, LQ_KEY, LK_KEY only key the autotuner.
     pid_bh, b, h, hk, start_m, offs_m = program_block(Hq, group, BLOCK_M)
+    q0, Lq, k0, Lk, diag = _seq(CuQ, CuK, UsedK, b, Lq, Lk, diag, br, VARLEN, USED_K)
+    drop_bh, rng_offset = _drop_stream(b, h, pid_bh, rng_offset, VARLEN)
     offs_dv = tl.arange(0, BLOCK_DV)
     # load q: it stays in registers/SRAM throughout
-    q = load_rows(Q, b * sqb + h * sqh, offs_m, sqm, sqd, Lq, BLOCK_D, E)
+    q = load_rows(Q, b * sqb + h * sqh + q0 * sqm, offs_m, sqm, sqd, Lq, BLOCK_D, E)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
-    k_base = b * skb + hk * skh
-    v_base = b * svb + hk * svh
+    k_base = b * skb + hk * skh + k0 * skn
+    v_base = b * svb + hk * svh + k0 * svn
     mask_base = b * smb + h * smh
     if MASK_KIND == MASK_NONE:
         lo, hi = _band_range(start_m, BLOCK_M, BLOCK_N, Lk, diag, wl, wr, WINDOWED)
         for start_n in range(lo, hi, BLOCK_N):
             acc, m_i, l_i = _fwd_tile(
                 acc, m_i, l_i, q, start_n, False, offs_m, K, V, Mask, k_base, v_base, mask_base,
-                skn, skd, svn, svd, smm, smn, Lq, Lk, scale, diag, wl, wr, pid_bh, seed_lo, seed_hi,
+                skn, skd, svn, svd, smm, smn, Lq, Lk, scale, diag, wl, wr, drop_bh, seed_lo, seed_hi,
                 rng_offset, p_drop, E, Ev, BLOCK_N, BLOCK_D, BLOCK_DV, 0, WINDOWED, DOT, DROPOUT)
     else:
         rec = Blocks + b * sbb + h * sbh + (start_m // SUM_M) * sbr
@@ -171,15 +199,15 @@ def _fwd_kernel(Q, K, V, Mask, Blocks, Out, Lse,
             start_n, need = _listed_tile(rec, t, SUM_N, BLOCK_N)
             acc, m_i, l_i = _fwd_tile(
                 acc, m_i, l_i, q, start_n, need, offs_m, K, V, Mask, k_base, v_base, mask_base,
-                skn, skd, svn, svd, smm, smn, Lq, Lk, scale, diag, wl, wr, pid_bh, seed_lo, seed_hi,
+                skn, skd, svn, svd, smm, smn, Lq, Lk, scale, diag, wl, wr, drop_bh, seed_lo, seed_hi,
                 rng_offset, p_drop, E, Ev, BLOCK_N, BLOCK_D, BLOCK_DV, MASK_KIND, WINDOWED, DOT, DROPOUT)
     alive = l_i > 0
     out = acc / tl.where(alive, l_i, 1.0)[:, None]  # fully masked rows: 0
-    tl.store(Out + b * sob + h * soh + offs_m[:, None] * som + offs_dv[None, :] * sod,
+    tl.store(Out + b * sob + h * soh + (q0 + offs_m[:, None]) * som + offs_dv[None, :] * sod,
              out.to(Out.dtype.element_ty), mask=(offs_m[:, None] < Lq) & (offs_dv[None, :] < Ev))
     lse = tl.where(alive, row_lse(m_i, tl.where(alive, l_i, 1.0)),
                    tl.where(l_i != l_i, l_i, float("-inf")).to(tl.float64))  # NaN rows keep NaN
-    tl.store(Lse + pid_bh * Lq + offs_m, lse.to(Lse.dtype.element_ty), mask=offs_m < Lq)
+    tl.store(Lse + b * slb + h * slh + q0 + offs_m, lse.to(Lse.dtype.element_ty), mask=offs_m < Lq)
 
 
 @triton.jit
@@ -209,16 +237,16 @@ def _rows_tile(dq, delta_acc, q, do, lse_hi, lse_lo, delta, start_n, need, offs_
 
 
 @triton.jit
-def _bwd_rows_kernel(Q, K, V, Mask, Blocks, DO, Lse, DLse, Delta, DQ,
+def _bwd_rows_kernel(Q, K, V, Mask, Blocks, DO, Lse, DLse, Delta, DQ, CuQ, CuK, UsedK,
                      sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
-                     smb, smh, smm, smn, sbb, sbh, sbr, sdb, sdh, sdm, sdd,
-                     Hq, Lq, Lk, group, scale, diag, wl, wr, seed_lo, seed_hi, rng_offset, p_drop,
+                     smb, smh, smm, smn, sbb, sbh, sbr, sdb, sdh, sdm, sdd, slb, slh, sgb, sgh, sgm,
+                     Hq, Lq, Lk, group, scale, diag, br, wl, wr, seed_lo, seed_hi, rng_offset, p_drop,
                      ARCH, LQ_KEY, LK_KEY,
                      E: tl.constexpr, Ev: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                      BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, SUM_M: tl.constexpr,
                      SUM_N: tl.constexpr, MASK_KIND: tl.constexpr, WINDOWED: tl.constexpr,
                      DOT: tl.constexpr, HAS_DLSE: tl.constexpr, DROPOUT: tl.constexpr,
-                     DELTA_PASS: tl.constexpr):
+                     DELTA_PASS: tl.constexpr, VARLEN: tl.constexpr, USED_K: tl.constexpr):
     # One program per (query block, batch * q head), launched twice:
     #   DELTA_PASS: delta = rowsum(P * dP) - dlse;
     #   else:       dQ = scale * sum_tiles (P * (dP - delta)) K.
@@ -228,25 +256,28 @@ def _bwd_rows_kernel(Q, K, V, Mask, Blocks, DO, Lse, DLse, Delta, DQ,
     # cancel where they should (one visible key: the exact dQ, dK are 0), which
     # the parity rule sees.  It costs two extra tile products per (q, k) tile.
     pid_bh, b, h, hk, start_m, offs_m = program_block(Hq, group, BLOCK_M)
+    q0, Lq, k0, Lk, diag = _seq(CuQ, CuK, UsedK, b, Lq, Lk, diag, br, VARLEN, USED_K)
+    drop_bh, rng_offset = _drop_stream(b, h, pid_bh, rng_offset, VARLEN)
     offs_d = tl.arange(0, BLOCK_D)
-    q = load_rows(Q, b * sqb + h * sqh, offs_m, sqm, sqd, Lq, BLOCK_D, E)
-    do = load_rows(DO, b * sdb + h * sdh, offs_m, sdm, sdd, Lq, BLOCK_DV, Ev)
-    lse_hi, lse_lo = lse_parts(tl.load(Lse + pid_bh * Lq + offs_m, mask=offs_m < Lq, other=float("inf")))
+    q = load_rows(Q, b * sqb + h * sqh + q0 * sqm, offs_m, sqm, sqd, Lq, BLOCK_D, E)
+    do = load_rows(DO, b * sdb + h * sdh + q0 * sdm, offs_m, sdm, sdd, Lq, BLOCK_DV, Ev)
+    row = b * slb + h * slh + q0  # this head's lse, dlse and delta
+    lse_hi, lse_lo = lse_parts(tl.load(Lse + row + offs_m, mask=offs_m < Lq, other=float("inf")))
     if DELTA_PASS:
         delta = tl.zeros([BLOCK_M], tl.float32)
     else:
-        delta = tl.load(Delta + pid_bh * Lq + offs_m, mask=offs_m < Lq, other=0.0)
+        delta = tl.load(Delta + row + offs_m, mask=offs_m < Lq, other=0.0)
     delta_acc = tl.zeros([BLOCK_M], tl.float32)
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    k_base = b * skb + hk * skh
-    v_base = b * svb + hk * svh
+    k_base = b * skb + hk * skh + k0 * skn
+    v_base = b * svb + hk * svh + k0 * svn
     mask_base = b * smb + h * smh
     if MASK_KIND == MASK_NONE:
         lo, hi = _band_range(start_m, BLOCK_M, BLOCK_N, Lk, diag, wl, wr, WINDOWED)
         for start_n in range(lo, hi, BLOCK_N):
             dq, delta_acc = _rows_tile(
                 dq, delta_acc, q, do, lse_hi, lse_lo, delta, start_n, False, offs_m, K, V, Mask, k_base, v_base,
-                mask_base, skn, skd, svn, svd, smm, smn, Lq, Lk, scale, diag, wl, wr, pid_bh,
+                mask_base, skn, skd, svn, svd, smm, smn, Lq, Lk, scale, diag, wl, wr, drop_bh,
                 seed_lo, seed_hi, rng_offset, p_drop, E, Ev, BLOCK_N, BLOCK_D, BLOCK_DV, 0,
                 WINDOWED, DOT, DROPOUT, DELTA_PASS)
     else:
@@ -255,22 +286,22 @@ def _bwd_rows_kernel(Q, K, V, Mask, Blocks, DO, Lse, DLse, Delta, DQ,
             start_n, need = _listed_tile(rec, t, SUM_N, BLOCK_N)
             dq, delta_acc = _rows_tile(
                 dq, delta_acc, q, do, lse_hi, lse_lo, delta, start_n, need, offs_m, K, V, Mask, k_base,
-                v_base, mask_base, skn, skd, svn, svd, smm, smn, Lq, Lk, scale, diag, wl, wr, pid_bh,
+                v_base, mask_base, skn, skd, svn, svd, smm, smn, Lq, Lk, scale, diag, wl, wr, drop_bh,
                 seed_lo, seed_hi, rng_offset, p_drop, E, Ev, BLOCK_N, BLOCK_D, BLOCK_DV, MASK_KIND,
                 WINDOWED, DOT, DROPOUT, DELTA_PASS)
     if DELTA_PASS:
         if HAS_DLSE:  # d lse / d s = P: a gradient on lse only shifts delta
-            delta_acc -= tl.load(DLse + pid_bh * Lq + offs_m, mask=offs_m < Lq, other=0.0).to(tl.float32)
-        tl.store(Delta + pid_bh * Lq + offs_m, delta_acc, mask=offs_m < Lq)
+            delta_acc -= tl.load(DLse + row + offs_m, mask=offs_m < Lq, other=0.0).to(tl.float32)
+        tl.store(Delta + row + offs_m, delta_acc, mask=offs_m < Lq)
     else:
         dq = dq * scale
-        tl.store(DQ + (pid_bh * Lq + offs_m[:, None]) * E + offs_d[None, :], dq.to(DQ.dtype.element_ty),
+        tl.store(DQ + b * sgb + h * sgh + (q0 + offs_m[:, None]) * sgm + offs_d[None, :], dq.to(DQ.dtype.element_ty),
                  mask=(offs_m[:, None] < Lq) & (offs_d[None, :] < E))
 
 
 @triton.jit
 def _dkdv_tile(dk, dv, k, v, start_m, need, offs_n, h, bh, b, Q, DO, Lse, Delta, Mask, DMask,
-               sqb, sqh, sqm, sqd, sdb, sdh, sdm, sdd, smb, smh, smm, smn,
+               sqb, sqh, sqm, sqd, sdb, sdh, sdm, sdd, smb, smh, smm, smn, row, q0, drop_bh,
                Lq, Lk, scale, diag, wl, wr, seed_lo, seed_hi, rng_offset, p_drop,
                E: tl.constexpr, Ev: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
                BLOCK_DV: tl.constexpr, MASK_KIND: tl.constexpr, WINDOWED: tl.constexpr,
@@ -278,16 +309,16 @@ def _dkdv_tile(dk, dv, k, v, start_m, need, offs_n, h, bh, b, Q, DO, Lse, Delta,
     """One query tile of head h against the program's key block: (dk, dv) updated;
     the float-mask gradient dS of the tile is stored."""
     offs_m = start_m + tl.arange(0, BLOCK_M)
-    q = load_rows(Q, b * sqb + h * sqh, offs_m, sqm, sqd, Lq, BLOCK_D, E)
-    do = load_rows(DO, b * sdb + h * sdh, offs_m, sdm, sdd, Lq, BLOCK_DV, Ev)
-    lse_hi, lse_lo = lse_parts(tl.load(Lse + bh * Lq + offs_m, mask=offs_m < Lq, other=float("inf")))
-    delta = tl.load(Delta + bh * Lq + offs_m, mask=offs_m < Lq, other=0.0)
+    q = load_rows(Q, b * sqb + h * sqh + q0 * sqm, offs_m, sqm, sqd, Lq, BLOCK_D, E)
+    do = load_rows(DO, b * sdb + h * sdh + q0 * sdm, offs_m, sdm, sdd, Lq, BLOCK_DV, Ev)
+    lse_hi, lse_lo = lse_parts(tl.load(Lse + row + offs_m, mask=offs_m < Lq, other=float("inf")))
+    delta = tl.load(Delta + row + offs_m, mask=offs_m < Lq, other=0.0)
     s = dot(q, tl.trans(k), DOT) * scale
     s = _mask_scores(s, offs_m, offs_n, Mask, b * smb + h * smh, smm, smn, Lq, Lk, diag, wl, wr,
                      need, MASK_KIND, WINDOWED)
     p = tl.exp((s - lse_hi[:, None]) - lse_lo[:, None])  # (M, N); dead rows, rows past Lq: p = 0
     if DROPOUT:
-        z = _dropout_scale(offs_m, offs_n, Lk, bh, seed_lo, seed_hi, rng_offset, p_drop)
+        z = _dropout_scale(offs_m, offs_n, Lk, drop_bh, seed_lo, seed_hi, rng_offset, p_drop)
         dv += dot(tl.trans(p * z).to(do.dtype), do, DOT)
         dp = dot(do, tl.trans(v), DOT) * z
     else:
@@ -302,34 +333,39 @@ def _dkdv_tile(dk, dv, k, v, start_m, need, offs_n, h, bh, b, Q, DO, Lse, Delta,
 
 
 @triton.jit
-def _bwd_dkdv_kernel(Q, K, V, Mask, BlocksT, DO, Lse, Delta, DK, DV, DMask,
+def _bwd_dkdv_kernel(Q, K, V, Mask, BlocksT, DO, Lse, Delta, DK, DV, DMask, CuQ, CuK, UsedK,
                      sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
-                     smb, smh, smm, smn, sbb, sbh, sbr, sdb, sdh, sdm, sdd,
-                     Hq, Hkv, Lq, Lk, group, scale, diag, wl, wr, seed_lo, seed_hi, rng_offset, p_drop,
+                     smb, smh, smm, smn, sbb, sbh, sbr, sdb, sdh, sdm, sdd, slb, slh,
+                     sgkb, sgkh, sgkn, sgvb, sgvh, sgvn,
+                     Hq, Hkv, Lq, Lk, group, scale, diag, br, wl, wr, seed_lo, seed_hi, rng_offset, p_drop,
                      ARCH, LQ_KEY, LK_KEY,
                      E: tl.constexpr, Ev: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                      BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, SUM_M: tl.constexpr,
                      SUM_N: tl.constexpr, MASK_KIND: tl.constexpr, WINDOWED: tl.constexpr,
-                     MASK_GRAD: tl.constexpr, DOT: tl.constexpr, DROPOUT: tl.constexpr):
+                     MASK_GRAD: tl.constexpr, DOT: tl.constexpr, DROPOUT: tl.constexpr,
+                     VARLEN: tl.constexpr, USED_K: tl.constexpr):
     # One program per (key block, batch * kv head): it owns that dK/dV block and
     # walks the query blocks of every q head of its GQA group.
     _, b, hk, _, start_n, offs_n = program_block(Hkv, 1, BLOCK_N)
+    q0, Lq, k0, Lk, diag = _seq(CuQ, CuK, UsedK, b, Lq, Lk, diag, br, VARLEN, USED_K)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
-    k = load_rows(K, b * skb + hk * skh, offs_n, skn, skd, Lk, BLOCK_D, E)  # (N, D)
-    v = load_rows(V, b * svb + hk * svh, offs_n, svn, svd, Lk, BLOCK_DV, Ev)  # (N, DV)
+    k = load_rows(K, b * skb + hk * skh + k0 * skn, offs_n, skn, skd, Lk, BLOCK_D, E)  # (N, D)
+    v = load_rows(V, b * svb + hk * svh + k0 * svn, offs_n, svn, svd, Lk, BLOCK_DV, Ev)  # (N, DV)
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_DV], tl.float32)
     lo, hi = _band_range(start_n, BLOCK_N, BLOCK_M, Lq, -diag, wr, wl, WINDOWED)
     for g in range(0, group):
         h = hk * group + g
         bh = b * Hq + h
+        row = b * slb + h * slh + q0  # head h's lse and delta
+        drop_bh, drop_offset = _drop_stream(b, h, bh, rng_offset, VARLEN)
         if MASK_KIND == MASK_NONE:
             for start_m in range(lo, hi, BLOCK_M):
                 dk, dv = _dkdv_tile(
                     dk, dv, k, v, start_m, False, offs_n, h, bh, b, Q, DO, Lse, Delta, Mask, DMask,
-                    sqb, sqh, sqm, sqd, sdb, sdh, sdm, sdd, smb, smh, smm, smn, Lq, Lk, scale, diag,
-                    wl, wr, seed_lo, seed_hi, rng_offset, p_drop, E, Ev, BLOCK_M, BLOCK_D, BLOCK_DV,
+                    sqb, sqh, sqm, sqd, sdb, sdh, sdm, sdd, smb, smh, smm, smn, row, q0, drop_bh, Lq, Lk,
+                    scale, diag, wl, wr, seed_lo, seed_hi, drop_offset, p_drop, E, Ev, BLOCK_M, BLOCK_D, BLOCK_DV,
                     0, WINDOWED, MASK_GRAD, DOT, DROPOUT)
         else:
             rec = BlocksT + b * sbb + h * sbh + (start_n // SUM_N) * sbr
@@ -337,15 +373,14 @@ def _bwd_dkdv_kernel(Q, K, V, Mask, BlocksT, DO, Lse, Delta, DK, DV, DMask,
                 start_m, need = _listed_tile(rec, t, SUM_M, BLOCK_M)
                 dk, dv = _dkdv_tile(
                     dk, dv, k, v, start_m, need, offs_n, h, bh, b, Q, DO, Lse, Delta, Mask, DMask,
-                    sqb, sqh, sqm, sqd, sdb, sdh, sdm, sdd, smb, smh, smm, smn, Lq, Lk, scale, diag,
-                    wl, wr, seed_lo, seed_hi, rng_offset, p_drop, E, Ev, BLOCK_M, BLOCK_D, BLOCK_DV,
+                    sqb, sqh, sqm, sqd, sdb, sdh, sdm, sdd, smb, smh, smm, smn, row, q0, drop_bh, Lq, Lk,
+                    scale, diag, wl, wr, seed_lo, seed_hi, drop_offset, p_drop, E, Ev, BLOCK_M, BLOCK_D, BLOCK_DV,
                     MASK_KIND, WINDOWED, MASK_GRAD, DOT, DROPOUT)
     dk = dk * scale
-    base = (b * Hkv + hk) * Lk
-    tl.store(DK + (base + offs_n[:, None]) * E + offs_d[None, :], dk.to(DK.dtype.element_ty),
+    tl.store(DK + b * sgkb + hk * sgkh + (k0 + offs_n[:, None]) * sgkn + offs_d[None, :], dk.to(DK.dtype.element_ty),
              mask=(offs_n[:, None] < Lk) & (offs_d[None, :] < E))
-    tl.store(DV + (base + offs_n[:, None]) * Ev + offs_dv[None, :], dv.to(DV.dtype.element_ty),
-             mask=(offs_n[:, None] < Lk) & (offs_dv[None, :] < Ev))
+    tl.store(DV + b * sgvb + hk * sgvh + (k0 + offs_n[:, None]) * sgvn + offs_dv[None, :],
+             dv.to(DV.dtype.element_ty), mask=(offs_n[:, None] < Lk) & (offs_dv[None, :] < Ev))
 
 
 # ---------------------------------------------------------------------------
@@ -571,6 +606,18 @@ class _Launch:
                          MASK_KIND=kind, WINDOWED=window_left >= 0 or window_right >= 0,
                          DOT=dot_mode(q.dtype), DROPOUT=dropout_p > 0)
         self.window = (window_left, window_right)
+        self.seqs = (torch.zeros((1,), dtype=torch.int32, device=q.device),) * 3  # CuQ, CuK, UsedK: not read
+        self.meta.update(VARLEN=False, USED_K=False)
+        self.bottom_right = bottom_right
+        self.br = 0  # the diagonal is self.diag (a ragged call's kernels take it per sequence from br)
+
+    def ragged(self, cu_q, cu_k, used_k, max_q, max_k):
+        """Packed sequences (q, k, v given as (1, H, total, D) views): per-sequence offsets."""
+        self.B, self.Lq, self.Lk = cu_q.numel() - 1, max_q, max_k
+        self.keys = (self.keys[0], _length_key(max_q), _length_key(max_k))
+        self.seqs = (cu_q, cu_k, cu_k if used_k is None else used_k)
+        self.meta.update(VARLEN=True, USED_K=used_k is not None)
+        self.diag, self.br = 0, int(self.bottom_right)
 
     def kernel(self, plain, tuned):
         """(kernel, extra meta): the fixed-tile kernel under the interpreter."""
@@ -591,9 +638,9 @@ def attention_fwd(q, k, v, mask, scale, window_left, window_right, bottom_right,
     kern, extra = L.kernel(_fwd_kernel, _fwd_tuned)
     grid = lambda meta: (triton.cdiv(L.Lq, meta["BLOCK_M"]), L.B * L.Hq)  # noqa: E731
     wrap(kern)[grid](
-        q, k, v, L.mask, L.lists, out, lse, *q.stride(), *k.stride(), *v.stride(), *L.mask_strides,
-        *L.list_strides, *out.stride(), L.Hq, L.Lq, L.Lk, L.Hq // L.Hkv, scale, L.diag, *L.window, *L.rng,
-        *L.keys, **L.meta, **extra)
+        q, k, v, L.mask, L.lists, out, lse, *L.seqs, *q.stride(), *k.stride(), *v.stride(), *L.mask_strides,
+        *L.list_strides, *out.stride(), L.Hq * L.Lq, L.Lq, L.Hq, L.Lq, L.Lk, L.Hq // L.Hkv, scale, L.diag, L.br,
+        *L.window, *L.rng, *L.keys, **L.meta, **extra)
     return out, lse
 
 
@@ -616,27 +663,91 @@ def attention_bwd(dout, q, k, v, out, lse, dlse, mask, scale, window_left, windo
     dmask = (torch.zeros((B, Hq, Lq, Lk), dtype=torch.float32, device=q.device) if mask_grad
              else torch.empty((0,), dtype=torch.float32, device=q.device))
     lse = lse.contiguous()  # the kernels index it as (B * Hq, Lq)
+
+    _backward_passes(L, wrap, q, k, v, dout, lse, dlse, delta, given, dq, dk, dv, dmask, mask_grad, scale,
+                     (Hq * Lq, Lq), dq.stride()[:3], dk.stride()[:3], dv.stride()[:3], dout.stride())
+    return dq, dk, dv, dmask
+
+
+def _backward_passes(L, wrap, q, k, v, dout, lse, dlse, delta, given, dq, dk, dv, dmask, mask_grad, scale,
+                     lse_strides, dq_strides, dk_strides, dv_strides, dout_strides):
+    """The backward's kernels: the delta pass (unless given), dK/dV, then dQ.  q, k, v, dout
+    as (B, H, L, D) strided views; lse, dlse and delta indexed by lse_strides (batch, head)."""
+    B, Hq, Hkv, Lq, Lk = L.B, L.Hq, L.Hkv, L.Lq, L.Lk
     dlse_arg = dlse.contiguous() if dlse is not None else lse
     common = (*q.stride(), *k.stride(), *v.stride(), *L.mask_strides)
-
     rows, rows_extra = L.kernel(_bwd_rows_kernel, _rows_tuned)
     rows_grid = lambda meta: (triton.cdiv(Lq, meta["BLOCK_M"]), B * Hq)  # noqa: E731
 
     def rows_pass(delta_pass):
         wrap(rows)[rows_grid](
-            q, k, v, L.mask, L.lists, dout, lse, dlse_arg, delta, dq, *common, *L.list_strides,
-            *dout.stride(), Hq, Lq, Lk, Hq // Hkv, scale, L.diag, *L.window, *L.rng, *L.keys,
-            **L.meta, **rows_extra, HAS_DLSE=dlse is not None, DELTA_PASS=delta_pass)
+            q, k, v, L.mask, L.lists, dout, lse, dlse_arg, delta, dq, *L.seqs, *common, *L.list_strides,
+            *dout_strides, *lse_strides, *dq_strides, Hq, Lq, Lk, Hq // Hkv, scale, L.diag, L.br, *L.window,
+            *L.rng, *L.keys, **L.meta, **rows_extra, HAS_DLSE=dlse is not None, DELTA_PASS=delta_pass)
 
     if given is None:
         rows_pass(True)
     dkdv, dkdv_extra = L.kernel(_bwd_dkdv_kernel, _dkdv_tuned)
     wrap(dkdv)[lambda meta: (triton.cdiv(Lk, meta["BLOCK_N"]), B * Hkv)](
-        q, k, v, L.mask, L.lists_t, dout, lse, delta, dk, dv, dmask if mask_grad else delta, *common,
-        *L.list_t_strides, *dout.stride(), Hq, Hkv, Lq, Lk, Hq // Hkv, scale, L.diag, *L.window, *L.rng,
-        *L.keys, **L.meta, **dkdv_extra, MASK_GRAD=mask_grad)
+        q, k, v, L.mask, L.lists_t, dout, lse, delta, dk, dv, dmask if mask_grad else delta, *L.seqs, *common,
+        *L.list_t_strides, *dout_strides, *lse_strides, *dk_strides, *dv_strides, Hq, Hkv, Lq, Lk, Hq // Hkv,
+        scale, L.diag, L.br, *L.window, *L.rng, *L.keys, **L.meta, **dkdv_extra, MASK_GRAD=mask_grad)
     rows_pass(False)
-    return dq, dk, dv, dmask
+
+
+def _packed4(t):
+    """A packed (total, H, D) tensor as the (1, H, total, D) view the kernels index, batch stride 0
+    (a ragged launch's batch entry b is a sequence, found from the offsets, not a stride)."""
+    return t.as_strided((1, t.shape[1], t.shape[0], t.shape[2]), (0, t.stride(1), t.stride(0), t.stride(2)))
+
+
+def _packed_strides(t):
+    """(batch, head, row) strides of a packed (total, H, D) tensor for a ragged launch (batch 0)."""
+    return 0, t.stride(1), t.stride(0)
+
+
+def varlen_fwd(q, k, v, cu_q, cu_k, used_k, max_q, max_k, scale, window_left, window_right, bottom_right,
+               dropout_p=0.0, seed=0, offset=0, launch=None):
+    """(out (total_q, Hq, Ev), lse (Hq, total_q)) of packed sequences: one launch; sequence i draws
+    its dropout with offset + i (as the CPU kernels)."""
+    wrap = launch or (lambda kern: kern)
+    L = _Launch(_packed4(q), _packed4(k), _packed4(v), None, window_left, window_right, bottom_right, dropout_p,
+                seed, offset, False)
+    L.ragged(cu_q, cu_k, used_k, max_q, max_k)
+    T, Hq = q.shape[0], q.shape[1]
+    out = torch.empty((T, Hq, v.shape[2]), dtype=q.dtype, device=q.device)
+    lse = torch.empty((Hq, T), dtype=lse_dtype(q.dtype), device=q.device)
+    if L.B == 0 or max_q == 0 or T == 0:
+        return out, lse
+    kern, extra = L.kernel(_fwd_kernel, _fwd_tuned)
+    grid = lambda meta: (triton.cdiv(max_q, meta["BLOCK_M"]), L.B * L.Hq)  # noqa: E731
+    qs, ks, vs, os_ = (_packed_strides(t) + (t.stride(2),) for t in (q, k, v, out))
+    wrap(kern)[grid](
+        q, k, v, L.mask, L.lists, out, lse, *L.seqs, *qs, *ks, *vs, *L.mask_strides, *L.list_strides, *os_, 0, T,
+        L.Hq, L.Lq, L.Lk, L.Hq // L.Hkv, scale, L.diag, L.br, *L.window, *L.rng, *L.keys, **L.meta, **extra)
+    return out, lse
+
+
+def varlen_bwd(dout, q, k, v, out, lse, dlse, cu_q, cu_k, used_k, max_q, max_k, scale, window_left, window_right,
+               bottom_right, dropout_p=0.0, seed=0, offset=0, launch=None):
+    """(dq, dk, dv) of packed sequences, like q, k, v (keys past used_k get zeros)."""
+    wrap = launch or (lambda kern: kern)
+    L = _Launch(_packed4(q), _packed4(k), _packed4(v), None, window_left, window_right, bottom_right, dropout_p,
+                seed, offset, True)
+    L.ragged(cu_q, cu_k, used_k, max_q, max_k)
+    T, Hq = q.shape[0], q.shape[1]
+    dq = torch.zeros_like(q, memory_format=torch.contiguous_format)
+    dk = torch.zeros_like(k, memory_format=torch.contiguous_format)
+    dv = torch.zeros_like(v, memory_format=torch.contiguous_format)
+    if L.B == 0 or max_q == 0 or T == 0:
+        return dq, dk, dv
+    lse = lse.contiguous()
+    delta = torch.empty((Hq, T), dtype=torch.float32, device=q.device)
+    dout4 = _packed4(dout)
+    _backward_passes(L, wrap, _packed4(q), _packed4(k), _packed4(v), dout4, lse, dlse, delta, None, dq, dk, dv,
+                     delta, False, scale, (0, T), _packed_strides(dq), _packed_strides(dk), _packed_strides(dv),
+                     _packed_strides(dout) + (dout.stride(2),))
+    return dq, dk, dv
 
 
 # ---------------------------------------------------------------------------
@@ -680,3 +791,40 @@ def _backward(ctx, dout, dlse):
 
 
 triton_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+@triton_op("attnfast::triton_varlen_fwd", mutates_args=())
+def triton_varlen_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor,
+                      cu_seqlens_k: torch.Tensor, seqused_k: torch.Tensor | None, max_seqlen_q: int,
+                      max_seqlen_k: int, scale: float, window_left: int, window_right: int, bottom_right: bool,
+                      dropout_p: float, seed: int, offset: int) -> tuple[torch.Tensor, torch.Tensor]:
+    return varlen_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_k, max_seqlen_q, max_seqlen_k, scale,
+                      window_left, window_right, bottom_right, dropout_p, seed, offset, launch=launcher(q))
+
+
+@triton_op("attnfast::triton_varlen_bwd", mutates_args=())
+def triton_varlen_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+                      lse: torch.Tensor, dlse: torch.Tensor | None, cu_seqlens_q: torch.Tensor,
+                      cu_seqlens_k: torch.Tensor, seqused_k: torch.Tensor | None, max_seqlen_q: int,
+                      max_seqlen_k: int, scale: float, window_left: int, window_right: int, bottom_right: bool,
+                      dropout_p: float, seed: int, offset: int
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return varlen_bwd(dout, q, k, v, out, lse, dlse, cu_seqlens_q, cu_seqlens_k, seqused_k, max_seqlen_q,
+                      max_seqlen_k, scale, window_left, window_right, bottom_right, dropout_p, seed, offset,
+                      launch=launcher(q))
+
+
+def _varlen_setup(ctx, inputs, output):
+    q, k, v, cu_q, cu_k, used, *args = inputs
+    ctx.save_for_backward(q, k, v, *output, cu_q, cu_k, used)
+    ctx.args = args
+
+
+def _varlen_backward(ctx, dout, dlse):
+    q, k, v, out, lse, cu_q, cu_k, used = ctx.saved_tensors
+    dq, dk, dv = torch.ops.attnfast.triton_varlen_bwd(dout.contiguous(), q, k, v, out, lse, dlse, cu_q, cu_k, used,
+                                                      *ctx.args)
+    return (dq, dk, dv) + (None,) * 12
+
+
+triton_varlen_fwd.register_autograd(_varlen_backward, setup_context=_varlen_setup)

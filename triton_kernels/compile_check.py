@@ -45,7 +45,7 @@ def _signature(fn, dtype, mask_kind):
     the caller."""
     sig, attrs = {}, {}
     for i, name in enumerate(fn.arg_names):
-        if name in ("Blocks", "BlocksT"):
+        if name in ("Blocks", "BlocksT", "CuQ", "CuK", "UsedK"):
             ty = "*i32"
         elif name == "Mask":
             ty = {0: f"*{dtype}", 1: "*i1", 2: f"*{dtype}"}[mask_kind]
@@ -87,7 +87,8 @@ def compile_one(kind, arch, cfg, head, dtype="bf16", mask_kind=0, windowed=True)
     sig, attrs = _signature(fn, _DTYPE[dtype], mask_kind)
     consts = dict(E=head, Ev=head, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=head, BLOCK_DV=head,
                   SUM_M=A.GPU_CELL[0], SUM_N=A.GPU_CELL[1], MASK_KIND=mask_kind, WINDOWED=windowed,
-                  DOT=(DOT_IEEE if dtype == "fp32" else DOT_NATIVE).value, DROPOUT=False)
+                  DOT=(DOT_IEEE if dtype == "fp32" else DOT_NATIVE).value, DROPOUT=False, VARLEN=False,
+                  USED_K=False)
     if kind == "rows":
         consts.update(HAS_DLSE=False, DELTA_PASS=False)
     if kind == "dkdv":

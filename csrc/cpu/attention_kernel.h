@@ -203,10 +203,12 @@ void fwd_impl(const FwdParams& call) {
   // Tile classes shared by the heads and batches that share the mask (a ragged call has none).
   TileTable<T> table(call, cdiv(call.Lq, kBlockQ));
   const std::vector<int64_t> start = item_starts(views, fwd_items_of);
+  std::vector<double> cost;  // of one item of each view of a ragged call: its query rows x keys
+  for (const FwdParams& v : views) cost.push_back(static_cast<double>(imin(kBlockQ, v.Lq)) * (v.Lk + 16));
   run_views(call, start, [&] { return FwdScratch<T>(call); },
             [&](FwdScratch<T>& s, int64_t v, int64_t begin, int64_t end) {
               fwd_items<T>(views[v], table, s, begin, end);
-            });
+            }, is_ragged(call) ? &cost : nullptr);
 }
 
 // ----------------------------------------------------------------------------
@@ -465,11 +467,14 @@ void bwd_impl(const BwdParams& call) {
   const std::vector<int64_t> start = item_starts(views, [&](const BwdParams& v) {
     return v.B * v.Hkv * nsl[&v - views.data()];
   });
+  std::vector<double> cost;  // of one item of each view of a ragged call: its slice's query rows x keys
+  for (size_t x = 0; x < views.size(); ++x)
+    cost.push_back(static_cast<double>(views[x].Hq / views[x].Hkv) * views[x].Lq / nsl[x] * (views[x].Lk + 16) + 1);
   run_views(call, start, [&] { return BwdScratch<T>(call); },
             [&](BwdScratch<T>& s, int64_t x, int64_t begin, int64_t end) {
               bwd_items<T>(views[x], table, s, nsl[x], decoded, part_dk.data() + part_at[x] * lde,
                            part_dv.data() + part_at[x] * ldv, begin, end);
-            });
+            }, is_ragged(call) ? &cost : nullptr);
   if (part_at.back() == 0) return;
   const std::vector<int64_t> merge_at = item_starts(views, [&](const BwdParams& v) {
     return nsl[&v - views.data()] > 1 ? v.B * v.Hkv * cdiv(v.Lk, kBlockK) : 0;

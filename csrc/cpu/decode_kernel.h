@@ -187,6 +187,9 @@ void decode_impl(const FwdParams& call, const std::vector<FwdParams>& views) {
     return v.Lq == 0 ? 0 : v.B * v.Hkv * dv[&v - views.data()].nsplit;
   });
 
+  std::vector<double> cost;  // of one item of each view of a ragged call: its rows x keys of a split
+  for (size_t x = 0; x < views.size(); ++x)
+    cost.push_back(static_cast<double>(group * views[x].Lq) * (dv[x].chunk + 16));
   run_views(call, start, [&] {
     return DecodeScratch<T>(rows_max, lde, lds_max, ldv, v_direct, call.dropout_p > 0.f, true);
   }, [&](DecodeScratch<T>& sc, int64_t x, int64_t begin, int64_t end) {
@@ -290,7 +293,7 @@ void decode_impl(const FwdParams& call, const std::vector<FwdParams>& views) {
       for (int64_t r = 0; r < rows; ++r)
         store_out_row<T>(p, b, hk * group + r / p.Lq, r % p.Lq, od + r * ldv, mrow[r], lrow[r]);
     }
-  });
+  }, is_ragged(call) ? &cost : nullptr);
   if (!any_split) return;
 
   // Merge the splits of each row in split order: M = max m_s,

@@ -97,9 +97,21 @@ std::vector<int64_t> item_starts(const std::vector<P>& views, F&& items_of) {
 
 // f(scratch, v, begin, end) for every view's items, in one parallel loop over
 // all of them; each thread's range makes its scratch once (make_scratch()).
+// With `cost` (the cost of one item of each view), the items are cut into
+// kCostChunks ranges of about equal cost first, and the threads take
+// contiguous runs of those: the items of a ragged call differ in cost by the
+// square of their sequences' lengths, and equal counts of items per thread
+// left one thread with the long sequences (a 16-sequence batch ran 0.87x the
+// one-call-per-sequence loop).  Which thread runs an item never changes what
+// it computes.
+constexpr int64_t kCostChunks = 256;
+
 template <typename P, typename S, typename F>
-void run_views(const P& p, const std::vector<int64_t>& start, S&& make_scratch, F&& f) {
-  run_parallel(p, start.back(), [&](int64_t begin, int64_t end) {
+void run_views(const P& p, const std::vector<int64_t>& start, S&& make_scratch, F&& f,
+               const std::vector<double>* cost = nullptr) {
+  const int64_t total = start.back();
+  const auto run_items = [&](int64_t begin, int64_t end) {
+    if (begin >= end) return;
     auto scratch = make_scratch();
     int64_t v = std::upper_bound(start.begin(), start.end(), begin) - start.begin() - 1;
     for (; begin < end; ++v) {
@@ -107,7 +119,26 @@ void run_views(const P& p, const std::vector<int64_t>& start, S&& make_scratch, 
       if (stop > begin) f(scratch, v, begin - start[v], stop - start[v]);
       begin = stop;
     }
-  });
+  };
+  if (cost == nullptr || total <= 1) {
+    run_parallel(p, total, [&](int64_t begin, int64_t end) { run_items(begin, end); });
+    return;
+  }
+  // Chunk c is items [cut[c], cut[c + 1]): where the running cost passes c / nc of the whole.
+  const int64_t nc = imin(total, kCostChunks);
+  double whole = 0.0;
+  for (size_t x = 0; x + 1 < start.size(); ++x) whole += (start[x + 1] - start[x]) * (*cost)[x];
+  std::vector<int64_t> cut(nc + 1, total);
+  cut[0] = 0;
+  double run = 0.0;
+  int64_t c = 1;
+  for (size_t x = 0; x + 1 < start.size() && c < nc; ++x) {
+    for (int64_t i = start[x]; i < start[x + 1] && c < nc; ++i) {
+      run += (*cost)[x];
+      while (c < nc && run >= whole * static_cast<double>(c) / static_cast<double>(nc)) cut[c++] = i + 1;
+    }
+  }
+  run_parallel(p, nc, [&](int64_t c0, int64_t c1) { run_items(cut[c0], cut[c1]); });
 }
 
 }  // namespace

@@ -1,7 +1,7 @@
 """Property-based fuzzing of the public API against the reference (hypothesis).
 
-Random calls of `attnfast.scaled_dot_product_attention` and `attnfast.attention` (default
-backend, the C++ kernel on CPU) are held to the parity rule of attnfast.testing against
+Random calls of `attnfast.scaled_dot_product_attention`, `attnfast.attention`, `varlen_attention`
+and `attention_with_kvcache` (default backend, the C++ kernel on CPU) are held to the parity rule of attnfast.testing against
 `attention_ref`: empty and one-element sizes, many heads at tiny lengths, odd head dims with
 Ev != E, every dtype, bool/float masks broadcast in any dims (with hidden rows, all-visible and
 -inf entries), transposed/sliced/expanded inputs, GQA, both causal alignments, windows, dropout
@@ -557,3 +557,117 @@ def test_unclear_errors(case):
     kw = make(q)
     with pytest.raises((ValueError, TypeError), match=name):
         attnfast.attention(kw.pop("q", q), q, q, **kw)
+
+
+# ---------------------------------------------------------------------------
+# Packed sequences and the KV cache (attnfast/varlen.py), default backend
+# ---------------------------------------------------------------------------
+VARLEN_DTYPES = (torch.float32, torch.float64, torch.bfloat16)
+
+
+@st.composite
+def varlen_calls(draw):
+    n = draw(st.integers(0, 6))
+    lens = st.one_of(st.sampled_from([0, 1]), st.integers(0, 70))
+    lens_q, lens_k = draw(st.lists(lens, min_size=n, max_size=n)), draw(st.lists(lens, min_size=n, max_size=n))
+    used = None
+    if n and draw(st.booleans()):
+        used = [draw(st.integers(0, lk)) for lk in lens_k]
+    Hkv, group = draw(st.integers(1, 3)), draw(st.integers(1, 3))
+    E, Ev = draw(st.integers(1, 40)), draw(st.integers(1, 40))
+    causal = draw(st.booleans())
+    align = draw(st.sampled_from(ALIGNMENTS))
+    window = draw(st.one_of(st.none(), st.tuples(st.integers(-1, 30), st.integers(-1, 30))))
+    dtype = draw(st.sampled_from(VARLEN_DTYPES))
+    return dict(lens_q=lens_q, lens_k=lens_k, used=used, Hkv=Hkv, Hq=Hkv * group, E=E, Ev=Ev, causal=causal,
+                align=align, window=window, dtype=dtype, grads=draw(st.booleans()), seed=draw(st.integers(0, 2**31)))
+
+
+def _varlen_failures(c, seed):
+    from attnfast.testing import compare_varlen_with_reference
+
+    torch.manual_seed(seed)
+    cu = lambda ls: torch.tensor([0] + torch.tensor(ls, dtype=torch.int64).cumsum(0).tolist(),  # noqa: E731
+                                 dtype=torch.int32)
+    cq, ck = cu(c["lens_q"]), cu(c["lens_k"])
+    q = torch.randn(sum(c["lens_q"]), c["Hq"], c["E"], dtype=c["dtype"])
+    k = torch.randn(sum(c["lens_k"]), c["Hkv"], c["E"], dtype=c["dtype"])
+    v = torch.randn(sum(c["lens_k"]), c["Hkv"], c["Ev"], dtype=c["dtype"])
+    used = None if c["used"] is None else torch.tensor(c["used"], dtype=torch.int32)
+    kw = dict(is_causal=c["causal"], causal_alignment=c["align"], window=c["window"])
+
+    def run(q, k, v):
+        out, lse = attnfast.varlen_attention(q, k, v, cq, ck, max(c["lens_q"], default=0),
+                                             max(c["lens_k"], default=0), seqused_k=used, return_lse=True, **kw)
+        assert out.shape == (q.shape[0], c["Hq"], c["Ev"]) and lse.shape == (c["Hq"], q.shape[0])
+        dead = torch.isneginf(lse).transpose(0, 1)
+        assert torch.equal(out[dead], torch.zeros_like(out[dead])), "rows with no visible key are not 0"
+        return out, lse
+
+    res = compare_varlen_with_reference(run, q, k, v, cq, ck, seqused_k=used, grads=c["grads"], **kw)
+    return [r for r in res if not r.ok]
+
+
+@settings(max_examples=_examples(0.5))
+@given(c=varlen_calls())
+def test_varlen_matches_reference(c):
+    bad = _varlen_failures(c, c["seed"])
+    if bad and all(_varlen_failures(c, (c["seed"] + i * 0x9E3779B9) % 2**32) for i in range(1, REDRAWS + 1)):
+        raise AssertionError(f"parity fails on {REDRAWS + 1} draws; the first: " + "; ".join(map(repr, bad)))
+
+
+@st.composite
+def kvcache_calls(draw):
+    B = draw(st.integers(0, 4))
+    layout = draw(st.sampled_from(["contiguous", "batch_idx", "paged"]))
+    page = draw(st.sampled_from([1, 4, 16]))
+    capacity = draw(st.integers(1, 80))
+    new = draw(st.integers(0, 4))
+    capacity = max(capacity, new)
+    Lq = draw(st.integers(1, 6))
+    Hkv, group = draw(st.integers(1, 3)), draw(st.integers(1, 6))
+    E = draw(st.integers(1, 40))
+    seqlens = [draw(st.integers(0, capacity - new)) for _ in range(B)]
+    return dict(B=B, layout=layout, page=page, capacity=capacity, new=new, Lq=Lq, Hkv=Hkv, Hq=Hkv * group, E=E,
+                seqlens=seqlens, causal=draw(st.booleans()),
+                window=draw(st.one_of(st.none(), st.tuples(st.integers(-1, 30), st.integers(-1, 30)))),
+                dtype=draw(st.sampled_from(VARLEN_DTYPES)), num_splits=draw(st.sampled_from([0, 0, 1, 3])),
+                seed=draw(st.integers(0, 2**31)))
+
+
+def _kvcache_failures(c, seed):
+    from attnfast.testing import compare_kvcache_with_reference
+
+    torch.manual_seed(seed)
+    B, Hkv, E, dt = c["B"], c["Hkv"], c["E"], c["dtype"]
+    table = idx = None
+    if c["layout"] == "paged":
+        nblk = -(-c["capacity"] // c["page"])
+        pool = B * nblk + 2
+        table = torch.randperm(pool)[:B * nblk].view(B, nblk).to(torch.int32)
+        kc, vc = torch.randn(pool, c["page"], Hkv, E, dtype=dt), torch.randn(pool, c["page"], Hkv, E, dtype=dt)
+    else:
+        entries = B + (2 if c["layout"] == "batch_idx" else 0)
+        kc = torch.randn(entries, c["capacity"], Hkv, E, dtype=dt)
+        vc = torch.randn(entries, c["capacity"], Hkv, E, dtype=dt)
+        if c["layout"] == "batch_idx":
+            idx = torch.randperm(entries)[:B].to(torch.int32)
+    seqlens = torch.tensor(c["seqlens"], dtype=torch.int32)
+    q = torch.randn(B, c["Lq"], c["Hq"], E, dtype=dt)
+    k = torch.randn(B, c["new"], Hkv, E, dtype=dt) if c["new"] else None
+    v = torch.randn(B, c["new"], Hkv, E, dtype=dt) if c["new"] else None
+    kw = dict(is_causal=c["causal"], window=c["window"])
+    out, lse = attnfast.attention_with_kvcache(q, kc, vc, k, v, cache_seqlens=seqlens, block_table=table,
+                                               cache_batch_idx=idx, num_splits=c["num_splits"], return_lse=True,
+                                               **kw)
+    assert out.shape == q.shape and lse.shape == (B, c["Hq"], c["Lq"])
+    res = compare_kvcache_with_reference(out, lse, q, kc, vc, seqlens + c["new"], table, idx, **kw)
+    return [r for r in res if not r.ok]
+
+
+@settings(max_examples=_examples(0.4))
+@given(c=kvcache_calls())
+def test_kvcache_matches_reference(c):
+    bad = _kvcache_failures(c, c["seed"])
+    if bad and all(_kvcache_failures(c, (c["seed"] + i * 0x9E3779B9) % 2**32) for i in range(1, REDRAWS + 1)):
+        raise AssertionError(f"parity fails on {REDRAWS + 1} draws; the first: " + "; ".join(map(repr, bad)))
