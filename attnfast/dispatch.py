@@ -337,6 +337,34 @@ class TritonBackend(_FusedBackend):
                                                     plan.max_q, plan.max_k, plan.scale, plan.window_left,
                                                     plan.window_right, plan.bottom_right, plan.dropout_p, seed, 0)
 
+    def kvcache_forward(self, plan):
+        """The varlen kernel over the cache, one launch: entry b's queries are a packed sequence,
+        its cache row the key run starting at cache_batch_idx[b] * S (a paged cache is gathered
+        into rows first), seqused_k the lengths, the diagonal bottom-right."""
+        q, kc, vc = plan.q, plan.k_cache, plan.v_cache
+        B, Lq, Hq, _ = q.shape
+        if plan.block_table is not None:
+            from .reference import kvcache_keys
+
+            S = int(plan.seqlens_k.max()) if B else 0
+            pad = lambda t, n: torch.nn.functional.pad(t, (0, 0, 0, 0, 0, S - n))  # noqa: E731
+            rows = [kvcache_keys(kc, vc, b, n, plan.block_table) for b, n in enumerate(plan.seqlens_k.tolist())]
+            kc = torch.stack([pad(k, k.shape[0]) for k, _ in rows]) if rows else kc[:0]
+            vc = torch.stack([pad(v, v.shape[0]) for _, v in rows]) if rows else vc[:0]
+            starts = torch.arange(B, device=q.device, dtype=torch.int32)
+        else:
+            starts = (plan.cache_batch_idx if plan.cache_batch_idx is not None
+                      else torch.arange(B, device=q.device, dtype=torch.int32))
+        S = kc.shape[1]
+        cu_q = torch.arange(B + 1, device=q.device, dtype=torch.int32) * Lq
+        # Key starts; the last entry is never read as a start (seqused_k gives every length).
+        cu_k = torch.cat([starts * S, starts.new_zeros(1)]).to(torch.int32)
+        out, lse = self._op("attention", "varlen_fwd")(
+            q.reshape(B * Lq, Hq, q.shape[3]), kc.reshape(-1, kc.shape[2], kc.shape[3]),
+            vc.reshape(-1, vc.shape[2], vc.shape[3]), cu_q, cu_k, plan.seqlens_k, Lq, S, plan.scale,
+            plan.window_left, plan.window_right, True, 0.0, 0, 0)
+        return out.view(B, Lq, Hq, -1), lse.view(Hq, B, Lq).permute(1, 0, 2)
+
     def attention_backward(self, plan, dout, out, lse, delta=None):
         return self._op("attention", "bwd")(dout, plan.q, plan.k, plan.v, out, lse, None, plan.mask, plan.scale,
                                              plan.window_left, plan.window_right, plan.bottom_right, False, 0.0,

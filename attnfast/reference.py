@@ -258,6 +258,10 @@ def attention_with_kvcache_ref(q, k_cache, v_cache, seqlens_k, block_table=None,
                              upcast=upcast, reorder_ops=reorder_ops)
         outs.append(o.transpose(0, 1))
         lses.append(l)
+    if not outs:  # an empty batch
+        dtype = torch.float64 if upcast else q.dtype
+        return (q.new_empty(q.shape[:3] + v_cache.shape[3:], dtype=dtype),
+                q.new_empty((0, q.shape[2], q.shape[1]), dtype=dtype))
     return torch.stack(outs), torch.stack(lses)
 
 
