@@ -80,6 +80,16 @@ def _int_vector(name, t, n, device, what):
     return t if t.dtype == torch.int32 else t.to(torch.int32)
 
 
+def _check_inputs(named, ndim, what):
+    """Floating tensors of the first one's dtype and device, each `ndim`-D (`what`)."""
+    first = named[0][1]
+    for i, (name, t) in enumerate(named):
+        _check_tensor(name, t, first if i else None, min_dim=0)
+    for name, t in named:
+        if t.dim() != ndim:
+            raise ValueError(f"{name} must be {what}, got {_shape(t)}")
+
+
 def _causal_window(is_causal, window):
     if not isinstance(is_causal, bool):
         raise TypeError(f"is_causal must be a Python bool, got {type(is_causal).__name__}")
@@ -106,12 +116,7 @@ def _check_offsets(name, cu, total):
 
 def prepare_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, seqused_k, is_causal,
                    causal_alignment, window, scale, dropout_p) -> VarlenPlan:
-    _check_tensor("q", q, min_dim=0)
-    _check_tensor("k", k, q, min_dim=0)
-    _check_tensor("v", v, q, min_dim=0)
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        if t.dim() != 3:
-            raise ValueError(f"{name} must be a packed (total_tokens, heads, head_dim) tensor, got {_shape(t)}")
+    _check_inputs((("q", q), ("k", k), ("v", v)), 3, "a packed (total_tokens, heads, head_dim) tensor")
     if k.shape[0] != v.shape[0] or k.shape[1] != v.shape[1]:
         raise ValueError(f"k and v must have the same tokens and heads: k {_shape(k)}, v {_shape(v)}")
     if k.shape[2] != q.shape[2]:
@@ -124,7 +129,9 @@ def prepare_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen
         raise ValueError("cu_seqlens_q must have batch + 1 >= 1 entries")
     B = cu_q.numel() - 1
     cu_k = _int_vector("cu_seqlens_k", cu_seqlens_k, B + 1, q.device, "cumulative sequence lengths, batch + 1")
-    used = None if seqused_k is None else _int_vector("seqused_k", seqused_k, B, q.device, "keys used, one per sequence")
+    used = None
+    if seqused_k is not None:
+        used = _int_vector("seqused_k", seqused_k, B, q.device, "keys used, one per sequence")
     for name, m in (("max_seqlen_q", max_seqlen_q), ("max_seqlen_k", max_seqlen_k)):
         if not _is_int(m) or m < 0:
             raise TypeError(f"{name} must be an int >= 0, got {m!r}")
@@ -184,12 +191,7 @@ def _append(cache, new, positions, batch_rows, block_table, name):
 def prepare_kvcache(q, k_cache, v_cache, k, v, cache_seqlens, block_table, cache_batch_idx, is_causal, window,
                     scale, num_splits):
     """Checks a KV-cache call; returns (KvcachePlan, the append (k, v, positions, rows) or None)."""
-    _check_tensor("q", q, min_dim=0)
-    _check_tensor("k_cache", k_cache, q, min_dim=0)
-    _check_tensor("v_cache", v_cache, q, min_dim=0)
-    for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache)):
-        if t.dim() != 4:
-            raise ValueError(f"{name} must be 4-D (batch, seqlen, heads, head_dim), got {_shape(t)}")
+    _check_inputs((("q", q), ("k_cache", k_cache), ("v_cache", v_cache)), 4, "4-D (batch, seqlen, heads, head_dim)")
     B, Lq, Hq, E = q.shape
     if k_cache.shape[:3] != v_cache.shape[:3]:
         raise ValueError(f"k_cache {_shape(k_cache)} and v_cache {_shape(v_cache)} must agree but for the head dim")
@@ -200,7 +202,8 @@ def prepare_kvcache(q, k_cache, v_cache, k, v, cache_seqlens, block_table, cache
         raise ValueError(f"q's heads ({Hq}) must be a multiple of the cache's ({Hkv})")
     if isinstance(cache_seqlens, int) and not isinstance(cache_seqlens, bool):
         cache_seqlens = torch.full((B,), cache_seqlens, dtype=torch.int32, device=q.device)
-    seqlens = _int_vector("cache_seqlens", cache_seqlens, B, q.device, "tokens already in the cache, one per batch entry")
+    seqlens = _int_vector("cache_seqlens", cache_seqlens, B, q.device,
+                          "tokens already in the cache, one per batch entry")
     page = None
     if block_table is not None:
         if cache_batch_idx is not None:

@@ -150,7 +150,8 @@ def run_varlen(ctx):
             recs.append(rec)
             pad_cell = (fmt_num(rec["median_ms"]["padded_sdpa"]) if "padded_sdpa" in times else
                         f"not run ({(3 if grad else 1) * pad_flops / 1e12:.1f} TFLOP)")
-            loop_cell = fmt_num(rec["median_ms"]["loop"]) if "loop" in times else f"not run (> {LOOP_BACKWARD_MAX} seqs)"
+            loop_cell = (fmt_num(rec["median_ms"]["loop"]) if "loop" in times else
+                         f"not run (> {LOOP_BACKWARD_MAX} seqs)")
             rows.append([str(n), str(total), str(Lmax), mode, str(rounds), fmt_num(rec["median_ms"]["varlen"]),
                          loop_cell, pad_cell, fmt_num(rec["speedup_vs_loop"]) if "loop" in times else "-",
                          fmt_num(rec["speedup_vs_padded"]) if "padded_sdpa" in times else "-"])

@@ -426,6 +426,29 @@ void fill_varlen(AttnParams& p, const at::Tensor& cu_q, const at::Tensor& cu_k,
   p.lse_sh = total_q;
 }
 
+// The offsets of a varlen call as int32 CPU tensors, alive while the kernel reads them.
+struct Offsets {
+  at::Tensor cu_q, cu_k;
+  std::optional<at::Tensor> used_k;
+};
+
+// p of a varlen call: the shared checks on the packed tensors' 4-D views, then the ragged fields.
+Offsets varlen_params(AttnParams& p, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                      const at::Tensor& cu_seqlens_q, const at::Tensor& cu_seqlens_k,
+                      const std::optional<at::Tensor>& seqused_k, int64_t max_seqlen_q, int64_t max_seqlen_k,
+                      double scale, int64_t window_left, int64_t window_right, bool bottom_right, double dropout_p,
+                      const std::optional<at::Tensor>& rng) {
+  fill_common(p, packed_as_4d(q, "q"), packed_as_4d(k, "k"), packed_as_4d(v, "v"), std::nullopt, scale,
+              window_left, window_right, bottom_right, dropout_p, rng);
+  const int64_t B = cu_seqlens_q.numel() - 1;
+  TORCH_CHECK(B >= 0, "attnfast cpu varlen: cu_seqlens_q must have batch + 1 entries");
+  Offsets o{int32_arg(cu_seqlens_q, "cu_seqlens_q", B + 1), int32_arg(cu_seqlens_k, "cu_seqlens_k", B + 1),
+            std::nullopt};
+  if (seqused_k.has_value()) o.used_k = int32_arg(*seqused_k, "seqused_k", B);
+  fill_varlen(p, o.cu_q, o.cu_k, o.used_k, max_seqlen_q, max_seqlen_k);
+  return o;
+}
+
 Strides4 packed_strides(const at::Tensor& t) { return Strides4{0, t.stride(1), t.stride(0), t.stride(2)}; }
 
 std::tuple<at::Tensor, at::Tensor> varlen_fwd_cpu(
@@ -434,15 +457,9 @@ std::tuple<at::Tensor, at::Tensor> varlen_fwd_cpu(
     int64_t max_seqlen_k, double scale, int64_t window_left, int64_t window_right, bool bottom_right,
     double dropout_p, const std::optional<at::Tensor>& rng) {
   FwdParams p;
-  fill_common(p, packed_as_4d(q, "q"), packed_as_4d(k, "k"), packed_as_4d(v, "v"), std::nullopt, scale,
-              window_left, window_right, bottom_right, dropout_p, rng);
-  const int64_t total_q = q.size(0), B = cu_seqlens_q.numel() - 1;
-  TORCH_CHECK(B >= 0, "attnfast cpu varlen: cu_seqlens_q must have batch + 1 entries");
-  const at::Tensor cq = int32_arg(cu_seqlens_q, "cu_seqlens_q", B + 1);
-  const at::Tensor ck = int32_arg(cu_seqlens_k, "cu_seqlens_k", B + 1);
-  std::optional<at::Tensor> used;
-  if (seqused_k.has_value()) used = int32_arg(*seqused_k, "seqused_k", B);
-  fill_varlen(p, cq, ck, used, max_seqlen_q, max_seqlen_k);
+  const Offsets offsets = varlen_params(p, q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_k, max_seqlen_q,
+                                         max_seqlen_k, scale, window_left, window_right, bottom_right, dropout_p, rng);
+  const int64_t total_q = q.size(0);
   at::Tensor out = at::empty({total_q, p.Hq, p.Ev}, q.options());
   at::Tensor lse = at::empty({p.Hq, total_q}, q.options().dtype(lse_dtype(q)));
   if (out.numel() == 0 && lse.numel() == 0) return {out, lse};
@@ -460,15 +477,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_bwd_cpu(
     int64_t max_seqlen_k, double scale, int64_t window_left, int64_t window_right, bool bottom_right,
     double dropout_p, const std::optional<at::Tensor>& rng) {
   BwdParams p;
-  fill_common(p, packed_as_4d(q, "q"), packed_as_4d(k, "k"), packed_as_4d(v, "v"), std::nullopt, scale,
-              window_left, window_right, bottom_right, dropout_p, rng);
-  const int64_t total_q = q.size(0), B = cu_seqlens_q.numel() - 1;
-  TORCH_CHECK(B >= 0, "attnfast cpu varlen: cu_seqlens_q must have batch + 1 entries");
-  const at::Tensor cq = int32_arg(cu_seqlens_q, "cu_seqlens_q", B + 1);
-  const at::Tensor ck = int32_arg(cu_seqlens_k, "cu_seqlens_k", B + 1);
-  std::optional<at::Tensor> used;
-  if (seqused_k.has_value()) used = int32_arg(*seqused_k, "seqused_k", B);
-  fill_varlen(p, cq, ck, used, max_seqlen_q, max_seqlen_k);
+  const Offsets offsets = varlen_params(p, q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_k, max_seqlen_q,
+                                         max_seqlen_k, scale, window_left, window_right, bottom_right, dropout_p, rng);
+  const int64_t total_q = q.size(0);
   TORCH_CHECK(dout.dim() == 3 && out.dim() == 3 && dout.sizes() == out.sizes() && out.size(0) == total_q &&
                   out.size(1) == p.Hq && out.size(2) == p.Ev,
               "attnfast cpu varlen: dout and out must be (total_q, Hq, Ev)");
