@@ -86,9 +86,9 @@ void fwd_items(const FwdParams& p, TileTable<T>& table, FwdScratch<T>& s, int64_
   const A ninf = -std::numeric_limits<A>::infinity();
   // Key blocks of the softmax: ntile packed tiles (fwd_key_tiles), ldk keys.
   const int64_t ntile = fwd_key_tiles(), ldk = ntile * kBlockK;
-  Buffer<A>&kt = s.kt, &vbuf = s.vbuf, &qbuf = s.qbuf, &sc = s.sc, &acc = s.acc, &mrow = s.mrow, &mnew = s.mnew,
-  &alpha = s.alpha, &fac = s.fac;
-  Buffer<L>& lrow = s.lrow;
+  const Span<A> kt(s.kt), vbuf(s.vbuf), qbuf(s.qbuf), sc(s.sc), acc(s.acc), mrow(s.mrow), mnew(s.mnew),
+      alpha(s.alpha), fac(s.fac);
+  const Span<L> lrow(s.lrow);
   int64_t packed = -1;  // b * Hkv + hk of the current packs
   for (int64_t item = begin; item < end; ++item) {
     // Query blocks of a head in the order 0, n-1, 1, n-2, ...: under a causal
@@ -252,9 +252,10 @@ struct BwdScratch {
   Buffer<A> kt, kbuf, vt, dk_own, dv_own, qbuf, dobuf, dq, delta, tt, pp, dpp, fac;
   Buffer<L> lse;
   Buffer<uint8_t> skip;
-  explicit BwdScratch(const BwdParams& p)
+  // own: some view sums its dK, dV in one slice (dk_own, dv_own), not in the call's partials.
+  BwdScratch(const BwdParams& p, bool own)
       : kt(cdiv(p.Lk, kBlockK) * p.E * kBlockK), kbuf(p.Lk * pad_up(p.E)), vt(cdiv(p.Lk, kBlockK) * p.Ev * kBlockK),
-        dk_own(p.Lk * pad_up(p.E)), dv_own(p.Lk * pad_up(p.Ev)), qbuf(bq(p) * pad_up(p.E)),
+        dk_own(own ? p.Lk * pad_up(p.E) : 0), dv_own(own ? p.Lk * pad_up(p.Ev) : 0), qbuf(bq(p) * pad_up(p.E)),
         dobuf(bq(p) * pad_up(p.Ev)), dq(bq(p) * pad_up(p.E)), delta(bq(p)),
         tt(p.dropout_p > 0.f ? bq(p) * kBlockK : 0),  // P * Z of one tile
         pp(cdiv(p.Lk, kBlockK) * bq(p) * kBlockK), dpp(cdiv(p.Lk, kBlockK) * bq(p) * kBlockK),  // (nkb, bq, kBlockK)
@@ -286,10 +287,10 @@ void bwd_items(const BwdParams& p, TileTable<T>& table, BwdScratch<T>& s, int64_
   const L inf = std::numeric_limits<L>::infinity();
   const bool drop = p.dropout_p > 0.f;
   const int64_t nqb = cdiv(p.Lq, kBlockQ), units = group * nqb;
-  Buffer<A>&kt = s.kt, &kbuf = s.kbuf, &vt = s.vt, &dk_own = s.dk_own, &dv_own = s.dv_own, &qbuf = s.qbuf,
-  &dobuf = s.dobuf, &dq = s.dq, &delta = s.delta, &tt = s.tt, &pp = s.pp, &dpp = s.dpp, &fac = s.fac;
-  Buffer<L>& lse = s.lse;
-  Buffer<uint8_t>& skip = s.skip;
+  const Span<A> kt(s.kt), kbuf(s.kbuf), vt(s.vt), dk_own(s.dk_own), dv_own(s.dv_own), qbuf(s.qbuf),
+      dobuf(s.dobuf), dq(s.dq), delta(s.delta), tt(s.tt), pp(s.pp), dpp(s.dpp), fac(s.fac);
+  const Span<L> lse(s.lse);
+  const Span<uint8_t> skip(s.skip);
   int64_t packed = -1;  // b * Hkv + hk of the current packs
   for (int64_t item = begin; item < end; ++item) {
     const int64_t sl = item % nsl, bk = item / nsl;
@@ -470,7 +471,8 @@ void bwd_impl(const BwdParams& call) {
   std::vector<double> cost;  // of one item of each view of a ragged call: its slice's query rows x keys
   for (size_t x = 0; x < views.size(); ++x)
     cost.push_back(static_cast<double>(views[x].Hq / views[x].Hkv) * views[x].Lq / nsl[x] * (views[x].Lk + 16) + 1);
-  run_views(call, start, [&] { return BwdScratch<T>(call); },
+  const bool own = std::find(nsl.begin(), nsl.end(), int64_t(1)) != nsl.end();
+  run_views(call, start, [&] { return BwdScratch<T>(call, own); },
             [&](BwdScratch<T>& s, int64_t x, int64_t begin, int64_t end) {
               bwd_items<T>(views[x], table, s, nsl[x], decoded, part_dk.data() + part_at[x] * lde,
                            part_dv.data() + part_at[x] * ldv, begin, end);

@@ -196,9 +196,8 @@ void decode_impl(const FwdParams& call, const std::vector<FwdParams>& views) {
     const FwdParams& p = views[x];
     const Visibility vis(p);
     const int64_t rows = group * p.Lq, nsplit = dv[x].nsplit, chunk = dv[x].chunk, lds = dv[x].lds;
-    Buffer<A>&qbuf = sc.qbuf, &s = sc.s, &ob = sc.ob, &ktmp = sc.ktmp, &vbuf = sc.vbuf, &fac = sc.fac, &mb = sc.mb,
-    &lb = sc.lb;
-    Buffer<L>&mrow = sc.mrow, &lrow = sc.lrow;
+    const Span<A> qbuf(sc.qbuf), s(sc.s), ob(sc.ob), ktmp(sc.ktmp), vbuf(sc.vbuf), fac(sc.fac), mb(sc.mb), lb(sc.lb);
+    const Span<L> mrow(sc.mrow), lrow(sc.lrow);
     for (int64_t item = begin; item < end; ++item) {
       const int64_t sp = item % nsplit, bk = item / nsplit;
       const int64_t hk = bk % p.Hkv, b = bk / p.Hkv;
@@ -311,7 +310,7 @@ void decode_impl(const FwdParams& call, const std::vector<FwdParams>& views) {
             [&](MergeScratch& ms, int64_t x, int64_t begin, int64_t end) {
     const FwdParams& p = views[x];
     const int64_t rows = group * p.Lq, nsplit = dv[x].nsplit;
-    Buffer<L>&w = ms.w, &acc = ms.acc;
+    const Span<L> w(ms.w), acc(ms.acc);
     for (int64_t bk = begin; bk < end; ++bk) {
       const int64_t hk = bk % p.Hkv, b = bk / p.Hkv;
       for (int64_t r = 0; r < rows; ++r) {

@@ -259,6 +259,18 @@ struct Visibility {
   }
 };
 
+// A Buffer's elements seen through a pointer copied into the function that uses them (the
+// kernels' bodies take their scratch as a struct; a local copy of each pointer keeps the
+// compiler from reloading it through the struct).
+template <typename A>
+struct Span {
+  A* p;
+  template <typename B>
+  explicit Span(B& buffer) : p(buffer.data()) {}
+  A* data() const { return p; }
+  A& operator[](int64_t i) const { return p[i]; }
+};
+
 // f(begin, end) over [0, n) on the framework's thread pool (p.parallel_for).
 template <typename P, typename F>
 void run_parallel(const P& p, int64_t n, F&& f) {
