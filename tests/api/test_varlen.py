@@ -101,14 +101,16 @@ def test_varlen_decode_rows_use_the_split_kernel():
     assert_parity(res, "decode")
 
 
-def test_varlen_is_one_op_call_on_cpu():
+@pytest.mark.parametrize("backend", [b for b in ("cpu", "triton") if b in BACKENDS])
+def test_varlen_is_one_op_call(backend):
     lens = _lengths(50, 20)
     q, k, v, cq, ck = _packed(lens, lens, 2, 2, 16, 16, torch.float32)
+    prefix = "attnfast::" + ("triton_" if backend == "triton" else "")
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
-        attnfast.varlen_attention(q, k, v, cq, ck, 20, 20, backend="cpu")
+        attnfast.varlen_attention(q, k, v, cq, ck, 20, 20, backend=backend)
     names = [e.name for e in prof.events()]
-    assert names.count("attnfast::varlen_fwd") == 1
-    assert "attnfast::fwd" not in names
+    assert names.count(prefix + "varlen_fwd") == 1
+    assert prefix + "fwd" not in names
 
 
 def test_varlen_dropout_draws_per_sequence_offsets():
