@@ -343,6 +343,14 @@ class TritonBackend(_FusedBackend):
         into rows first), seqused_k the lengths, the diagonal bottom-right."""
         q, kc, vc = plan.q, plan.k_cache, plan.v_cache
         B, Lq, Hq, _ = q.shape
+        attention = importlib.import_module(".triton_kernels.attention", __package__)
+        if plan.block_table is None and 0 < Lq <= attention.SPLIT_MAX_ROWS and kc.shape[1] > 0:
+            nsplit = plan.num_splits or attention.split_count(B * Hq, kc.shape[1], q.device)
+            if nsplit > 1:  # flash-decoding over the cache rows
+                out, lse = attention.split_fwd(q.transpose(1, 2), kc.transpose(1, 2), vc.transpose(1, 2),
+                                               plan.seqlens_k, plan.cache_batch_idx, plan.scale, plan.window_left,
+                                               plan.window_right, nsplit)
+                return out.transpose(1, 2), lse
         if plan.block_table is not None:
             from .reference import kvcache_keys
 

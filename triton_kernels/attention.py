@@ -211,6 +211,47 @@ def _fwd_kernel(Q, K, V, Mask, Blocks, Out, Lse, CuQ, CuK, UsedK,
 
 
 @triton.jit
+def _split_fwd_kernel(Q, K, V, Lens, Bidx, Acc, Mrow, Lrow,
+                      sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
+                      Hq, Lq, group, nsplit, chunk, scale, wl, wr,
+                      E: tl.constexpr, Ev: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                      BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, WINDOWED: tl.constexpr,
+                      DOT: tl.constexpr, HAS_BIDX: tl.constexpr):
+    # Split-KV forward of short queries (flash-decoding): one program per (key split, batch *
+    # q head) over keys [split * chunk, (split + 1) * chunk) of batch entry b's first Lens[b]
+    # (its cache entry Bidx[b] with HAS_BIDX), all Lq <= BLOCK_M query rows at once, the
+    # diagonal bottom-right; the unnormalised output and the row max and sum go to
+    # Acc (B * Hq, nsplit, Lq, Ev), Mrow, Lrow (B * Hq, nsplit, Lq), merged by split_fwd.
+    sp = tl.program_id(0)
+    bh = tl.program_id(1)
+    h = bh % Hq
+    b = bh // Hq
+    hk = h // group
+    if HAS_BIDX:
+        kb = tl.load(Bidx + b)
+    else:
+        kb = b
+    Lk = tl.load(Lens + b)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    q = load_rows(Q, b * sqb + h * sqh, offs_m, sqm, sqd, Lq, BLOCK_D, E)
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
+    lo = sp * chunk
+    hi = tl.minimum(lo + chunk, Lk)
+    for start_n in range(lo, hi, BLOCK_N):
+        acc, m_i, l_i = _fwd_tile(
+            acc, m_i, l_i, q, start_n, False, offs_m, K, V, K, kb * skb + hk * skh, kb * svb + hk * svh, 0,
+            skn, skd, svn, svd, 0, 0, Lq, hi, scale, Lk - Lq, wl, wr, bh, 0, 0, 0, 0.0, E, Ev, BLOCK_N, BLOCK_D,
+            BLOCK_DV, 0, WINDOWED, DOT, False)
+    row = (bh * nsplit + sp) * Lq + offs_m
+    tl.store(Acc + row[:, None] * Ev + offs_dv[None, :], acc, mask=(offs_m[:, None] < Lq) & (offs_dv[None, :] < Ev))
+    tl.store(Mrow + row, m_i, mask=offs_m < Lq)
+    tl.store(Lrow + row, l_i, mask=offs_m < Lq)
+
+
+@triton.jit
 def _rows_tile(dq, delta_acc, q, do, lse_hi, lse_lo, delta, start_n, need, offs_m, K, V, Mask, k_base, v_base,
                mask_base, skn, skd, svn, svd, smm, smn, Lq, Lk, scale, diag, wl, wr, bh,
                seed_lo, seed_hi, rng_offset, p_drop, E: tl.constexpr, Ev: tl.constexpr,
@@ -632,6 +673,13 @@ def attention_fwd(q, k, v, mask, scale, window_left, window_right, bottom_right,
     """(out, lse): out (B, Hq, Lq, Ev) contiguous, lse (B, Hq, Lq) float64 for float32
     inputs, else float32 (common.row_lse)."""
     wrap = launch or (lambda kern: kern)
+    B, Hq, Lq, Lk = q.shape[0], q.shape[1], q.shape[2], k.shape[2]
+    aligned = bottom_right or (window_left < 0 and window_right < 0)  # the split kernel's diagonal: bottom-right
+    if mask is None and dropout_p == 0.0 and aligned and 0 < Lq <= SPLIT_MAX_ROWS and Lk > 0:
+        nsplit = split_count(B * Hq, Lk, q.device)
+        if nsplit > 1:  # flash-decoding: the keys split across the idle SMs
+            lens = torch.full((B,), Lk, dtype=torch.int32, device=q.device)
+            return split_fwd(q, k, v, lens, None, scale, window_left, window_right, nsplit, launch)
     L = _Launch(q, k, v, mask, window_left, window_right, bottom_right, dropout_p, seed, offset, False)
     out = torch.empty((L.B, L.Hq, L.Lq, v.shape[3]), dtype=q.dtype, device=q.device)
     lse = torch.empty((L.B, L.Hq, L.Lq), dtype=lse_dtype(q.dtype), device=q.device)
@@ -693,6 +741,58 @@ def _backward_passes(L, wrap, q, k, v, dout, lse, dlse, delta, given, dq, dk, dv
         *L.list_t_strides, *dout_strides, *lse_strides, *dk_strides, *dv_strides, Hq, Hkv, Lq, Lk, Hq // Hkv,
         scale, L.diag, L.br, *L.window, *L.rng, *L.keys, **L.meta, **dkdv_extra, MASK_GRAD=mask_grad)
     rows_pass(False)
+
+
+# Split-KV (flash-decoding) for short queries: when the (batch, head) programs of a query
+# block are fewer than the GPU's SMs, the keys are split so that every SM has work.
+SPLIT_MAX_ROWS = 16      # query rows (Lq) served by one split program
+SPLIT_MIN_KEYS = 256     # keys a split holds, at least
+SPLIT_MAX = 128
+INTERP_SMS = 4           # the SM count assumed under the interpreter (so the tests run the split path)
+
+
+def split_count(programs, Lk, device):
+    """Key splits for `programs` (batch * q heads) over Lk keys: enough programs for twice the
+    SMs, at least SPLIT_MIN_KEYS keys a split (FlashAttention's heuristic, simplified); 1 = none."""
+    if INTERPRETING or device.type != "cuda":
+        sms = INTERP_SMS
+    else:
+        sms = torch.cuda.get_device_properties(device).multi_processor_count
+    if programs >= sms:
+        return 1
+    return max(1, min(SPLIT_MAX, -(-2 * sms // max(programs, 1)), Lk // SPLIT_MIN_KEYS))
+
+
+def split_fwd(q, k, v, lens, bidx, scale, window_left, window_right, nsplit, launch=None):
+    """(out (B, Hq, Lq, Ev) in q's dtype, lse (B, Hq, Lq) in lse_dtype) of short queries q
+    (B, Hq, Lq, E), Lq <= SPLIT_MAX_ROWS, over the first lens[b] keys of k, v (B_k, Hkv, S, E)
+    (entry bidx[b], or b), bottom-right, in nsplit key splits merged by logsumexp in float64."""
+    wrap = launch or (lambda kern: kern)
+    B, Hq, Lq, E = q.shape
+    Hkv, S, Ev = k.shape[1], k.shape[2], v.shape[3]
+    block_n = 32 if INTERPRETING else 64
+    chunk = -(-(-(-S // nsplit)) // block_n) * block_n
+    nsplit = max(1, -(-S // chunk))
+    acc = torch.empty((B * Hq, nsplit, Lq, Ev), dtype=torch.float32, device=q.device)
+    m = torch.empty((B * Hq, nsplit, Lq), dtype=torch.float32, device=q.device)
+    lsum = torch.empty_like(m)
+    wrap(_split_fwd_kernel)[(nsplit, B * Hq)](
+        q, k, v, lens, bidx if bidx is not None else lens, acc, m, lsum, *q.stride(), *k.stride(), *v.stride(),
+        Hq, Lq, Hq // Hkv, nsplit, chunk, scale, window_left, window_right, E=E, Ev=Ev,
+        BLOCK_M=max(16, triton.next_power_of_2(Lq)), BLOCK_N=block_n, BLOCK_D=max(16, triton.next_power_of_2(E)),
+        BLOCK_DV=max(16, triton.next_power_of_2(Ev)), WINDOWED=window_left >= 0 or window_right >= 0,
+        DOT=dot_mode(q.dtype), HAS_BIDX=bidx is not None)
+    m64, l64 = m.double(), lsum.double()
+    top = m64.amax(1, keepdim=True)
+    top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
+    w = torch.where(l64 > 0, torch.exp(m64 - top), torch.zeros_like(m64))
+    total = (l64 * w).sum(1)
+    o = (acc.double() * w.unsqueeze(-1)).sum(1) / torch.where(total > 0, total, torch.ones_like(total)).unsqueeze(-1)
+    lse = torch.where(total > 0, top.squeeze(1) + torch.log(torch.where(total > 0, total, torch.ones_like(total))),
+                      torch.full_like(total, float("-inf")))
+    nan = torch.isnan(m64).any(1) | torch.isnan(l64).any(1)  # a NaN score makes its row NaN
+    lse = torch.where(nan, torch.full_like(lse, float("nan")), lse)
+    return o.view(B, Hq, Lq, Ev).to(q.dtype), lse.view(B, Hq, Lq).to(lse_dtype(q.dtype))
 
 
 def _packed4(t):

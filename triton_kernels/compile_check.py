@@ -112,13 +112,13 @@ _TT = {"float32": "fp32", "float64": "fp64", "bfloat16": "bf16", "float16": "fp1
 
 
 def variant_launches(first=False):
-    """[(name, kernel, args, kwargs)] of the launches the additive and top-k launchers make
+    """[(name, kernel, args, kwargs)] of the launches the additive, top-k and split-KV launchers make
     (float32 additive at Da = Ev = 64 and 128; top-k in bfloat16 and float32, E = 64,
     top_k 64 (candidate buffer) and 1000 (threshold search); bool masks, causal).
     first: Da = 64 and bfloat16 only (each kernel once)."""
     import torch
 
-    from . import additive, topk
+    from . import additive, attention, topk
 
     calls = []
 
@@ -143,6 +143,14 @@ def variant_launches(first=False):
             name = f"topk {str(dtype)[6:]} k{top_k}"
             out, lse, idx = topk.topk_fwd(q, k, v, mask, True, 0.125, top_k, launch=capture(name))
             topk.topk_bwd(out, q, k, v, mask, 0.125, out, lse, idx, lse, launch=capture(name))
+    # The split-KV kernel of short queries (one query row, GQA 4/1, causal).
+    for dtype in (torch.bfloat16,) if first else (torch.bfloat16, torch.float32):
+        for D in (128,) if first else (64, 128):
+            q, k, v = torch.randn(1, 4, 1, D, dtype=dtype), torch.randn(1, 1, L, D, dtype=dtype), \
+                torch.randn(1, 1, L, D, dtype=dtype)
+            lens = torch.full((1,), L, dtype=torch.int32)
+            attention.split_fwd(q, k, v, lens, None, 0.125, -1, 0, 8,
+                                launch=capture(f"split-kv {str(dtype)[6:]} D{D}"))
     return calls
 
 

@@ -92,5 +92,5 @@ def test_variant_kernels_compile_for_sm90(tmp_path):
     rows = json.loads(out.read_text())["rows"]
     kernels = {r["kind"].split()[-1] for r in rows}
     assert kernels == {"_fwd_kernel", "_bwd_rows_kernel", "_bwd_keys_kernel", "_select_kernel",
-                       "_threshold_select_kernel", "_bwd_kernel"}, kernels
+                       "_threshold_select_kernel", "_bwd_kernel", "_split_fwd_kernel"}, kernels
     assert all(r["fits"] and r["registers"] > 0 for r in rows)
