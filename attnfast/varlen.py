@@ -179,7 +179,7 @@ def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seql
     return out
 
 
-def _append(cache, new, positions, batch_rows, block_table, name):
+def _append(cache, new, positions, batch_rows, block_table):
     """Writes new (B, s_new, H, D) into cache at token positions (B, s_new), in place."""
     if block_table is None:
         cache[batch_rows.unsqueeze(1).long(), positions.long()] = new
@@ -285,8 +285,8 @@ def attention_with_kvcache(q, k_cache, v_cache, k=None, v=None, *, cache_seqlens
     with torch.no_grad():
         if append is not None:
             kn, vn, positions, rows = append
-            _append(k_cache, kn, positions, rows, block_table, "k")
-            _append(v_cache, vn, positions, rows, block_table, "v")
+            _append(k_cache, kn, positions, rows, block_table)
+            _append(v_cache, vn, positions, rows, block_table)
         out, lse = chosen.kvcache_forward(plan)
     if return_lse:
         return out, lse.to(dispatch.public_lse_dtype(q.dtype))

@@ -35,6 +35,14 @@ def _ms(ts):
     return statistics.median(ts) * 1e3
 
 
+def _save(ctx, suite, md, recs):
+    """serving_<suite>.md (the table, printed too) and .json (the records, with the conditions)."""
+    ctx.write_text(f"serving_{suite}.md", "\n".join(md))
+    ctx.write_json(f"serving_{suite}.json", dict(records=recs, plan=ctx.plan))
+    ctx.stamp(f"serving_{suite}.json")
+    print("\n".join(md))
+
+
 def loguniform_lengths(n, total, gen):
     """n lengths >= 1 summing to `total`, drawn log-uniform on [1, hi] with hi chosen so that
     their mean is total / n (then scaled to the exact total)."""
@@ -166,10 +174,7 @@ def run_varlen(ctx):
           f"is below {plan['pad_flops'] / 1e12:g} TFLOP.", "",
           md_table(["sequences", "tokens", "longest", "mode", "rounds", "varlen ms", "loop ms", "padded SDPA ms",
                     "speedup vs loop", "speedup vs padded"], rows), ""]
-    ctx.write_text("serving_varlen.md", "\n".join(md))
-    ctx.write_json("serving_varlen.json", dict(records=recs, plan=ctx.plan))
-    ctx.stamp("serving_varlen.json")
-    print("\n".join(md))
+    _save(ctx, "varlen", md, recs)
     return ok
 
 
@@ -234,10 +239,7 @@ def run_decode(ctx):
           "that many bytes.  'B·Hkv < threads': fewer kv heads than threads (where split-KV is for).", "",
           md_table(["B", "Hq/Hkv", "Lk", "B·Hkv < threads", "split ms", "no split ms", "torch ms",
                     "split vs no split", "split vs torch", "GB/s split / torch (% of read)"], rows), ""]
-    ctx.write_text("serving_decode.md", "\n".join(md))
-    ctx.write_json("serving_decode.json", dict(records=recs, plan=ctx.plan))
-    ctx.stamp("serving_decode.json")
-    print("\n".join(md))
+    _save(ctx, "decode", md, recs)
     return ok
 
 
@@ -292,8 +294,5 @@ def run_kvcache(ctx):
           "alternated).  paged/contiguous = contiguous time / paged time.", "",
           md_table(["B", "cache length"] + [f"{n} tok/s" for n in names] +
                    [f"{n} / contiguous" for n in names[1:]], rows), ""]
-    ctx.write_text("serving_kvcache.md", "\n".join(md))
-    ctx.write_json("serving_kvcache.json", dict(records=recs, plan=ctx.plan))
-    ctx.stamp("serving_kvcache.json")
-    print("\n".join(md))
+    _save(ctx, "kvcache", md, recs)
     return ok

@@ -142,6 +142,25 @@ void fill_common(AttnParams& p, const at::Tensor& q, const at::Tensor& k, const 
   p.parallel_for = torch_parallel_for;
 }
 
+// The backward's tensors in p: dout, out, lse (and dlse, or none) in, dq, dk, dv out, each
+// described by `strides` ((batch, head, row, column) of a 4-D tensor, or of a packed one).
+void set_bwd_tensors(BwdParams& p, const at::Tensor& dout, const at::Tensor& out, const at::Tensor& lse,
+                     const at::Tensor* dlse, const at::Tensor& dq, const at::Tensor& dk, const at::Tensor& dv,
+                     Strides4 (*strides)(const at::Tensor&)) {
+  p.dout = dout.data_ptr();
+  p.dout_st = strides(dout);
+  p.out = out.data_ptr();
+  p.out_st = strides(out);
+  p.lse = lse.data_ptr();
+  p.dlse = dlse != nullptr ? dlse->data_ptr() : nullptr;
+  p.dq = dq.data_ptr();
+  p.dk = dk.data_ptr();
+  p.dv = dv.data_ptr();
+  p.dq_st = strides(dq);
+  p.dk_st = strides(dk);
+  p.dv_st = strides(dv);
+}
+
 std::tuple<at::Tensor, at::Tensor> fwd_cpu(const at::Tensor& q, const at::Tensor& k,
                                            const at::Tensor& v,
                                            const std::optional<at::Tensor>& attn_mask, double scale,
@@ -203,19 +222,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bwd_cpu(
     dv.zero_();
     return {dq, dk, dv, dmask};
   }
-  p.dout = dout.data_ptr();
-  p.dout_st = strides_of(dout);
-  p.out = out.data_ptr();
-  p.out_st = strides_of(out);
-  p.lse = lse_c.data_ptr();
-  p.dlse = dlse.has_value() ? dlse_c.data_ptr() : nullptr;
+  set_bwd_tensors(p, dout, out, lse_c, dlse.has_value() ? &dlse_c : nullptr, dq, dk, dv, strides_of);
   p.delta = delta.has_value() ? delta_c.data_ptr() : nullptr;
-  p.dq = dq.data_ptr();
-  p.dk = dk.data_ptr();
-  p.dv = dv.data_ptr();
-  p.dq_st = strides_of(dq);
-  p.dk_st = strides_of(dk);
-  p.dv_st = strides_of(dv);
   p.dmask = mask_grad ? dmask.data_ptr() : nullptr;
   kernels().attention_bwd(p);
   return {dq, dk, dv, dmask};
@@ -500,18 +508,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_bwd_cpu(
   at::Tensor dk = at::zeros(k.sizes(), k.options());  // keys past seqused_k get no gradient
   at::Tensor dv = at::zeros(v.sizes(), v.options());
   if (dq.numel() == 0 && dk.numel() == 0 && dv.numel() == 0) return {dq, dk, dv};
-  p.dout = dout.data_ptr();
-  p.dout_st = packed_strides(dout);
-  p.out = out.data_ptr();
-  p.out_st = packed_strides(out);
-  p.lse = lse_c.data_ptr();
-  p.dlse = dlse.has_value() ? dlse_c.data_ptr() : nullptr;
-  p.dq = dq.data_ptr();
-  p.dk = dk.data_ptr();
-  p.dv = dv.data_ptr();
-  p.dq_st = packed_strides(dq);
-  p.dk_st = packed_strides(dk);
-  p.dv_st = packed_strides(dv);
+  set_bwd_tensors(p, dout, out, lse_c, dlse.has_value() ? &dlse_c : nullptr, dq, dk, dv, packed_strides);
   p.dmask = nullptr;
   kernels().attention_bwd(p);
   return {dq, dk, dv};

@@ -138,9 +138,9 @@ struct DecodeScratch {
   using L = typename Elem<T>::lse;
   Buffer<A> qbuf, s, ob, ktmp, vbuf, fac, mb, lb;
   Buffer<L> o, mrow, lrow;
-  DecodeScratch(int64_t rows, int64_t lde, int64_t lds, int64_t ldv, bool v_direct, bool drop, bool own_o)
+  DecodeScratch(int64_t rows, int64_t lde, int64_t lds, int64_t ldv, bool v_direct, bool drop)
       : qbuf(rows * lde), s(rows * lds), ob(rows * ldv), ktmp(lde), vbuf(v_direct ? 0 : lds * ldv),
-        fac(drop ? rows * lds : 0), mb(rows), lb(rows), o(own_o ? rows * ldv : 0), mrow(rows), lrow(rows) {}
+        fac(drop ? rows * lds : 0), mb(rows), lb(rows), o(rows * ldv), mrow(rows), lrow(rows) {}
 };
 
 // One view's decode layout: splits, keys per split, score row stride, and
@@ -191,7 +191,7 @@ void decode_impl(const FwdParams& call, const std::vector<FwdParams>& views) {
   for (size_t x = 0; x < views.size(); ++x)
     cost.push_back(static_cast<double>(group * views[x].Lq) * (dv[x].chunk + 16));
   run_views(call, start, [&] {
-    return DecodeScratch<T>(rows_max, lde, lds_max, ldv, v_direct, call.dropout_p > 0.f, true);
+    return DecodeScratch<T>(rows_max, lde, lds_max, ldv, v_direct, call.dropout_p > 0.f);
   }, [&](DecodeScratch<T>& sc, int64_t x, int64_t begin, int64_t end) {
     const FwdParams& p = views[x];
     const Visibility vis(p);

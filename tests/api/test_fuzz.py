@@ -299,12 +299,17 @@ def _zero_by_symmetry(c, m, ref):
     return {"dmask"} if m is not None and m.shape[-1] == 1 else set()
 
 
-def _check_parity(c, sdpa):
-    bad = _failed_verdicts(c, sdpa)
+def _judge(failures, seed):
+    """Fail when `failures(seed)` (the failed parity verdicts of one draw) is not empty on the
+    draw and on REDRAWS fresh ones."""
+    bad = failures(seed)
     # torch seeds its CPU generator with 32 bits: the draws' seeds differ there.
-    if bad and not any(not _failed_verdicts(replace(c, seed=(c.seed + i * 0x9E3779B9) % 2**32), sdpa)
-                       for i in range(1, REDRAWS + 1)):
+    if bad and not any(not failures((seed + i * 0x9E3779B9) % 2**32) for i in range(1, REDRAWS + 1)):
         raise AssertionError(f"parity fails on {REDRAWS + 1} draws; the first: " + "; ".join(map(repr, bad)))
+
+
+def _check_parity(c, sdpa):
+    _judge(lambda seed: _failed_verdicts(replace(c, seed=seed), sdpa), c.seed)
 
 
 def _failed_verdicts(c, sdpa):
@@ -611,9 +616,7 @@ def _varlen_failures(c, seed):
 @settings(max_examples=_examples(0.5))
 @given(c=varlen_calls())
 def test_varlen_matches_reference(c):
-    bad = _varlen_failures(c, c["seed"])
-    if bad and all(_varlen_failures(c, (c["seed"] + i * 0x9E3779B9) % 2**32) for i in range(1, REDRAWS + 1)):
-        raise AssertionError(f"parity fails on {REDRAWS + 1} draws; the first: " + "; ".join(map(repr, bad)))
+    _judge(lambda seed: _varlen_failures(c, seed), c["seed"])
 
 
 @st.composite
@@ -668,6 +671,4 @@ def _kvcache_failures(c, seed):
 @settings(max_examples=_examples(0.4))
 @given(c=kvcache_calls())
 def test_kvcache_matches_reference(c):
-    bad = _kvcache_failures(c, c["seed"])
-    if bad and all(_kvcache_failures(c, (c["seed"] + i * 0x9E3779B9) % 2**32) for i in range(1, REDRAWS + 1)):
-        raise AssertionError(f"parity fails on {REDRAWS + 1} draws; the first: " + "; ".join(map(repr, bad)))
+    _judge(lambda seed: _kvcache_failures(c, seed), c["seed"])
