@@ -13,7 +13,7 @@ from typing import ClassVar, Optional
 
 import torch
 
-from . import dispatch
+from . import dispatch, ops
 from ._validate import _check_tensor, _dropout_arg, _scale_arg, _shape, _window
 from .reference import ALIGNMENTS
 
@@ -179,6 +179,19 @@ def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seql
     return out
 
 
+def _append_kv(k_cache, v_cache, k, v, seqlens, cache_batch_idx, block_table):
+    """Writes k, v (B, s_new, H, D) into the caches at positions seqlens[b] + (0 .. s_new), in place
+    (the call was checked by prepare_kvcache)."""
+    if _eager_cpu(k_cache) and ops.loaded():
+        torch.ops.attnfast.kvcache_append(k_cache, v_cache, k, v, seqlens, cache_batch_idx, block_table)
+        return
+    positions = seqlens.unsqueeze(1) + torch.arange(k.shape[1], device=k.device, dtype=torch.int32)
+    rows = cache_batch_idx if cache_batch_idx is not None else torch.arange(k.shape[0], device=k.device,
+                                                                             dtype=torch.int32)
+    _append(k_cache, k, positions, rows, block_table)
+    _append(v_cache, v, positions, rows, block_table)
+
+
 def _append(cache, new, positions, batch_rows, block_table):
     """Writes new (B, s_new, H, D) into cache at token positions (B, s_new), in place."""
     if block_table is None:
@@ -187,6 +200,14 @@ def _append(cache, new, positions, batch_rows, block_table):
         page = cache.shape[1]
         pages = torch.gather(block_table, 1, (positions // page).long())
         cache[pages.long(), (positions % page).long()] = new
+
+
+def _any_outside(x, add, hi):
+    """Whether some x[i] < 0 or x[i] + add > hi, for a 1-D int tensor x (on the host for CPU tensors:
+    a few torch ops cost ~10 us a decode step; on a device, a sync)."""
+    if _eager_cpu(x):
+        return any(n < 0 or n + add > hi for n in x.tolist())
+    return bool(((x < 0) | (x + add > hi)).any())
 
 
 def prepare_kvcache(q, k_cache, v_cache, k, v, cache_seqlens, block_table, cache_batch_idx, is_causal, window,
@@ -223,7 +244,7 @@ def prepare_kvcache(q, k_cache, v_cache, k, v, cache_seqlens, block_table, cache
         capacity = k_cache.shape[1]
         if cache_batch_idx is not None:
             rows = _int_vector("cache_batch_idx", cache_batch_idx, B, q.device, "cache entries, one per batch entry")
-            if bool(((rows < 0) | (rows >= k_cache.shape[0])).any()):
+            if _any_outside(rows, 0, k_cache.shape[0] - 1):
                 raise ValueError(f"cache_batch_idx entries must be in [0, {k_cache.shape[0]}) (the cache's entries), "
                                  f"got {rows.tolist()[:16]}")
         else:
@@ -241,7 +262,7 @@ def prepare_kvcache(q, k_cache, v_cache, k, v, cache_seqlens, block_table, cache
             raise ValueError(f"k and v must be (batch={B}, seqlen_new, {Hkv}, head_dim) like the cache, got "
                              f"{_shape(k)} and {_shape(v)}")
         new = k.shape[1]
-    if B and bool(((seqlens < 0) | (seqlens + new > capacity)).any()):
+    if B and _any_outside(seqlens, new, capacity):
         raise ValueError(f"cache_seqlens + seqlen_new must be in [0, {capacity}] (the cache's capacity per batch "
                          f"entry): cache_seqlens {seqlens.tolist()[:16]}, seqlen_new {new}")
     if page is not None and B:
@@ -252,13 +273,9 @@ def prepare_kvcache(q, k_cache, v_cache, k, v, cache_seqlens, block_table, cache
     if not isinstance(num_splits, int) or isinstance(num_splits, bool) or num_splits < 0:
         raise ValueError(f"num_splits must be an int >= 0 (0 chooses), got {num_splits!r}")
     left, right = _causal_window(is_causal, window)
-    plan = KvcachePlan(q, k_cache, v_cache, seqlens + new, rows, block_table, _scale_arg(scale, E), left, right,
+    plan = KvcachePlan(q, k_cache, v_cache, seqlens + new if new else seqlens, rows, block_table, _scale_arg(scale, E), left, right,
                        num_splits)
-    if k is None:
-        return plan, None
-    positions = seqlens.unsqueeze(1) + torch.arange(new, device=q.device, dtype=torch.int32)
-    batch_rows = rows if rows is not None else torch.arange(B, device=q.device, dtype=torch.int32)
-    return plan, (k, v, positions, batch_rows)
+    return plan, (None if k is None else (k, v, seqlens, rows))
 
 
 def attention_with_kvcache(q, k_cache, v_cache, k=None, v=None, *, cache_seqlens, block_table=None,
@@ -284,9 +301,7 @@ def attention_with_kvcache(q, k_cache, v_cache, k=None, v=None, *, cache_seqlens
     chosen = dispatch.choose(plan, backend)
     with torch.no_grad():
         if append is not None:
-            kn, vn, positions, rows = append
-            _append(k_cache, kn, positions, rows, block_table)
-            _append(v_cache, vn, positions, rows, block_table)
+            _append_kv(k_cache, v_cache, *append, block_table)
         out, lse = chosen.kvcache_forward(plan)
     if return_lse:
         return out, lse.to(dispatch.public_lse_dtype(q.dtype))

@@ -514,6 +514,92 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_bwd_cpu(
   return {dq, dk, dv};
 }
 
+// Writes the new rows of a KV cache in place: k (B, s_new, Hkv, E) and v (B, s_new, Hkv, Ev) go to
+// token positions seqlens[b] .. seqlens[b] + s_new of entry b's cache (entry cache_batch_idx[b], or
+// the pages block_table[b] lists).  Every target row is checked to lie inside the cache before
+// anything is written: a bad call raises ValueError and leaves the cache untouched.  (The Python
+// index_put it replaces cost ~12 us a tensor at decode sizes.)
+void kvcache_append_cpu(const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& k,
+                        const at::Tensor& v, const at::Tensor& seqlens, const std::optional<at::Tensor>& cache_batch_idx,
+                        const std::optional<at::Tensor>& block_table) {
+  TORCH_CHECK_VALUE(k_cache.dim() == 4 && v_cache.dim() == 4 && k.dim() == 4 && v.dim() == 4,
+                    "attnfast cpu kvcache append: k_cache, v_cache, k, v must be 4-D (batch, seqlen, heads, head_dim)");
+  const int64_t B = k.size(0), n = k.size(1);
+  TORCH_CHECK_VALUE(v.size(0) == B && v.size(1) == n && k.size(2) == k_cache.size(2) && v.size(2) == v_cache.size(2) &&
+                        k.size(3) == k_cache.size(3) && v.size(3) == v_cache.size(3) &&
+                        k_cache.sizes().slice(0, 3) == v_cache.sizes().slice(0, 3),
+                    "attnfast cpu kvcache append: k ", k.sizes(), " and v ", v.sizes(),
+                    " must be (batch, seqlen_new, heads, head_dim) like k_cache ", k_cache.sizes(), " and v_cache ",
+                    v_cache.sizes());
+  for (const at::Tensor* t : {&k_cache, &v_cache, &k, &v})
+    TORCH_CHECK_TYPE(t->device().is_cpu() && t->scalar_type() == k_cache.scalar_type(),
+                     "attnfast cpu kvcache append: k, v, k_cache, v_cache must be CPU tensors of one dtype, got ",
+                     t->scalar_type(), " on ", t->device());
+  const at::Tensor lens = int32_arg(seqlens, "cache_seqlens", B);
+  const int32_t* len = lens.data_ptr<int32_t>();
+  const bool paged = block_table.has_value();
+  at::Tensor table, bidx;
+  int64_t capacity = k_cache.size(1), table_n = 0;
+  if (paged) {
+    TORCH_CHECK_VALUE(block_table->dim() == 2 && block_table->size(0) == B && block_table->device().is_cpu() &&
+                          block_table->scalar_type() == at::kInt,
+                      "attnfast cpu kvcache append: block_table must be an int32 CPU tensor (batch, max_blocks)");
+    table = block_table->contiguous();
+    table_n = table.size(1);
+    capacity *= table_n;
+  } else if (cache_batch_idx.has_value()) {
+    bidx = int32_arg(*cache_batch_idx, "cache_batch_idx", B);
+  }
+  const int64_t page = k_cache.size(1), entries = k_cache.size(0);
+  // (entry, row) of token t of batch entry b; all checked before the first write.
+  const auto where = [&](int64_t b, int64_t t, int64_t& entry, int64_t& row) {
+    const int64_t pos = len[b] + t;
+    if (paged) {
+      entry = table.data_ptr<int32_t>()[b * table_n + pos / page];
+      row = pos % page;
+    } else {
+      entry = bidx.defined() ? bidx.data_ptr<int32_t>()[b] : b;
+      row = pos;
+    }
+  };
+  for (int64_t b = 0; b < B; ++b) {
+    TORCH_CHECK_VALUE(len[b] >= 0 && len[b] + n <= capacity, "cache_seqlens + seqlen_new must be in [0, ", capacity,
+                      "] (the cache's capacity per batch entry): cache_seqlens[", b, "] = ", len[b],
+                      ", seqlen_new ", n);
+    for (int64_t t = 0; t < n; t += paged ? 1 : n) {
+      int64_t entry, row;
+      where(b, t, entry, row);
+      TORCH_CHECK_VALUE(entry >= 0 && entry < entries, "attnfast cpu kvcache append: batch entry ", b,
+                        paged ? " writes to page " : " writes to cache entry ", entry, ", outside [0, ", entries, ")");
+    }
+  }
+  if (n == 0 || B == 0) return;
+  const int64_t es = k_cache.element_size();
+  // One (heads, head_dim) slab: a memcpy per head when the head dim is contiguous on both sides.
+  const auto copy = [&](const at::Tensor& cache, const at::Tensor& x, int64_t b, int64_t t, int64_t entry,
+                        int64_t row) {
+    const char* src = static_cast<const char*>(x.data_ptr()) + (b * x.stride(0) + t * x.stride(1)) * es;
+    char* dst = static_cast<char*>(cache.data_ptr()) + (entry * cache.stride(0) + row * cache.stride(1)) * es;
+    const int64_t H = x.size(2), D = x.size(3);
+    for (int64_t h = 0; h < H; ++h) {
+      const char* s = src + h * x.stride(2) * es;
+      char* d = dst + h * cache.stride(2) * es;
+      if (x.stride(3) == 1 && cache.stride(3) == 1) {
+        std::memcpy(d, s, D * es);
+      } else {
+        for (int64_t e = 0; e < D; ++e) std::memcpy(d + e * cache.stride(3) * es, s + e * x.stride(3) * es, es);
+      }
+    }
+  };
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t t = 0; t < n; ++t) {
+      int64_t entry, row;
+      where(b, t, entry, row);
+      copy(k_cache, k, b, t, entry, row);
+      copy(v_cache, v, b, t, entry, row);
+    }
+}
+
 // Attention of q (B, Lq, Hq, E) over a KV cache: k_cache / v_cache (B_cache, S, Hkv, E / Ev), or a page
 // pool (pages, page_size, Hkv, E / Ev) with block_table (B, max_pages); entry b uses the first
 // seqlens_k[b] keys of cache entry cache_batch_idx[b] (b without it).  The diagonal is bottom-right.
@@ -662,6 +748,11 @@ TORCH_LIBRARY(attnfast, m) {
   m.def(
       "kvcache_fwd(Tensor q, Tensor k_cache, Tensor v_cache, Tensor seqlens_k, Tensor? cache_batch_idx, "
       "Tensor? block_table, float scale, int window_left, int window_right, int num_splits) -> (Tensor, Tensor)");
+  // Writes k (B, s_new, Hkv, E) and v into the cache at seqlens[b] .. seqlens[b] + s_new of each
+  // entry (cache_batch_idx[b], or the pages of block_table[b]), in place; checks every row first.
+  m.def(
+      "kvcache_append(Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor k, Tensor v, Tensor seqlens, "
+      "Tensor? cache_batch_idx, Tensor? block_table) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(attnfast, CPU, m) {
@@ -674,6 +765,7 @@ TORCH_LIBRARY_IMPL(attnfast, CPU, m) {
   m.impl("varlen_fwd", &varlen_fwd_cpu);
   m.impl("varlen_bwd", &varlen_bwd_cpu);
   m.impl("kvcache_fwd", &kvcache_fwd_cpu);
+  m.impl("kvcache_append", &kvcache_append_cpu);
 }
 
 // One probe.h measurement on the named ISA build -> (seconds, flops).

@@ -153,3 +153,55 @@ def test_kvcache_op_passes_opcheck():
     q = torch.randn(2, 1, 4, 16)
     torch.library.opcheck(torch.ops.attnfast.kvcache_fwd,
                           (q, kc, vc, torch.tensor([64, 17], dtype=torch.int32), None, table, 0.25, -1, 0, 0))
+
+
+@pytest.mark.skipif("cpu" not in BACKENDS, reason="needs the C++ extension")
+@pytest.mark.parametrize("layout", ["contiguous", "batch_idx", "paged"])
+@pytest.mark.parametrize("strided", [False, True])
+def test_kvcache_append_op_writes_what_index_put_writes(layout, strided):
+    from attnfast.varlen import _append
+
+    B, S, H, E, Ev, new = 3, 40, 2, 16, 8, 5
+    kc, vc, table, idx = _cache(layout, B, S, H, E, Ev, torch.float32, page=8)
+    if strided:  # caches and new rows with non-unit head-dim strides
+        kc = torch.randn(kc.shape[:3] + (2 * E,))[..., ::2]
+        k = torch.randn(B, H, new, E).transpose(1, 2)
+        v = torch.randn(B, new, H, 2 * Ev)[..., ::2]
+    else:
+        k, v = torch.randn(B, new, H, E), torch.randn(B, new, H, Ev)
+    lens = torch.tensor([0, 17, S - new], dtype=torch.int32)
+    kref, vref = kc.clone(), vc.clone()
+    positions = lens.unsqueeze(1) + torch.arange(new, dtype=torch.int32)
+    rows = idx if idx is not None else torch.arange(B, dtype=torch.int32)
+    _append(kref, k, positions, rows, table)
+    _append(vref, v, positions, rows, table)
+    torch.ops.attnfast.kvcache_append(kc, vc, k, v, lens, idx, table)
+    assert torch.equal(kc, kref) and torch.equal(vc, vref)
+
+
+@pytest.mark.skipif("cpu" not in BACKENDS, reason="needs the C++ extension")
+def test_kvcache_append_op_checks_every_row_before_writing():
+    B, H, E = 2, 2, 16
+    kc, vc = torch.randn(B, 32, H, E), torch.randn(B, 32, H, E)
+    k, v = torch.randn(B, 3, H, E), torch.randn(B, 3, H, E)
+    pool_k, pool_v = torch.randn(4, 8, H, E), torch.randn(4, 8, H, E)
+    table = torch.tensor([[0, 1], [2, 9]], dtype=torch.int32)  # page 9 is outside the pool
+    snapshots = [t.clone() for t in (kc, vc, pool_k, pool_v)]
+    append = torch.ops.attnfast.kvcache_append
+    with pytest.raises(ValueError, match="cache_seqlens \\+ seqlen_new must be in \\[0, 32\\].*\\[1\\] = 30"):
+        append(kc, vc, k, v, torch.tensor([0, 30], dtype=torch.int32), None, None)
+    with pytest.raises(ValueError, match="cache_seqlens \\+ seqlen_new .*\\[0\\] = -1"):
+        append(kc, vc, k, v, torch.tensor([-1, 0], dtype=torch.int32), None, None)
+    with pytest.raises(ValueError, match="batch entry 1 writes to cache entry 5, outside \\[0, 2\\)"):
+        append(kc, vc, k, v, torch.tensor([0, 0], dtype=torch.int32), torch.tensor([0, 5], dtype=torch.int32), None)
+    with pytest.raises(ValueError, match="batch entry 1 writes to page 9, outside \\[0, 4\\)"):
+        append(pool_k, pool_v, k, v, torch.tensor([0, 6], dtype=torch.int32), None, table)  # rows 6..8: pages 0, 1
+    with pytest.raises(ValueError, match="\\[0, 16\\]"):
+        append(pool_k, pool_v, k, v, torch.tensor([0, 14], dtype=torch.int32), None, table)
+    with pytest.raises(TypeError, match="one dtype"):
+        append(kc, vc, k.double(), v.double(), torch.tensor([0, 0], dtype=torch.int32), None, None)
+    with pytest.raises(ValueError, match="must be \\(batch, seqlen_new, heads, head_dim\\) like k_cache"):
+        append(kc, vc, k[:, :, :1], v, torch.tensor([0, 0], dtype=torch.int32), None, None)
+    for t, s in zip((kc, vc, pool_k, pool_v), snapshots):
+        assert torch.equal(t, s)
+    torch.library.opcheck(append, (kc, vc, k, v, torch.tensor([0, 20], dtype=torch.int32), None, None))
