@@ -338,18 +338,22 @@ class TritonBackend(_FusedBackend):
                                                     plan.window_right, plan.bottom_right, plan.dropout_p, seed, 0)
 
     def kvcache_forward(self, plan):
-        """The varlen kernel over the cache, one launch: entry b's queries are a packed sequence,
-        its cache row the key run starting at cache_batch_idx[b] * S (a paged cache is gathered
-        into rows first), seqused_k the lengths, the diagonal bottom-right."""
+        """Short queries (Lq <= SPLIT_MAX_ROWS): the split-KV kernel over the cache rows, a paged
+        cache read in place through its block table.  Longer ones: the varlen kernel, one launch:
+        entry b's queries are a packed sequence, its cache row the key run starting at
+        cache_batch_idx[b] * S (a paged cache is gathered into rows first), seqused_k the
+        lengths, the diagonal bottom-right."""
         q, kc, vc = plan.q, plan.k_cache, plan.v_cache
         B, Lq, Hq, _ = q.shape
         attention = importlib.import_module(".triton_kernels.attention", __package__)
-        if plan.block_table is None and 0 < Lq <= attention.SPLIT_MAX_ROWS and kc.shape[1] > 0:
-            nsplit = plan.num_splits or attention.split_count(B * Hq, kc.shape[1], q.device)
-            if nsplit > 1:  # flash-decoding over the cache rows
+        paged = plan.block_table is not None
+        if 0 < Lq <= attention.SPLIT_MAX_ROWS and B > 0 and kc.shape[1] > 0:
+            S = kc.shape[1] * (plan.block_table.shape[1] if paged else 1)  # keys an entry can hold
+            nsplit = plan.num_splits or attention.split_count(B * Hq, S, q.device)
+            if nsplit > 1 or paged:  # flash-decoding over the cache rows; a paged cache read in place
                 out, lse = attention.split_fwd(q.transpose(1, 2), kc.transpose(1, 2), vc.transpose(1, 2),
                                                plan.seqlens_k, plan.cache_batch_idx, plan.scale, plan.window_left,
-                                               plan.window_right, nsplit)
+                                               plan.window_right, nsplit, block_table=plan.block_table)
                 return out.transpose(1, 2), lse
         if plan.block_table is not None:
             from .reference import kvcache_keys

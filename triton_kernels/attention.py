@@ -211,17 +211,21 @@ def _fwd_kernel(Q, K, V, Mask, Blocks, Out, Lse, CuQ, CuK, UsedK,
 
 
 @triton.jit
-def _split_fwd_kernel(Q, K, V, Lens, Bidx, Acc, Mrow, Lrow,
-                      sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
-                      Hq, Lq, group, nsplit, chunk, scale, wl, wr,
+def _split_fwd_kernel(Q, K, V, Lens, Bidx, Table, Acc, Mrow, Lrow,
+                      sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, stb,
+                      Hq, Lq, group, nsplit, chunk, scale, wl, wr, page,
                       E: tl.constexpr, Ev: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                       BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, WINDOWED: tl.constexpr,
-                      DOT: tl.constexpr, HAS_BIDX: tl.constexpr):
+                      DOT: tl.constexpr, HAS_BIDX: tl.constexpr, PAGED: tl.constexpr):
     # Split-KV forward of short queries (flash-decoding): one program per (key split, batch *
     # q head) over keys [split * chunk, (split + 1) * chunk) of batch entry b's first Lens[b]
     # (its cache entry Bidx[b] with HAS_BIDX), all Lq <= BLOCK_M query rows at once, the
     # diagonal bottom-right; the unnormalised output and the row max and sum go to
     # Acc (B * Hq, nsplit, Lq, Ev), Mrow, Lrow (B * Hq, nsplit, Lq), merged by split_fwd.
+    # PAGED (1 or 2): K and V are page pools (pages, Hkv, page, E) by strides; key j of entry b
+    # is row j % page of page Table[b, j // page] (table row stride stb), read in place.  1: each
+    # key tile lies in one page (page a multiple of BLOCK_N), one base a tile, as a contiguous
+    # cache; 2: any page size, each key row's own base (a gather: more registers, 16-key tiles).
     sp = tl.program_id(0)
     bh = tl.program_id(1)
     h = bh % Hq
@@ -241,8 +245,21 @@ def _split_fwd_kernel(Q, K, V, Lens, Bidx, Acc, Mrow, Lrow,
     lo = sp * chunk
     hi = tl.minimum(lo + chunk, Lk)
     for start_n in range(lo, hi, BLOCK_N):
+        if PAGED == 1:  # the tile's page, less the tile's logical offset (load_rows adds it)
+            pg = tl.load(Table + b * stb + start_n // page).to(tl.int64)
+            k_base = pg * skb + hk * skh + (start_n % page - start_n) * skn
+            v_base = pg * svb + hk * svh + (start_n % page - start_n) * svn
+        elif PAGED == 2:  # the same per key row
+            offs_n = start_n + tl.arange(0, BLOCK_N)
+            pg = tl.load(Table + b * stb + offs_n // page, mask=offs_n < hi, other=0).to(tl.int64)
+            shift = offs_n % page - offs_n
+            k_base = (pg * skb + hk * skh + shift * skn)[:, None]
+            v_base = (pg * svb + hk * svh + shift * svn)[:, None]
+        else:
+            k_base = kb * skb + hk * skh
+            v_base = kb * svb + hk * svh
         acc, m_i, l_i = _fwd_tile(
-            acc, m_i, l_i, q, start_n, False, offs_m, K, V, K, kb * skb + hk * skh, kb * svb + hk * svh, 0,
+            acc, m_i, l_i, q, start_n, False, offs_m, K, V, K, k_base, v_base, 0,
             skn, skd, svn, svd, 0, 0, Lq, hi, scale, Lk - Lq, wl, wr, bh, 0, 0, 0, 0.0, E, Ev, BLOCK_N, BLOCK_D,
             BLOCK_DV, 0, WINDOWED, DOT, False)
     row = (bh * nsplit + sp) * Lq + offs_m
@@ -763,25 +780,34 @@ def split_count(programs, Lk, device):
     return max(1, min(SPLIT_MAX, -(-2 * sms // max(programs, 1)), Lk // SPLIT_MIN_KEYS))
 
 
-def split_fwd(q, k, v, lens, bidx, scale, window_left, window_right, nsplit, launch=None):
+def split_fwd(q, k, v, lens, bidx, scale, window_left, window_right, nsplit, launch=None, block_table=None):
     """(out (B, Hq, Lq, Ev) in q's dtype, lse (B, Hq, Lq) in lse_dtype) of short queries q
     (B, Hq, Lq, E), Lq <= SPLIT_MAX_ROWS, over the first lens[b] keys of k, v (B_k, Hkv, S, E)
-    (entry bidx[b], or b), bottom-right, in nsplit key splits merged by logsumexp in float64."""
+    (entry bidx[b], or b), bottom-right, in nsplit key splits merged by logsumexp in float64.
+    With block_table (int32 (B, max_pages)), k and v are page pools (pages, Hkv, page, E), read
+    in place."""
     wrap = launch or (lambda kern: kern)
     B, Hq, Lq, E = q.shape
     Hkv, S, Ev = k.shape[1], k.shape[2], v.shape[3]
+    page, paged = S, 0
     block_n = 32 if INTERPRETING else 64
+    if block_table is not None:
+        S = page * block_table.shape[1]
+        while block_n > 16 and page % block_n:
+            block_n //= 2  # key tiles that divide the page (16 keys at least)
+        paged = 1 if page % block_n == 0 else 2  # else a page of no multiple of 16 keys: a gather
     chunk = -(-(-(-S // nsplit)) // block_n) * block_n
     nsplit = max(1, -(-S // chunk))
     acc = torch.empty((B * Hq, nsplit, Lq, Ev), dtype=torch.float32, device=q.device)
     m = torch.empty((B * Hq, nsplit, Lq), dtype=torch.float32, device=q.device)
     lsum = torch.empty_like(m)
     wrap(_split_fwd_kernel)[(nsplit, B * Hq)](
-        q, k, v, lens, bidx if bidx is not None else lens, acc, m, lsum, *q.stride(), *k.stride(), *v.stride(),
-        Hq, Lq, Hq // Hkv, nsplit, chunk, scale, window_left, window_right, E=E, Ev=Ev,
+        q, k, v, lens, bidx if bidx is not None else lens, block_table if block_table is not None else lens, acc, m,
+        lsum, *q.stride(), *k.stride(), *v.stride(), block_table.stride(0) if block_table is not None else 0,
+        Hq, Lq, Hq // Hkv, nsplit, chunk, scale, window_left, window_right, page, E=E, Ev=Ev,
         BLOCK_M=max(16, triton.next_power_of_2(Lq)), BLOCK_N=block_n, BLOCK_D=max(16, triton.next_power_of_2(E)),
         BLOCK_DV=max(16, triton.next_power_of_2(Ev)), WINDOWED=window_left >= 0 or window_right >= 0,
-        DOT=dot_mode(q.dtype), HAS_BIDX=bidx is not None)
+        DOT=dot_mode(q.dtype), HAS_BIDX=bidx is not None, PAGED=paged)
     m64, l64 = m.double(), lsum.double()
     top = m64.amax(1, keepdim=True)
     top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))

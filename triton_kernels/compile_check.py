@@ -151,6 +151,14 @@ def variant_launches(first=False):
             lens = torch.full((1,), L, dtype=torch.int32)
             attention.split_fwd(q, k, v, lens, None, 0.125, -1, 0, 8,
                                 launch=capture(f"split-kv {str(dtype)[6:]} D{D}"))
+            # A paged cache read in place: pools (pages, Hkv, page, D), block table (1, L / page);
+            # pages of 16 (key tiles of 16, one page each), 256 (tiles inside pages) and 40 (a gather).
+            for page in (16, 256, 40):
+                n = L // page
+                table = torch.arange(n, dtype=torch.int32).view(1, -1)
+                pool = lambda t: t[:, :, :n * page].reshape(1, n, page, D).transpose(0, 1).contiguous()  # noqa: E731
+                attention.split_fwd(q, pool(k), pool(v), lens, None, 0.125, -1, 0, 8, block_table=table,
+                                    launch=capture(f"split-kv paged{page} {str(dtype)[6:]} D{D}"))
     return calls
 
 

@@ -83,16 +83,18 @@ def test_kvcache_other_dtypes(layout, dtype):
 
 @pytest.mark.parametrize("backend", [b for b in ("cpu", "triton") if b in BACKENDS])
 @pytest.mark.parametrize("num_splits", [1, 3, 64])
-def test_kvcache_num_splits_keeps_parity(num_splits, backend):
+@pytest.mark.parametrize("layout,page", [("contiguous", None), ("paged", 16), ("paged", 72)])
+def test_kvcache_num_splits_keeps_parity(num_splits, backend, layout, page):
     """Forced split counts (1: no split-KV) give the same attention, by the parity rule (Triton:
-    the split-KV kernel for more than one split)."""
+    the split-KV kernel for more than one split, and for any split count on a paged cache, read in
+    place: key tiles that span pages (page 16) and pages that end inside a tile (page 72))."""
     B, S, Hq, Hkv, E = 2, 3000 if backend == "cpu" else 600, 4, 1, 64
-    kc, vc, _, _ = _cache("contiguous", B, S, Hkv, E, E, torch.float32)
+    kc, vc, table, _ = _cache(layout, B, S, Hkv, E, E, torch.float32, page=page or 16)
     seqlens = torch.tensor([S - 1, S * 3 // 5], dtype=torch.int32)
     q = torch.randn(B, 1, Hq, E)
     out, lse = attnfast.attention_with_kvcache(q, kc, vc, cache_seqlens=seqlens, num_splits=num_splits,
-                                               return_lse=True, backend=backend)
-    assert_parity(compare_kvcache_with_reference(out, lse, q, kc, vc, seqlens))
+                                               block_table=table, return_lse=True, backend=backend)
+    assert_parity(compare_kvcache_with_reference(out, lse, q, kc, vc, seqlens, table))
 
 
 def test_kvcache_int_seqlens_and_no_grad():
