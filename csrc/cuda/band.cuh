@@ -14,11 +14,27 @@ namespace cuda {
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kLn2 = 0.6931471805599453f;
 
+// Batch entry b of a call: its first query and key rows in the operands, its
+// lengths and diagonal.  A dense call: (0, Lq, 0, Lk, diag_offset) for every b.
+struct Seq {
+  int q0, Lq, k0, Lk, diag;
+};
+__host__ __device__ __forceinline__ Seq seq_of(const AttnParams& p, int b) {
+  if (p.cu_q == nullptr) return Seq{0, p.Lq, 0, p.Lk, p.diag_offset};
+  const int q0 = p.cu_q[b], k0 = p.cu_k[b];
+  const int lq = p.cu_q[b + 1] - q0, lk = p.used_k != nullptr ? p.used_k[b] : p.cu_k[b + 1] - k0;
+  return Seq{q0, lq, k0, lk, p.bottom_right ? lk - lq : 0};
+}
+// Index of row 0 of (b, h) in the per-row arrays (lse, delta; dq_accum by D).
+__host__ __device__ __forceinline__ int64_t lse_row(const AttnParams& p, int b, int h, const Seq& s) {
+  return p.cu_q != nullptr ? static_cast<int64_t>(h) * p.total_q + s.q0 : (static_cast<int64_t>(b) * p.Hq + h) * p.Lq;
+}
+
 struct Band {
   int Lq, Lk, diag, wl, wr;
 
-  __host__ __device__ explicit Band(const AttnParams& p)
-      : Lq(p.Lq), Lk(p.Lk), diag(p.diag_offset), wl(p.window_left), wr(p.window_right) {}
+  __host__ __device__ Band(const AttnParams& p, const Seq& s)
+      : Lq(s.Lq), Lk(s.Lk), diag(s.diag), wl(p.window_left), wr(p.window_right) {}
 
   // Keys [lo, hi) that any query row in [m0, m1) may see.
   __device__ __forceinline__ int key_lo(int m0) const { return wl < 0 ? 0 : max(0, m0 + diag - wl); }

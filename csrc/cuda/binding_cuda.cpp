@@ -161,6 +161,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bwd_cuda(
   p.dq = dq.data_ptr();
   p.dk = dk.data_ptr();
   p.dv = dv.data_ptr();
+  p.dq_st = strides3(dq);
+  p.dk_st = strides3(dk);
+  p.dv_st = strides3(dv);
   p.dmask = mask_grad ? dmask.data_ptr<float>() : nullptr;
   check_launch(run_bwd(p, c10::cuda::getCurrentCUDAStream().stream()), "backward launch");
   return {dq, dk, dv, dmask};

@@ -43,12 +43,24 @@ struct AttnParams {
   int diag_offset;
   int window_left;
   int window_right;
+
+  // Packed variable-length batches (varlen) when cu_q is set: batch entry b is
+  // sequence b, query rows cu_q[b] .. cu_q[b + 1] and key rows cu_k[b] ..
+  // cu_k[b] + (used_k ? used_k[b] : cu_k[b + 1] - cu_k[b]) of q, k, v (batch
+  // strides 0); its diagonal is Lk_b - Lq_b with bottom_right, else 0
+  // (diag_offset unused).  Lq, Lk are then the longest sequence's (the grid),
+  // and lse, delta, dq_accum are (Hq, total_q[, D]) (see lse_row in band.cuh).
+  const int* cu_q = nullptr;
+  const int* cu_k = nullptr;
+  const int* used_k = nullptr;
+  int bottom_right = 0;
+  int total_q = 0;
 };
 
 struct FwdParams : AttnParams {
   void* out;        // (B, Hq, Lq, D), strides out_st, q's dtype
   Strides3 out_st;
-  float* lse;       // (B, Hq, Lq) contiguous, natural log; -inf for rows that see no key
+  float* lse;       // (B, Hq, Lq) contiguous (varlen: (Hq, total_q)), natural log; -inf for rows that see no key
 };
 
 struct BwdParams : AttnParams {
@@ -56,15 +68,17 @@ struct BwdParams : AttnParams {
   Strides3 out_st;
   const void* dout;  // (B, Hq, Lq, D)
   Strides3 dout_st;
-  const float* lse;   // (B, Hq, Lq) contiguous
-  const float* dlse;  // (B, Hq, Lq) contiguous gradient of lse, or nullptr
-  float* delta;       // (B, Hq, Lq) scratch: rowsum(dout * out) - dlse
-  float* dq_accum;    // (B, Hq, Lq, D) fp32 scratch, zeroed by the preprocess kernel
-  void* dq;           // (B, Hq, Lq, D) contiguous, q's dtype
-  void* dk;           // (B, Hkv, Lk, D) contiguous
-  void* dv;           // (B, Hkv, Lk, D) contiguous
+  // lse, dlse, delta, delta_in: (B, Hq, Lq) contiguous (varlen: (Hq, total_q)).
+  const float* lse;
+  const float* dlse;  // gradient of lse, or nullptr
+  float* delta;       // scratch: rowsum(dout * out) - dlse
+  float* dq_accum;    // (B, Hq, Lq, D) (varlen: (Hq, total_q, D)) fp32 scratch, zeroed by the preprocess kernel
+  void* dq;           // (B, Hq, Lq, D) by dq_st, q's dtype
+  void* dk;           // (B, Hkv, Lk, D) by dk_st (keys a call does not use are not written)
+  void* dv;           // (B, Hkv, Lk, D) by dv_st
   float* dmask;       // (B, Hq, Lq, Lk) contiguous fp32 (additive masks), or nullptr
-  const float* delta_in = nullptr;  // (B, Hq, Lq) rowsum(dout * out) given by the caller, or nullptr
+  const float* delta_in = nullptr;  // rowsum(dout * out) given by the caller, or nullptr
+  Strides3 dq_st{}, dk_st{}, dv_st{};  // column stride 1
 };
 
 // The head dims with kernels, forward and backward: the one list.  The

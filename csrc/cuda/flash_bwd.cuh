@@ -63,15 +63,19 @@ struct BwdConfig {
 template <typename T>
 __global__ void flash_bwd_preprocess_kernel(const BwdParams p) {
   // One warp per query row.
+  // One warp per query row.  (varlen: rows (b, h, i) with i < the longest Lq; those past
+  // sequence b's end have no row.)
   const int lane = threadIdx.x % 32;
-  const int64_t row = static_cast<int64_t>(blockIdx.x) * (blockDim.x / 32) + threadIdx.x / 32;
-  const int64_t rows = static_cast<int64_t>(p.B) * p.Hq * p.Lq;
-  if (row >= rows) return;
-  const int i = static_cast<int>(row % p.Lq);
-  const int h = static_cast<int>((row / p.Lq) % p.Hq);
-  const int b = static_cast<int>(row / (static_cast<int64_t>(p.Lq) * p.Hq));
-  const T* o = static_cast<const T*>(p.out) + b * p.out_st.b + h * p.out_st.h + i * p.out_st.r;
-  const T* dout = static_cast<const T*>(p.dout) + b * p.dout_st.b + h * p.dout_st.h + i * p.dout_st.r;
+  const int64_t x = static_cast<int64_t>(blockIdx.x) * (blockDim.x / 32) + threadIdx.x / 32;
+  if (x >= static_cast<int64_t>(p.B) * p.Hq * p.Lq) return;
+  const int i = static_cast<int>(x % p.Lq);
+  const int h = static_cast<int>((x / p.Lq) % p.Hq);
+  const int b = static_cast<int>(x / (static_cast<int64_t>(p.Lq) * p.Hq));
+  const Seq sq = seq_of(p, b);
+  if (i >= sq.Lq) return;
+  const int64_t row = lse_row(p, b, h, sq) + i, r = sq.q0 + i;
+  const T* o = static_cast<const T*>(p.out) + b * p.out_st.b + h * p.out_st.h + r * p.out_st.r;
+  const T* dout = static_cast<const T*>(p.dout) + b * p.dout_st.b + h * p.dout_st.h + r * p.dout_st.r;
   float* dq = p.dq_accum + row * p.D;
   float acc = 0.f;
   for (int d = lane; d < p.D; d += 32) {
@@ -84,13 +88,23 @@ __global__ void flash_bwd_preprocess_kernel(const BwdParams p) {
     p.delta[row] = (p.delta_in != nullptr ? p.delta_in[row] : acc) - (p.dlse != nullptr ? p.dlse[row] : 0.f);
 }
 
+// (batches, rows per head) of dq_accum: (B, Lq) dense, (1, total_q) varlen.
+__host__ __device__ __forceinline__ void dq_accum_shape(const BwdParams& p, int64_t& nb, int64_t& nr) {
+  nb = p.cu_q != nullptr ? 1 : p.B;
+  nr = p.cu_q != nullptr ? p.total_q : p.Lq;
+}
+
 template <typename T>
 __global__ void flash_bwd_convert_dq_kernel(const BwdParams p) {
-  const int64_t n = static_cast<int64_t>(p.B) * p.Hq * p.Lq * p.D;
+  int64_t nb, nr;
+  dq_accum_shape(p, nb, nr);
+  const int64_t n = nb * p.Hq * nr * p.D;
   T* dq = static_cast<T*>(p.dq);
   for (int64_t x = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; x < n;
-       x += static_cast<int64_t>(gridDim.x) * blockDim.x)
-    dq[x] = ElemOps<T>::from_float(p.dq_accum[x] * p.scale);
+       x += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t d = x % p.D, r = (x / p.D) % nr, h = (x / (p.D * nr)) % p.Hq, b = x / (p.D * nr * p.Hq);
+    dq[b * p.dq_st.b + h * p.dq_st.h + r * p.dq_st.r + d] = ElemOps<T>::from_float(p.dq_accum[x] * p.scale);
+  }
 }
 
 template <typename T, typename Tr, bool kHasMask>
@@ -110,41 +124,44 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1) flash_bwd_kernel(const BwdPa
   const int n0 = blockIdx.x * BN;
   const int hk = blockIdx.y, b = blockIdx.z;
   const int group = p.Hq / p.Hkv;
-  const Band band(p);
+  const Seq sq = seq_of(p, b);
+  if (n0 >= sq.Lk) return;  // (varlen: the grid covers the longest sequence)
+  const int Lq = sq.Lq, Lk = sq.Lk;
+  const Band band(p, sq);
   const int wkey = warp * 16;  // this warp's keys: n0 + wkey + g (+ 8)
 
-  const T* k = static_cast<const T*>(p.k) + b * p.k_st.b + hk * p.k_st.h;
-  const T* v = static_cast<const T*>(p.v) + b * p.v_st.b + hk * p.v_st.h;
-  load_tile_async<BN, D, Tr::kNThreads>(sK, k + static_cast<int64_t>(n0) * p.k_st.r, p.k_st.r, 0, p.Lk - n0, tid);
-  load_tile_async<BN, D, Tr::kNThreads>(sV, v + static_cast<int64_t>(n0) * p.v_st.r, p.v_st.r, 0, p.Lk - n0, tid);
+  const T* k = static_cast<const T*>(p.k) + b * p.k_st.b + hk * p.k_st.h + sq.k0 * p.k_st.r;
+  const T* v = static_cast<const T*>(p.v) + b * p.v_st.b + hk * p.v_st.h + sq.k0 * p.v_st.r;
+  load_tile_async<BN, D, Tr::kNThreads>(sK, k + static_cast<int64_t>(n0) * p.k_st.r, p.k_st.r, 0, Lk - n0, tid);
+  load_tile_async<BN, D, Tr::kNThreads>(sV, v + static_cast<int64_t>(n0) * p.v_st.r, p.v_st.r, 0, Lk - n0, tid);
   cp_async_commit();
 
   float acc_dk[Tr::kNTilesD][4], acc_dv[Tr::kNTilesD][4];
   zero_acc(acc_dk);
   zero_acc(acc_dv);
 
-  const int m_lo = band.query_lo(n0), m_hi = band.query_hi(min(n0 + BN, p.Lk));
+  const int m_lo = band.query_lo(n0), m_hi = band.query_hi(min(n0 + BN, Lk));
   const int mb_lo = m_lo / BM, mb_hi = m_hi > m_lo ? (m_hi + BM - 1) / BM : mb_lo;
 
   for (int h = hk * group; h < (hk + 1) * group; ++h) {
-    const T* q = static_cast<const T*>(p.q) + b * p.q_st.b + h * p.q_st.h;
-    const T* dout = static_cast<const T*>(p.dout) + b * p.dout_st.b + h * p.dout_st.h;
-    const int64_t row_base = (static_cast<int64_t>(b) * p.Hq + h) * p.Lq;
+    const T* q = static_cast<const T*>(p.q) + b * p.q_st.b + h * p.q_st.h + sq.q0 * p.q_st.r;
+    const T* dout = static_cast<const T*>(p.dout) + b * p.dout_st.b + h * p.dout_st.h + sq.q0 * p.dout_st.r;
+    const int64_t row_base = lse_row(p, b, h, sq);
     float* dq_accum = p.dq_accum + row_base * D;
-    float* dmask = p.dmask != nullptr ? p.dmask + row_base * p.Lk : nullptr;
+    float* dmask = p.dmask != nullptr ? p.dmask + row_base * Lk : nullptr;  // (dense calls only)
     const MaskReader<T> mask = kHasMask ? MaskReader<T>(p, b, h) : MaskReader<T>{};
 
     for (int mb = mb_lo; mb < mb_hi; ++mb) {
       const int m0 = mb * BM;
-      load_tile_async<BM, D, Tr::kNThreads>(sQ, q + static_cast<int64_t>(m0) * p.q_st.r, p.q_st.r, 0, p.Lq - m0, tid);
+      load_tile_async<BM, D, Tr::kNThreads>(sQ, q + static_cast<int64_t>(m0) * p.q_st.r, p.q_st.r, 0, Lq - m0, tid);
       load_tile_async<BM, D, Tr::kNThreads>(sdO, dout + static_cast<int64_t>(m0) * p.dout_st.r, p.dout_st.r, 0,
-                                            p.Lq - m0, tid);
+                                            Lq - m0, tid);
       cp_async_commit();
       if (tid < BM) {
         const int i = m0 + tid;
-        float l = i < p.Lq ? p.lse[row_base + i] : INFINITY;
+        float l = i < Lq ? p.lse[row_base + i] : INFINITY;
         sLse[tid] = l == -INFINITY ? INFINITY : l * kLog2e;  // rows that saw nothing: P = 0
-        sDelta[tid] = i < p.Lq ? p.delta[row_base + i] : 0.f;
+        sDelta[tid] = i < Lq ? p.delta[row_base + i] : 0.f;
       }
       cp_async_wait<0>();
       __syncthreads();
@@ -187,7 +204,7 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1) flash_bwd_kernel(const BwdPa
           const float ds = pr * (acc_dp[j][e] - sDelta[qc]);
           acc_s[j][e] = pr;
           acc_dp[j][e] = ds;
-          if (dmask != nullptr && i < p.Lq && key < p.Lk) dmask[static_cast<int64_t>(i) * p.Lk + key] = ds;
+          if (dmask != nullptr && i < Lq && key < Lk) dmask[static_cast<int64_t>(i) * Lk + key] = ds;
         }
 
       // dV += P^T dO and dK += dS^T Q (k = queries), and dS^T -> smem for dQ.
@@ -239,7 +256,7 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1) flash_bwd_kernel(const BwdPa
 #pragma unroll
         for (int r = 0; r < 2; ++r) {
           const int i = m0 + qm0 + g + 8 * r;
-          if (i >= p.Lq) continue;
+          if (i >= Lq) continue;
           float* dst = dq_accum + static_cast<int64_t>(i) * D + dc0 + 2 * t;
 #pragma unroll
           for (int d = 0; d < Tr::kNTilesDq; ++d) {
@@ -255,18 +272,20 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1) flash_bwd_kernel(const BwdPa
   cp_async_wait<0>();  // K/V copies are still in flight when no query block saw these keys
 
   // dK = scale * sum dS^T Q, dV = sum P^T dO; keys past Lk are not written.
-  T* dk = static_cast<T*>(p.dk) + (static_cast<int64_t>(b) * p.Hkv + hk) * p.Lk * D;
-  T* dv = static_cast<T*>(p.dv) + (static_cast<int64_t>(b) * p.Hkv + hk) * p.Lk * D;
+  // (The first key row read again rather than kept live through the loop: registers.)
+  const int k0 = p.cu_k != nullptr ? p.cu_k[b] : 0;
+  T* dk = static_cast<T*>(p.dk) + b * p.dk_st.b + hk * p.dk_st.h + k0 * p.dk_st.r;
+  T* dv = static_cast<T*>(p.dv) + b * p.dv_st.b + hk * p.dv_st.h + k0 * p.dv_st.r;
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
     const int key = n0 + wkey + g + 8 * r;
-    if (key >= p.Lk) continue;
+    if (key >= Lk) continue;
 #pragma unroll
     for (int d = 0; d < Tr::kNTilesD; ++d) {
-      const int64_t off = static_cast<int64_t>(key) * D + d * 8 + 2 * t;
-      *reinterpret_cast<uint32_t*>(dk + off) =
+      const int c = d * 8 + 2 * t;
+      *reinterpret_cast<uint32_t*>(dk + key * p.dk_st.r + c) =
           ElemOps<T>::pack(acc_dk[d][2 * r] * p.scale, acc_dk[d][2 * r + 1] * p.scale);
-      *reinterpret_cast<uint32_t*>(dv + off) = ElemOps<T>::pack(acc_dv[d][2 * r], acc_dv[d][2 * r + 1]);
+      *reinterpret_cast<uint32_t*>(dv + key * p.dv_st.r + c) = ElemOps<T>::pack(acc_dv[d][2 * r], acc_dv[d][2 * r + 1]);
     }
   }
 }
@@ -284,7 +303,9 @@ int launch_bwd(const BwdParams& p, const Launch& launch) {
   e = launch(flash_bwd_kernel<T, Tr, kHasMask>, dim3((p.Lk + Tr::kBlockN - 1) / Tr::kBlockN, p.Hkv, p.B),
              Tr::kNThreads, Tr::kSmemBytes, p);
   if (e != 0) return e;
-  const int64_t blocks = (rows * D + 255) / 256;  // grid-stride loop beyond 2^19 blocks
+  int64_t nb, nr;
+  dq_accum_shape(p, nb, nr);
+  const int64_t blocks = (nb * p.Hq * nr * D + 255) / 256;  // grid-stride loop beyond 2^19 blocks
   return launch(flash_bwd_convert_dq_kernel<T>, dim3(static_cast<unsigned>(blocks < (1 << 19) ? blocks : (1 << 19))),
                 256, 0, p);
 }

@@ -59,15 +59,18 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1) flash_fwd_kernel(const FwdPa
   const int m0 = blockIdx.x * BM;
   const int h = blockIdx.y, b = blockIdx.z;
   const int hk = h / (p.Hq / p.Hkv);
-  const Band band(p);
+  const Seq sq = seq_of(p, b);
+  if (m0 >= sq.Lq) return;  // (varlen: the grid covers the longest sequence)
+  const int Lq = sq.Lq, Lk = sq.Lk;
+  const Band band(p, sq);
 
-  const T* q = static_cast<const T*>(p.q) + b * p.q_st.b + h * p.q_st.h;
-  const T* k = static_cast<const T*>(p.k) + b * p.k_st.b + hk * p.k_st.h;
-  const T* v = static_cast<const T*>(p.v) + b * p.v_st.b + hk * p.v_st.h;
-  T* out = static_cast<T*>(p.out) + b * p.out_st.b + h * p.out_st.h;
-  float* lse = p.lse + (static_cast<int64_t>(b) * p.Hq + h) * p.Lq;
+  const T* q = static_cast<const T*>(p.q) + b * p.q_st.b + h * p.q_st.h + sq.q0 * p.q_st.r;
+  const T* k = static_cast<const T*>(p.k) + b * p.k_st.b + hk * p.k_st.h + sq.k0 * p.k_st.r;
+  const T* v = static_cast<const T*>(p.v) + b * p.v_st.b + hk * p.v_st.h + sq.k0 * p.v_st.r;
+  T* out = static_cast<T*>(p.out) + b * p.out_st.b + h * p.out_st.h + sq.q0 * p.out_st.r;
+  float* lse = p.lse + lse_row(p, b, h, sq);
 
-  const int n_lo = band.key_lo(m0), n_hi = band.key_hi(min(m0 + BM, p.Lq));
+  const int n_lo = band.key_lo(m0), n_hi = band.key_hi(min(m0 + BM, Lq));
   const int nb_lo = n_lo / BN, nb_hi = n_hi > n_lo ? (n_hi + BN - 1) / BN : nb_lo;
 
   // Rows of this warp: r = 0 -> row wrow + g, r = 1 -> row wrow + g + 8.
@@ -78,9 +81,9 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1) flash_fwd_kernel(const FwdPa
   float row_sum[2] = {0.f, 0.f};  // this lane's share; reduced over the quad at the end
 
   if (nb_lo < nb_hi) {
-    load_tile_async<BM, D, Tr::kNThreads>(sQ, q + m0 * p.q_st.r, p.q_st.r, 0, p.Lq - m0, tid);
+    load_tile_async<BM, D, Tr::kNThreads>(sQ, q + m0 * p.q_st.r, p.q_st.r, 0, Lq - m0, tid);
     load_tile_async<BN, D, Tr::kNThreads>(sK, k + static_cast<int64_t>(nb_lo) * BN * p.k_st.r, p.k_st.r,
-                                          0, p.Lk - nb_lo * BN, tid);
+                                          0, Lk - nb_lo * BN, tid);
     cp_async_commit();
   }
   const MaskReader<T> mask = kHasMask ? MaskReader<T>(p, b, h) : MaskReader<T>{};
@@ -90,7 +93,7 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1) flash_fwd_kernel(const FwdPa
     cp_async_wait<0>();
     __syncthreads();  // K[nb] (and Q) landed; every warp is done with V[nb - 1]
     load_tile_async<BN, D, Tr::kNThreads>(sV, v + static_cast<int64_t>(n0) * p.v_st.r, p.v_st.r, 0,
-                                          p.Lk - n0, tid);
+                                          Lk - n0, tid);
     cp_async_commit();
 
     // S = Q K^T for this warp's 16 rows x BN keys.
@@ -112,7 +115,7 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1) flash_fwd_kernel(const FwdPa
     __syncthreads();  // V[nb] landed; every warp is done with K[nb]
     if (nb + 1 < nb_hi) {
       load_tile_async<BN, D, Tr::kNThreads>(sK, k + static_cast<int64_t>(n0 + BN) * p.k_st.r, p.k_st.r, 0,
-                                            p.Lk - n0 - BN, tid);
+                                            Lk - n0 - BN, tid);
       cp_async_commit();
     }
 
@@ -177,7 +180,7 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1) flash_fwd_kernel(const FwdPa
   for (int r = 0; r < 2; ++r) {
     const float l = quad_sum(row_sum[r]);
     const int i = m0 + wrow + g + 8 * r;
-    if (i >= p.Lq) continue;
+    if (i >= Lq) continue;
     const float inv = l != l ? l : l > 0.f ? 1.f / l : 0.f;  // NaN row stays NaN
     T* orow = out + static_cast<int64_t>(i) * p.out_st.r;
 #pragma unroll

@@ -89,3 +89,37 @@ def test_caller_given_delta_lets_key_blocks_add_up():
     torch.testing.assert_close(a[0].float() + b[0].float(), whole[0].float(), **tol)
     torch.testing.assert_close(torch.cat([a[1], b[1]], 2).float(), whole[1].float(), **tol)
     torch.testing.assert_close(torch.cat([a[2], b[2]], 2).float(), whole[2].float(), **tol)
+
+
+# Packed batches (varlen): (per-sequence query lengths, key lengths, Hq, Hkv, E, rule, seqused_k).
+# Lengths of 0 and 1, Lq != Lk per sequence, sequences past one query block (128 rows) and one
+# backward key block (128 keys).
+VARLEN_CASES = [
+    ([5, 0, 1, 140, 33], [9, 3, 1, 140, 70], 2, 1, 64, dict(is_causal=True, causal_alignment="bottom_right"), None),
+    ([70, 20, 129], [70, 20, 129], 2, 2, 128, dict(is_causal=True), None),
+    ([17, 64, 3], [40, 64, 80], 4, 2, 96, dict(window=(10, 4)), None),
+    ([30, 1, 50], [60, 8, 140], 2, 1, 64, dict(), [33, 0, 131]),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "f16"])
+@pytest.mark.parametrize("lq,lk,Hq,Hkv,E,rule,used", VARLEN_CASES, ids=[f"varlen{i}" for i in range(len(VARLEN_CASES))])
+def test_emulated_cuda_varlen_parity(lq, lk, Hq, Hkv, E, rule, used, dtype):
+    """One launch over a packed batch (cu_seqlens in the kernels' params), forward and backward,
+    against the per-sequence reference by the parity rule."""
+    from attnfast.testing import compare_varlen_with_reference
+
+    cuda_emu.set_schedule(0 if dtype == torch.bfloat16 else 1)
+    cu = lambda n: torch.tensor([0] + n).cumsum(0).to(torch.int32)  # noqa: E731
+    cu_q, cu_k = cu(lq), cu(lk)
+    q = torch.randn(sum(lq), Hq, E).to(dtype)
+    k, v = torch.randn(sum(lk), Hkv, E).to(dtype), torch.randn(sum(lk), Hkv, E).to(dtype)
+    used_k = None if used is None else torch.tensor(used, dtype=torch.int32)
+    run = lambda q, k, v: cuda_emu.varlen_attention(q, k, v, cu_q, cu_k, used_k, **rule)  # noqa: E731
+    assert_parity(compare_varlen_with_reference(run, q, k, v, cu_q, cu_k, used_k, **rule), f"varlen {dtype}")
+    if used_k is not None:  # keys past seqused_k get no gradient
+        qq, kk, vv = (t.detach().clone().requires_grad_() for t in (q, k, v))
+        out, _ = run(qq, kk, vv)
+        out.sum().backward()
+        for i, n in enumerate(used):
+            assert kk.grad[cu_k[i] + n:cu_k[i + 1]].abs().sum() == 0 and vv.grad[cu_k[i] + n:cu_k[i + 1]].abs().sum() == 0

@@ -33,5 +33,7 @@ void attnfast_emu_layout(long long* out) {
   out[5] = off(&f, &f.lse);
   out[6] = off(&b, &b.dmask);
   out[7] = off(&b, &b.delta_in);
+  out[8] = off(&f, &f.total_q);
+  out[9] = off(&b, &b.dv_st);
 }
 }

@@ -556,6 +556,9 @@ Result run_case(const Problem& pr, cudaStream_t stream) {
     bp.dq = dq.ptr;
     bp.dk = dk.ptr;
     bp.dv = dv.ptr;
+    bp.dq_st = layout_strides(Layout::bhld, Hq, Lq, D);  // contiguous (B, H, L, D)
+    bp.dk_st = layout_strides(Layout::bhld, Hkv, Lk, D);
+    bp.dv_st = bp.dk_st;
     bp.dmask = nullptr;
     if (pr.mask_kind == MaskKind::additive) {
       dmask = DevBuf(nq * Lk * 4);
