@@ -257,11 +257,12 @@ class CpuBackend(_FusedBackend):
 
 class CudaBackend(Backend):
     """The CUDA C++ kernels: float16/bfloat16, equal query and value head dims with a kernel
-    (the extension's lists: `head_dims` = (forward, backward)), no dropout."""
+    (the extension's lists: `head_dims` = (forward, backward)), no dropout; dense calls and
+    packed batches (varlen, one launch)."""
 
     name = "cuda"
-    families = frozenset({"attention"})
-    dtypes = {"attention": (torch.float16, torch.bfloat16)}
+    families = frozenset({"attention", "varlen"})
+    dtypes = dict.fromkeys(("attention", "varlen"), (torch.float16, torch.bfloat16))
 
     def __init__(self, head_dims=None):
         self.head_dims = FACTS.cuda_head_dims if head_dims is None else head_dims
@@ -297,6 +298,7 @@ class CudaBackend(Backend):
 
     attention_forward = CpuBackend.attention_forward
     attention_backward = CpuBackend.attention_backward
+    varlen_forward = CpuBackend.varlen_forward  # (the same ops: attnfast::varlen_fwd / varlen_bwd on CUDA)
 
 
 class TritonBackend(_FusedBackend):

@@ -21,8 +21,12 @@ struct Seq {
 };
 __host__ __device__ __forceinline__ Seq seq_of(const AttnParams& p, int b) {
   if (p.cu_q == nullptr) return Seq{0, p.Lq, 0, p.Lk, p.diag_offset};
-  const int q0 = p.cu_q[b], k0 = p.cu_k[b];
-  const int lq = p.cu_q[b + 1] - q0, lk = p.used_k != nullptr ? p.used_k[b] : p.cu_k[b + 1] - k0;
+  // Offsets the caller got wrong cannot send a read or write outside the packed tensors (nor
+  // past the grid, sized by Lq, Lk): each sequence is clamped inside [0, total) and to Lq, Lk.
+  const auto clamp = [](int x, int lo, int hi) { return x < lo ? lo : x > hi ? hi : x; };
+  const int q0 = clamp(p.cu_q[b], 0, p.total_q), k0 = clamp(p.cu_k[b], 0, p.total_k);
+  const int lq = clamp(p.cu_q[b + 1] - q0, 0, min(p.Lq, p.total_q - q0));
+  const int lk = clamp(p.used_k != nullptr ? p.used_k[b] : p.cu_k[b + 1] - k0, 0, min(p.Lk, p.total_k - k0));
   return Seq{q0, lq, k0, lk, p.bottom_right ? lk - lq : 0};
 }
 // Index of row 0 of (b, h) in the per-row arrays (lse, delta; dq_accum by D).

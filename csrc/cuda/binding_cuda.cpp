@@ -1,5 +1,5 @@
 // Torch binding of the CUDA kernels: checks, tensors -> params, CUDA impls of
-// the attnfast::fwd / attnfast::bwd schemas (declared in csrc/cpu/binding.cpp).
+// the attnfast::fwd / bwd / varlen_fwd / varlen_bwd schemas (declared in csrc/cpu/binding.cpp).
 //
 // attnfast/dispatch.py sends a call here only when these kernels serve it
 // (fp16/bf16, equal q/v head dims with a kernel, no dropout); the checks below
@@ -169,11 +169,158 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bwd_cuda(
   return {dq, dk, dv, dmask};
 }
 
+// A packed (total, H, D) tensor as a (1, H, total, D) view, for the shared checks.
+at::Tensor packed4(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.dim() == 3, "attnfast cuda varlen: ", name, " must be (total_tokens, heads, head_dim), got ",
+              t.sizes());
+  return t.unsqueeze(0).transpose(1, 2);
+}
+
+// Strides of a packed (total, H, D) operand as the kernels index it: batch 0, head, row.
+Strides3 packed_strides(const at::Tensor& t) { return Strides3{0, t.stride(1), t.stride(0)}; }
+
+at::Tensor offsets_arg(const at::Tensor& t, const char* name, int64_t n, const at::Tensor& q) {
+  TORCH_CHECK(t.dim() == 1 && t.numel() == n && t.scalar_type() == at::kInt && t.device() == q.device(),
+              "attnfast cuda varlen: ", name, " must be an int32 tensor of ", n, " entries on q's device, got ",
+              t.scalar_type(), " ", t.sizes(), " on ", t.device());
+  return t.contiguous();
+}
+
+// The offsets of a varlen call, alive while the kernels read them.
+struct Offsets {
+  at::Tensor cu_q, cu_k, used_k;
+};
+
+// p of a packed batch: q, k, v (total, H, D) checked as fwd's operands, then the ragged fields.
+// The offsets' values are not read here (that would sync the device): the caller's max_seqlen_q /
+// max_seqlen_k size the grid, and seq_of (band.cuh) keeps every sequence inside the packed
+// tensors whatever the offsets say.
+Offsets varlen_params(AttnParams& p, at::Tensor& q, at::Tensor& k, at::Tensor& v, const at::Tensor& cu_seqlens_q,
+                      const at::Tensor& cu_seqlens_k, const std::optional<at::Tensor>& seqused_k,
+                      int64_t max_seqlen_q, int64_t max_seqlen_k, double scale, int64_t window_left,
+                      int64_t window_right, bool bottom_right, double dropout_p, bool backward) {
+  // Contiguous packed copies where the rows are not 16-byte aligned (the kernels copy 16 bytes).
+  for (at::Tensor* t : {&q, &k, &v})
+    if (t->dim() == 3 && (t->stride(2) != 1 || t->stride(1) % 8 != 0 || t->stride(0) % 8 != 0 ||
+                          reinterpret_cast<uintptr_t>(t->data_ptr()) % 16 != 0))
+      *t = t->contiguous();
+  fill_common(p, packed4(q, "q"), packed4(k, "k"), packed4(v, "v"), std::nullopt, scale, window_left, window_right,
+              bottom_right, dropout_p, backward);
+  const int64_t B = cu_seqlens_q.numel() - 1;
+  TORCH_CHECK(B >= 0 && B <= kMaxGrid, "attnfast cuda varlen: cu_seqlens_q must have batch + 1 entries, batch <= ",
+              kMaxGrid);
+  TORCH_CHECK(max_seqlen_q >= 0 && max_seqlen_k >= 0 && max_seqlen_q < (int64_t{1} << 29) &&
+                  max_seqlen_k < (int64_t{1} << 29),
+              "attnfast cuda varlen: max_seqlen_q and max_seqlen_k must be in [0, 2^29)");
+  Offsets o{offsets_arg(cu_seqlens_q, "cu_seqlens_q", B + 1, q), offsets_arg(cu_seqlens_k, "cu_seqlens_k", B + 1, q),
+            at::Tensor()};
+  if (seqused_k.has_value()) o.used_k = offsets_arg(*seqused_k, "seqused_k", B, q);
+  p.B = static_cast<int>(B);
+  p.Lq = static_cast<int>(max_seqlen_q);
+  p.Lk = static_cast<int>(max_seqlen_k);
+  p.q_st.b = p.k_st.b = p.v_st.b = 0;
+  p.diag_offset = 0;
+  p.cu_q = o.cu_q.data_ptr<int>();
+  p.cu_k = o.cu_k.data_ptr<int>();
+  p.used_k = o.used_k.defined() ? o.used_k.data_ptr<int>() : nullptr;
+  p.bottom_right = bottom_right ? 1 : 0;
+  p.total_q = static_cast<int>(q.size(0));
+  p.total_k = static_cast<int>(k.size(0));
+  return o;
+}
+
+std::tuple<at::Tensor, at::Tensor> varlen_fwd_cuda(
+    const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in, const at::Tensor& cu_seqlens_q,
+    const at::Tensor& cu_seqlens_k, const std::optional<at::Tensor>& seqused_k, int64_t max_seqlen_q,
+    int64_t max_seqlen_k, double scale, int64_t window_left, int64_t window_right, bool bottom_right,
+    double dropout_p, const std::optional<at::Tensor>& rng) {
+  (void)rng;
+  const c10::cuda::CUDAGuard guard(q_in.device());
+  at::Tensor q = q_in, k = k_in, v = v_in;
+  FwdParams p;
+  const Offsets o = varlen_params(p, q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_k, max_seqlen_q, max_seqlen_k,
+                                  scale, window_left, window_right, bottom_right, dropout_p, false);
+  at::Tensor out = at::empty({q.size(0), q.size(1), v.size(2)}, q.options());
+  at::Tensor lse = at::empty({q.size(1), q.size(0)}, q.options().dtype(at::kFloat));
+  if (out.numel() == 0 || p.B == 0 || p.Lq == 0) return {out, lse};
+  if (p.Lk == 0 || p.total_k == 0) {  // no key anywhere: zeros, lse -inf
+    out.zero_();
+    lse.fill_(-std::numeric_limits<float>::infinity());
+    return {out, lse};
+  }
+  p.out = out.data_ptr();
+  p.out_st = packed_strides(out);
+  p.lse = lse.data_ptr<float>();
+  check_launch(run_fwd(p, c10::cuda::getCurrentCUDAStream().stream()), "varlen forward launch");
+  return {out, lse};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_bwd_cuda(
+    const at::Tensor& dout_in, const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
+    const at::Tensor& out_in, const at::Tensor& lse, const std::optional<at::Tensor>& dlse,
+    const at::Tensor& cu_seqlens_q, const at::Tensor& cu_seqlens_k, const std::optional<at::Tensor>& seqused_k,
+    int64_t max_seqlen_q, int64_t max_seqlen_k, double scale, int64_t window_left, int64_t window_right,
+    bool bottom_right, double dropout_p, const std::optional<at::Tensor>& rng) {
+  (void)rng;
+  const c10::cuda::CUDAGuard guard(q_in.device());
+  at::Tensor q = q_in, k = k_in, v = v_in;
+  BwdParams p;
+  const Offsets o = varlen_params(p, q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_k, max_seqlen_q, max_seqlen_k,
+                                  scale, window_left, window_right, bottom_right, dropout_p, true);
+  const at::Tensor dout = dout_in.contiguous(), out = out_in.contiguous();
+  TORCH_CHECK(dout.sizes() == out.sizes() && out.dim() == 3 && out.size(0) == q.size(0) && out.size(1) == q.size(1) &&
+                  out.size(2) == v.size(2),
+              "attnfast cuda varlen: dout and out must be (total_q, Hq, D)");
+  TORCH_CHECK(dout.scalar_type() == q.scalar_type() && out.scalar_type() == q.scalar_type() &&
+                  dout.device() == q.device() && out.device() == q.device(),
+              "attnfast cuda varlen: dout and out must have q's dtype and device");
+  TORCH_CHECK(lse.scalar_type() == at::kFloat && lse.dim() == 2 && lse.size(0) == q.size(1) &&
+                  lse.size(1) == q.size(0) && lse.device() == q.device(),
+              "attnfast cuda varlen: lse must be float32 (Hq, total_q) on q's device");
+  const at::Tensor lse_c = lse.contiguous();
+  at::Tensor dlse_c;
+  if (dlse.has_value()) {
+    TORCH_CHECK(dlse->sizes() == lse.sizes() && dlse->scalar_type() == at::kFloat && dlse->device() == q.device(),
+                "attnfast cuda varlen: dlse must match lse in shape, dtype and device");
+    dlse_c = dlse->contiguous();
+  }
+  at::Tensor dq = at::empty(q.sizes(), q.options());
+  at::Tensor dk = at::zeros(k.sizes(), k.options());  // keys past seqused_k get no gradient
+  at::Tensor dv = at::zeros(v.sizes(), v.options());
+  if (dq.numel() == 0 || p.B == 0 || p.Lq == 0 || p.Lk == 0 || p.total_k == 0) {
+    dq.zero_();
+    return {dq, dk, dv};
+  }
+  const auto f32 = q.options().dtype(at::kFloat);
+  at::Tensor dq_accum = at::empty({q.size(1), q.size(0), q.size(2)}, f32);
+  at::Tensor delta = at::empty({q.size(1), q.size(0)}, f32);
+  p.out = out.data_ptr();
+  p.out_st = packed_strides(out);
+  p.dout = dout.data_ptr();
+  p.dout_st = packed_strides(dout);
+  p.lse = lse_c.data_ptr<float>();
+  p.dlse = dlse.has_value() ? dlse_c.data_ptr<float>() : nullptr;
+  p.delta = delta.data_ptr<float>();
+  p.delta_in = nullptr;
+  p.dq_accum = dq_accum.data_ptr<float>();
+  p.dq = dq.data_ptr();
+  p.dk = dk.data_ptr();
+  p.dv = dv.data_ptr();
+  p.dq_st = packed_strides(dq);
+  p.dk_st = packed_strides(dk);
+  p.dv_st = packed_strides(dv);
+  p.dmask = nullptr;
+  check_launch(run_bwd(p, c10::cuda::getCurrentCUDAStream().stream()), "varlen backward launch");
+  return {dq, dk, dv};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(attnfast, CUDA, m) {
   m.impl("fwd", &fwd_cuda);
   m.impl("bwd", &bwd_cuda);
+  m.impl("varlen_fwd", &varlen_fwd_cuda);
+  m.impl("varlen_bwd", &varlen_bwd_cuda);
 }
 
 }  // namespace cuda

@@ -55,6 +55,7 @@ struct AttnParams {
   const int* used_k = nullptr;
   int bottom_right = 0;
   int total_q = 0;
+  int total_k = 0;  // rows of the packed k, v: seq_of clamps every sequence inside both
 };
 
 struct FwdParams : AttnParams {

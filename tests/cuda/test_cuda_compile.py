@@ -187,6 +187,28 @@ def test_dispatch_cuda_refusals(kw, why):
         assert got is not None and why in got, got
 
 
+@pytest.mark.parametrize("kw, why", [
+    (dict(), None),
+    (dict(E=128, grad=True), None),
+    (dict(E=256, grad=True), "forward and backward kernels for head dims (64, 96, 128), got 256"),
+    (dict(dtype=torch.float32), "float16 and bfloat16"),
+    (dict(dropout_p=0.1), "dropout is served by the Triton backend"),
+])
+def test_dispatch_cuda_serves_packed_batches(kw, why):
+    from attnfast.varlen import prepare_varlen
+
+    E, dtype, grad = kw.get("E", 64), kw.get("dtype", torch.bfloat16), kw.get("grad", False)
+    q = torch.randn(12, 2, E, dtype=dtype, requires_grad=grad)
+    k, v = torch.randn(12, 1, E, dtype=dtype), torch.randn(12, 1, E, dtype=dtype)
+    cu = torch.tensor([0, 5, 12], dtype=torch.int32)
+    plan = prepare_varlen(q, k, v, cu, cu, 7, 7, None, True, "top_left", None, None, kw.get("dropout_p", 0.0))
+    got = _cuda_backend().kernel_refuses(plan)
+    if why is None:
+        assert got is None
+    else:
+        assert got is not None and why in got, got
+
+
 def test_no_grad_allows_forward_only_head_dims():
     plan = _plan(E=256, grad=True)
     with torch.no_grad():

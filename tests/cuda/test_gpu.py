@@ -125,3 +125,26 @@ def test_opcheck_cuda():
     k = torch.randn(1, 90, 2, 64, device="cuda", dtype=torch.float16).transpose(1, 2).requires_grad_()
     v = torch.randn(1, 90, 2, 32, device="cuda", dtype=torch.float16).transpose(1, 2).requires_grad_()
     torch.library.opcheck(torch.ops.attnfast.triton_fwd.default, (q, k, v, None, 0.125, -1, 0, True, 0.0, 0, 0))
+
+
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "f16"])
+def test_varlen_one_launch_parity_cuda(backend, dtype):
+    """A packed batch (lengths 0, 1 and past several tiles, Lq != Lk, GQA, causal bottom-right,
+    seqused_k) in one launch, forward and backward, by the parity rule."""
+    from attnfast.testing import compare_varlen_with_reference
+
+    if not attnfast.backends()[backend].available:
+        pytest.fail(f"the {backend} backend should be built on a GPU machine: {attnfast.backends()[backend].reason}")
+    lq, lk, used = [300, 0, 1, 1025, 77], [512, 3, 1, 1025, 200], [500, 0, 1, 1025, 150]
+    cu = lambda n: torch.tensor([0] + n).cumsum(0).to(torch.int32).cuda()  # noqa: E731
+    cu_q, cu_k, used_k = cu(lq), cu(lk), torch.tensor(used, dtype=torch.int32).cuda()
+    q = torch.randn(sum(lq), 8, 128, device="cuda", dtype=dtype)
+    k, v = (torch.randn(sum(lk), 2, 128, device="cuda", dtype=dtype) for _ in range(2))
+    rule = dict(is_causal=True, causal_alignment="bottom_right")
+
+    def run(q, k, v):
+        return attnfast.varlen_attention(q, k, v, cu_q, cu_k, max(lq), max(lk), seqused_k=used_k, return_lse=True,
+                                         backend=backend, **rule)
+
+    assert_parity(compare_varlen_with_reference(run, q, k, v, cu_q, cu_k, used_k, **rule), f"varlen {backend} {dtype}")

@@ -62,7 +62,7 @@ class AttnParams(Structure):
                 ("k_st", Strides3), ("v_st", Strides3), ("mask_kind", c_int), ("mask", c_void_p),
                 ("mask_st", c_int64 * 4), ("scale", c_float), ("scale_log2", c_float), ("diag_offset", c_int),
                 ("window_left", c_int), ("window_right", c_int), ("cu_q", c_void_p), ("cu_k", c_void_p),
-                ("used_k", c_void_p), ("bottom_right", c_int), ("total_q", c_int)]
+                ("used_k", c_void_p), ("bottom_right", c_int), ("total_q", c_int), ("total_k", c_int)]
 
 
 class FwdParams(Structure):
@@ -220,7 +220,7 @@ def _varlen_common(q, k, v, cu_q, cu_k, used_k, max_q, max_k, scale, wl, wr, bot
     a.diag_offset = 0
     a.cu_q, a.cu_k = cu_q.data_ptr(), cu_k.data_ptr()
     a.used_k = None if used_k is None else used_k.data_ptr()
-    a.bottom_right, a.total_q = int(bottom_right), q.shape[0]
+    a.bottom_right, a.total_q, a.total_k = int(bottom_right), q.shape[0], k.shape[0]
     return a
 
 
