@@ -660,10 +660,19 @@ def _kvcache_failures(c, seed):
     k = torch.randn(B, c["new"], Hkv, E, dtype=dt) if c["new"] else None
     v = torch.randn(B, c["new"], Hkv, E, dtype=dt) if c["new"] else None
     kw = dict(is_causal=c["causal"], window=c["window"])
+    kc_want, vc_want = kc.clone(), vc.clone()  # the append as plain indexing writes it
+    if k is not None and B:
+        from attnfast.varlen import _append
+
+        positions = seqlens.unsqueeze(1) + torch.arange(c["new"], dtype=torch.int32)
+        rows = idx if idx is not None else torch.arange(B, dtype=torch.int32)
+        _append(kc_want, k, positions, rows, table)
+        _append(vc_want, v, positions, rows, table)
     out, lse = attnfast.attention_with_kvcache(q, kc, vc, k, v, cache_seqlens=seqlens, block_table=table,
                                                cache_batch_idx=idx, num_splits=c["num_splits"], return_lse=True,
                                                **kw)
     assert out.shape == q.shape and lse.shape == (B, c["Hq"], c["Lq"])
+    assert torch.equal(kc, kc_want) and torch.equal(vc, vc_want), "the append wrote other rows"
     res = compare_kvcache_with_reference(out, lse, q, kc, vc, seqlens + c["new"], table, idx, **kw)
     return [r for r in res if not r.ok]
 
