@@ -34,6 +34,8 @@ at::Tensor aligned(const at::Tensor& t) {
 
 Strides3 strides3(const at::Tensor& t) { return Strides3{t.stride(0), t.stride(1), t.stride(2)}; }
 Strides3 strides3(const int64_t (&st)[4]) { return Strides3{st[0], st[1], st[2]}; }
+// Strides of a packed (total, H, D) operand as the kernels index it: batch 0, head, row.
+Strides3 packed_strides(const at::Tensor& t) { return Strides3{0, t.stride(1), t.stride(0)}; }
 
 void check_dtype(const at::Tensor& q) {
   TORCH_CHECK(q.scalar_type() == at::kHalf || q.scalar_type() == at::kBFloat16,
@@ -75,6 +77,48 @@ void check_launch(int err, const char* what) {
   TORCH_CHECK(err == 0, "attnfast cuda: ", what, " failed: ", cudaGetErrorString(static_cast<cudaError_t>(err)));
 }
 
+// The forward into out (strides out_st) and lse (float32); a call without keys gets zeros and
+// lse -inf, one without rows nothing.
+std::tuple<at::Tensor, at::Tensor> run_fwd_into(FwdParams& p, const at::Tensor& out, const at::Tensor& lse,
+                                                const Strides3& out_st, bool no_rows, bool no_keys, const char* what) {
+  if (no_rows) return {out, lse};
+  if (no_keys) {
+    out.zero_();
+    lse.fill_(-std::numeric_limits<float>::infinity());
+    return {out, lse};
+  }
+  p.out = out.data_ptr();
+  p.out_st = out_st;
+  p.lse = lse.data_ptr<float>();
+  check_launch(run_fwd(p, c10::cuda::getCurrentCUDAStream().stream()), what);
+  return {out, lse};
+}
+
+// The backward's tensors into p, then the launch.  packed: (total, H, D) operands (varlen), else
+// (B, H, L, D).  lse, dlse, delta_in: contiguous float32; dlse, delta_in may be undefined.
+void run_bwd_into(BwdParams& p, bool packed, const at::Tensor& out, const at::Tensor& dout, const at::Tensor& lse,
+                  const at::Tensor& dlse, const at::Tensor& delta_in, const at::Tensor& delta,
+                  const at::Tensor& dq_accum, const at::Tensor& dq, const at::Tensor& dk, const at::Tensor& dv,
+                  const char* what) {
+  const auto st = [packed](const at::Tensor& t) { return packed ? packed_strides(t) : strides3(t); };
+  p.out = out.data_ptr();
+  p.out_st = st(out);
+  p.dout = dout.data_ptr();
+  p.dout_st = st(dout);
+  p.lse = lse.data_ptr<float>();
+  p.dlse = dlse.defined() ? dlse.data_ptr<float>() : nullptr;
+  p.delta = delta.data_ptr<float>();
+  p.delta_in = delta_in.defined() ? delta_in.data_ptr<float>() : nullptr;
+  p.dq_accum = dq_accum.data_ptr<float>();
+  p.dq = dq.data_ptr();
+  p.dk = dk.data_ptr();
+  p.dv = dv.data_ptr();
+  p.dq_st = st(dq);
+  p.dk_st = st(dk);
+  p.dv_st = st(dv);
+  check_launch(run_bwd(p, c10::cuda::getCurrentCUDAStream().stream()), what);
+}
+
 std::tuple<at::Tensor, at::Tensor> fwd_cuda(const at::Tensor& q_in, const at::Tensor& k_in,
                                             const at::Tensor& v_in, const std::optional<at::Tensor>& attn_mask,
                                             double scale, int64_t window_left, int64_t window_right,
@@ -87,17 +131,7 @@ std::tuple<at::Tensor, at::Tensor> fwd_cuda(const at::Tensor& q_in, const at::Te
   fill_common(p, q, k, v, attn_mask, scale, window_left, window_right, bottom_right, dropout_p, false);
   at::Tensor out = at::empty({p.B, p.Hq, p.Lq, p.D}, q.options());
   at::Tensor lse = at::empty({p.B, p.Hq, p.Lq}, q.options().dtype(at::kFloat));
-  if (out.numel() == 0) return {out, lse};
-  if (p.Lk == 0) {  // no key anywhere: zeros, lse -inf
-    out.zero_();
-    lse.fill_(-std::numeric_limits<float>::infinity());
-    return {out, lse};
-  }
-  p.out = out.data_ptr();
-  p.out_st = strides3(out);
-  p.lse = lse.data_ptr<float>();
-  check_launch(run_fwd(p, c10::cuda::getCurrentCUDAStream().stream()), "forward launch");
-  return {out, lse};
+  return run_fwd_into(p, out, lse, strides3(out), out.numel() == 0, p.Lk == 0, "forward launch");
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bwd_cuda(
@@ -149,23 +183,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bwd_cuda(
   }
   at::Tensor dq_accum = at::empty({p.B, p.Hq, p.Lq, p.D}, f32);
   at::Tensor delta = at::empty({p.B, p.Hq, p.Lq}, f32);
-  p.out = out.data_ptr();
-  p.out_st = strides3(out);
-  p.dout = dout.data_ptr();
-  p.dout_st = strides3(dout);
-  p.lse = lse_c.data_ptr<float>();
-  p.dlse = dlse.has_value() ? dlse_c.data_ptr<float>() : nullptr;
-  p.delta = delta.data_ptr<float>();
-  p.delta_in = delta_in.has_value() ? delta_in_c.data_ptr<float>() : nullptr;
-  p.dq_accum = dq_accum.data_ptr<float>();
-  p.dq = dq.data_ptr();
-  p.dk = dk.data_ptr();
-  p.dv = dv.data_ptr();
-  p.dq_st = strides3(dq);
-  p.dk_st = strides3(dk);
-  p.dv_st = strides3(dv);
   p.dmask = mask_grad ? dmask.data_ptr<float>() : nullptr;
-  check_launch(run_bwd(p, c10::cuda::getCurrentCUDAStream().stream()), "backward launch");
+  run_bwd_into(p, false, out, dout, lse_c, dlse_c, delta_in_c, delta, dq_accum, dq, dk, dv, "backward launch");
   return {dq, dk, dv, dmask};
 }
 
@@ -175,9 +194,6 @@ at::Tensor packed4(const at::Tensor& t, const char* name) {
               t.sizes());
   return t.unsqueeze(0).transpose(1, 2);
 }
-
-// Strides of a packed (total, H, D) operand as the kernels index it: batch 0, head, row.
-Strides3 packed_strides(const at::Tensor& t) { return Strides3{0, t.stride(1), t.stride(0)}; }
 
 at::Tensor offsets_arg(const at::Tensor& t, const char* name, int64_t n, const at::Tensor& q) {
   TORCH_CHECK(t.dim() == 1 && t.numel() == n && t.scalar_type() == at::kInt && t.device() == q.device(),
@@ -242,17 +258,8 @@ std::tuple<at::Tensor, at::Tensor> varlen_fwd_cuda(
                                   scale, window_left, window_right, bottom_right, dropout_p, false);
   at::Tensor out = at::empty({q.size(0), q.size(1), v.size(2)}, q.options());
   at::Tensor lse = at::empty({q.size(1), q.size(0)}, q.options().dtype(at::kFloat));
-  if (out.numel() == 0 || p.B == 0 || p.Lq == 0) return {out, lse};
-  if (p.Lk == 0 || p.total_k == 0) {  // no key anywhere: zeros, lse -inf
-    out.zero_();
-    lse.fill_(-std::numeric_limits<float>::infinity());
-    return {out, lse};
-  }
-  p.out = out.data_ptr();
-  p.out_st = packed_strides(out);
-  p.lse = lse.data_ptr<float>();
-  check_launch(run_fwd(p, c10::cuda::getCurrentCUDAStream().stream()), "varlen forward launch");
-  return {out, lse};
+  return run_fwd_into(p, out, lse, packed_strides(out), out.numel() == 0 || p.B == 0 || p.Lq == 0,
+                      p.Lk == 0 || p.total_k == 0, "varlen forward launch");
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_bwd_cuda(
@@ -294,23 +301,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_bwd_cuda(
   const auto f32 = q.options().dtype(at::kFloat);
   at::Tensor dq_accum = at::empty({q.size(1), q.size(0), q.size(2)}, f32);
   at::Tensor delta = at::empty({q.size(1), q.size(0)}, f32);
-  p.out = out.data_ptr();
-  p.out_st = packed_strides(out);
-  p.dout = dout.data_ptr();
-  p.dout_st = packed_strides(dout);
-  p.lse = lse_c.data_ptr<float>();
-  p.dlse = dlse.has_value() ? dlse_c.data_ptr<float>() : nullptr;
-  p.delta = delta.data_ptr<float>();
-  p.delta_in = nullptr;
-  p.dq_accum = dq_accum.data_ptr<float>();
-  p.dq = dq.data_ptr();
-  p.dk = dk.data_ptr();
-  p.dv = dv.data_ptr();
-  p.dq_st = packed_strides(dq);
-  p.dk_st = packed_strides(dk);
-  p.dv_st = packed_strides(dv);
   p.dmask = nullptr;
-  check_launch(run_bwd(p, c10::cuda::getCurrentCUDAStream().stream()), "varlen backward launch");
+  run_bwd_into(p, true, out, dout, lse_c, dlse_c, at::Tensor(), delta, dq_accum, dq, dk, dv, "varlen backward launch");
   return {dq, dk, dv};
 }
 
