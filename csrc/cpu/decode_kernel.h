@@ -73,6 +73,34 @@ inline void dot_rows(const float* q, const T* const* k, int64_t n, float* out) {
     out[x] = hsum(acc[x]) + tail;
   }
 }
+// dot_rows<NK> for R query rows (row stride ldq) at once: out[r * NK + x] is
+// bit for bit dot_rows<NK>(q + r * ldq, k, n)[x] (the same FMA chain per
+// (row, key) and the same hsum), but a key vector is loaded once for R rows.
+// R x NK sums stay in registers: R = 4 with 32 vector registers, 2 with 16.
+constexpr int kDotRows = Vec<float>::kWidth >= 16 ? 4 : 2;
+template <int R, int NK, typename T>
+inline void dot_block(const float* q, int64_t ldq, const T* const* k, int64_t n, float* out) {
+  using V = Vec<float>::type;
+  constexpr int W = Vec<float>::kWidth;
+  V acc[R][NK];
+  for (int r = 0; r < R; ++r)
+    for (int x = 0; x < NK; ++x) acc[r][x] = V{};
+  int64_t e = 0;
+  for (; e + W <= n; e += W) {
+    V kv[NK];
+    for (int x = 0; x < NK; ++x) kv[x] = load_vec<V>(k[x] + e);
+    for (int r = 0; r < R; ++r) {
+      const V qv = *reinterpret_cast<const V*>(q + r * ldq + e);
+      for (int x = 0; x < NK; ++x) acc[r][x] += qv * kv[x];
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int x = 0; x < NK; ++x) {
+      float tail = 0.f;
+      for (int64_t t = e; t < n; ++t) tail += q[r * ldq + t] * Elem<T>::load(k[x] + t);
+      out[r * NK + x] = hsum(acc[r][x]) + tail;
+    }
+}
 template <typename T>
 inline float dot_row(const float* q, const T* k, int64_t n) {
   float out;
@@ -235,7 +263,14 @@ void decode_impl(const FwdParams& call, const std::vector<FwdParams>& views) {
             for (; j + 4 <= nc; j += 4) {
               const T* kr[4];
               for (int y = 0; y < 4; ++y) kr[y] = kb + (j + y) * p.k_st.r;
-              for (int64_t r = 0; r < rows; ++r) {
+              int64_t r = 0;
+              for (; r + kDotRows <= rows; r += kDotRows) {
+                float d[kDotRows * 4];
+                dot_block<kDotRows, 4>(qbuf.data() + r * lde, lde, kr, E, d);
+                for (int i = 0; i < kDotRows; ++i)
+                  for (int y = 0; y < 4; ++y) s[(r + i) * lds + j + y] = d[i * 4 + y] * scale;
+              }
+              for (; r < rows; ++r) {
                 float d4[4];
                 dot_rows<4>(qbuf.data() + r * lde, kr, E, d4);
                 for (int y = 0; y < 4; ++y) s[r * lds + j + y] = d4[y] * scale;
