@@ -149,11 +149,12 @@ if _C is not None:
 
     torch.library.register_autograd("attnfast::varlen_fwd", _varlen_backward, setup_context=_varlen_setup)
 
-    # Attention over a KV cache, forward only: q (B, Lq, Hq, E) -> out (B, Lq, Hq, Ev), lse (B, Hq, Lq).
+    # New keys and values written into a KV cache in place (mutates k_cache, v_cache; returns nothing).
     @torch.library.register_fake("attnfast::kvcache_append")
     def _kvcache_append_fake(k_cache, v_cache, k, v, seqlens, cache_batch_idx, block_table):
         return None
 
+    # Attention over a KV cache, forward only: q (B, Lq, Hq, E) -> out (B, Lq, Hq, Ev), lse (B, Hq, Lq).
     @torch.library.register_fake("attnfast::kvcache_fwd")
     def _kvcache_fwd_fake(q, k_cache, v_cache, seqlens_k, cache_batch_idx, block_table, scale, window_left,
                           window_right, num_splits):

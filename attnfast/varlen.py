@@ -212,7 +212,8 @@ def _any_outside(x, add, hi):
 
 def prepare_kvcache(q, k_cache, v_cache, k, v, cache_seqlens, block_table, cache_batch_idx, is_causal, window,
                     scale, num_splits):
-    """Checks a KV-cache call; returns (KvcachePlan, the append (k, v, positions, rows) or None)."""
+    """Checks a KV-cache call; returns (KvcachePlan, the append (k, v, cache_seqlens, cache_batch_idx)
+    or None)."""
     _check_inputs((("q", q), ("k_cache", k_cache), ("v_cache", v_cache)), 4, "4-D (batch, seqlen, heads, head_dim)")
     B, Lq, Hq, E = q.shape
     if k_cache.shape[:3] != v_cache.shape[:3]:
@@ -273,8 +274,8 @@ def prepare_kvcache(q, k_cache, v_cache, k, v, cache_seqlens, block_table, cache
     if not isinstance(num_splits, int) or isinstance(num_splits, bool) or num_splits < 0:
         raise ValueError(f"num_splits must be an int >= 0 (0 chooses), got {num_splits!r}")
     left, right = _causal_window(is_causal, window)
-    plan = KvcachePlan(q, k_cache, v_cache, seqlens + new if new else seqlens, rows, block_table, _scale_arg(scale, E), left, right,
-                       num_splits)
+    plan = KvcachePlan(q, k_cache, v_cache, seqlens + new if new else seqlens, rows, block_table, _scale_arg(scale, E),
+                       left, right, num_splits)
     return plan, (None if k is None else (k, v, seqlens, rows))
 
 
