@@ -279,6 +279,11 @@ def prepare_kvcache(q, k_cache, v_cache, k, v, cache_seqlens, block_table, cache
     return plan, (None if k is None else (k, v, seqlens, rows))
 
 
+# The plain CPU decode step's checks and op calls in C++ (csrc/cpu/binding.cpp, plain_kvcache): None
+# for anything else, which then takes the path below.
+_PLAIN_KVCACHE = ops._C.plain_kvcache if ops._C is not None and dispatch._CPU_FIRST else None
+
+
 def attention_with_kvcache(q, k_cache, v_cache, k=None, v=None, *, cache_seqlens, block_table=None,
                            cache_batch_idx=None, is_causal=False, window=None, scale=None, return_lse=False,
                            num_splits=0, backend=None):
@@ -297,6 +302,12 @@ def attention_with_kvcache(q, k_cache, v_cache, k=None, v=None, *, cache_seqlens
     1: none).  Returns out (batch, seqlen_q, nheads, headdim_v) and, with return_lse, lse
     (batch, nheads, seqlen_q) float32.  Forward only (no autograd).
     """
+    if _PLAIN_KVCACHE is not None and backend is None and window is None and not return_lse and \
+            not torch.compiler.is_compiling():
+        out = _PLAIN_KVCACHE(q, k_cache, v_cache, k, v, cache_seqlens, block_table, cache_batch_idx, is_causal,
+                             scale, num_splits)
+        if out is not None:
+            return out
     plan, append = prepare_kvcache(q, k_cache, v_cache, k, v, cache_seqlens, block_table, cache_batch_idx,
                                    is_causal, window, scale, num_splits)
     chosen = dispatch.choose(plan, backend)

@@ -860,6 +860,119 @@ pybind11::object plain_sdpa(pybind11::handle q_obj, pybind11::handle k_obj, pybi
   return pybind11::reinterpret_steal<pybind11::object>(THPVariable_Wrap(std::move(out)));
 }
 
+// attnfast.attention_with_kvcache's fast path on CPU tensors, as plain_sdpa is
+// scaled_dot_product_attention's: the plain decode step (exact CPU tensors of
+// one floating dtype, int32 cache_seqlens and index tensors, no window, no
+// lse, no gradients, every length and index valid) goes to attnfast::
+// kvcache_append and attnfast::kvcache_fwd straight from here.  The Python
+// around those two ops cost ~13 us a call against the kernel's 10 us for a
+// short cache.  Anything else returns None: the Python path then takes the
+// call and explains any refusal with its own errors.
+pybind11::object plain_kvcache(pybind11::handle q_obj, pybind11::handle kc_obj, pybind11::handle vc_obj,
+                               pybind11::handle k_obj, pybind11::handle v_obj, pybind11::handle seqlens_obj,
+                               pybind11::handle table_obj, pybind11::handle bidx_obj, pybind11::handle is_causal,
+                               pybind11::handle scale_obj, pybind11::handle num_splits_obj) {
+  const pybind11::object none = pybind11::none();
+  const auto exact = [](pybind11::handle h) { return THPVariable_CheckExact(h.ptr()); };
+  if (!PyBool_Check(is_causal.ptr()) || !PyLong_CheckExact(num_splits_obj.ptr()) || !exact(q_obj) ||
+      !exact(kc_obj) || !exact(vc_obj) || !exact(seqlens_obj) || k_obj.is_none() != v_obj.is_none() ||
+      (!k_obj.is_none() && (!exact(k_obj) || !exact(v_obj))) || (!table_obj.is_none() && !exact(table_obj)) ||
+      (!bidx_obj.is_none() && !exact(bidx_obj)) || (!table_obj.is_none() && !bidx_obj.is_none()) ||
+      at::impl::torch_function_mode_enabled())
+    return none;
+  const char* forced = std::getenv("ATTNFAST_BACKEND");
+  if (forced != nullptr && forced[0] != '\0') return none;
+  const long num_splits = PyLong_AsLong(num_splits_obj.ptr());
+  if (num_splits < 0 || PyErr_Occurred()) {
+    PyErr_Clear();
+    return none;
+  }
+  const at::Tensor& q = THPVariable_Unpack(q_obj.ptr());
+  const at::Tensor& kc = THPVariable_Unpack(kc_obj.ptr());
+  const at::Tensor& vc = THPVariable_Unpack(vc_obj.ptr());
+  const at::Tensor& lens = THPVariable_Unpack(seqlens_obj.ptr());
+  const auto dt = q.scalar_type();
+  const auto plain = [dt](const at::Tensor& t) {
+    return t.scalar_type() == dt && t.dim() == 4 && t.layout() == at::kStrided && t.device().is_cpu() &&
+           !t.requires_grad();
+  };
+  const auto ints = [](const at::Tensor& t, int64_t dim) {
+    return t.scalar_type() == at::kInt && t.dim() == dim && t.layout() == at::kStrided && t.device().is_cpu();
+  };
+  if (!(dt == at::kFloat || dt == at::kDouble || dt == at::kBFloat16 || dt == at::kHalf) || !plain(q) ||
+      !plain(kc) || !plain(vc) || !ints(lens, 1))
+    return none;
+  const int64_t B = q.size(0), Hq = q.size(2), E = q.size(3), Hkv = kc.size(2);
+  if (lens.size(0) != B || kc.size(3) != E || vc.size(0) != kc.size(0) || vc.size(1) != kc.size(1) ||
+      vc.size(2) != Hkv || Hkv == 0 || Hq % Hkv != 0 || kc.size(0) == 0)
+    return none;
+  std::optional<at::Tensor> k, v, table, bidx;
+  int64_t n_new = 0;
+  if (!k_obj.is_none()) {
+    k = THPVariable_Unpack(k_obj.ptr());
+    v = THPVariable_Unpack(v_obj.ptr());
+    if (!plain(*k) || !plain(*v) || k->size(0) != B || k->size(2) != Hkv || k->size(3) != E ||
+        v->size(0) != B || v->size(1) != k->size(1) || v->size(2) != Hkv || v->size(3) != vc.size(3))
+      return none;
+    n_new = k->size(1);
+  }
+  int64_t capacity = kc.size(1);
+  if (!table_obj.is_none()) {
+    table = THPVariable_Unpack(table_obj.ptr());
+    if (!ints(*table, 2) || table->size(0) != B) return none;
+    capacity *= table->size(1);
+  } else if (!bidx_obj.is_none()) {
+    bidx = THPVariable_Unpack(bidx_obj.ptr());
+    if (!ints(*bidx, 1) || bidx->size(0) != B) return none;
+  } else if (kc.size(0) != B) {
+    return none;
+  }
+  // Every value the call depends on, checked as the Python path checks it.
+  const at::Tensor lc = lens.contiguous();
+  const int32_t* len = lc.data_ptr<int32_t>();
+  for (int64_t b = 0; b < B; ++b)
+    if (len[b] < 0 || len[b] + n_new > capacity) return none;
+  if (bidx.has_value()) {
+    const at::Tensor ic = bidx->contiguous();
+    for (int64_t b = 0; b < B; ++b)
+      if (ic.data_ptr<int32_t>()[b] < 0 || ic.data_ptr<int32_t>()[b] >= kc.size(0)) return none;
+  }
+  if (table.has_value()) {
+    const at::Tensor tc = table->contiguous();
+    const int64_t page = kc.size(1), n = tc.size(1);
+    for (int64_t b = 0; b < B; ++b)
+      for (int64_t j = 0; j < (len[b] + n_new + page - 1) / page; ++j)
+        if (tc.data_ptr<int32_t>()[b * n + j] < 0 || tc.data_ptr<int32_t>()[b * n + j] >= kc.size(0)) return none;
+  }
+  double scale;
+  if (scale_obj.is_none()) {
+    scale = E > 0 ? 1.0 / std::sqrt(static_cast<double>(E)) : 1.0;  // _validate._default_scale
+  } else {
+    if (!PyFloat_CheckExact(scale_obj.ptr())) return none;
+    scale = PyFloat_AS_DOUBLE(scale_obj.ptr());
+    if (!std::isfinite(scale)) return none;
+  }
+  static const auto append = c10::Dispatcher::singleton().findSchemaOrThrow("attnfast::kvcache_append", "").typed<
+      void(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+           const std::optional<at::Tensor>&, const std::optional<at::Tensor>&)>();
+  static const auto fwd = c10::Dispatcher::singleton().findSchemaOrThrow("attnfast::kvcache_fwd", "").typed<
+      std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                         const std::optional<at::Tensor>&, const std::optional<at::Tensor>&, double,
+                                         int64_t, int64_t, int64_t)>();
+  at::Tensor out;
+  {
+    pybind11::gil_scoped_release unlocked;
+    at::Tensor used = lens;
+    if (k.has_value()) {
+      append.call(kc, vc, *k, *v, lens, bidx, table);
+      used = n_new > 0 ? lens + n_new : lens;
+    }
+    out = std::get<0>(fwd.call(q, kc, vc, used, bidx, table, scale, -1, is_causal.ptr() == Py_True ? 0 : -1,
+                               num_splits));
+  }
+  return pybind11::reinterpret_steal<pybind11::object>(THPVariable_Wrap(std::move(out)));
+}
+
 }  // namespace
 }  // namespace attnfast
 
@@ -876,6 +989,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("plain_sdpa", &attnfast::plain_sdpa,
         "scaled_dot_product_attention(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa) on the "
         "CPU kernels for the plain call, or None (then the Python path decides).");
+  m.def("plain_kvcache", &attnfast::plain_kvcache,
+        "attention_with_kvcache(q, k_cache, v_cache, k, v, cache_seqlens, block_table, cache_batch_idx, "
+        "is_causal, scale, num_splits) on the CPU kernels for the plain decode step, or None (then the "
+        "Python path decides).");
   m.def("cuda_head_dims", &attnfast::cuda_head_dims,
         "(forward head dims, backward head dims) with CUDA C++ kernels, tuples of ints; ((), ()) in a "
         "build without them.");

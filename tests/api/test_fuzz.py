@@ -661,6 +661,7 @@ def _kvcache_failures(c, seed):
     v = torch.randn(B, c["new"], Hkv, E, dtype=dt) if c["new"] else None
     kw = dict(is_causal=c["causal"], window=c["window"])
     kc_want, vc_want = kc.clone(), vc.clone()  # the append as plain indexing writes it
+    kc_plain, vc_plain = kc.clone(), vc.clone()  # for the call without lse (the C++ fast path where it serves)
     if k is not None and B:
         from attnfast.varlen import _append
 
@@ -673,6 +674,10 @@ def _kvcache_failures(c, seed):
                                                **kw)
     assert out.shape == q.shape and lse.shape == (B, c["Hq"], c["Lq"])
     assert torch.equal(kc, kc_want) and torch.equal(vc, vc_want), "the append wrote other rows"
+    plain = attnfast.attention_with_kvcache(q, kc_plain, vc_plain, k, v, cache_seqlens=seqlens, block_table=table,
+                                            cache_batch_idx=idx, num_splits=c["num_splits"], **kw)
+    assert torch.equal(plain, out) and torch.equal(kc_plain, kc) and torch.equal(vc_plain, vc), \
+        "the call without lse differs"
     res = compare_kvcache_with_reference(out, lse, q, kc, vc, seqlens + c["new"], table, idx, **kw)
     return [r for r in res if not r.ok]
 

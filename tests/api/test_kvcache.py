@@ -207,3 +207,62 @@ def test_kvcache_append_op_checks_every_row_before_writing():
     for t, s in zip((kc, vc, pool_k, pool_v), snapshots):
         assert torch.equal(t, s)
     torch.library.opcheck(append, (kc, vc, k, v, torch.tensor([0, 20], dtype=torch.int32), None, None))
+
+
+_FAST = getattr(attnfast.varlen, "_PLAIN_KVCACHE", None)
+
+
+@pytest.mark.skipif(_FAST is None, reason="the C++ fast path needs the extension (and a vector ISA)")
+@pytest.mark.parametrize("layout", ["contiguous", "batch_idx", "paged"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64, torch.float16])
+@pytest.mark.parametrize("new,causal,scale,num_splits", [(1, True, None, 0), (0, False, 0.3, 1), (3, True, None, 3)])
+def test_kvcache_fast_path_equals_the_python_path(layout, dtype, new, causal, scale, num_splits, monkeypatch):
+    """The plain decode step in C++ (plain_kvcache) gives bit for bit the Python path's output and
+    writes the same cache."""
+    B, S, Hq, Hkv, E = 3, 64, 8, 2, 32
+    kc, vc, table, idx = _cache(layout, B, S, Hkv, E, E, dtype)
+    q = torch.randn(B, 2, Hq, E, dtype=dtype)
+    k, v = (torch.randn(B, new, Hkv, E, dtype=dtype) if new else None for _ in range(2))
+    lens = torch.tensor([0, 17, S - new], dtype=torch.int32)
+    kw = dict(cache_seqlens=lens, block_table=table, cache_batch_idx=idx, is_causal=causal, scale=scale,
+              num_splits=num_splits)
+    kc_fast, vc_fast, kc_py, vc_py = kc.clone(), vc.clone(), kc.clone(), vc.clone()
+    calls = []
+    monkeypatch.setattr(attnfast.varlen, "_PLAIN_KVCACHE", lambda *a: calls.append(_FAST(*a)) or calls[-1])
+    got = attnfast.attention_with_kvcache(q, kc_fast, vc_fast, k, v, **kw)
+    assert len(calls) == 1 and calls[0] is not None, "the plain call must take the fast path"
+    monkeypatch.setattr(attnfast.varlen, "_PLAIN_KVCACHE", None)
+    want = attnfast.attention_with_kvcache(q, kc_py, vc_py, k, v, **kw)
+    assert torch.equal(got, want)
+    assert torch.equal(kc_fast, kc_py) and torch.equal(vc_fast, vc_py)
+    assert new == 0 or not torch.equal(kc_fast, kc)
+
+
+@pytest.mark.skipif(_FAST is None, reason="the C++ fast path needs the extension (and a vector ISA)")
+def test_kvcache_fast_path_leaves_the_rest_to_python(monkeypatch):
+    """Anything but the plain, valid decode step returns None from the fast path (the Python path then
+    decides and raises its own errors)."""
+    B, S, H, E = 2, 32, 2, 16
+    kc, vc, table, _ = _cache("paged", B, S, H, E, E, torch.float32, page=8)
+    q, k, v = torch.randn(B, 1, H, E), torch.randn(B, 1, H, E), torch.randn(B, 1, H, E)
+    lens = torch.tensor([3, 5], dtype=torch.int32)
+    refused = [
+        (q, kc, vc, k, v, lens.long(), table, None, True, None, 0),       # int64 lengths
+        (q, kc, vc, k, v, torch.tensor([3, 32], dtype=torch.int32), table, None, True, None, 0),  # past capacity
+        (q, kc, vc, k, None, lens, table, None, True, None, 0),            # k without v
+        (q, kc, vc, k.double(), v.double(), lens, table, None, True, None, 0),  # dtype mix
+        (q.requires_grad_(), kc, vc, k, v, lens, table, None, True, None, 0),   # gradients
+        (q.detach(), kc, vc, k, v, lens, table.clone().fill_(99), None, True, None, 0),  # pages outside the pool
+        (q.detach(), kc, vc, k, v, lens, table, None, 1, None, 0),         # is_causal not a bool
+        (q.detach(), kc, vc, k, v, lens, table, None, True, 1, 0),         # an int scale
+        (q.detach(), kc, vc, k, v, lens, table, None, True, None, -1),     # negative splits
+        (q.detach(), kc, vc, k, v, 3, table, None, True, None, 0),         # an int cache_seqlens
+    ]
+    before = kc.clone()
+    for args in refused:
+        assert _FAST(*args) is None, args
+    assert torch.equal(kc, before)
+    monkeypatch.setenv("ATTNFAST_BACKEND", "cpu")
+    assert _FAST(q.detach(), kc, vc, k, v, lens, table, None, True, None, 0) is None
+    monkeypatch.delenv("ATTNFAST_BACKEND")
+    assert _FAST(q.detach(), kc, vc, k, v, lens, table, None, True, None, 0) is not None
