@@ -807,6 +807,25 @@ pybind11::tuple cuda_head_dims() {
 #endif
 }
 
+// The fast paths' scale: 1/sqrt(E) for None (_validate._default_scale), else an exact finite float;
+// false for anything else (the Python path then explains it).
+bool plain_scale(pybind11::handle scale_obj, int64_t E, double& scale) {
+  if (scale_obj.is_none()) {
+    scale = E > 0 ? 1.0 / std::sqrt(static_cast<double>(E)) : 1.0;
+    return true;
+  }
+  if (!PyFloat_CheckExact(scale_obj.ptr())) return false;
+  scale = PyFloat_AS_DOUBLE(scale_obj.ptr());
+  return std::isfinite(scale);
+}
+
+// Whether a fast path may take a call at all: no torch function mode, ATTNFAST_BACKEND unset.
+bool plain_allowed() {
+  if (at::impl::torch_function_mode_enabled()) return false;
+  const char* forced = std::getenv("ATTNFAST_BACKEND");
+  return forced == nullptr || forced[0] == '\0';
+}
+
 // The public call's fast path (attnfast.scaled_dot_product_attention on CPU
 // tensors): _validate._plain_plan's checks in C++, then attnfast::fwd through
 // the dispatcher (autograd, dispatch modes and fake tensors as from Python).
@@ -822,11 +841,8 @@ pybind11::object plain_sdpa(pybind11::handle q_obj, pybind11::handle k_obj, pybi
   const pybind11::object none = pybind11::none();
   if (!attn_mask.is_none() || !PyFloat_CheckExact(dropout_p.ptr()) || PyFloat_AS_DOUBLE(dropout_p.ptr()) != 0.0 ||
       !PyBool_Check(is_causal.ptr()) || !PyBool_Check(enable_gqa.ptr()) || !THPVariable_CheckExact(q_obj.ptr()) ||
-      !THPVariable_CheckExact(k_obj.ptr()) || !THPVariable_CheckExact(v_obj.ptr()) ||
-      at::impl::torch_function_mode_enabled())
+      !THPVariable_CheckExact(k_obj.ptr()) || !THPVariable_CheckExact(v_obj.ptr()) || !plain_allowed())
     return none;
-  const char* forced = std::getenv("ATTNFAST_BACKEND");
-  if (forced != nullptr && forced[0] != '\0') return none;
   const at::Tensor& q = THPVariable_Unpack(q_obj.ptr());
   const at::Tensor& k = THPVariable_Unpack(k_obj.ptr());
   const at::Tensor& v = THPVariable_Unpack(v_obj.ptr());
@@ -840,13 +856,7 @@ pybind11::object plain_sdpa(pybind11::handle q_obj, pybind11::handle k_obj, pybi
   if (k.size(0) != B || v.size(0) != B || v.size(1) != Hkv || v.size(2) != Lk || k.size(3) != E) return none;
   if (Hq != Hkv && (enable_gqa.ptr() != Py_True || Hkv == 0 || Hq % Hkv != 0)) return none;
   double scale;
-  if (scale_obj.is_none()) {
-    scale = E > 0 ? 1.0 / std::sqrt(static_cast<double>(E)) : 1.0;  // _validate._default_scale
-  } else {
-    if (!PyFloat_CheckExact(scale_obj.ptr())) return none;
-    scale = PyFloat_AS_DOUBLE(scale_obj.ptr());
-    if (!std::isfinite(scale)) return none;
-  }
+  if (!plain_scale(scale_obj, E, scale)) return none;
   static const auto op = c10::Dispatcher::singleton().findSchemaOrThrow("attnfast::fwd", "").typed<
       std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&, const at::Tensor&,
                                          const std::optional<at::Tensor>&, double, int64_t, int64_t, bool, double,
@@ -878,10 +888,8 @@ pybind11::object plain_kvcache(pybind11::handle q_obj, pybind11::handle kc_obj, 
       !exact(kc_obj) || !exact(vc_obj) || !exact(seqlens_obj) || k_obj.is_none() != v_obj.is_none() ||
       (!k_obj.is_none() && (!exact(k_obj) || !exact(v_obj))) || (!table_obj.is_none() && !exact(table_obj)) ||
       (!bidx_obj.is_none() && !exact(bidx_obj)) || (!table_obj.is_none() && !bidx_obj.is_none()) ||
-      at::impl::torch_function_mode_enabled())
+      !plain_allowed())
     return none;
-  const char* forced = std::getenv("ATTNFAST_BACKEND");
-  if (forced != nullptr && forced[0] != '\0') return none;
   const long num_splits = PyLong_AsLong(num_splits_obj.ptr());
   if (num_splits < 0 || PyErr_Occurred()) {
     PyErr_Clear();
@@ -945,13 +953,7 @@ pybind11::object plain_kvcache(pybind11::handle q_obj, pybind11::handle kc_obj, 
         if (tc.data_ptr<int32_t>()[b * n + j] < 0 || tc.data_ptr<int32_t>()[b * n + j] >= kc.size(0)) return none;
   }
   double scale;
-  if (scale_obj.is_none()) {
-    scale = E > 0 ? 1.0 / std::sqrt(static_cast<double>(E)) : 1.0;  // _validate._default_scale
-  } else {
-    if (!PyFloat_CheckExact(scale_obj.ptr())) return none;
-    scale = PyFloat_AS_DOUBLE(scale_obj.ptr());
-    if (!std::isfinite(scale)) return none;
-  }
+  if (!plain_scale(scale_obj, E, scale)) return none;
   static const auto append = c10::Dispatcher::singleton().findSchemaOrThrow("attnfast::kvcache_append", "").typed<
       void(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
            const std::optional<at::Tensor>&, const std::optional<at::Tensor>&)>();
