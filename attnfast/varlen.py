@@ -1,10 +1,12 @@
 """Packed variable-length batches and the KV cache: `varlen_attention`, `attention_with_kvcache`.
 
 Both take FlashAttention's layouts (tokens before heads) and run as one kernel
-call on the CPU backend (attnfast::varlen_fwd / varlen_bwd / kvcache_fwd) and the
-Triton backend (attnfast::triton_varlen_fwd / triton_varlen_bwd, the KV cache as
-one varlen launch over the cache rows); the reference backend runs them one
-sequence at a time (dispatch.Backend.varlen_forward / kvcache_forward).
+call on the CPU backend (attnfast::varlen_fwd / varlen_bwd / kvcache_fwd), the
+CUDA C++ backend (the same varlen ops) and the Triton backend
+(attnfast::triton_varlen_fwd / triton_varlen_bwd; the KV cache by the split-KV
+kernel for short queries, else one varlen launch over the cache rows); the
+reference backend runs them one sequence at a time
+(dispatch.Backend.varlen_forward / kvcache_forward).
 """
 from __future__ import annotations
 
@@ -168,8 +170,8 @@ def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seql
     the call's (seed, offset + i) (attnfast.dropout).
     Returns out (total_q, Hq, Ev) and, with return_lse, lse (Hq, total_q)
     (float32; float64 for float64 inputs).  Differentiable in q, k, v.
-    One kernel call on the CPU and Triton backends; the reference backend runs
-    the sequences one by one.
+    One kernel call on the CPU, CUDA and Triton backends; the reference backend
+    runs the sequences one by one.
     """
     plan = prepare_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, seqused_k, is_causal,
                           causal_alignment, window, scale, dropout_p)

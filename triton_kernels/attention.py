@@ -796,7 +796,7 @@ def split_fwd(q, k, v, lens, bidx, scale, window_left, window_right, nsplit, lau
         while block_n > 16 and page % block_n:
             block_n //= 2  # key tiles that divide the page (16 keys at least)
         paged = 1 if page % block_n == 0 else 2  # else a page of no multiple of 16 keys: a gather
-    chunk = -(-(-(-S // nsplit)) // block_n) * block_n
+    chunk = triton.cdiv(triton.cdiv(S, nsplit), block_n) * block_n
     nsplit = max(1, -(-S // chunk))
     acc = torch.empty((B * Hq, nsplit, Lq, Ev), dtype=torch.float32, device=q.device)
     m = torch.empty((B * Hq, nsplit, Lq), dtype=torch.float32, device=q.device)
@@ -813,9 +813,10 @@ def split_fwd(q, k, v, lens, bidx, scale, window_left, window_right, nsplit, lau
     top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
     w = torch.where(l64 > 0, torch.exp(m64 - top), torch.zeros_like(m64))
     total = (l64 * w).sum(1)
-    o = (acc.double() * w.unsqueeze(-1)).sum(1) / torch.where(total > 0, total, torch.ones_like(total)).unsqueeze(-1)
-    lse = torch.where(total > 0, top.squeeze(1) + torch.log(torch.where(total > 0, total, torch.ones_like(total))),
-                      torch.full_like(total, float("-inf")))
+    seen = total > 0  # rows with a visible key
+    safe = torch.where(seen, total, torch.ones_like(total))
+    o = (acc.double() * w.unsqueeze(-1)).sum(1) / safe.unsqueeze(-1)
+    lse = torch.where(seen, top.squeeze(1) + torch.log(safe), torch.full_like(total, float("-inf")))
     nan = torch.isnan(m64).any(1) | torch.isnan(l64).any(1)  # a NaN score makes its row NaN
     lse = torch.where(nan, torch.full_like(lse, float("nan")), lse)
     return o.view(B, Hq, Lq, Ev).to(q.dtype), lse.view(B, Hq, Lq).to(lse_dtype(q.dtype))

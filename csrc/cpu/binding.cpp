@@ -600,6 +600,18 @@ void kvcache_append_cpu(const at::Tensor& k_cache, const at::Tensor& v_cache, co
     }
 }
 
+// The first block_table entry (b, j) in use that lies outside a pool of `pool` pages: entry b uses
+// the pages of its first len[b] + add keys.  table: contiguous int32 (B, max_pages).  {-1, -1} if none.
+std::pair<int64_t, int64_t> page_outside(const at::Tensor& table, const int32_t* len, int64_t add, int64_t page,
+                                         int64_t pool) {
+  const int32_t* bt = table.data_ptr<int32_t>();
+  const int64_t B = table.size(0), n = table.size(1);
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t j = 0; j < (len[b] + add + page - 1) / page; ++j)
+      if (bt[b * n + j] < 0 || bt[b * n + j] >= pool) return {b, j};
+  return {-1, -1};
+}
+
 // Attention of q (B, Lq, Hq, E) over a KV cache: k_cache / v_cache (B_cache, S, Hkv, E / Ev), or a page
 // pool (pages, page_size, Hkv, E / Ev) with block_table (B, max_pages); entry b uses the first
 // seqlens_k[b] keys of cache entry cache_batch_idx[b] (b without it).  The diagonal is bottom-right.
@@ -660,11 +672,10 @@ std::tuple<at::Tensor, at::Tensor> kvcache_fwd_cpu(
   if (block_table.has_value()) {
     const int64_t page = k_cache.size(1);
     const int32_t* bt = table.data_ptr<int32_t>();
-    for (int64_t b = 0; b < B; ++b)
-      for (int64_t j = 0; j < (len[b] + page - 1) / page; ++j)
-        TORCH_CHECK(bt[b * table.size(1) + j] >= 0 && bt[b * table.size(1) + j] < k_cache.size(0),
-                    "attnfast cpu kvcache: block_table[", b, ", ", j, "] = ", bt[b * table.size(1) + j],
-                    " is outside the pool [0, ", k_cache.size(0), ")");
+    const auto bad = page_outside(table, len, 0, page, k_cache.size(0));
+    TORCH_CHECK(bad.first < 0, "attnfast cpu kvcache: block_table[", bad.first, ", ", bad.second, "] = ",
+                bad.first < 0 ? 0 : bt[bad.first * table.size(1) + bad.second], " is outside the pool [0, ",
+                k_cache.size(0), ")");
     if (Lq * (p.Hq / std::max<int64_t>(p.Hkv, 1)) <= 16) {  // decode_call: the kernel reads the pages in place
       p.block_table = bt;
       p.block_table_stride = table.size(1);
@@ -945,13 +956,8 @@ pybind11::object plain_kvcache(pybind11::handle q_obj, pybind11::handle kc_obj, 
     for (int64_t b = 0; b < B; ++b)
       if (ic.data_ptr<int32_t>()[b] < 0 || ic.data_ptr<int32_t>()[b] >= kc.size(0)) return none;
   }
-  if (table.has_value()) {
-    const at::Tensor tc = table->contiguous();
-    const int64_t page = kc.size(1), n = tc.size(1);
-    for (int64_t b = 0; b < B; ++b)
-      for (int64_t j = 0; j < (len[b] + n_new + page - 1) / page; ++j)
-        if (tc.data_ptr<int32_t>()[b * n + j] < 0 || tc.data_ptr<int32_t>()[b * n + j] >= kc.size(0)) return none;
-  }
+  if (table.has_value() && cpu::page_outside(table->contiguous(), len, n_new, kc.size(1), kc.size(0)).first >= 0)
+    return none;
   double scale;
   if (!plain_scale(scale_obj, E, scale)) return none;
   static const auto append = c10::Dispatcher::singleton().findSchemaOrThrow("attnfast::kvcache_append", "").typed<

@@ -51,32 +51,15 @@ inline int64_t decode_splits(const AttnParams& v, int64_t heads) {
   return imax(1, imin(want, v.Lk / kSplitMin));
 }
 
-// out[x] = sum_e q[e] * k[x][e] for e < n, NK key rows at once: NK
-// independent sums the core overlaps (one row at a time was a single chain of
-// dependent FMAs).  q is padded with zeros to whole vectors; k is read in
-// whole vectors only below n (the rest one value at a time), bfloat16 keys
-// widened in registers.  Each key's sum is the same arithmetic for any NK.
-template <int NK, typename T>
-inline void dot_rows(const float* q, const T* const* k, int64_t n, float* out) {
-  using V = Vec<float>::type;
-  constexpr int W = Vec<float>::kWidth;
-  V acc[NK];
-  for (int x = 0; x < NK; ++x) acc[x] = V{};
-  int64_t e = 0;
-  for (; e + W <= n; e += W) {
-    const V qv = *reinterpret_cast<const V*>(q + e);
-    for (int x = 0; x < NK; ++x) acc[x] += qv * load_vec<V>(k[x] + e);
-  }
-  for (int x = 0; x < NK; ++x) {
-    float tail = 0.f;
-    for (int64_t t = e; t < n; ++t) tail += q[t] * Elem<T>::load(k[x] + t);
-    out[x] = hsum(acc[x]) + tail;
-  }
-}
-// dot_rows<NK> for R query rows (row stride ldq) at once: out[r * NK + x] is
-// bit for bit dot_rows<NK>(q + r * ldq, k, n)[x] (the same FMA chain per
-// (row, key) and the same hsum), but a key vector is loaded once for R rows.
-// R x NK sums stay in registers: R = 4 with 32 vector registers, 2 with 16.
+// out[r * NK + x] = sum_e q[r * ldq + e] * k[x][e] for e < n, R query rows by
+// NK key rows at once: R x NK independent sums the core overlaps (one row at a
+// time was a single chain of dependent FMAs), each key vector loaded once for
+// the R rows.  q is padded with zeros to whole vectors; k is read in whole
+// vectors only below n (the rest one value at a time), bfloat16 keys widened
+// in registers.  Each (row, key) sum is the same arithmetic for any R and NK
+// (its own FMA chain, then hsum, then the tail), so the backward's rebuilt
+// scores (dot_row) are bit for bit the decode's.  R x NK sums stay in
+// registers: R = 4 with 32 vector registers, 2 with 16.
 constexpr int kDotRows = Vec<float>::kWidth >= 16 ? 4 : 2;
 template <int R, int NK, typename T>
 inline void dot_block(const float* q, int64_t ldq, const T* const* k, int64_t n, float* out) {
@@ -104,7 +87,7 @@ inline void dot_block(const float* q, int64_t ldq, const T* const* k, int64_t n,
 template <typename T>
 inline float dot_row(const float* q, const T* k, int64_t n) {
   float out;
-  dot_rows<1>(q, &k, n, &out);
+  dot_block<1, 1>(q, 0, &k, n, &out);
   return out;
 }
 inline double dot_row(const double* q, const double* k, int64_t n) {
@@ -272,7 +255,7 @@ void decode_impl(const FwdParams& call, const std::vector<FwdParams>& views) {
               }
               for (; r < rows; ++r) {
                 float d4[4];
-                dot_rows<4>(qbuf.data() + r * lde, kr, E, d4);
+                dot_block<1, 4>(qbuf.data() + r * lde, lde, kr, E, d4);
                 for (int y = 0; y < 4; ++y) s[r * lds + j + y] = d4[y] * scale;
               }
             }

@@ -101,7 +101,7 @@ template <> struct Elem<bf16_t> {
 };
 
 // W bfloat16 values widened to a float vector (a bfloat16 is the top half of a
-// float32): the B operand of micro_tile and the keys of dot_rows read so.
+// float32): the B operand of micro_tile and the keys of dot_block read so.
 template <typename V>
 inline V load_vec(const bf16_t* p) {
   static_assert(sizeof(V) == sizeof(Vec<float>::type), "widens to the float vector of this ISA");
