@@ -14,6 +14,7 @@
 // All arithmetic is in Elem<T>::acc (float, or double for float64 inputs).
 #pragma once
 #include "decode_kernel.h"
+#include "pair_products.h"
 #include "tile_ops.h"
 
 namespace attnfast {
@@ -63,9 +64,13 @@ struct FwdScratch {
   // backward rebuilds P from, so its error lands on every gradient.
   Buffer<L> lrow;
   Buffer<A> fac;
+  // bfloat16 on AVX-512 (PairPath<T>::on): K^T, V, the query block and P as
+  // the pair products read them, in place of kt, vbuf and qbuf.
+  Buffer<uint16_t> kt2, v2, q2, p2;
+  static constexpr bool kPairs = PairPath<T>::on;
   explicit FwdScratch(const FwdParams& p)
-      : kt(cdiv(p.Lk, kBlockK) * p.E * kBlockK, Init::kUninit),
-        vbuf(cdiv(p.Lk, kBlockK) * kBlockK * pad_up(p.Ev), Init::kUninit),
+      : kt(kPairs ? 0 : cdiv(p.Lk, kBlockK) * p.E * kBlockK, Init::kUninit),
+        vbuf(kPairs ? 0 : cdiv(p.Lk, kBlockK) * kBlockK * pad_up(p.Ev), Init::kUninit),
         qbuf(imin(kBlockQ, p.Lq) * p.E, Init::kUninit),
         sc(imin(kBlockQ, p.Lq) * fwd_key_tiles() * kBlockK, Init::kUninit),
         acc(imin(kBlockQ, p.Lq) * pad_up(p.Ev), Init::kUninit),
@@ -73,7 +78,11 @@ struct FwdScratch {
         mnew(pad_up(imin(kBlockQ, p.Lq))),
         alpha(pad_up(imin(kBlockQ, p.Lq))),
         lrow(imin(kBlockQ, p.Lq)),
-        fac(p.dropout_p > 0.f ? imin(kBlockQ, p.Lq) * fwd_key_tiles() * kBlockK : 0) {}
+        fac(p.dropout_p > 0.f ? imin(kBlockQ, p.Lq) * fwd_key_tiles() * kBlockK : 0),
+        kt2(kPairs ? cdiv(p.Lk, kBlockK) * (p.E + 1) / 2 * 2 * kBlockK : 0, Init::kUninit),
+        v2(kPairs ? cdiv(p.Lk, kBlockK) * kBlockK * pad_up(p.Ev) : 0, Init::kUninit),
+        q2(kPairs ? imin(kBlockQ, p.Lq) * ((p.E + 1) / 2 * 2) : 0, Init::kUninit),
+        p2(kPairs ? imin(kBlockQ, p.Lq) * fwd_key_tiles() * kBlockK : 0, Init::kUninit) {}
 };
 
 inline int64_t fwd_items_of(const AttnParams& p) { return p.B * p.Hq * cdiv(p.Lq, kBlockQ); }
@@ -83,6 +92,7 @@ template <typename T>
 void fwd_items(const FwdParams& p, TileTable<T>& table, FwdScratch<T>& s, int64_t begin, int64_t end) {
   using A = typename Elem<T>::acc;
   using L = typename Elem<T>::lse;
+  using PP = PairPath<T>;
   const Visibility vis(p);
   const int64_t nqb = cdiv(p.Lq, kBlockQ);
   const int64_t group = p.Hq / p.Hkv;
@@ -106,11 +116,13 @@ void fwd_items(const FwdParams& p, TileTable<T>& table, FwdScratch<T>& s, int64_
     const int64_t i0 = qb * kBlockQ, nq = imin(kBlockQ, p.Lq - i0);
 
     if (packed != b * p.Hkv + hk) {
-      pack_kt_v<T>(p, b, hk, kt.data(), vbuf.data(), ldv);  // (nkb, E, kBlockK) and (Lk, Ev)
+      if constexpr (PP::on) PP::pack_kv(p, b, hk, s.kt2.data(), s.v2.data(), ldv);
+      else pack_kt_v<T>(p, b, hk, kt.data(), vbuf.data(), ldv);  // (nkb, E, kBlockK) and (Lk, Ev)
       packed = b * p.Hkv + hk;
     }
     const T* q = static_cast<const T*>(p.q) + b * p.q_st.b + h * p.q_st.h;
-    load_rows(q, p.q_st.r, p.q_st.c, i0, nq, E, qbuf.data(), E);  // (nq, E)
+    if constexpr (PP::on) PP::load_q(q, p.q_st, i0, nq, E, s.q2.data());
+    else load_rows(q, p.q_st.r, p.q_st.c, i0, nq, E, qbuf.data(), E);  // (nq, E)
     for (int64_t i = 0; i < nq; ++i) { mrow[i] = ninf; lrow[i] = L(0); }
     std::fill(acc.data(), acc.data() + nq * ldv, A(0));  // the rows this block uses
 
@@ -147,7 +159,8 @@ void fwd_items(const FwdParams& p, TileTable<T>& table, FwdScratch<T>& s, int64_
             for (int64_t j = 0; j < kBlockK; ++j) st[i * ldk + j] = ninf;
           continue;
         }
-        matmul_tile<kKCHead>(qbuf.data(), E, nq, E, kt.data() + jt * E, kBlockK, nt, scale, st, ldk);
+        if constexpr (PP::on) PP::scores(s.q2.data(), nq, E, s.kt2.data(), jt, nt, scale, st, ldk);
+        else matmul_tile<kKCHead>(qbuf.data(), E, nq, E, kt.data() + jt * E, kBlockK, nt, scale, st, ldk);
         mask_tile<T, A>(p, vis, b, h, i0, nq, jt, nt, st, ldk, tms[t], tds[t]);
       }
       // The softmax's columns [c0, c1): whole vectors, padding lanes -inf.
@@ -178,6 +191,7 @@ void fwd_items(const FwdParams& p, TileTable<T>& table, FwdScratch<T>& s, int64_
         dropout_factors(p, b, h, i0, nq, j0, nk, fac.data(), ldk);
         for (int64_t x = 0; x < nq * ldk; ++x) sc[x] *= fac[x];
       }
+      if constexpr (PP::on) PP::round_p(sc.data(), nq, ldk, c0, nc, s.p2.data());
       // acc = acc * alpha + P V, the rescale fused into the product's epilogue
       // of the first run of shown tiles; later runs (past a hidden tile) add.
       bool first = true;
@@ -188,10 +202,18 @@ void fwd_items(const FwdParams& p, TileTable<T>& table, FwdScratch<T>& s, int64_
         const int64_t ja = t * kBlockK, nr = imin(t1 * kBlockK, nk) - ja;
         const A* pa = sc.data() + ja;
         const A* vb = vbuf.data() + (j0 + ja) * ldv;
-        if (first)
+        if constexpr (PP::on) {
+          if (first)
+            PP::template pv<Epi::kRescale>(s.p2.data() + ja, ldk, nq, nr, s.v2.data(), j0 + ja, ldv, Ev, acc.data(),
+                                           alpha.data());
+          else
+            PP::template pv<Epi::kAccumulate>(s.p2.data() + ja, ldk, nq, nr, s.v2.data(), j0 + ja, ldv, Ev,
+                                              acc.data(), nullptr);
+        } else if (first) {
           matmul_tile<kKCSeq, Epi::kRescale>(pa, ldk, nq, nr, vb, ldv, Ev, A(1), acc.data(), ldv, alpha.data());
-        else
+        } else {
           matmul_tile<kKCSeq, Epi::kAccumulate>(pa, ldk, nq, nr, vb, ldv, Ev, A(1), acc.data(), ldv);
+        }
         first = false;
         t = t1;
       }
@@ -257,15 +279,28 @@ struct BwdScratch {
   Buffer<A> kt, kbuf, vt, dk_own, dv_own, qbuf, dobuf, dq, delta, tt, pp, dpp, fac;
   Buffer<L> lse;
   Buffer<uint8_t> skip;
+  // bfloat16 on AVX-512 (PairPath<T>::on): the operands of the pair products
+  // (K^T and V^T tiles, K, Q and dO in pairs, Q and dO row-major, one tile's
+  // P^T, dS and dS^T), in place of kt and vt.
+  static constexpr bool kPairs = PairPath<T>::on;
+  Buffer<uint16_t> kt2, vt2, kp2, q2, qp2, do2, dop2, pt2, ds2, dst2;
   // own: some view sums its dK, dV in one slice (dk_own, dv_own), not in the call's partials.
   BwdScratch(const BwdParams& p, bool own)
-      : kt(cdiv(p.Lk, kBlockK) * p.E * kBlockK), kbuf(p.Lk * pad_up(p.E)), vt(cdiv(p.Lk, kBlockK) * p.Ev * kBlockK),
+      : kt(kPairs ? 0 : cdiv(p.Lk, kBlockK) * p.E * kBlockK), kbuf(p.Lk * pad_up(p.E)),
+        vt(kPairs ? 0 : cdiv(p.Lk, kBlockK) * p.Ev * kBlockK),
         dk_own(own ? p.Lk * pad_up(p.E) : 0), dv_own(own ? p.Lk * pad_up(p.Ev) : 0), qbuf(bq(p) * pad_up(p.E)),
         dobuf(bq(p) * pad_up(p.Ev)), dq(bq(p) * pad_up(p.E)), delta(bq(p)),
         tt(p.dropout_p > 0.f ? bq(p) * kBlockK : 0),  // P * Z of one tile
         pp(cdiv(p.Lk, kBlockK) * bq(p) * kBlockK), dpp(cdiv(p.Lk, kBlockK) * bq(p) * kBlockK),  // (nkb, bq, kBlockK)
         fac(p.dropout_p > 0.f ? cdiv(p.Lk, kBlockK) * bq(p) * kBlockK : 0), lse(bq(p)),
-        skip(cdiv(p.Lk, kBlockK)) {}  // key tiles the mask hides entirely
+        skip(cdiv(p.Lk, kBlockK)),  // key tiles the mask hides entirely
+        kt2(kPairs ? cdiv(p.Lk, kBlockK) * even2(p.E) * kBlockK : 0),
+        vt2(kPairs ? cdiv(p.Lk, kBlockK) * even2(p.Ev) * kBlockK : 0),
+        kp2(kPairs ? cdiv(p.Lk, kBlockK) * kBlockK * pad_up(p.E) : 0), q2(kPairs ? bq(p) * even2(p.E) : 0),
+        qp2(kPairs ? even2(bq(p)) * pad_up(p.E) : 0), do2(kPairs ? bq(p) * even2(p.Ev) : 0),
+        dop2(kPairs ? even2(bq(p)) * pad_up(p.Ev) : 0), pt2(kPairs ? even2(bq(p)) * kBlockK : 0),
+        ds2(kPairs ? bq(p) * kBlockK : 0), dst2(kPairs ? even2(bq(p)) * kBlockK : 0) {}
+  static int64_t even2(int64_t n) { return (n + 1) / 2 * 2; }
   static int64_t bq(const BwdParams& p) { return imin(kBlockQ, p.Lq); }  // rows of a query block, at most
 };
 
@@ -281,6 +316,7 @@ void bwd_items(const BwdParams& p, TileTable<T>& table, BwdScratch<T>& s, int64_
                typename Elem<T>::acc* part_dk, typename Elem<T>::acc* part_dv, int64_t begin, int64_t end) {
   using A = typename Elem<T>::acc;
   using L = typename Elem<T>::lse;
+  using PP = PairPath<T>;
   const Visibility vis(p);
   const int64_t group = p.Hq / p.Hkv;
   const int64_t E = p.E, Ev = p.Ev, Lk = p.Lk;
@@ -302,9 +338,13 @@ void bwd_items(const BwdParams& p, TileTable<T>& table, BwdScratch<T>& s, int64_
     const int64_t hk = bk % p.Hkv, b = bk / p.Hkv;
     if (packed != bk) {
       const T* k = head_of<T>(p.k, p.k_st, b, hk);
-      pack_tiles_t(k, p.k_st, Lk, E, kt.data());                                      // (nkb, E, kBlockK)
-      pack_tiles_t(head_of<T>(p.v, p.v_st, b, hk), p.v_st, Lk, Ev, vt.data());       // (nkb, Ev, kBlockK)
-      load_rows(k, p.k_st.r, p.k_st.c, 0, Lk, E, kbuf.data(), lde);                   // (Lk, E)
+      if constexpr (PP::on) {
+        PP::pack_bwd(p, b, hk, s.kt2.data(), s.vt2.data(), s.kp2.data(), lde);
+      } else {
+        pack_tiles_t(k, p.k_st, Lk, E, kt.data());                                    // (nkb, E, kBlockK)
+        pack_tiles_t(head_of<T>(p.v, p.v_st, b, hk), p.v_st, Lk, Ev, vt.data());     // (nkb, Ev, kBlockK)
+      }
+      if (decoded || !PP::on) load_rows(k, p.k_st.r, p.k_st.c, 0, Lk, E, kbuf.data(), lde);  // (Lk, E)
       packed = bk;
     }
     A* dk = nsl > 1 ? part_dk + (bk * nsl + sl) * Lk * lde : dk_own.data();
@@ -324,8 +364,13 @@ void bwd_items(const BwdParams& p, TileTable<T>& table, BwdScratch<T>& s, int64_
         int64_t jlo, jhi;
         vis.block_cols(i0, nq, jlo, jhi);
         if (jlo < jhi) {
-          load_rows(q, p.q_st.r, p.q_st.c, i0, nq, E, qbuf.data(), lde);              // (nq, E)
-          load_rows(dout, p.dout_st.r, p.dout_st.c, i0, nq, Ev, dobuf.data(), ldv);  // (nq, Ev)
+          if constexpr (PP::on)
+            PP::load_block(q, p.q_st, dout, p.dout_st, i0, nq, E, Ev, lde, ldv, s.q2.data(), s.qp2.data(),
+                           s.do2.data(), s.dop2.data());
+          if (decoded || !PP::on) {
+            load_rows(q, p.q_st.r, p.q_st.c, i0, nq, E, qbuf.data(), lde);              // (nq, E)
+            load_rows(dout, p.dout_st.r, p.dout_st.c, i0, nq, Ev, dobuf.data(), ldv);  // (nq, Ev)
+          }
           for (int64_t i = 0; i < nq; ++i) {
             const L l = static_cast<const L*>(p.lse)[lrow + i0 + i];
             // A fully masked row (lse = -inf) has P = 0: exp(s - inf) = 0.
@@ -346,12 +391,15 @@ void bwd_items(const BwdParams& p, TileTable<T>& table, BwdScratch<T>& s, int64_
               for (int64_t i = 0; i < nq; ++i)
                 for (int64_t j = 0; j < nk; ++j)
                   pt[i * ldp + j] = dot_row(qbuf.data() + i * lde, kbuf.data() + (j0 + j) * lde, E) * scale;
+            } else if constexpr (PP::on) {
+              PP::scores(s.q2.data(), nq, E, s.kt2.data(), j0, nk, scale, pt, ldp);
             } else {
               matmul_tile<kKCHead>(qbuf.data(), lde, nq, E, kt.data() + t * E * kBlockK, kBlockK, nk, scale, pt, ldp);
             }
             mask_tile<T, A>(p, vis, b, h, i0, nq, j0, nk, pt, ldp, tm, td);
             for (int64_t i = 0; i < nq; ++i) recompute_p(pt + i * ldp, nk, lse[i]);
-            matmul_tile<kKCHead>(dobuf.data(), ldv, nq, Ev, vt.data() + t * Ev * kBlockK, kBlockK, nk, A(1), dpt, ldp);
+            if constexpr (PP::on) PP::dp(s.do2.data(), nq, Ev, s.vt2.data(), j0, nk, dpt, ldp);
+            else matmul_tile<kKCHead>(dobuf.data(), ldv, nq, Ev, vt.data() + t * Ev * kBlockK, kBlockK, nk, A(1), dpt, ldp);
             if (drop) {
               // dP passes back through the forward's dropout mask, regenerated
               // from the counter.  delta = rowsum(P * Z * dP) = rowsum(dO * O).
@@ -393,8 +441,11 @@ void bwd_items(const BwdParams& p, TileTable<T>& table, BwdScratch<T>& s, int64_
                 for (int64_t j = 0; j < nk; ++j) tt[i * ldp + j] = pt[i * ldp + j] * ft[i * ldp + j];
               pz = tt.data();
             }
-            matmul_tile<kKCSeq, Epi::kAccumulate, true>(pz, ldp, nk, nq, dobuf.data(), ldv, Ev, A(1),
-                                                        dv + j0 * ldv, ldv);
+            if constexpr (PP::on)
+              PP::dv(pz, ldp, nq, nk, s.pt2.data(), s.dop2.data(), Ev, ldv, dv + j0 * ldv);
+            else
+              matmul_tile<kKCSeq, Epi::kAccumulate, true>(pz, ldp, nk, nq, dobuf.data(), ldv, Ev, A(1),
+                                                          dv + j0 * ldv, ldv);
             // dS = P * (dP - delta), over the dP panel.
             for (int64_t i = 0; i < nq; ++i) {
               A* d = dst + i * ldp;
@@ -410,10 +461,15 @@ void bwd_items(const BwdParams& p, TileTable<T>& table, BwdScratch<T>& s, int64_
               }
             }
             // dQ += scale * dS K;  dK += scale * dS^T Q, dS^T read in place.
-            matmul_tile<kKCSeq, Epi::kAccumulate>(dst, ldp, nq, nk, kbuf.data() + j0 * lde, lde, E, scale,
-                                                  dq.data(), lde);
-            matmul_tile<kKCSeq, Epi::kAccumulate, true>(dst, ldp, nk, nq, qbuf.data(), lde, E, scale,
-                                                        dk + j0 * lde, lde);
+            if constexpr (PP::on) {
+              PP::dq_dk(dst, ldp, nq, nk, s.ds2.data(), s.dst2.data(), s.kp2.data(), j0, s.qp2.data(), E, lde, scale,
+                        dq.data(), dk + j0 * lde);
+            } else {
+              matmul_tile<kKCSeq, Epi::kAccumulate>(dst, ldp, nq, nk, kbuf.data() + j0 * lde, lde, E, scale,
+                                                    dq.data(), lde);
+              matmul_tile<kKCSeq, Epi::kAccumulate, true>(dst, ldp, nk, nq, qbuf.data(), lde, E, scale,
+                                                          dk + j0 * lde, lde);
+            }
           }
         }
         for (int64_t i = 0; i < nq; ++i) store_all(dqp + (i0 + i) * p.dq_st.r, dq.data() + i * lde, E);

@@ -22,6 +22,9 @@
 #include <type_traits>
 
 #include <unistd.h>
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
 
 #include "params.h"
 
