@@ -61,6 +61,12 @@ inline int64_t decode_splits(const AttnParams& v, int64_t heads) {
 // scores (dot_row) are bit for bit the decode's.  R x NK sums stay in
 // registers: R = 4 with 32 vector registers, 2 with 16.
 constexpr int kDotRows = Vec<float>::kWidth >= 16 ? 4 : 2;
+// Keys a pass for the rows left over from kDotRows blocks (every row, with
+// one query row per kv head): on AVX2 8, so that a row has 8 independent FMA
+// chains (the FMA's latency times its issue width); 4 left it latency-bound,
+// at half the AVX-512 rate on keys in L3 (Zen 5).  On AVX-512 4: 8 measured
+// 10-20% slower there.
+constexpr int kDotKeys = Vec<float>::kWidth >= 16 ? 4 : 8;
 template <int R, int NK, typename T>
 inline void dot_block(const float* q, int64_t ldq, const T* const* k, int64_t n, float* out) {
   using V = Vec<float>::type;
@@ -102,19 +108,28 @@ inline double dot_row(const double* q, const double* k, int64_t n) {
 // with 2 dependent FMA chains).  v (float, or bfloat16 widened as it is read)
 // is read in whole tiles of kDecodeNR columns (a caller reading V in place
 // checks n % kDecodeNR == 0); o is padded so.
+// On AVX2 a row left over from the pairs takes 8 vectors where n allows (8
+// independent sums, as kDotKeys); every column's sum is the same arithmetic
+// either way.
 constexpr int kDecodeNV = 4;
 template <typename A, typename B>
 void pv_rows(const A* p, int64_t lds, int64_t rows, int64_t d, const B* v, int64_t ldv, int64_t n, A* o,
              int64_t ldo) {
   constexpr int64_t NR = kDecodeNV * Vec<A>::kWidth;
+  const int64_t r1 = rows / 2 * 2;  // the row left over, if any
   for (int64_t j = 0; j < n; j += NR) {
-    int64_t r = 0;
-    for (; r + 2 <= rows; r += 2)
+    for (int64_t r = 0; r < r1; r += 2)
       micro_tile<A, 2, kKCSeq, Epi::kStore, false, kDecodeNV, B>(p + r * lds, lds, v + j, ldv, d, A(1),
                                                                  nullptr, o + r * ldo + j, ldo);
-    if (r < rows)
-      micro_tile<A, 1, kKCSeq, Epi::kStore, false, kDecodeNV, B>(p + r * lds, lds, v + j, ldv, d, A(1),
-                                                                 nullptr, o + r * ldo + j, ldo);
+    if (r1 == rows) continue;
+    if (Vec<A>::kWidth == 8 && n % (2 * NR) == 0) {
+      if (j % (2 * NR) == 0)
+        micro_tile<A, 1, kKCSeq, Epi::kStore, false, 2 * kDecodeNV, B>(p + r1 * lds, lds, v + j, ldv, d, A(1),
+                                                                       nullptr, o + r1 * ldo + j, ldo);
+    } else {
+      micro_tile<A, 1, kKCSeq, Epi::kStore, false, kDecodeNV, B>(p + r1 * lds, lds, v + j, ldv, d, A(1),
+                                                                 nullptr, o + r1 * ldo + j, ldo);
+    }
   }
 }
 
@@ -242,21 +257,22 @@ void decode_impl(const FwdParams& call, const std::vector<FwdParams>& views) {
         const int64_t ncp = pad_up(nc);
         int64_t j = 0;
         if constexpr (kInPlace) {
-          if (k_direct) {  // key rows read in place, four at a time
-            for (; j + 4 <= nc; j += 4) {
-              const T* kr[4];
-              for (int y = 0; y < 4; ++y) kr[y] = kb + (j + y) * p.k_st.r;
+          if (k_direct) {  // key rows read in place, kDotKeys at a time
+            for (; j + kDotKeys <= nc; j += kDotKeys) {
+              const T* kr[kDotKeys];
+              for (int y = 0; y < kDotKeys; ++y) kr[y] = kb + (j + y) * p.k_st.r;
               int64_t r = 0;
-              for (; r + kDotRows <= rows; r += kDotRows) {
-                float d[kDotRows * 4];
-                dot_block<kDotRows, 4>(qbuf.data() + r * lde, lde, kr, E, d);
-                for (int i = 0; i < kDotRows; ++i)
-                  for (int y = 0; y < 4; ++y) s[(r + i) * lds + j + y] = d[i * 4 + y] * scale;
-              }
+              for (; r + kDotRows <= rows; r += kDotRows)
+                for (int y0 = 0; y0 < kDotKeys; y0 += 4) {
+                  float d[kDotRows * 4];
+                  dot_block<kDotRows, 4>(qbuf.data() + r * lde, lde, kr + y0, E, d);
+                  for (int i = 0; i < kDotRows; ++i)
+                    for (int y = 0; y < 4; ++y) s[(r + i) * lds + j + y0 + y] = d[i * 4 + y] * scale;
+                }
               for (; r < rows; ++r) {
-                float d4[4];
-                dot_block<1, 4>(qbuf.data() + r * lde, lde, kr, E, d4);
-                for (int y = 0; y < 4; ++y) s[r * lds + j + y] = d4[y] * scale;
+                float dk[kDotKeys];
+                dot_block<1, kDotKeys>(qbuf.data() + r * lde, lde, kr, E, dk);
+                for (int y = 0; y < kDotKeys; ++y) s[r * lds + j + y] = dk[y] * scale;
               }
             }
             for (; j < nc; ++j) {
