@@ -71,7 +71,7 @@ struct FwdScratch {
   explicit FwdScratch(const FwdParams& p)
       : kt(kPairs ? 0 : cdiv(p.Lk, kBlockK) * p.E * kBlockK, Init::kUninit),
         vbuf(kPairs ? 0 : cdiv(p.Lk, kBlockK) * kBlockK * pad_up(p.Ev), Init::kUninit),
-        qbuf(imin(kBlockQ, p.Lq) * p.E, Init::kUninit),
+        qbuf(kPairs ? 0 : imin(kBlockQ, p.Lq) * p.E, Init::kUninit),
         sc(imin(kBlockQ, p.Lq) * fwd_key_tiles() * kBlockK, Init::kUninit),
         acc(imin(kBlockQ, p.Lq) * pad_up(p.Ev), Init::kUninit),
         mrow(pad_up(imin(kBlockQ, p.Lq))),
@@ -79,9 +79,9 @@ struct FwdScratch {
         alpha(pad_up(imin(kBlockQ, p.Lq))),
         lrow(imin(kBlockQ, p.Lq)),
         fac(p.dropout_p > 0.f ? imin(kBlockQ, p.Lq) * fwd_key_tiles() * kBlockK : 0),
-        kt2(kPairs ? cdiv(p.Lk, kBlockK) * (p.E + 1) / 2 * 2 * kBlockK : 0, Init::kUninit),
+        kt2(kPairs ? cdiv(p.Lk, kBlockK) * even_up(p.E) * kBlockK : 0, Init::kUninit),
         v2(kPairs ? cdiv(p.Lk, kBlockK) * kBlockK * pad_up(p.Ev) : 0, Init::kUninit),
-        q2(kPairs ? imin(kBlockQ, p.Lq) * ((p.E + 1) / 2 * 2) : 0, Init::kUninit),
+        q2(kPairs ? imin(kBlockQ, p.Lq) * even_up(p.E) : 0, Init::kUninit),
         p2(kPairs ? imin(kBlockQ, p.Lq) * fwd_key_tiles() * kBlockK : 0, Init::kUninit) {}
 };
 
@@ -294,13 +294,12 @@ struct BwdScratch {
         pp(cdiv(p.Lk, kBlockK) * bq(p) * kBlockK), dpp(cdiv(p.Lk, kBlockK) * bq(p) * kBlockK),  // (nkb, bq, kBlockK)
         fac(p.dropout_p > 0.f ? cdiv(p.Lk, kBlockK) * bq(p) * kBlockK : 0), lse(bq(p)),
         skip(cdiv(p.Lk, kBlockK)),  // key tiles the mask hides entirely
-        kt2(kPairs ? cdiv(p.Lk, kBlockK) * even2(p.E) * kBlockK : 0),
-        vt2(kPairs ? cdiv(p.Lk, kBlockK) * even2(p.Ev) * kBlockK : 0),
-        kp2(kPairs ? cdiv(p.Lk, kBlockK) * kBlockK * pad_up(p.E) : 0), q2(kPairs ? bq(p) * even2(p.E) : 0),
-        qp2(kPairs ? even2(bq(p)) * pad_up(p.E) : 0), do2(kPairs ? bq(p) * even2(p.Ev) : 0),
-        dop2(kPairs ? even2(bq(p)) * pad_up(p.Ev) : 0), pt2(kPairs ? even2(bq(p)) * kBlockK : 0),
-        ds2(kPairs ? bq(p) * kBlockK : 0), dst2(kPairs ? even2(bq(p)) * kBlockK : 0) {}
-  static int64_t even2(int64_t n) { return (n + 1) / 2 * 2; }
+        kt2(kPairs ? cdiv(p.Lk, kBlockK) * even_up(p.E) * kBlockK : 0),
+        vt2(kPairs ? cdiv(p.Lk, kBlockK) * even_up(p.Ev) * kBlockK : 0),
+        kp2(kPairs ? cdiv(p.Lk, kBlockK) * kBlockK * pad_up(p.E) : 0), q2(kPairs ? bq(p) * even_up(p.E) : 0),
+        qp2(kPairs ? even_up(bq(p)) * pad_up(p.E) : 0), do2(kPairs ? bq(p) * even_up(p.Ev) : 0),
+        dop2(kPairs ? even_up(bq(p)) * pad_up(p.Ev) : 0), pt2(kPairs ? even_up(bq(p)) * kBlockK : 0),
+        ds2(kPairs ? bq(p) * kBlockK : 0), dst2(kPairs ? even_up(bq(p)) * kBlockK : 0) {}
   static int64_t bq(const BwdParams& p) { return imin(kBlockQ, p.Lq); }  // rows of a query block, at most
 };
 

@@ -126,8 +126,6 @@ void matmul_tile_pairs(const uint16_t* __restrict a, int64_t lda, int64_t m, int
   }
 }
 
-inline int64_t even_up(int64_t n) { return (n + 1) & ~int64_t(1); }
-
 // 16 floats rounded to bfloat16 (nearest even; NaN stays NaN).
 inline __m256i bf16_of(__m512 x) { return (__m256i)_mm512_cvtneps_pbh(x); }
 
@@ -226,8 +224,6 @@ inline void load_rows_pairs(const bf16_t* base, const Strides4& st, int64_t r0, 
 template <typename T>
 struct PairPath<T, true> {
   static constexpr bool on = true;
-  static int64_t kt_size(int64_t Lk, int64_t E) { return cdiv(Lk, kBlockK) * even_up(E) * kBlockK; }
-  static int64_t v_size(int64_t Lk, int64_t ldv) { return cdiv(Lk, kBlockK) * kBlockK * ldv; }
   // K^T tiles (pack_tiles_pairs) and V in pairs of keys, (Lk / 2, ldv, 2), of kv head (b, hk).
   static void pack_kv(const AttnParams& p, int64_t b, int64_t hk, uint16_t* kt, uint16_t* v, int64_t ldv) {
     pack_tiles_pairs(head_of<bf16_t>(p.k, p.k_st, b, hk), p.k_st, p.Lk, p.E, kt);
@@ -257,7 +253,6 @@ struct PairPath<T, true> {
 
   // The backward's steps (bwd_items).  Per kv head: K^T and V^T tiles (the
   // score and dP products), K in pairs of keys (dQ = dS K).
-  static int64_t kp_size(int64_t Lk, int64_t lde) { return cdiv(Lk, kBlockK) * kBlockK * lde; }
   static void pack_bwd(const AttnParams& p, int64_t b, int64_t hk, uint16_t* kt, uint16_t* vt, uint16_t* kp,
                        int64_t lde) {
     const bf16_t* k = head_of<bf16_t>(p.k, p.k_st, b, hk);

@@ -237,6 +237,7 @@ struct Buffer {
 inline int64_t imin(int64_t a, int64_t b) { return a < b ? a : b; }
 inline int64_t imax(int64_t a, int64_t b) { return a > b ? a : b; }
 inline int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
+inline int64_t even_up(int64_t n) { return (n + 1) / 2 * 2; }  // pairs (pair_products.h)
 
 // Which keys a query row may see (causal / sliding window), as half-open ranges.
 struct Visibility {
