@@ -340,31 +340,26 @@ class TritonBackend(_FusedBackend):
                                                     plan.window_right, plan.bottom_right, plan.dropout_p, seed, 0)
 
     def kvcache_forward(self, plan):
-        """Short queries (Lq <= SPLIT_MAX_ROWS): the split-KV kernel over the cache rows, a paged
-        cache read in place through its block table.  Longer ones: the varlen kernel, one launch:
-        entry b's queries are a packed sequence, its cache row the key run starting at
-        cache_batch_idx[b] * S (a paged cache is gathered into rows first), seqused_k the
-        lengths, the diagonal bottom-right."""
+        """A paged cache, and short queries (Lq <= SPLIT_MAX_ROWS) where key splits pay: the
+        split-KV kernel over the cache rows, pages read in place through the block table.  The
+        rest: the varlen kernel, one launch: entry b's queries are a packed sequence, its cache
+        row the key run starting at cache_batch_idx[b] * S, seqused_k the lengths, the diagonal
+        bottom-right."""
         q, kc, vc = plan.q, plan.k_cache, plan.v_cache
         B, Lq, Hq, _ = q.shape
         attention = importlib.import_module(".triton_kernels.attention", __package__)
         paged = plan.block_table is not None
-        if 0 < Lq <= attention.SPLIT_MAX_ROWS and B > 0 and kc.shape[1] > 0:
+        if Lq > 0 and B > 0 and kc.shape[1] > 0 and (paged or Lq <= attention.SPLIT_MAX_ROWS):
             S = kc.shape[1] * (plan.block_table.shape[1] if paged else 1)  # keys an entry can hold
-            nsplit = plan.num_splits or attention.split_count(B * Hq, S, q.device)
+            blocks = -(-Lq // attention.SPLIT_BLOCK_M) if Lq > attention.SPLIT_MAX_ROWS else 1
+            nsplit = plan.num_splits or attention.split_count(B * Hq * blocks, S, q.device)
             if nsplit > 1 or paged:  # flash-decoding over the cache rows; a paged cache read in place
                 out, lse = attention.split_fwd(q.transpose(1, 2), kc.transpose(1, 2), vc.transpose(1, 2),
                                                plan.seqlens_k, plan.cache_batch_idx, plan.scale, plan.window_left,
                                                plan.window_right, nsplit, block_table=plan.block_table)
                 return out.transpose(1, 2), lse
-        if plan.block_table is not None:
-            from .reference import kvcache_keys
-
-            S = int(plan.seqlens_k.max()) if B else 0
-            pad = lambda t, n: torch.nn.functional.pad(t, (0, 0, 0, 0, 0, S - n))  # noqa: E731
-            rows = [kvcache_keys(kc, vc, b, n, plan.block_table) for b, n in enumerate(plan.seqlens_k.tolist())]
-            kc = torch.stack([pad(k, k.shape[0]) for k, _ in rows]) if rows else kc[:0]
-            vc = torch.stack([pad(v, v.shape[0]) for _, v in rows]) if rows else vc[:0]
+        if paged:  # an empty call: nothing to read
+            kc, vc = kc[:0], vc[:0]
             starts = torch.arange(B, device=q.device, dtype=torch.int32)
         else:
             starts = (plan.cache_batch_idx if plan.cache_batch_idx is not None
@@ -377,7 +372,7 @@ class TritonBackend(_FusedBackend):
             q.reshape(B * Lq, Hq, q.shape[3]), kc.reshape(-1, kc.shape[2], kc.shape[3]),
             vc.reshape(-1, vc.shape[2], vc.shape[3]), cu_q, cu_k, plan.seqlens_k, Lq, S, plan.scale,
             plan.window_left, plan.window_right, True, 0.0, 0, 0)
-        return out.view(B, Lq, Hq, -1), lse.view(Hq, B, Lq).permute(1, 0, 2)
+        return out.view(B, Lq, Hq, plan.v_cache.shape[-1]), lse.view(Hq, B, Lq).permute(1, 0, 2)
 
     def attention_backward(self, plan, dout, out, lse, delta=None):
         return self._op("attention", "bwd")(dout, plan.q, plan.k, plan.v, out, lse, None, plan.mask, plan.scale,

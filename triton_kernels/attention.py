@@ -217,17 +217,19 @@ def _split_fwd_kernel(Q, K, V, Lens, Bidx, Table, Acc, Mrow, Lrow,
                       E: tl.constexpr, Ev: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                       BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, WINDOWED: tl.constexpr,
                       DOT: tl.constexpr, HAS_BIDX: tl.constexpr, PAGED: tl.constexpr):
-    # Split-KV forward of short queries (flash-decoding): one program per (key split, batch *
-    # q head) over keys [split * chunk, (split + 1) * chunk) of batch entry b's first Lens[b]
-    # (its cache entry Bidx[b] with HAS_BIDX), all Lq <= BLOCK_M query rows at once, the
-    # diagonal bottom-right; the unnormalised output and the row max and sum go to
-    # Acc (B * Hq, nsplit, Lq, Ev), Mrow, Lrow (B * Hq, nsplit, Lq), merged by split_fwd.
+    # Split-KV forward (flash-decoding): one program per (key split, batch * q head, query
+    # block) over keys [split * chunk, (split + 1) * chunk) of batch entry b's first Lens[b]
+    # (its cache entry Bidx[b] with HAS_BIDX), seen by the block's BLOCK_M query rows (short
+    # queries: all of them, one block), the diagonal bottom-right; the unnormalised output and
+    # the row max and sum go to Acc (B * Hq, nsplit, Lq, Ev), Mrow, Lrow (B * Hq, nsplit, Lq),
+    # merged by split_fwd.
     # PAGED (1 or 2): K and V are page pools (pages, Hkv, page, E) by strides; key j of entry b
     # is row j % page of page Table[b, j // page] (table row stride stb), read in place.  1: each
     # key tile lies in one page (page a multiple of BLOCK_N), one base a tile, as a contiguous
     # cache; 2: any page size, each key row's own base (a gather: more registers, 16-key tiles).
     sp = tl.program_id(0)
     bh = tl.program_id(1)
+    start_m = tl.program_id(2) * BLOCK_M
     h = bh % Hq
     b = bh // Hq
     hk = h // group
@@ -236,14 +238,16 @@ def _split_fwd_kernel(Q, K, V, Lens, Bidx, Table, Acc, Mrow, Lrow,
     else:
         kb = b
     Lk = tl.load(Lens + b)
-    offs_m = tl.arange(0, BLOCK_M)
+    offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_dv = tl.arange(0, BLOCK_DV)
     q = load_rows(Q, b * sqb + h * sqh, offs_m, sqm, sqd, Lq, BLOCK_D, E)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
-    lo = sp * chunk
-    hi = tl.minimum(lo + chunk, Lk)
+    # The split's keys, less those outside the block's band (aligned to BLOCK_N, as the split is).
+    band_lo, band_hi = _band_range(start_m, BLOCK_M, BLOCK_N, Lk, Lk - Lq, wl, wr, WINDOWED)
+    lo = tl.maximum(sp * chunk, band_lo)
+    hi = tl.minimum(tl.minimum(sp * chunk + chunk, Lk), band_hi)
     for start_n in range(lo, hi, BLOCK_N):
         if PAGED == 1:  # the tile's page, less the tile's logical offset (load_rows adds it)
             pg = tl.load(Table + b * stb + start_n // page).to(tl.int64)
@@ -763,6 +767,9 @@ def _backward_passes(L, wrap, q, k, v, dout, lse, dlse, delta, given, dq, dk, dv
 # Split-KV (flash-decoding) for short queries: when the (batch, head) programs of a query
 # block are fewer than the GPU's SMs, the keys are split so that every SM has work.
 SPLIT_MAX_ROWS = 16      # query rows (Lq) served by one split program
+# Query rows of a program when there are more (a paged cache's prefill); under the
+# interpreter 16, so that its tests see several query blocks.
+SPLIT_BLOCK_M = 16 if INTERPRETING else 64
 SPLIT_MIN_KEYS = 256     # keys a split holds, at least
 SPLIT_MAX = 128
 INTERP_SMS = 4           # the SM count assumed under the interpreter (so the tests run the split path)
@@ -781,11 +788,12 @@ def split_count(programs, Lk, device):
 
 
 def split_fwd(q, k, v, lens, bidx, scale, window_left, window_right, nsplit, launch=None, block_table=None):
-    """(out (B, Hq, Lq, Ev) in q's dtype, lse (B, Hq, Lq) in lse_dtype) of short queries q
-    (B, Hq, Lq, E), Lq <= SPLIT_MAX_ROWS, over the first lens[b] keys of k, v (B_k, Hkv, S, E)
-    (entry bidx[b], or b), bottom-right, in nsplit key splits merged by logsumexp in float64.
-    With block_table (int32 (B, max_pages)), k and v are page pools (pages, Hkv, page, E), read
-    in place."""
+    """(out (B, Hq, Lq, Ev) in q's dtype, lse (B, Hq, Lq) in lse_dtype) of queries q (B, Hq, Lq, E)
+    over the first lens[b] keys of k, v (B_k, Hkv, S, E) (entry bidx[b], or b), bottom-right, in
+    nsplit key splits merged by logsumexp in float64.  With block_table (int32 (B, max_pages)),
+    k and v are page pools (pages, Hkv, page, E), read in place.  Made for short queries (Lq <=
+    SPLIT_MAX_ROWS: one query block); longer ones (a paged cache's prefill) take blocks of
+    SPLIT_BLOCK_M rows, a program each."""
     wrap = launch or (lambda kern: kern)
     B, Hq, Lq, E = q.shape
     Hkv, S, Ev = k.shape[1], k.shape[2], v.shape[3]
@@ -801,11 +809,13 @@ def split_fwd(q, k, v, lens, bidx, scale, window_left, window_right, nsplit, lau
     acc = torch.empty((B * Hq, nsplit, Lq, Ev), dtype=torch.float32, device=q.device)
     m = torch.empty((B * Hq, nsplit, Lq), dtype=torch.float32, device=q.device)
     lsum = torch.empty_like(m)
-    wrap(_split_fwd_kernel)[(nsplit, B * Hq)](
+    # (float32's IEEE dot spills registers with 64 rows on sm90: blocks of 16 rows for it.)
+    block_m = min(max(16, triton.next_power_of_2(Lq)), 16 if q.dtype == torch.float32 else SPLIT_BLOCK_M)
+    wrap(_split_fwd_kernel)[(nsplit, B * Hq, triton.cdiv(Lq, block_m))](
         q, k, v, lens, bidx if bidx is not None else lens, block_table if block_table is not None else lens, acc, m,
         lsum, *q.stride(), *k.stride(), *v.stride(), block_table.stride(0) if block_table is not None else 0,
         Hq, Lq, Hq // Hkv, nsplit, chunk, scale, window_left, window_right, page, E=E, Ev=Ev,
-        BLOCK_M=max(16, triton.next_power_of_2(Lq)), BLOCK_N=block_n, BLOCK_D=max(16, triton.next_power_of_2(E)),
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=max(16, triton.next_power_of_2(E)),
         BLOCK_DV=max(16, triton.next_power_of_2(Ev)), WINDOWED=window_left >= 0 or window_right >= 0,
         DOT=dot_mode(q.dtype), HAS_BIDX=bidx is not None, PAGED=paged)
     m64, l64 = m.double(), lsum.double()

@@ -159,6 +159,10 @@ def variant_launches(first=False):
                 pool = lambda t: t[:, :, :n * page].reshape(1, n, page, D).transpose(0, 1).contiguous()  # noqa: E731
                 attention.split_fwd(q, pool(k), pool(v), lens, None, 0.125, -1, 0, 8, block_table=table,
                                     launch=capture(f"split-kv paged{page} {str(dtype)[6:]} D{D}"))
+                if page == 256:  # a prefill over the pages: query blocks of SPLIT_BLOCK_M rows
+                    attention.split_fwd(torch.randn(1, 4, 128, D, dtype=dtype), pool(k), pool(v), lens, None, 0.125,
+                                        -1, 0, 1, block_table=table,
+                                        launch=capture(f"split-kv paged{page} prefill {str(dtype)[6:]} D{D}"))
     return calls
 
 

@@ -32,6 +32,8 @@ CASES = [  # (layout, Lq, new tokens, Hq, Hkv, is_causal, window)
     ("paged", 4, 4, 4, 2, True, None),
     ("paged", 12, 12, 8, 2, True, None),  # 48 query rows per kv head: pages gathered for the blocked kernel
     ("paged", 1, 0, 4, 4, False, None),
+    ("paged", 40, 40, 4, 2, True, None),  # a prefill over pages (Triton: query blocks of the split-KV kernel)
+    ("paged", 20, 0, 2, 1, False, (9, 3)),
 ]
 
 
@@ -95,6 +97,25 @@ def test_kvcache_num_splits_keeps_parity(num_splits, backend, layout, page):
     out, lse = attnfast.attention_with_kvcache(q, kc, vc, cache_seqlens=seqlens, num_splits=num_splits,
                                                block_table=table, return_lse=True, backend=backend)
     assert_parity(compare_kvcache_with_reference(out, lse, q, kc, vc, seqlens, table))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("layout", ["contiguous", "batch_idx", "paged"])
+@pytest.mark.parametrize("B,Lq", [(0, 3), (2, 0)])
+def test_kvcache_empty_calls(backend, layout, B, Lq):
+    """No batch entries, or no query rows: empty outputs of the right shapes, the cache untouched."""
+    kc, vc, table, idx = _cache(layout, 2, 64, 2, 32, 24, torch.float32)
+    table = table[:B] if table is not None else None
+    idx = idx[:B] if idx is not None else None
+    if layout == "contiguous":  # one cache entry per batch entry
+        kc, vc = kc[:B], vc[:B]
+    kc0 = kc.clone()
+    out, lse = attnfast.attention_with_kvcache(torch.randn(B, Lq, 4, 32), kc, vc,
+                                               cache_seqlens=torch.full((B,), 40, dtype=torch.int32),
+                                               block_table=table, cache_batch_idx=idx, is_causal=True,
+                                               return_lse=True, backend=backend)
+    assert out.shape == (B, Lq, 4, 24) and lse.shape == (B, 4, Lq)
+    assert torch.equal(kc, kc0)
 
 
 def test_kvcache_int_seqlens_and_no_grad():
