@@ -55,12 +55,14 @@ def test_parity_other_dtypes(case, dtype):
 ISA_CASES = SUBSET + DECODE[:3]
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("isa", ["default", "avx2"])
 @pytest.mark.parametrize("case", ISA_CASES, ids=[c.id() for c in ISA_CASES])
-def test_parity_each_isa_path(case, isa, monkeypatch):
-    """Every ISA build this CPU can run gives the same verdict (fp32)."""
+def test_parity_each_isa_path(case, isa, dtype, monkeypatch):
+    """Every ISA build this CPU can run gives the same verdict (bf16: the widening products of
+    these builds, where the AVX-512 build's own run takes vdpbf16ps pairs)."""
     monkeypatch.setenv("ATTNFAST_CPU_ISA", isa)
-    _check(case, torch.float32)
+    _check(case, dtype)
 
 
 def test_backward_deterministic():
