@@ -351,7 +351,7 @@ class TritonBackend(_FusedBackend):
         paged = plan.block_table is not None
         if Lq > 0 and B > 0 and kc.shape[1] > 0 and (paged or Lq <= attention.SPLIT_MAX_ROWS):
             S = kc.shape[1] * (plan.block_table.shape[1] if paged else 1)  # keys an entry can hold
-            blocks = -(-Lq // attention.SPLIT_BLOCK_M) if Lq > attention.SPLIT_MAX_ROWS else 1
+            blocks = -(-Lq // attention.split_block_m(Lq, q.dtype))  # query blocks of a split
             nsplit = plan.num_splits or attention.split_count(B * Hq * blocks, S, q.device)
             if nsplit > 1 or paged:  # flash-decoding over the cache rows; a paged cache read in place
                 out, lse = attention.split_fwd(q.transpose(1, 2), kc.transpose(1, 2), vc.transpose(1, 2),

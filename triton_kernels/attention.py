@@ -787,6 +787,12 @@ def split_count(programs, Lk, device):
     return max(1, min(SPLIT_MAX, -(-2 * sms // max(programs, 1)), Lk // SPLIT_MIN_KEYS))
 
 
+def split_block_m(Lq, dtype):
+    """Query rows of a split-KV program: all Lq of short queries, else blocks of SPLIT_BLOCK_M
+    (16 for float32: its IEEE dot spills registers with 64 rows on sm90)."""
+    return min(max(16, triton.next_power_of_2(Lq)), 16 if dtype == torch.float32 else SPLIT_BLOCK_M)
+
+
 def split_fwd(q, k, v, lens, bidx, scale, window_left, window_right, nsplit, launch=None, block_table=None):
     """(out (B, Hq, Lq, Ev) in q's dtype, lse (B, Hq, Lq) in lse_dtype) of queries q (B, Hq, Lq, E)
     over the first lens[b] keys of k, v (B_k, Hkv, S, E) (entry bidx[b], or b), bottom-right, in
@@ -809,8 +815,7 @@ def split_fwd(q, k, v, lens, bidx, scale, window_left, window_right, nsplit, lau
     acc = torch.empty((B * Hq, nsplit, Lq, Ev), dtype=torch.float32, device=q.device)
     m = torch.empty((B * Hq, nsplit, Lq), dtype=torch.float32, device=q.device)
     lsum = torch.empty_like(m)
-    # (float32's IEEE dot spills registers with 64 rows on sm90: blocks of 16 rows for it.)
-    block_m = min(max(16, triton.next_power_of_2(Lq)), 16 if q.dtype == torch.float32 else SPLIT_BLOCK_M)
+    block_m = split_block_m(Lq, q.dtype)
     wrap(_split_fwd_kernel)[(nsplit, B * Hq, triton.cdiv(Lq, block_m))](
         q, k, v, lens, bidx if bidx is not None else lens, block_table if block_table is not None else lens, acc, m,
         lsum, *q.stride(), *k.stride(), *v.stride(), block_table.stride(0) if block_table is not None else 0,
