@@ -891,7 +891,8 @@ def full_gpu_cases():
     """Every GPU case, most important first (a deadline cuts from the end)."""
     long_L, short_L, mask_L = (4096, 8192, 16384), (1024, 2048), (1024, 2048, 4096)
     out = []
-    for dtype, D in (("bfloat16", 128), ("float16", 128), ("bfloat16", 64), ("float16", 64)):
+    # The headline first (bf16, D 128 and 64), then float16: the deadline cuts the end.
+    for dtype, D in (("bfloat16", 128), ("bfloat16", 64), ("float16", 128), ("float16", 64)):
         for Ls in (long_L, short_L):
             for mode in ("fwd", "fwdbwd"):
                 for causal in (False, True):
