@@ -7,6 +7,9 @@
 # make sweep : the parity checks of the CPU, nn, variant and Triton suites over SWEEP_RUNS runs
 #              of fresh seeds: how often each fails, the checks nearest their bound (tools/parity_sweep.py)
 # make harness : build/attnfast_harness, the CUDA kernels' standalone test and timing binary (nvcc only, no torch)
+# make test-compat : the versions of the GPU machine (Python 3.12, torch 2.11, triton 3.6, numpy < 2.4) on
+#                    CPU, in their own .venv-compat: the Triton kernels under the interpreter (tests/triton and
+#                    the Triton cases of the API and variant tests) and their sm90 compile check
 # PYTHON=python3 uses an existing interpreter as it is (nothing is installed
 # into it but attnfast itself); by default a .venv is created here.
 VENV      := .venv
@@ -22,7 +25,7 @@ PY    := $(PYTHON)
 READY :=
 endif
 
-.PHONY: all deps build test test-fast test-asan fuzz sweep bench info clean harness
+.PHONY: all deps build test test-fast test-asan test-compat fuzz sweep bench info clean harness
 
 all: test
 
@@ -64,6 +67,33 @@ bench: build
 
 info: build
 	$(PY) -m attnfast info
+
+# The GPU machine's versions.  PyPI's torch 2.11 for Linux x86-64 is the CUDA build (~2.5 GB with
+# its CUDA libraries; it runs on CPU); no CPU build of it is on PyPI.  triton 3.6's interpreter
+# fails on numpy >= 2.4.  attnfast._C is not built: the Triton backend runs without it.
+# COMPAT_PYTHON: a Python 3.12 (where it is a pyenv shim, it runs with PYENV_VERSION=3.12).
+COMPAT_VENV   := .venv-compat
+COMPAT_PYTHON ?= python3.12
+COMPAT_PY     := $(COMPAT_VENV)/bin/python
+COMPAT_DEPS   := torch==2.11.0 triton==3.6.0 "numpy<2.4" pytest expecttest
+COMPAT_TESTS  := tests/triton tests/api/test_api.py tests/api/test_dropout.py tests/api/test_errors.py \
+                 tests/api/test_kvcache.py tests/api/test_reliability.py tests/api/test_varlen.py \
+                 tests/variants/test_variants.py
+
+$(COMPAT_VENV)/.deps-installed:
+	@py="$(COMPAT_PYTHON)"; $$py -c 'import sys; assert sys.version_info[:2] == (3, 12)' 2>/dev/null || \
+	{ py="env PYENV_VERSION=3.12 $(COMPAT_PYTHON)"; $$py -c 'import sys; assert sys.version_info[:2] == (3, 12)' 2>/dev/null; } || \
+	{ echo "test-compat: no Python 3.12 found ('$(COMPAT_PYTHON)'); install one or pass COMPAT_PYTHON=/path/to/python3.12" >&2; exit 1; }; \
+	echo "$$py -m venv $(COMPAT_VENV)"; $$py -m venv $(COMPAT_VENV)
+	$(COMPAT_PY) -m pip install --upgrade pip setuptools wheel
+	$(COMPAT_PY) -m pip install $(COMPAT_DEPS)
+	ATTNFAST_SKIP_EXT=1 $(COMPAT_PY) -m pip install --no-build-isolation --no-deps -e .
+	touch $@
+
+test-compat: $(COMPAT_VENV)/.deps-installed
+	$(COMPAT_PY) -c "import sys, torch, triton, numpy; print('python', sys.version.split()[0], 'torch', torch.__version__, 'triton', triton.__version__, 'numpy', numpy.__version__)"
+	env -u TRITON_INTERPRET $(COMPAT_PY) -m attnfast.triton_kernels.compile_check --archs 90 --heads 64 --masks bool --first
+	TRITON_INTERPRET=1 $(COMPAT_PY) -m pytest -q $(COMPAT_TESTS) -k triton
 
 # Needs only nvcc; runs on sm_80+ (`build/attnfast_harness --help` lists the modes).
 NVCC         ?= nvcc

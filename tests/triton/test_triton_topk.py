@@ -186,7 +186,7 @@ def test_backward_is_straight_through():
 
 def test_opcheck():
     """Schema, fake kernel and autograd registration of the forward op (strided inputs).
-    (Not test_aot_dispatch_dynamic: under the interpreter, wrap_triton leaves the kernels
+    (Not test_aot_dispatch_dynamic: under the interpreter, common.launcher leaves the kernels
     out of the traced graph, so the traced op computes nothing.)"""
     q = torch.randn(1, 9, 2, 16, device=DEVICE).transpose(1, 2)
     k = torch.randn(1, 13, 1, 16, device=DEVICE).transpose(1, 2)
