@@ -9,6 +9,8 @@ q (B, Hq, Lq, E), k (B, Hkv, Lk, E), v (B, Hkv, Lk, Ev), mask expanded to
 query i: d = i + diag; (window_left < 0 or j >= d - window_left) and
 (window_right < 0 or j <= d + window_right); causal is window_right = 0.
 """
+import math
+
 import torch
 import triton
 import triton.language as tl
@@ -16,8 +18,8 @@ from torch.library import triton_op
 
 from ..ops import lse_dtype
 
-from .common import (INTERPRETING, MASK_NONE, dot, dot_mode, launcher, load_rows, lse_parts, mask_args,
-                     masked_scores, program_block, row_lse, visible)
+from .common import (INTERPRETING, LOG2E, MASK_NONE, dot, dot_mode, launcher, load_rows, lse2_parts, mask_args,
+                     masked_scores, program_block, row_lse2, visible)
 
 
 @triton.jit
@@ -49,14 +51,14 @@ def _dropout_scale(offs_m, offs_n, Lk, bh, seed_lo, seed_hi, offset, p_drop):
 @triton.jit
 def _mask_scores(s, offs_m, offs_n, Mask, mask_base, smm, smn, Lq, Lk, diag, wl, wr, need,
                  MASK_KIND: tl.constexpr, WINDOWED: tl.constexpr):
-    """Scores with everything a query may not see set to -inf: keys past Lk,
-    outside the causal/window band, or hidden by the mask; a float mask is
-    added.  The mask is read only where `need` (a tile the lists mark fully
-    visible reads nothing)."""
+    """Scores (log2 units) with everything a query may not see set to -inf: keys
+    past Lk, outside the causal/window band, or hidden by the mask; a float mask
+    is added (times log2 e).  The mask is read only where `need` (a tile the
+    lists mark fully visible reads nothing)."""
     ok = visible(offs_m, offs_n, Lk, diag, wl, wr, WINDOWED)
     inb = (offs_m[:, None] < Lq) & (offs_n[None, :] < Lk)
     inb = inb & (tl.zeros_like(inb) | need)  # (broadcast spelled out for the interpreter)
-    return masked_scores(s, ok, offs_m, offs_n, Mask, mask_base, smm, smn, inb, MASK_KIND)
+    return masked_scores(s, ok, offs_m, offs_n, Mask, mask_base, smm, smn, inb, MASK_KIND, True)
 
 
 @triton.jit
@@ -77,6 +79,32 @@ def _band_range(start, BLOCK: tl.constexpr, BLOCK_OTHER: tl.constexpr, L_other, 
         if wr >= 0:
             hi = tl.minimum(start + BLOCK - 1 + diag + wr + 1, L_other)
     return lo, hi
+
+
+@triton.jit
+def _whole_range(start, BLOCK: tl.constexpr, BLOCK_OTHER: tl.constexpr, lo, hi, L_other, diag, wl, wr,
+                 WINDOWED: tl.constexpr):
+    """[a, b): the tiles of the band range [lo, hi) (tiles of BLOCK_OTHER from lo) that every
+    row of the block [start, start + BLOCK) sees whole: inside L_other and inside each row's
+    band.  They need no masking; the tiles of [lo, a) and [b, hi) do.  Arguments as
+    _band_range's."""
+    a = lo
+    end = L_other
+    if WINDOWED:
+        if wl >= 0:  # the block's last row sees from start + BLOCK - 1 + diag - wl on
+            a = lo + tl.cdiv(tl.maximum(start + BLOCK - 1 + diag - wl - lo, 0), BLOCK_OTHER) * BLOCK_OTHER
+        if wr >= 0:  # its first row up to start + diag + wr
+            end = tl.minimum(end, start + diag + wr + 1)
+    a = tl.minimum(a, hi)
+    b = lo + (tl.maximum(end - lo, 0) // BLOCK_OTHER) * BLOCK_OTHER
+    return a, tl.maximum(tl.minimum(b, hi), a)
+
+
+@triton.jit
+def _edge_tile(t, lo, a, b, BLOCK_OTHER: tl.constexpr):
+    """First position of the t-th tile that needs masking: those of [lo, a), then of [b, hi)."""
+    n_left = tl.cdiv(a - lo, BLOCK_OTHER)  # (a is on the grid, or hi)
+    return tl.where(t < n_left, lo + t * BLOCK_OTHER, b + (t - n_left) * BLOCK_OTHER)
 
 
 # A mask tensor comes with its block lists (built by `mask_block_lists`): for
@@ -131,31 +159,43 @@ def _nan_max(a, b):
 
 @triton.jit
 def _fwd_tile(acc, m_i, l_i, q, start_n, need, offs_m, K, V, Mask, k_base, v_base, mask_base,
-              skn, skd, svn, svd, smm, smn, Lq, Lk, scale, diag, wl, wr, bh, seed_lo, seed_hi,
+              skn, skd, svn, svd, smm, smn, Lq, Lk, qk_scale, diag, wl, wr, bh, seed_lo, seed_hi,
               rng_offset, p_drop, E: tl.constexpr, Ev: tl.constexpr, BLOCK_N: tl.constexpr,
               BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, MASK_KIND: tl.constexpr,
-              WINDOWED: tl.constexpr, DOT: tl.constexpr, DROPOUT: tl.constexpr):
-    """One key tile of the online softmax: (acc, m, l) updated."""
+              WINDOWED: tl.constexpr, DOT: tl.constexpr, DROPOUT: tl.constexpr, MASKED: tl.constexpr):
+    """One key tile of the online softmax: (acc, m, l) updated, m in log2 units (qk_scale =
+    scale * log2 e).  Not MASKED: a tile that every row sees whole (no band, bounds or mask
+    work)."""
     offs_n = start_n + tl.arange(0, BLOCK_N)
     # The scores as the backward kernels form them, dot(q, trans(k)) on the same
     # tiles: the backward's P = exp(s - lse) then rebuilds the forward's very
     # scores, and a row's largest P keeps the cancellation a naive softmax has
     # (s - max = 0).  (k loaded as a (D, N) tile instead rounds differently
     # under the interpreter: P of 5-10 ulps off, dV 4x a naive error.)
-    k = load_rows(K, k_base, offs_n, skn, skd, Lk, BLOCK_D, E)
-    s = dot(q, tl.trans(k), DOT) * scale
-    s = _mask_scores(s, offs_m, offs_n, Mask, mask_base, smm, smn, Lq, Lk, diag, wl, wr, need,
-                     MASK_KIND, WINDOWED)
+    k = load_rows(K, k_base, offs_n, skn, skd, Lk, BLOCK_D, E, not MASKED)
+    qk = dot(q, tl.trans(k), DOT)
     # NaN-propagating max (tl.max drops NaN): a NaN score must make its row NaN, not
     # look like a row with no visible key.
-    m_new = tl.maximum(m_i, tl.reduce(s, 1, _nan_max), propagate_nan=tl.PropagateNan.ALL)
+    if MASKED:
+        s = _mask_scores(qk * qk_scale, offs_m, offs_n, Mask, mask_base, smm, smn, Lq, Lk, diag, wl, wr, need,
+                         MASK_KIND, WINDOWED)
+        m_new = tl.maximum(m_i, tl.reduce(s, 1, _nan_max), propagate_nan=tl.PropagateNan.ALL)
+    else:
+        # The row max of the raw products, scaled once per row (the same float32 value as the
+        # max of the scaled scores: rounding is monotonic), and each score scaled inside the
+        # exponent, qk * qk_scale - m: one FMA and one exp2 a score.
+        s = qk
+        m_new = tl.maximum(m_i, tl.reduce(qk, 1, _nan_max) * qk_scale, propagate_nan=tl.PropagateNan.ALL)
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing visible yet
-    p = tl.exp(s - m_safe[:, None])
-    alpha = tl.exp(m_i - m_safe)
+    if MASKED:
+        p = tl.exp2(s - m_safe[:, None])
+    else:
+        p = tl.exp2(s * qk_scale - m_safe[:, None])
+    alpha = tl.exp2(m_i - m_safe)
     l_i = l_i * alpha + tl.sum(p, 1)
     if DROPOUT:  # l sums the kept and the dropped; the output takes the kept
         p = p * _dropout_scale(offs_m, offs_n, Lk, bh, seed_lo, seed_hi, rng_offset, p_drop)
-    v = load_rows(V, v_base, offs_n, svn, svd, Lk, BLOCK_DV, Ev)
+    v = load_rows(V, v_base, offs_n, svn, svd, Lk, BLOCK_DV, Ev, not MASKED)
     acc = acc * alpha[:, None] + dot(p.to(v.dtype), v, DOT)
     return acc, m_new, l_i
 
@@ -184,13 +224,25 @@ def _fwd_kernel(Q, K, V, Mask, Blocks, Out, Lse, CuQ, CuK, UsedK,
     k_base = b * skb + hk * skh + k0 * skn
     v_base = b * svb + hk * svh + k0 * svn
     mask_base = b * smb + h * smh
+    qk_scale = scale * LOG2E
     if MASK_KIND == MASK_NONE:
+        # Two stages: the tiles every row sees whole, unmasked; then the band's edges and the
+        # last partial tile, masked.
         lo, hi = _band_range(start_m, BLOCK_M, BLOCK_N, Lk, diag, wl, wr, WINDOWED)
-        for start_n in range(lo, hi, BLOCK_N):
+        a, z = _whole_range(start_m, BLOCK_M, BLOCK_N, lo, hi, Lk, diag, wl, wr, WINDOWED)
+        if qk_scale < 0:  # (the whole tiles' row max is max(qk) * qk_scale: a scale >= 0 only)
+            a = lo
+            z = lo
+        for start_n in range(a, z, BLOCK_N):
             acc, m_i, l_i = _fwd_tile(
                 acc, m_i, l_i, q, start_n, False, offs_m, K, V, Mask, k_base, v_base, mask_base,
-                skn, skd, svn, svd, smm, smn, Lq, Lk, scale, diag, wl, wr, drop_bh, seed_lo, seed_hi,
-                rng_offset, p_drop, E, Ev, BLOCK_N, BLOCK_D, BLOCK_DV, 0, WINDOWED, DOT, DROPOUT)
+                skn, skd, svn, svd, smm, smn, Lq, Lk, qk_scale, diag, wl, wr, drop_bh, seed_lo, seed_hi,
+                rng_offset, p_drop, E, Ev, BLOCK_N, BLOCK_D, BLOCK_DV, 0, WINDOWED, DOT, DROPOUT, False)
+        for t in range(0, tl.cdiv(a - lo, BLOCK_N) + tl.cdiv(hi - z, BLOCK_N)):
+            acc, m_i, l_i = _fwd_tile(
+                acc, m_i, l_i, q, _edge_tile(t, lo, a, z, BLOCK_N), False, offs_m, K, V, Mask, k_base, v_base,
+                mask_base, skn, skd, svn, svd, smm, smn, Lq, Lk, qk_scale, diag, wl, wr, drop_bh, seed_lo, seed_hi,
+                rng_offset, p_drop, E, Ev, BLOCK_N, BLOCK_D, BLOCK_DV, 0, WINDOWED, DOT, DROPOUT, True)
     else:
         rec = Blocks + b * sbb + h * sbh + (start_m // SUM_M) * sbr
         # one loop over kernel tiles (not a nested one: one copy of the tile
@@ -199,13 +251,13 @@ def _fwd_kernel(Q, K, V, Mask, Blocks, Out, Lse, CuQ, CuK, UsedK,
             start_n, need = _listed_tile(rec, t, SUM_N, BLOCK_N)
             acc, m_i, l_i = _fwd_tile(
                 acc, m_i, l_i, q, start_n, need, offs_m, K, V, Mask, k_base, v_base, mask_base,
-                skn, skd, svn, svd, smm, smn, Lq, Lk, scale, diag, wl, wr, drop_bh, seed_lo, seed_hi,
-                rng_offset, p_drop, E, Ev, BLOCK_N, BLOCK_D, BLOCK_DV, MASK_KIND, WINDOWED, DOT, DROPOUT)
+                skn, skd, svn, svd, smm, smn, Lq, Lk, qk_scale, diag, wl, wr, drop_bh, seed_lo, seed_hi,
+                rng_offset, p_drop, E, Ev, BLOCK_N, BLOCK_D, BLOCK_DV, MASK_KIND, WINDOWED, DOT, DROPOUT, True)
     alive = l_i > 0
     out = acc / tl.where(alive, l_i, 1.0)[:, None]  # fully masked rows: 0
     tl.store(Out + b * sob + h * soh + (q0 + offs_m[:, None]) * som + offs_dv[None, :] * sod,
              out.to(Out.dtype.element_ty), mask=(offs_m[:, None] < Lq) & (offs_dv[None, :] < Ev))
-    lse = tl.where(alive, row_lse(m_i, tl.where(alive, l_i, 1.0)),
+    lse = tl.where(alive, row_lse2(m_i, tl.where(alive, l_i, 1.0)),
                    tl.where(l_i != l_i, l_i, float("-inf")).to(tl.float64))  # NaN rows keep NaN
     tl.store(Lse + b * slb + h * slh + q0 + offs_m, lse.to(Lse.dtype.element_ty), mask=offs_m < Lq)
 
@@ -221,8 +273,8 @@ def _split_fwd_kernel(Q, K, V, Lens, Bidx, Table, Acc, Mrow, Lrow,
     # block) over keys [split * chunk, (split + 1) * chunk) of batch entry b's first Lens[b]
     # (its cache entry Bidx[b] with HAS_BIDX), seen by the block's BLOCK_M query rows (short
     # queries: all of them, one block), the diagonal bottom-right; the unnormalised output and
-    # the row max and sum go to Acc (B * Hq, nsplit, Lq, Ev), Mrow, Lrow (B * Hq, nsplit, Lq),
-    # merged by split_fwd.
+    # the row max (log2 units) and sum go to Acc (B * Hq, nsplit, Lq, Ev), Mrow, Lrow
+    # (B * Hq, nsplit, Lq), merged by split_fwd.
     # PAGED (1 or 2): K and V are page pools (pages, Hkv, page, E) by strides; key j of entry b
     # is row j % page of page Table[b, j // page] (table row stride stb), read in place.  1: each
     # key tile lies in one page (page a multiple of BLOCK_N), one base a tile, as a contiguous
@@ -264,8 +316,8 @@ def _split_fwd_kernel(Q, K, V, Lens, Bidx, Table, Acc, Mrow, Lrow,
             v_base = kb * svb + hk * svh
         acc, m_i, l_i = _fwd_tile(
             acc, m_i, l_i, q, start_n, False, offs_m, K, V, K, k_base, v_base, 0,
-            skn, skd, svn, svd, 0, 0, Lq, hi, scale, Lk - Lq, wl, wr, bh, 0, 0, 0, 0.0, E, Ev, BLOCK_N, BLOCK_D,
-            BLOCK_DV, 0, WINDOWED, DOT, False)
+            skn, skd, svn, svd, 0, 0, Lq, hi, scale * LOG2E, Lk - Lq, wl, wr, bh, 0, 0, 0, 0.0, E, Ev, BLOCK_N,
+            BLOCK_D, BLOCK_DV, 0, WINDOWED, DOT, False, True)
     row = (bh * nsplit + sp) * Lq + offs_m
     tl.store(Acc + row[:, None] * Ev + offs_dv[None, :], acc, mask=(offs_m[:, None] < Lq) & (offs_dv[None, :] < Ev))
     tl.store(Mrow + row, m_i, mask=offs_m < Lq)
@@ -274,19 +326,21 @@ def _split_fwd_kernel(Q, K, V, Lens, Bidx, Table, Acc, Mrow, Lrow,
 
 @triton.jit
 def _rows_tile(dq, delta_acc, q, do, lse_hi, lse_lo, delta, start_n, need, offs_m, K, V, Mask, k_base, v_base,
-               mask_base, skn, skd, svn, svd, smm, smn, Lq, Lk, scale, diag, wl, wr, bh,
+               mask_base, skn, skd, svn, svd, smm, smn, Lq, Lk, qk_scale, diag, wl, wr, bh,
                seed_lo, seed_hi, rng_offset, p_drop, E: tl.constexpr, Ev: tl.constexpr,
                BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
                MASK_KIND: tl.constexpr, WINDOWED: tl.constexpr, DOT: tl.constexpr,
-               DROPOUT: tl.constexpr, DELTA_PASS: tl.constexpr):
-    """One key tile of the row-wise backward: delta_acc (DELTA_PASS) or dq updated."""
+               DROPOUT: tl.constexpr, DELTA_PASS: tl.constexpr, MASKED: tl.constexpr):
+    """One key tile of the row-wise backward: delta_acc (DELTA_PASS) or dq updated; scores in
+    log2 units as the forward's, (lse_hi, lse_lo) from lse2_parts; not MASKED as there."""
     offs_n = start_n + tl.arange(0, BLOCK_N)
     k = load_rows(K, k_base, offs_n, skn, skd, Lk, BLOCK_D, E)
     v = load_rows(V, v_base, offs_n, svn, svd, Lk, BLOCK_DV, Ev)
-    s = dot(q, tl.trans(k), DOT) * scale
-    s = _mask_scores(s, offs_m, offs_n, Mask, mask_base, smm, smn, Lq, Lk, diag, wl, wr, need,
-                     MASK_KIND, WINDOWED)
-    p = tl.exp((s - lse_hi[:, None]) - lse_lo[:, None])  # masked: exp(-inf) = 0; dead rows: hi = +inf
+    s = dot(q, tl.trans(k), DOT) * qk_scale
+    if MASKED:
+        s = _mask_scores(s, offs_m, offs_n, Mask, mask_base, smm, smn, Lq, Lk, diag, wl, wr, need,
+                         MASK_KIND, WINDOWED)
+    p = tl.exp2((s - lse_hi[:, None]) - lse_lo[:, None])  # masked: exp2(-inf) = 0; dead rows: hi = +inf
     dp = dot(do, tl.trans(v), DOT)
     if DROPOUT:
         dp = dp * _dropout_scale(offs_m, offs_n, Lk, bh, seed_lo, seed_hi, rng_offset, p_drop)
@@ -324,7 +378,7 @@ def _bwd_rows_kernel(Q, K, V, Mask, Blocks, DO, Lse, DLse, Delta, DQ, CuQ, CuK, 
     q = load_rows(Q, b * sqb + h * sqh + q0 * sqm, offs_m, sqm, sqd, Lq, BLOCK_D, E)
     do = load_rows(DO, b * sdb + h * sdh + q0 * sdm, offs_m, sdm, sdd, Lq, BLOCK_DV, Ev)
     row = b * slb + h * slh + q0  # this head's lse, dlse and delta
-    lse_hi, lse_lo = lse_parts(tl.load(Lse + row + offs_m, mask=offs_m < Lq, other=float("inf")))
+    lse_hi, lse_lo = lse2_parts(tl.load(Lse + row + offs_m, mask=offs_m < Lq, other=float("inf")))
     if DELTA_PASS:
         delta = tl.zeros([BLOCK_M], tl.float32)
     else:
@@ -334,23 +388,31 @@ def _bwd_rows_kernel(Q, K, V, Mask, Blocks, DO, Lse, DLse, Delta, DQ, CuQ, CuK, 
     k_base = b * skb + hk * skh + k0 * skn
     v_base = b * svb + hk * svh + k0 * svn
     mask_base = b * smb + h * smh
-    if MASK_KIND == MASK_NONE:
+    qk_scale = scale * LOG2E
+    if MASK_KIND == MASK_NONE:  # the forward's two stages
         lo, hi = _band_range(start_m, BLOCK_M, BLOCK_N, Lk, diag, wl, wr, WINDOWED)
-        for start_n in range(lo, hi, BLOCK_N):
+        a, z = _whole_range(start_m, BLOCK_M, BLOCK_N, lo, hi, Lk, diag, wl, wr, WINDOWED)
+        for start_n in range(a, z, BLOCK_N):
             dq, delta_acc = _rows_tile(
                 dq, delta_acc, q, do, lse_hi, lse_lo, delta, start_n, False, offs_m, K, V, Mask, k_base, v_base,
-                mask_base, skn, skd, svn, svd, smm, smn, Lq, Lk, scale, diag, wl, wr, drop_bh,
+                mask_base, skn, skd, svn, svd, smm, smn, Lq, Lk, qk_scale, diag, wl, wr, drop_bh,
                 seed_lo, seed_hi, rng_offset, p_drop, E, Ev, BLOCK_N, BLOCK_D, BLOCK_DV, 0,
-                WINDOWED, DOT, DROPOUT, DELTA_PASS)
+                WINDOWED, DOT, DROPOUT, DELTA_PASS, False)
+        for t in range(0, tl.cdiv(a - lo, BLOCK_N) + tl.cdiv(hi - z, BLOCK_N)):
+            dq, delta_acc = _rows_tile(
+                dq, delta_acc, q, do, lse_hi, lse_lo, delta, _edge_tile(t, lo, a, z, BLOCK_N), False, offs_m, K, V,
+                Mask, k_base, v_base, mask_base, skn, skd, svn, svd, smm, smn, Lq, Lk, qk_scale, diag, wl, wr,
+                drop_bh, seed_lo, seed_hi, rng_offset, p_drop, E, Ev, BLOCK_N, BLOCK_D, BLOCK_DV, 0,
+                WINDOWED, DOT, DROPOUT, DELTA_PASS, True)
     else:
         rec = Blocks + b * sbb + h * sbh + (start_m // SUM_M) * sbr
         for t in range(0, tl.load(rec) * (SUM_N // BLOCK_N)):
             start_n, need = _listed_tile(rec, t, SUM_N, BLOCK_N)
             dq, delta_acc = _rows_tile(
                 dq, delta_acc, q, do, lse_hi, lse_lo, delta, start_n, need, offs_m, K, V, Mask, k_base,
-                v_base, mask_base, skn, skd, svn, svd, smm, smn, Lq, Lk, scale, diag, wl, wr, drop_bh,
+                v_base, mask_base, skn, skd, svn, svd, smm, smn, Lq, Lk, qk_scale, diag, wl, wr, drop_bh,
                 seed_lo, seed_hi, rng_offset, p_drop, E, Ev, BLOCK_N, BLOCK_D, BLOCK_DV, MASK_KIND,
-                WINDOWED, DOT, DROPOUT, DELTA_PASS)
+                WINDOWED, DOT, DROPOUT, DELTA_PASS, True)
     if DELTA_PASS:
         if HAS_DLSE:  # d lse / d s = P: a gradient on lse only shifts delta
             delta_acc -= tl.load(DLse + row + offs_m, mask=offs_m < Lq, other=0.0).to(tl.float32)
@@ -364,21 +426,23 @@ def _bwd_rows_kernel(Q, K, V, Mask, Blocks, DO, Lse, DLse, Delta, DQ, CuQ, CuK, 
 @triton.jit
 def _dkdv_tile(dk, dv, k, v, start_m, need, offs_n, h, bh, b, Q, DO, Lse, Delta, Mask, DMask,
                sqb, sqh, sqm, sqd, sdb, sdh, sdm, sdd, smb, smh, smm, smn, row, q0, drop_bh,
-               Lq, Lk, scale, diag, wl, wr, seed_lo, seed_hi, rng_offset, p_drop,
+               Lq, Lk, qk_scale, diag, wl, wr, seed_lo, seed_hi, rng_offset, p_drop,
                E: tl.constexpr, Ev: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
                BLOCK_DV: tl.constexpr, MASK_KIND: tl.constexpr, WINDOWED: tl.constexpr,
-               MASK_GRAD: tl.constexpr, DOT: tl.constexpr, DROPOUT: tl.constexpr):
+               MASK_GRAD: tl.constexpr, DOT: tl.constexpr, DROPOUT: tl.constexpr, MASKED: tl.constexpr):
     """One query tile of head h against the program's key block: (dk, dv) updated;
-    the float-mask gradient dS of the tile is stored."""
+    the float-mask gradient dS of the tile is stored.  Scores in log2 units; not MASKED: a
+    tile whose rows all see the block's keys whole."""
     offs_m = start_m + tl.arange(0, BLOCK_M)
     q = load_rows(Q, b * sqb + h * sqh + q0 * sqm, offs_m, sqm, sqd, Lq, BLOCK_D, E)
     do = load_rows(DO, b * sdb + h * sdh + q0 * sdm, offs_m, sdm, sdd, Lq, BLOCK_DV, Ev)
-    lse_hi, lse_lo = lse_parts(tl.load(Lse + row + offs_m, mask=offs_m < Lq, other=float("inf")))
+    lse_hi, lse_lo = lse2_parts(tl.load(Lse + row + offs_m, mask=offs_m < Lq, other=float("inf")))
     delta = tl.load(Delta + row + offs_m, mask=offs_m < Lq, other=0.0)
-    s = dot(q, tl.trans(k), DOT) * scale
-    s = _mask_scores(s, offs_m, offs_n, Mask, b * smb + h * smh, smm, smn, Lq, Lk, diag, wl, wr,
-                     need, MASK_KIND, WINDOWED)
-    p = tl.exp((s - lse_hi[:, None]) - lse_lo[:, None])  # (M, N); dead rows, rows past Lq: p = 0
+    s = dot(q, tl.trans(k), DOT) * qk_scale
+    if MASKED:
+        s = _mask_scores(s, offs_m, offs_n, Mask, b * smb + h * smh, smm, smn, Lq, Lk, diag, wl, wr,
+                         need, MASK_KIND, WINDOWED)
+    p = tl.exp2((s - lse_hi[:, None]) - lse_lo[:, None])  # (M, N); dead rows, rows past Lq: p = 0
     if DROPOUT:
         z = _dropout_scale(offs_m, offs_n, Lk, drop_bh, seed_lo, seed_hi, rng_offset, p_drop)
         dv += dot(tl.trans(p * z).to(do.dtype), do, DOT)
@@ -417,18 +481,28 @@ def _bwd_dkdv_kernel(Q, K, V, Mask, BlocksT, DO, Lse, Delta, DK, DV, DMask, CuQ,
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_DV], tl.float32)
     lo, hi = _band_range(start_n, BLOCK_N, BLOCK_M, Lq, -diag, wr, wl, WINDOWED)
+    # The forward's two stages, from the keys' side: query tiles every key of the block sees whole
+    # (rows past Lq have lse = +inf there: P = 0), then the edges.
+    a, z = _whole_range(start_n, BLOCK_N, BLOCK_M, lo, hi, Lq, -diag, wr, wl, WINDOWED)
+    qk_scale = scale * LOG2E
     for g in range(0, group):
         h = hk * group + g
         bh = b * Hq + h
         row = b * slb + h * slh + q0  # head h's lse and delta
         drop_bh, drop_offset = _drop_stream(b, h, bh, rng_offset, VARLEN)
         if MASK_KIND == MASK_NONE:
-            for start_m in range(lo, hi, BLOCK_M):
+            for start_m in range(a, z, BLOCK_M):
                 dk, dv = _dkdv_tile(
                     dk, dv, k, v, start_m, False, offs_n, h, bh, b, Q, DO, Lse, Delta, Mask, DMask,
                     sqb, sqh, sqm, sqd, sdb, sdh, sdm, sdd, smb, smh, smm, smn, row, q0, drop_bh, Lq, Lk,
-                    scale, diag, wl, wr, seed_lo, seed_hi, drop_offset, p_drop, E, Ev, BLOCK_M, BLOCK_D, BLOCK_DV,
-                    0, WINDOWED, MASK_GRAD, DOT, DROPOUT)
+                    qk_scale, diag, wl, wr, seed_lo, seed_hi, drop_offset, p_drop, E, Ev, BLOCK_M, BLOCK_D,
+                    BLOCK_DV, 0, WINDOWED, MASK_GRAD, DOT, DROPOUT, False)
+            for t in range(0, tl.cdiv(a - lo, BLOCK_M) + tl.cdiv(hi - z, BLOCK_M)):
+                dk, dv = _dkdv_tile(
+                    dk, dv, k, v, _edge_tile(t, lo, a, z, BLOCK_M), False, offs_n, h, bh, b, Q, DO, Lse, Delta,
+                    Mask, DMask, sqb, sqh, sqm, sqd, sdb, sdh, sdm, sdd, smb, smh, smm, smn, row, q0, drop_bh,
+                    Lq, Lk, qk_scale, diag, wl, wr, seed_lo, seed_hi, drop_offset, p_drop, E, Ev, BLOCK_M, BLOCK_D,
+                    BLOCK_DV, 0, WINDOWED, MASK_GRAD, DOT, DROPOUT, True)
         else:
             rec = BlocksT + b * sbb + h * sbh + (start_n // SUM_N) * sbr
             for t in range(0, tl.load(rec) * (SUM_M // BLOCK_M)):
@@ -436,8 +510,8 @@ def _bwd_dkdv_kernel(Q, K, V, Mask, BlocksT, DO, Lse, Delta, DK, DV, DMask, CuQ,
                 dk, dv = _dkdv_tile(
                     dk, dv, k, v, start_m, need, offs_n, h, bh, b, Q, DO, Lse, Delta, Mask, DMask,
                     sqb, sqh, sqm, sqd, sdb, sdh, sdm, sdd, smb, smh, smm, smn, row, q0, drop_bh, Lq, Lk,
-                    scale, diag, wl, wr, seed_lo, seed_hi, drop_offset, p_drop, E, Ev, BLOCK_M, BLOCK_D, BLOCK_DV,
-                    MASK_KIND, WINDOWED, MASK_GRAD, DOT, DROPOUT)
+                    qk_scale, diag, wl, wr, seed_lo, seed_hi, drop_offset, p_drop, E, Ev, BLOCK_M, BLOCK_D,
+                    BLOCK_DV, MASK_KIND, WINDOWED, MASK_GRAD, DOT, DROPOUT, True)
     dk = dk * scale
     tl.store(DK + b * sgkb + hk * sgkh + (k0 + offs_n[:, None]) * sgkn + offs_d[None, :], dk.to(DK.dtype.element_ty),
              mask=(offs_n[:, None] < Lk) & (offs_d[None, :] < E))
@@ -536,10 +610,18 @@ INTERP_TILE = {False: (64, 64), True: (32, 32)}  # masked -> tile
 # where it is listed first (the config taken without autotuning), and ptxas's
 # register spills are recorded in bench/results/triton_compile.json; the first
 # entries were picked among the spill-free ones where any was found.
+# The sm90 forward follows the Triton tutorial's Hopper table (128 x 128 tiles on 8 warps,
+# 128 x 64 on 4, 2-4 stages; 8 warps only for 128 x 128; 64 x 64 for short queries), its
+# favourite tile first (at D 128 on 2 stages: with 3, a mask's lists take it past 227 KiB),
+# plus at D 128 the 128 x 64 tile on 8 warps that the tutorial prunes: with pointer loads
+# (not TMA) 128 x 64 on 4 warps spills 0.6-1 KiB a thread, on 8 none (the SASS counts of
+# bench/results/triton_sass_sm90.md).  The sm90 dK/dV table starts, at D 64, with 64-row
+# query tiles, the smallest whose products all run on wgmma (32-row ones take mma.sync);
+# at D 128 every such tile spills (>= 0.9 KiB), so 32-row tiles stay first there.
 TUNING = {
     "fwd": {
-        "sm90": {64: [(128, 128, 8, 3), (64, 64, 4, 4), (128, 64, 4, 3)],
-                 128: [(128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 4, 3)],
+        "sm90": {64: [(128, 128, 8, 3), (128, 64, 4, 3), (128, 128, 8, 4), (128, 64, 4, 4), (64, 64, 4, 3)],
+                 128: [(128, 128, 8, 2), (128, 128, 8, 3), (128, 64, 8, 3), (128, 64, 4, 3), (64, 64, 4, 3)],
                  256: [(64, 32, 4, 3), (128, 64, 8, 2), (64, 64, 4, 2)]},
         "sm80": {64: [(128, 128, 8, 3), (64, 64, 4, 3), (128, 64, 4, 3)],
                  128: [(128, 64, 8, 3), (128, 32, 4, 3)],
@@ -558,7 +640,7 @@ TUNING = {
         "small": {64: [(64, 64, 4, 2)], 128: [(64, 32, 4, 2)], 256: [(32, 32, 4, 1)]},
     },
     "dkdv": {
-        "sm90": {64: [(32, 64, 8, 3), (64, 64, 8, 3), (32, 64, 4, 2), (32, 128, 4, 3)],
+        "sm90": {64: [(64, 64, 8, 3), (32, 64, 8, 3), (32, 64, 4, 2), (32, 128, 4, 3)],
                  128: [(32, 64, 8, 3), (64, 64, 8, 2), (64, 64, 4, 3)],
                  256: [(32, 32, 4, 2), (64, 64, 8, 2)]},
         "sm80": {64: [(32, 64, 8, 3), (32, 64, 4, 2), (64, 64, 4, 3)],
@@ -823,7 +905,7 @@ def split_fwd(q, k, v, lens, bidx, scale, window_left, window_right, nsplit, lau
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=max(16, triton.next_power_of_2(E)),
         BLOCK_DV=max(16, triton.next_power_of_2(Ev)), WINDOWED=window_left >= 0 or window_right >= 0,
         DOT=dot_mode(q.dtype), HAS_BIDX=bidx is not None, PAGED=paged)
-    m64, l64 = m.double(), lsum.double()
+    m64, l64 = m.double() * math.log(2.0), lsum.double()  # the kernel's row maxima are in log2 units
     top = m64.amax(1, keepdim=True)
     top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
     w = torch.where(l64 > 0, torch.exp(m64 - top), torch.zeros_like(m64))

@@ -70,13 +70,23 @@ def dot(a, b, DOT: tl.constexpr):
 # which the parity rule catches on some draws.  The float64 lse is built with
 # float64 adds, multiplies and one divide only (no float64 log on the device, and
 # no platform float32 log, whose error differs between GPUs and numpy).
+#
+# exp2 in the kernels of attention.py: scores are kept in log2 units, s2 = q.k * (scale * log2 e),
+# so that each score costs one exp2 (the GPU's ex2) and no multiply by log2 e.  The lse they save
+# stays natural (the op's convention); the float64 conversions between the two take two-part
+# constants, each part exact in float32 (a kernel's float literal is a float32 constant).
+LOG2E = tl.constexpr(1.4426950408889634)        # for float32 arithmetic (a mask's values)
+LOG2E_HI = tl.constexpr(1.4426950216293335)     # float32(log2 e)
+LOG2E_LO = tl.constexpr(1.92596298909109e-08)   # log2 e - LOG2E_HI
+LN2_HI = tl.constexpr(0.693145751953125)        # 15 significant bits
+LN2_LO = tl.constexpr(1.4286068202862268e-06)   # ln 2 - LN2_HI
+
+
 @triton.jit
-def row_lse(m, l):
-    """m + log(l) in float64 for float32 row maxima m and sums l >= 1 (every row that
-    sees a key has l >= 1): l = 2^e f with f in [sqrt(1/2), sqrt(2)); e ln 2 from a
-    two-part ln 2 whose high part has 15 significant bits (e * LN2_HI is exact in
-    float32); log f = 2 atanh(u), u = (f - 1) / (f + 1), |u| < 0.172, by its series to
-    u^17 (the rest < 2e-16)."""
+def _ln_f64(l):
+    """log(l) in float64 for float32 sums l >= 1: l = 2^e f with f in [sqrt(1/2), sqrt(2)); e ln 2
+    from the two-part ln 2 (e * LN2_HI is exact in float32); log f = 2 atanh(u),
+    u = (f - 1) / (f + 1), |u| < 0.172, by its series to u^17 (the rest < 2e-16)."""
     bits = l.to(tl.int32, bitcast=True)
     e = ((bits >> 23) & 0xFF) - 127
     f = ((bits & 0x7FFFFF) | 0x3F800000).to(tl.float32, bitcast=True)  # [1, 2)
@@ -87,8 +97,30 @@ def row_lse(m, l):
     u2 = u * u
     series = u2 * (2.0 / 3.0 + u2 * (2.0 / 5.0 + u2 * (2.0 / 7.0 + u2 * (2.0 / 9.0 + u2 * (
         2.0 / 11.0 + u2 * (2.0 / 13.0 + u2 * (2.0 / 15.0 + u2 * (2.0 / 17.0))))))))
-    return (m.to(tl.float64) + (e * 0.693145751953125).to(tl.float64)
-            + (e * 1.4286068202862268e-06).to(tl.float64) + (2.0 * u + u * series))
+    return (e * LN2_HI).to(tl.float64) + (e * LN2_LO).to(tl.float64) + (2.0 * u + u * series)
+
+
+@triton.jit
+def row_lse2(m2, l):
+    """The natural lse, m2 ln 2 + log(l), in float64, of float32 row maxima m2 in log2 units and
+    sums l >= 1 (m2 * LN2_HI is exact in float64)."""
+    x = m2.to(tl.float64)
+    return x * LN2_HI + x * LN2_LO + _ln_f64(l)
+
+
+@triton.jit
+def lse2_parts(lse):
+    """lse_parts of a saved (natural) lse in log2 units, for P = exp2((s2 - hi) - lo): the lse
+    times log2 e in float64 (a row of one visible key then gets hi = its score exactly, P = 1)."""
+    x = lse.to(tl.float64)
+    return lse_parts(x * LOG2E_HI + x * LOG2E_LO)
+
+
+@triton.jit
+def row_lse(m, l):
+    """m + log(l) in float64 for float32 row maxima m and sums l >= 1 (every row that
+    sees a key has l >= 1)."""
+    return m.to(tl.float64) + _ln_f64(l)
 
 
 @triton.jit
@@ -115,11 +147,17 @@ def program_block(H, group, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def load_rows(Ptr, base, offs, sr, sc, n_rows, COLS: tl.constexpr, n_cols):
-    """(len(offs), COLS) tile of a strided matrix at Ptr + base, zero past n_rows / n_cols."""
+def load_rows(Ptr, base, offs, sr, sc, n_rows, COLS: tl.constexpr, n_cols, ROWS_IN: tl.constexpr = False):
+    """(len(offs), COLS) tile of a strided matrix at Ptr + base, zero past n_rows / n_cols.
+    ROWS_IN: the caller knows every row is below n_rows (no row mask; none at all when
+    n_cols == COLS)."""
     offs_c = tl.arange(0, COLS)
-    return tl.load(Ptr + base + offs[:, None] * sr + offs_c[None, :] * sc,
-                   mask=(offs[:, None] < n_rows) & (offs_c[None, :] < n_cols), other=0.0)
+    ptr = Ptr + base + offs[:, None] * sr + offs_c[None, :] * sc
+    if ROWS_IN:
+        if n_cols == COLS:
+            return tl.load(ptr)
+        return tl.load(ptr, mask=offs_c[None, :] < n_cols, other=0.0)
+    return tl.load(ptr, mask=(offs[:, None] < n_rows) & (offs_c[None, :] < n_cols), other=0.0)
 
 
 @triton.jit
@@ -134,15 +172,20 @@ def visible(offs_m, offs_n, Lk, diag, wl, wr, BANDED: tl.constexpr):
 
 
 @triton.jit
-def masked_scores(s, ok, offs_m, offs_n, Mask, mask_base, smm, smn, read, MASK_KIND: tl.constexpr):
+def masked_scores(s, ok, offs_m, offs_n, Mask, mask_base, smm, smn, read, MASK_KIND: tl.constexpr,
+                  LOG2: tl.constexpr = False):
     """Scores s (M, N) with every entry not `ok` or hidden by a bool mask at -inf, and a
-    float mask added (in s's dtype).  The mask tile is read with the mask's own
-    (broadcast) strides, only where `read` (elsewhere a bool mask counts as True)."""
+    float mask added (in s's dtype; times log2 e for scores in log2 units, LOG2).  The mask
+    tile is read with the mask's own (broadcast) strides, only where `read` (elsewhere a
+    bool mask counts as True)."""
     mptr = Mask + mask_base + offs_m[:, None] * smm + offs_n[None, :] * smn
     if MASK_KIND == MASK_BOOL:
         ok = ok & (tl.load(mptr, mask=read, other=1) != 0)
     if MASK_KIND == MASK_FLOAT:
-        s = s + tl.load(mptr, mask=read, other=0.0).to(s.dtype)
+        add = tl.load(mptr, mask=read, other=0.0).to(s.dtype)
+        if LOG2:
+            add = add * LOG2E
+        s = s + add
     return tl.where(ok, s, float("-inf"))
 
 
@@ -155,12 +198,16 @@ class _NoLaunch:
 
 def launcher(q):
     """How an op body launches its kernels: torch.library.wrap_triton (torch.compile sees
-    inside), or under TRITON_INTERPRET=1 with fake/meta tensors (the body serving as its
-    own fake kernel) a launcher that runs nothing: the interpreter would run the kernel
-    on the fake tensors' missing data."""
+    inside).  Under TRITON_INTERPRET=1: the kernel itself (torch 2.11's wrap_triton rejects
+    the interpreter's kernels: "wrap_triton only works on functions annotated with
+    triton.jit"), and with fake/meta tensors (the body serving as its own fake kernel) a
+    launcher that runs nothing: the interpreter would run the kernel on the fake tensors'
+    missing data."""
     from torch._subclasses.fake_tensor import is_fake
     from torch.library import wrap_triton
 
-    if INTERPRETING and (q.device.type == "meta" or is_fake(q)):
-        return lambda kernel: _NoLaunch()
+    if INTERPRETING:
+        if q.device.type == "meta" or is_fake(q):
+            return lambda kernel: _NoLaunch()
+        return lambda kernel: kernel
     return wrap_triton

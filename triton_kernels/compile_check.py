@@ -2,6 +2,7 @@
 
     python -m attnfast.triton_kernels.compile_check [--kinds fwd,rows,dkdv] [--archs 80,86,90]
         [--heads 64,128,256] [--masks none,bool] [--dtype bf16] [--first] [--json FILE]
+        [--sass] [--windowed 0|1]
     python -m attnfast.triton_kernels.compile_check --variants [--archs 90] [--first] [--json FILE]
 
 For every entry of attention.TUNING that the autotuner may pick on that GPU
@@ -11,6 +12,8 @@ exceeds the device's per-block limit where it is listed first (the config
 taken without autotuning must launch; the autotuner skips later ones that do
 not); register spills are reported (they cost speed, which only the autotuner
 on a GPU can weigh).
+--sass: static counts of SASS opcodes (cuobjdump): wgmma (HGMMA) against mma.sync (HMMA),
+MUFU.EX2, FMUL/FFMA/FADD, LDSM, TMA loads; sass_counts() serves for any compiled kernel.
 --variants: every kernel that the additive and top-k launchers (additive.py,
 topk.py) start for typical GPU shapes, with the very arguments, block sizes
 and warps of those launches (captured on CPU tensors instead of launched).
@@ -80,8 +83,32 @@ def _ptxas(compiled, arch):
     return regs, sum(int(x) for x in re.findall(r"(\d+) bytes spill (?:stores|loads)", log))
 
 
-def compile_one(kind, arch, cfg, head, dtype="bf16", mask_kind=0, windowed=True):
-    """Compile one config; returns a dict with shared bytes, registers, spills, seconds."""
+# SASS opcodes counted by --sass (static counts in the kernel's code): wgmma (HGMMA) against
+# the pre-Hopper mma.sync (HMMA), the exp2 unit (MUFU.EX2), the float ops around the scores, the
+# shared-memory fragment loads (LDSM), and the TMA loads (UTMALDG).
+SASS_OPS = ("HGMMA", "HMMA", "MUFU.EX2", "FMUL", "FFMA", "FADD", "FMNMX", "LDSM", "LDGSTS", "UTMALDG")
+
+
+def sass_counts(compiled, arch):
+    """{opcode: count} of a compiled kernel's SASS (cuobjdump, shipped with triton, beside ptxas)."""
+    import os
+
+    from triton.backends.nvidia.compiler import get_ptxas
+
+    tool = os.path.join(os.path.dirname(get_ptxas(arch).path), "cuobjdump")
+    with tempfile.NamedTemporaryFile("wb", suffix=".cubin") as f:
+        f.write(compiled.asm["cubin"])
+        f.flush()
+        sass = subprocess.run([tool, "-sass", f.name], capture_output=True, text=True, check=True).stdout
+    ops = re.findall(r"^\s+/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z0-9_.]+)", sass, flags=re.M)
+    counts = {op: sum(1 for o in ops if o == op or o.startswith(op + ".")) for op in SASS_OPS}
+    counts["instructions"] = len(ops)
+    return counts
+
+
+def compile_one(kind, arch, cfg, head, dtype="bf16", mask_kind=0, windowed=True, sass=False):
+    """Compile one config; returns a dict with shared bytes, registers, spills, seconds (and the
+    SASS counts with `sass`)."""
     fn = KERNELS[kind]
     bm, bn, warps, stages = cfg
     sig, attrs = _signature(fn, _DTYPE[dtype], mask_kind)
@@ -103,8 +130,12 @@ def compile_one(kind, arch, cfg, head, dtype="bf16", mask_kind=0, windowed=True)
     regs, spills = _ptxas(compiled, arch)
     shared = compiled.metadata.shared
     fits = shared <= SHARED_LIMIT[arch]
-    return dict(kind=kind, arch=arch, config=list(cfg), head=head, dtype=dtype, mask_kind=mask_kind,
-                shared=shared, registers=regs, spill_bytes=spills, fits=fits, seconds=round(time.time() - t0, 1))
+    out = dict(kind=kind, arch=arch, config=list(cfg), head=head, dtype=dtype, mask_kind=mask_kind,
+               windowed=windowed, shared=shared, registers=regs, spill_bytes=spills, fits=fits,
+               seconds=round(time.time() - t0, 1))
+    if sass:
+        out["sass"] = sass_counts(compiled, arch)
+    return out
 
 
 _TT = {"float32": "fp32", "float64": "fp64", "bfloat16": "bf16", "float16": "fp16", "int32": "i32",
@@ -225,6 +256,9 @@ def main(argv=None):
     p.add_argument("--first", action="store_true", help="only the first config of each table")
     p.add_argument("--json", default=None, help="write the rows here")
     p.add_argument("--variants", action="store_true", help="the additive and top-k kernels instead")
+    p.add_argument("--sass", action="store_true", help="count SASS opcodes too (" + ", ".join(SASS_OPS) + ")")
+    p.add_argument("--windowed", default="1", choices=["0", "1"],
+                   help="compile the band (causal/window) variant (1, default) or the one without (0)")
     a = p.parse_args(argv)
     if a.variants:
         return main_variants([int(x) for x in a.archs.split(",")], a.json, a.first)
@@ -236,13 +270,14 @@ def main(argv=None):
                     mk = {"none": MASK_NONE, "bool": MASK_BOOL, "float": MASK_FLOAT}[mask].value
                     table = A.TUNING[kind][A.gpu_class(arch)][head]
                     for i, cfg in enumerate(table[:1] if a.first else table):
-                        r = compile_one(kind, arch, cfg, head, a.dtype, mk)
+                        r = compile_one(kind, arch, cfg, head, a.dtype, mk, a.windowed == "1", a.sass)
                         r["first"] = i == 0
                         r["ok"] = r["fits"] or i > 0
                         rows.append(r)
                         print(f"{kind:<5} sm{arch} D{head:<4} {mask:<5} {str(tuple(cfg)):<18} "
                               f"smem {r['shared']:>7} regs {r['registers']:>4} spill {r['spill_bytes']:>5} "
-                              f"{'fits' if r['fits'] else 'too big'}{'' if r['ok'] else ' FAIL'} ({r['seconds']} s)", flush=True)
+                              f"{'fits' if r['fits'] else 'too big'}{'' if r['ok'] else ' FAIL'} ({r['seconds']} s)"
+                              + ("".join(f" {k} {v}" for k, v in r["sass"].items()) if a.sass else ""), flush=True)
     if a.json:
         with open(a.json, "w") as f:
             json.dump(dict(triton=triton.__version__, rows=rows), f, indent=1)

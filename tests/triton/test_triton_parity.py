@@ -24,6 +24,8 @@ CASES = [
     Case(B=1, Hq=2, Hkv=2, Lq=83, Lk=37, E=32, causal=True, align="bottom_right"),
     Case(B=1, Hq=2, Hkv=2, Lq=90, Lk=90, E=32, window=(9, 4)),
     Case(B=1, Hq=2, Hkv=2, Lq=70, Lk=90, E=32, window=(-1, 5), align="bottom_right"),
+    # a band with whole (unmasked) tiles between masked edges on both sides
+    Case(B=1, Hq=1, Hkv=1, Lq=300, Lk=330, E=32, window=(150, 70)),
     Case(B=2, Hq=2, Hkv=2, Lq=37, Lk=83, E=40, mask="bool", mask_bcast="heads", dead_rows=True),
     Case(B=2, Hq=2, Hkv=2, Lq=37, Lk=83, E=40, mask="float_grad", mask_bcast="batch"),
     Case(B=1, Hq=2, Hkv=1, Lq=70, Lk=140, E=32, mask="bool", mask_bcast="keypad", causal=True),
@@ -53,6 +55,20 @@ def test_parity(case, dtype):
 
     results = compare_with_reference(run, q, k, v, m, **case.ref_kwargs())
     assert_parity(results, f"{case.id()} {dtype}")
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_negative_scale(causal):
+    """A negative scale: the forward's whole tiles take their row max from max(q.k) * scale,
+    which only holds for a scale >= 0, so every tile takes the masked path then.  (Scores
+    spread over ~200 in log2 units: a row max taken as the smallest score overflows exp2.)"""
+    q = (16 * torch.randn(1, 2, 150, 32, device=DEVICE)).requires_grad_()
+    k, v = (torch.randn(1, 2, 150, 32, device=DEVICE, requires_grad=True) for _ in range(2))
+
+    def run(q, k, v, m):
+        return attnfast.attention(q, k, v, return_lse=True, is_causal=causal, scale=-0.3, backend="triton")
+
+    assert_parity(compare_with_reference(run, q, k, v, None, is_causal=causal, scale=-0.3), f"scale -0.3 {causal}")
 
 
 def test_lse_gradient():

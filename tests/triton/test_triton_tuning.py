@@ -75,6 +75,38 @@ def test_first_configs_compile_for_sm90(tmp_path):
     assert all(r["fits"] and r["registers"] > 0 and r["shared"] > 0 for r in rows)
 
 
+def test_forward_sass_for_sm90(tmp_path):
+    """The sm90 forward's first D 64 config in its SASS: the products on wgmma only; exp2
+    without a multiply by log2 e (the scale folded in): the whole tiles' stage costs one FFMA
+    and one MUFU.EX2 a score, and the band (causal) variant has a second, masked stage."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    pytest.importorskip("triton.backends.nvidia.compiler")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    got = {}
+    for windowed in ("0", "1"):
+        out = tmp_path / f"sass{windowed}.json"
+        proc = subprocess.run([sys.executable, "-m", "attnfast.triton_kernels.compile_check", "--archs", "90",
+                               "--kinds", "fwd", "--heads", "64", "--masks", "none", "--first", "--sass",
+                               "--windowed", windowed, "--json", str(out)],
+                              env=env, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        (row,) = json.loads(out.read_text())["rows"]
+        got[windowed] = row
+    bm, bn, warps, _ = got["1"]["config"]
+    per_thread = bm * bn // (32 * warps)          # scores of a tile held by one thread
+    for row in got.values():
+        sass = row["sass"]
+        assert sass["HGMMA"] > 0 and sass["HMMA"] == 0, sass
+        assert sass["FFMA"] >= per_thread, sass   # qk * scale - m fused, a score each
+        assert row["spill_bytes"] == 0
+    # both variants have the two stages (masked: the last partial key tile), each one exp2 a score
+    assert got["0"]["sass"]["MUFU.EX2"] == got["1"]["sass"]["MUFU.EX2"] >= 2 * per_thread
+
+
 def test_variant_kernels_compile_for_sm90(tmp_path):
     """The additive and top-k kernels, with the arguments their launchers pass, compile for
     sm90 and fit its shared memory (the interpreter runs them but never compiles them)."""
