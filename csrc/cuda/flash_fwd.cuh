@@ -2,8 +2,10 @@
 // mma.sync m16n8k16, fp32 accumulation).
 //
 // One CTA = one block of kBlockM query rows of one (batch, head); each warp
-// owns 16 of those rows for the whole pass, so the online softmax needs only
-// quad shuffles (a row's values live in the 4 lanes of one quad).  K and V
+// owns 16 * kMTiles of those rows for the whole pass (FlashAttention-2's split,
+// 4 warps x 32 rows, where registers allow: each K and V fragment loaded from
+// shared memory then feeds two row tiles' products), and the online softmax needs
+// only quad shuffles (a row's values live in the 4 lanes of one quad).  K and V
 // tiles of kBlockN keys stream through shared memory: the V copy overlaps
 // S = Q K^T, the next K copy overlaps the softmax and O += P V.  Tiles that
 // lie entirely inside the causal/window band and inside both sequences skip
@@ -17,12 +19,14 @@
 namespace attnfast {
 namespace cuda {
 
-template <int kHeadDim_, int kBlockN_, int kNWarps_>
+template <int kHeadDim_, int kBlockN_, int kNWarps_, int kMTiles_>
 struct FwdTraits {
   static constexpr int kHeadDim = kHeadDim_;
   static constexpr int kNWarps = kNWarps_;
   static constexpr int kNThreads = 32 * kNWarps;
-  static constexpr int kBlockM = 16 * kNWarps;  // 16 query rows per warp
+  static constexpr int kMTiles = kMTiles_;  // m16 row tiles per warp
+  static constexpr int kWarpRows = 16 * kMTiles;
+  static constexpr int kBlockM = kWarpRows * kNWarps;
   static constexpr int kBlockN = kBlockN_;
   static constexpr int kStride = kHeadDim + 8;  // smem row stride (elements): +16 B keeps ldmatrix conflict-free
   static constexpr int kNTilesS = kBlockN / 8;  // n8 tiles of S per warp
@@ -36,19 +40,23 @@ struct FwdTraits {
   static_assert((kStride * 2) % 16 == 0, "smem rows must stay 16-byte aligned for cp.async/ldmatrix");
 };
 
-// Per head dim of FwdHeadDims (flash.h): (kBlockN, kNWarps) = (64, 8) for
-// D = 64, 96, 128 and (32, 4) for D = 256.  Chosen so the fp32 accumulators of
-// O (kHeadDim / 2 per thread) and S (kBlockN / 2) fit the register file
-// without spills (see the compile check) and shared memory fits sm80's 163 KB.
+// Per head dim of FwdHeadDims (flash.h), (kBlockN, kNWarps, kMTiles): FlashAttention-2's
+// 4 warps x 32 rows where the accumulators of O (kMTiles * kHeadDim / 2 fp32 per thread) and
+// S (kMTiles * kBlockN / 2) fit the register file without spills (the compile check): D 64
+// (64, 4, 2), D 96 (32, 4, 2).  D 128 keeps 8 warps x 16 rows, (64, 8, 1): at 4 x 32 rows
+// it spills 44-508 bytes a thread (kBlockN 32 or 64, sm80 and sm90).  D 256: (32, 4, 1).
+// Shared memory fits sm80's 163 KB.
 template <int D>
 struct FwdConfig {
   static_assert(fwd_supports_head_dim(D), "a forward config for a head dim FwdHeadDims (flash.h) does not list");
-  using Traits = FwdTraits<D, D <= 128 ? 64 : 32, D <= 128 ? 8 : 4>;
+  static constexpr int kBlockN = D == 64 || D == 128 ? 64 : 32;
+  static constexpr int kMTiles = D <= 96 ? 2 : 1;
+  using Traits = FwdTraits<D, kBlockN, D == 128 ? 8 : 4, kMTiles>;
 };
 
 template <typename T, typename Tr, bool kHasMask>
 __global__ void __launch_bounds__(Tr::kNThreads, 1) flash_fwd_kernel(const FwdParams p) {
-  constexpr int D = Tr::kHeadDim, BM = Tr::kBlockM, BN = Tr::kBlockN, S = Tr::kStride;
+  constexpr int D = Tr::kHeadDim, BM = Tr::kBlockM, BN = Tr::kBlockN, S = Tr::kStride, MT = Tr::kMTiles;
   extern __shared__ __align__(16) char smem_raw[];
   T* sQ = reinterpret_cast<T*>(smem_raw);
   T* sK = sQ + Tr::kSmemQ;
@@ -73,12 +81,16 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1) flash_fwd_kernel(const FwdPa
   const int n_lo = band.key_lo(m0), n_hi = band.key_hi(min(m0 + BM, Lq));
   const int nb_lo = n_lo / BN, nb_hi = n_hi > n_lo ? (n_hi + BN - 1) / BN : nb_lo;
 
-  // Rows of this warp: r = 0 -> row wrow + g, r = 1 -> row wrow + g + 8.
-  const int wrow = warp * 16;
-  float acc_o[Tr::kNTilesO][4];
-  zero_acc(acc_o);
-  float row_max[2] = {-INFINITY, -INFINITY};
-  float row_sum[2] = {0.f, 0.f};  // this lane's share; reduced over the quad at the end
+  // Rows of this warp's row tile mt: r = 0 -> row wrow + 16 mt + g, r = 1 -> that + 8.
+  const int wrow = warp * Tr::kWarpRows;
+  float acc_o[MT][Tr::kNTilesO][4];
+  float row_max[MT][2], row_sum[MT][2];  // row_sum: this lane's share; reduced over the quad at the end
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt) {
+    zero_acc(acc_o[mt]);
+    row_max[mt][0] = row_max[mt][1] = -INFINITY;
+    row_sum[mt][0] = row_sum[mt][1] = 0.f;
+  }
 
   if (nb_lo < nb_hi) {
     load_tile_async<BM, D, Tr::kNThreads>(sQ, q + m0 * p.q_st.r, p.q_st.r, 0, Lq - m0, tid);
@@ -96,18 +108,22 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1) flash_fwd_kernel(const FwdPa
                                           Lk - n0, tid);
     cp_async_commit();
 
-    // S = Q K^T for this warp's 16 rows x BN keys.
-    float acc_s[Tr::kNTilesS][4];
-    zero_acc(acc_s);
+    // S = Q K^T for this warp's row tiles x BN keys: each K fragment feeds every row tile.
+    float acc_s[MT][Tr::kNTilesS][4];
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt) zero_acc(acc_s[mt]);
 #pragma unroll
     for (int kk = 0; kk < D / 16; ++kk) {
-      uint32_t a[4];
-      ldmatrix_x4(a, sQ + (wrow + (lane & 15)) * S + kk * 16 + (lane >> 4) * 8);
+      uint32_t a[MT][4];
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt)
+        ldmatrix_x4(a[mt], sQ + (wrow + 16 * mt + (lane & 15)) * S + kk * 16 + (lane >> 4) * 8);
 #pragma unroll
       for (int np = 0; np < BN / 16; ++np) {
         uint32_t bf[4];
         ldmatrix_x4(bf, sK + (np * 16 + (lane >> 4) * 8 + (lane & 7)) * S + kk * 16 + ((lane >> 3) & 1) * 8);
-        mma_n16<T>(acc_s + 2 * np, a, bf);
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt) mma_n16<T>(acc_s[mt] + 2 * np, a[mt], bf);
       }
     }
 
@@ -122,54 +138,62 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1) flash_fwd_kernel(const FwdPa
     // Scores in log2 units; hidden pairs -inf.
     const bool inside = !kHasMask && band.tile_inside(m0, m0 + BM, n0, n0 + BN);
 #pragma unroll
-    for (int j = 0; j < Tr::kNTilesS; ++j)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        float s2 = acc_s[j][e] * p.scale_log2;
-        if (!inside) {
-          const int i = m0 + wrow + g + (e >= 2 ? 8 : 0), key = n0 + j * 8 + 2 * t + (e & 1);
-          if (!band.visible(i, key)) s2 = -INFINITY;
-          else if (kHasMask) s2 = mask.apply(s2, i, key);
-        }
-        acc_s[j][e] = s2;
-      }
-
-    // Online softmax: rescale O only by how much the row max grew.
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      float mx = row_max[r];
-#pragma unroll
-      for (int j = 0; j < Tr::kNTilesS; ++j) mx = nan_max(mx, nan_max(acc_s[j][2 * r], acc_s[j][2 * r + 1]));
-      mx = quad_max(mx);
-      const float m_use = mx == -INFINITY ? 0.f : mx;  // nothing visible yet: keep P = 0, no NaN
-      const float alpha = exp2f(row_max[r] - m_use);
-      row_max[r] = mx;
-      float sum = 0.f;
+    for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
       for (int j = 0; j < Tr::kNTilesS; ++j)
 #pragma unroll
-        for (int e = 2 * r; e < 2 * r + 2; ++e) {
-          acc_s[j][e] = exp2f(acc_s[j][e] - m_use);
-          sum += acc_s[j][e];
+        for (int e = 0; e < 4; ++e) {
+          float s2 = acc_s[mt][j][e] * p.scale_log2;
+          if (!inside) {
+            const int i = m0 + wrow + 16 * mt + g + (e >= 2 ? 8 : 0), key = n0 + j * 8 + 2 * t + (e & 1);
+            if (!band.visible(i, key)) s2 = -INFINITY;
+            else if (kHasMask) s2 = mask.apply(s2, i, key);
+          }
+          acc_s[mt][j][e] = s2;
         }
-      row_sum[r] = row_sum[r] * alpha + sum;
-#pragma unroll
-      for (int i = 0; i < Tr::kNTilesO; ++i) {
-        acc_o[i][2 * r] *= alpha;
-        acc_o[i][2 * r + 1] *= alpha;
-      }
-    }
 
-    // O += P V: P's accumulator layout is the A-fragment layout of the next mma.
+    // Online softmax: rescale O only by how much the row max grew.
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        float mx = row_max[mt][r];
+#pragma unroll
+        for (int j = 0; j < Tr::kNTilesS; ++j)
+          mx = nan_max(mx, nan_max(acc_s[mt][j][2 * r], acc_s[mt][j][2 * r + 1]));
+        mx = quad_max(mx);
+        const float m_use = mx == -INFINITY ? 0.f : mx;  // nothing visible yet: keep P = 0, no NaN
+        const float alpha = fast_exp2(row_max[mt][r] - m_use);
+        row_max[mt][r] = mx;
+        float sum = 0.f;
+#pragma unroll
+        for (int j = 0; j < Tr::kNTilesS; ++j)
+#pragma unroll
+          for (int e = 2 * r; e < 2 * r + 2; ++e) {
+            acc_s[mt][j][e] = fast_exp2(acc_s[mt][j][e] - m_use);
+            sum += acc_s[mt][j][e];
+          }
+        row_sum[mt][r] = row_sum[mt][r] * alpha + sum;
+#pragma unroll
+        for (int i = 0; i < Tr::kNTilesO; ++i) {
+          acc_o[mt][i][2 * r] *= alpha;
+          acc_o[mt][i][2 * r + 1] *= alpha;
+        }
+      }
+
+    // O += P V: P's accumulator layout is the A-fragment layout of the next mma; each V
+    // fragment feeds every row tile.
 #pragma unroll
     for (int kp = 0; kp < BN / 16; ++kp) {
-      uint32_t a[4];
-      acc_to_a<T>(acc_s + 2 * kp, a);
+      uint32_t a[MT][4];
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt) acc_to_a<T>(acc_s[mt] + 2 * kp, a[mt]);
 #pragma unroll
       for (int dp = 0; dp < D / 16; ++dp) {
         uint32_t bf[4];
         ldmatrix_x4_trans(bf, sV + (kp * 16 + ((lane >> 3) & 1) * 8 + (lane & 7)) * S + dp * 16 + (lane >> 4) * 8);
-        mma_n16<T>(acc_o + 2 * dp, a, bf);
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt) mma_n16<T>(acc_o[mt] + 2 * dp, a[mt], bf);
       }
     }
   }
@@ -177,19 +201,21 @@ __global__ void __launch_bounds__(Tr::kNThreads, 1) flash_fwd_kernel(const FwdPa
   // Epilogue: O / l, lse = m ln2 + ln l; rows that saw nothing get O = 0, lse = -inf;
   // rows with a NaN score stay NaN.
 #pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    const float l = quad_sum(row_sum[r]);
-    const int i = m0 + wrow + g + 8 * r;
-    if (i >= Lq) continue;
-    const float inv = l != l ? l : l > 0.f ? 1.f / l : 0.f;  // NaN row stays NaN
-    T* orow = out + static_cast<int64_t>(i) * p.out_st.r;
+  for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
-    for (int d = 0; d < Tr::kNTilesO; ++d) {
-      const uint32_t packed = ElemOps<T>::pack(acc_o[d][2 * r] * inv, acc_o[d][2 * r + 1] * inv);
-      *reinterpret_cast<uint32_t*>(orow + d * 8 + 2 * t) = packed;
+    for (int r = 0; r < 2; ++r) {
+      const float l = quad_sum(row_sum[mt][r]);
+      const int i = m0 + wrow + 16 * mt + g + 8 * r;
+      if (i >= Lq) continue;
+      const float inv = l != l ? l : l > 0.f ? 1.f / l : 0.f;  // NaN row stays NaN
+      T* orow = out + static_cast<int64_t>(i) * p.out_st.r;
+#pragma unroll
+      for (int d = 0; d < Tr::kNTilesO; ++d) {
+        const uint32_t packed = ElemOps<T>::pack(acc_o[mt][d][2 * r] * inv, acc_o[mt][d][2 * r + 1] * inv);
+        *reinterpret_cast<uint32_t*>(orow + d * 8 + 2 * t) = packed;
+      }
+      if (t == 0) lse[i] = l > 0.f ? row_max[mt][r] * kLn2 + logf(l) : l != l ? l : -INFINITY;
     }
-    if (t == 0) lse[i] = l > 0.f ? row_max[r] * kLn2 + logf(l) : l != l ? l : -INFINITY;
-  }
 }
 
 // Grid and launch of one forward instance.  `launch(kernel, grid, threads,

@@ -78,6 +78,19 @@ __device__ __forceinline__ void cp_async_wait() {
   asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
 }
 
+// 2^x on the special-function unit, one instruction (ex2.approx.ftz: relative error below
+// 2^-22, results below 2^-126 flushed to 0; -inf -> 0, NaN -> NaN): what exp2f becomes under
+// --use_fast_math, without making the rest of the kernel fast-math.
+__device__ __forceinline__ float fast_exp2(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
+  return y;
+}
+
+#else
+
+inline float fast_exp2(float x) { return std::exp2(x); }  // the emulator: the exact 2^x
+
 #endif  // ATTNFAST_CUDA_EMULATION
 
 template <typename T>
