@@ -87,7 +87,8 @@ def _whole_range(start, BLOCK: tl.constexpr, BLOCK_OTHER: tl.constexpr, lo, hi, 
     """[a, b): the tiles of the band range [lo, hi) (tiles of BLOCK_OTHER from lo) that every
     row of the block [start, start + BLOCK) sees whole: inside L_other and inside each row's
     band.  They need no masking; the tiles of [lo, a) and [b, hi) do.  Arguments as
-    _band_range's."""
+    _band_range's (an empty band, hi <= lo: a = z = lo)."""
+    hi = tl.maximum(hi, lo)
     a = lo
     end = L_other
     if WINDOWED:

@@ -119,3 +119,78 @@ def test_hidden_cells_are_never_read(kind):
     for got, want in zip(grads[1:], ref_grads[1:]):
         torch.testing.assert_close(got[:, :, :128], want[:, :, :128], rtol=1e-4, atol=1e-5)
         assert torch.equal(got[:, :, 128:], torch.zeros_like(got[:, :, 128:]))
+
+
+import triton  # noqa: E402  (present: the importorskip above passed)
+import triton.language as tl  # noqa: E402
+
+_band_range, _whole_range = triton_kernels._band_range, triton_kernels._whole_range
+
+
+@triton.jit
+def _ranges_kernel(Args, Out, BLOCK: tl.constexpr, BLOCK_OTHER: tl.constexpr):
+    i = tl.program_id(0)
+    start = tl.load(Args + 5 * i)
+    L = tl.load(Args + 5 * i + 1)
+    diag = tl.load(Args + 5 * i + 2)
+    wl = tl.load(Args + 5 * i + 3)
+    wr = tl.load(Args + 5 * i + 4)
+    lo, hi = _band_range(start, BLOCK, BLOCK_OTHER, L, diag, wl, wr, True)
+    a, z = _whole_range(start, BLOCK, BLOCK_OTHER, lo, hi, L, diag, wl, wr, True)
+    tl.store(Out + 4 * i, lo)
+    tl.store(Out + 4 * i + 1, hi)
+    tl.store(Out + 4 * i + 2, a)
+    tl.store(Out + 4 * i + 3, z)
+
+
+def _stage_ranges(rows):
+    """(lo, hi, a, z) of _band_range and _whole_range for each (start, L_other, diag, wl, wr) of
+    `rows` {(BLOCK, BLOCK_OTHER): [...]}, computed by the kernels' own helpers (one program each)."""
+    out = {}
+    for (bm, bn), group in rows.items():
+        args = torch.tensor(group, dtype=torch.int32).flatten()
+        res = torch.zeros(4 * len(group), dtype=torch.int32)
+        _ranges_kernel[(len(group),)](args, res, BLOCK=bm, BLOCK_OTHER=bn)
+        out[(bm, bn)] = res.view(-1, 4).tolist()
+    return out
+
+
+def test_band_stages_cover_the_band_once_and_whole_tiles_need_no_mask():
+    """The two stages of the kernels (attention.py: _whole_range, _edge_tile): the unmasked tiles
+    [a, z) and the masked ones [lo, a) + [z, hi) visit each tile of the band range exactly once;
+    every row of the block sees every key of an unmasked tile (below L, inside its band); every
+    tile left out of [lo, hi) is hidden from every row.  Random blocks, lengths, diagonals and
+    windows (a negative bound is no bound), both tile orientations."""
+    g = torch.Generator().manual_seed(0)
+    rows = {}
+    for bm, bn in ((64, 32), (32, 64), (16, 16)):
+        group = []
+        for _ in range(60):
+            L = int(torch.randint(1, 300, (1,), generator=g))
+            start = bm * int(torch.randint(0, 300 // bm + 1, (1,), generator=g))
+            diag = int(torch.randint(-200, 200, (1,), generator=g))
+            wl, wr = (int(x) if x >= 0 else -1 for x in torch.randint(-40, 150, (2,), generator=g))
+            group.append([start, L, diag, wl, wr])
+        rows[(bm, bn)] = group
+    got = _stage_ranges(rows)
+    for (bm, bn), group in rows.items():
+        for (start, L, diag, wl, wr), (lo, hi, a, z) in zip(group, got[(bm, bn)]):
+            ctx = f"block [{start}, {start + bm}) tiles {bn} L {L} diag {diag} window ({wl}, {wr}): {lo, hi, a, z}"
+            assert lo % bn == 0 and lo <= a <= z <= max(hi, lo) and (a == hi or a % bn == 0), ctx
+            tiles = list(range(a, z, bn)) + list(range(lo, a, bn)) + list(range(z, hi, bn))
+            assert sorted(tiles) == list(range(lo, hi, bn)) if hi > lo else tiles == [], ctx
+            i = torch.arange(start, start + bm)[:, None]
+
+            def seen(j):
+                ok = (j < L) & (j >= 0) & (i >= 0)
+                if wl >= 0:
+                    ok = ok & (j >= i + diag - wl)
+                if wr >= 0:
+                    ok = ok & (j <= i + diag + wr)
+                return ok
+
+            for n in range(a, z, bn):
+                assert seen(torch.arange(n, n + bn)[None, :]).all(), ctx + f" tile {n}"
+            outside = [j for j in range(0, L) if not lo <= j < max(hi, lo)]
+            if outside:
+                assert not seen(torch.tensor(outside)[None, :]).any(), ctx
