@@ -18,8 +18,8 @@ from torch.library import triton_op
 
 from ..ops import lse_dtype
 
-from .common import (INTERPRETING, LOG2E, MASK_NONE, dot, dot_mode, launcher, load_rows, lse2_parts, mask_args,
-                     masked_scores, program_block, row_lse2, visible)
+from .common import (DOT_IEEE, INTERPRETING, LOG2E, LOG2E_HI, LOG2E_LO, MASK_NONE, dot, dot_mode, launcher,
+                     load_rows, lse2_parts, mask_args, masked_scores, program_block, row_lse2, visible)
 
 
 @triton.jit
@@ -159,39 +159,52 @@ def _nan_max(a, b):
 
 
 @triton.jit
+def _scores_log2(qk, hi, lo):
+    """Scores in log2 units, qk * (hi + lo) rounded once (an FMA: the product by hi is exact
+    inside it).  The forward and both backward kernels form every score by this one
+    expression, so the backward's P = exp2(s - lse) rebuilds the forward's very scores."""
+    return tl.fma(qk, hi, qk * lo)
+
+
+@triton.jit
+def _scale_log2(scale):
+    """(hi, lo): scale * log2 e as two float32 values whose sum holds it to ~2^-48, so that the
+    scores in log2 units, qk * hi + qk * lo, carry no rounding of the folded constant (one
+    float32 constant would put up to 6e-8 of relative error on every exponent's distance from
+    the row max; at D 64 the natural scale 0.125 has none)."""
+    s32 = tl.cast(scale, tl.float32)  # (the kernel argument's float32 value, under the interpreter too)
+    hi = s32 * LOG2E
+    x = s32.to(tl.float64)
+    lo = ((x * LOG2E_HI + x * LOG2E_LO) - hi.to(tl.float64)).to(tl.float32)
+    return hi, lo
+
+
+@triton.jit
 def _fwd_tile(acc, m_i, l_i, q, start_n, need, offs_m, K, V, Mask, k_base, v_base, mask_base,
-              skn, skd, svn, svd, smm, smn, Lq, Lk, qk_scale, diag, wl, wr, bh, seed_lo, seed_hi,
+              skn, skd, svn, svd, smm, smn, Lq, Lk, qk_scale, qk_lo, diag, wl, wr, bh, seed_lo, seed_hi,
               rng_offset, p_drop, E: tl.constexpr, Ev: tl.constexpr, BLOCK_N: tl.constexpr,
               BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, MASK_KIND: tl.constexpr,
               WINDOWED: tl.constexpr, DOT: tl.constexpr, DROPOUT: tl.constexpr, MASKED: tl.constexpr):
-    """One key tile of the online softmax: (acc, m, l) updated, m in log2 units (qk_scale =
-    scale * log2 e).  Not MASKED: a tile that every row sees whole (no band, bounds or mask
-    work)."""
+    """One key tile of the online softmax: (acc, m, l) updated, m in log2 units (qk_scale +
+    qk_lo = scale * log2 e, _scale_log2).  Not MASKED: a tile that every row sees whole (no
+    band, bounds or mask work)."""
     offs_n = start_n + tl.arange(0, BLOCK_N)
     # The scores as the backward kernels form them, dot(q, trans(k)) on the same
-    # tiles: the backward's P = exp(s - lse) then rebuilds the forward's very
+    # tiles: the backward's P = exp2(s - lse) then rebuilds the forward's very
     # scores, and a row's largest P keeps the cancellation a naive softmax has
     # (s - max = 0).  (k loaded as a (D, N) tile instead rounds differently
     # under the interpreter: P of 5-10 ulps off, dV 4x a naive error.)
     k = load_rows(K, k_base, offs_n, skn, skd, Lk, BLOCK_D, E, not MASKED)
     qk = dot(q, tl.trans(k), DOT)
+    s = _scores_log2(qk, qk_scale, qk_lo)
+    if MASKED:
+        s = _mask_scores(s, offs_m, offs_n, Mask, mask_base, smm, smn, Lq, Lk, diag, wl, wr, need,
+                         MASK_KIND, WINDOWED)
     # NaN-propagating max (tl.max drops NaN): a NaN score must make its row NaN, not
     # look like a row with no visible key.
-    if MASKED:
-        s = _mask_scores(qk * qk_scale, offs_m, offs_n, Mask, mask_base, smm, smn, Lq, Lk, diag, wl, wr, need,
-                         MASK_KIND, WINDOWED)
-        m_new = tl.maximum(m_i, tl.reduce(s, 1, _nan_max), propagate_nan=tl.PropagateNan.ALL)
-    else:
-        # The row max of the raw products, scaled once per row (the same float32 value as the
-        # max of the scaled scores: rounding is monotonic), and each score scaled inside the
-        # exponent, qk * qk_scale - m: one FMA and one exp2 a score.
-        s = qk
-        m_new = tl.maximum(m_i, tl.reduce(qk, 1, _nan_max) * qk_scale, propagate_nan=tl.PropagateNan.ALL)
+    m_new = tl.maximum(m_i, tl.reduce(s, 1, _nan_max), propagate_nan=tl.PropagateNan.ALL)
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing visible yet
-    if MASKED:
-        p = tl.exp2(s - m_safe[:, None])
-    else:
-        p = tl.exp2(s * qk_scale - m_safe[:, None])
+    p = tl.exp2(s - m_safe[:, None])
     alpha = tl.exp2(m_i - m_safe)
     l_i = l_i * alpha + tl.sum(p, 1)
     if DROPOUT:  # l sums the kept and the dropped; the output takes the kept
@@ -225,25 +238,22 @@ def _fwd_kernel(Q, K, V, Mask, Blocks, Out, Lse, CuQ, CuK, UsedK,
     k_base = b * skb + hk * skh + k0 * skn
     v_base = b * svb + hk * svh + k0 * svn
     mask_base = b * smb + h * smh
-    qk_scale = scale * LOG2E
+    qk_scale, qk_lo = _scale_log2(scale)
     if MASK_KIND == MASK_NONE:
         # Two stages: the tiles every row sees whole, unmasked; then the band's edges and the
         # last partial tile, masked.
         lo, hi = _band_range(start_m, BLOCK_M, BLOCK_N, Lk, diag, wl, wr, WINDOWED)
         a, z = _whole_range(start_m, BLOCK_M, BLOCK_N, lo, hi, Lk, diag, wl, wr, WINDOWED)
-        if qk_scale < 0:  # (the whole tiles' row max is max(qk) * qk_scale: a scale >= 0 only)
-            a = lo
-            z = lo
         for start_n in range(a, z, BLOCK_N):
             acc, m_i, l_i = _fwd_tile(
                 acc, m_i, l_i, q, start_n, False, offs_m, K, V, Mask, k_base, v_base, mask_base,
-                skn, skd, svn, svd, smm, smn, Lq, Lk, qk_scale, diag, wl, wr, drop_bh, seed_lo, seed_hi,
+                skn, skd, svn, svd, smm, smn, Lq, Lk, qk_scale, qk_lo, diag, wl, wr, drop_bh, seed_lo, seed_hi,
                 rng_offset, p_drop, E, Ev, BLOCK_N, BLOCK_D, BLOCK_DV, 0, WINDOWED, DOT, DROPOUT, False)
         for t in range(0, tl.cdiv(a - lo, BLOCK_N) + tl.cdiv(hi - z, BLOCK_N)):
             acc, m_i, l_i = _fwd_tile(
                 acc, m_i, l_i, q, _edge_tile(t, lo, a, z, BLOCK_N), False, offs_m, K, V, Mask, k_base, v_base,
-                mask_base, skn, skd, svn, svd, smm, smn, Lq, Lk, qk_scale, diag, wl, wr, drop_bh, seed_lo, seed_hi,
-                rng_offset, p_drop, E, Ev, BLOCK_N, BLOCK_D, BLOCK_DV, 0, WINDOWED, DOT, DROPOUT, True)
+                mask_base, skn, skd, svn, svd, smm, smn, Lq, Lk, qk_scale, qk_lo, diag, wl, wr, drop_bh, seed_lo,
+                seed_hi, rng_offset, p_drop, E, Ev, BLOCK_N, BLOCK_D, BLOCK_DV, 0, WINDOWED, DOT, DROPOUT, True)
     else:
         rec = Blocks + b * sbb + h * sbh + (start_m // SUM_M) * sbr
         # one loop over kernel tiles (not a nested one: one copy of the tile
@@ -252,7 +262,7 @@ def _fwd_kernel(Q, K, V, Mask, Blocks, Out, Lse, CuQ, CuK, UsedK,
             start_n, need = _listed_tile(rec, t, SUM_N, BLOCK_N)
             acc, m_i, l_i = _fwd_tile(
                 acc, m_i, l_i, q, start_n, need, offs_m, K, V, Mask, k_base, v_base, mask_base,
-                skn, skd, svn, svd, smm, smn, Lq, Lk, qk_scale, diag, wl, wr, drop_bh, seed_lo, seed_hi,
+                skn, skd, svn, svd, smm, smn, Lq, Lk, qk_scale, qk_lo, diag, wl, wr, drop_bh, seed_lo, seed_hi,
                 rng_offset, p_drop, E, Ev, BLOCK_N, BLOCK_D, BLOCK_DV, MASK_KIND, WINDOWED, DOT, DROPOUT, True)
     alive = l_i > 0
     out = acc / tl.where(alive, l_i, 1.0)[:, None]  # fully masked rows: 0
@@ -301,6 +311,7 @@ def _split_fwd_kernel(Q, K, V, Lens, Bidx, Table, Acc, Mrow, Lrow,
     band_lo, band_hi = _band_range(start_m, BLOCK_M, BLOCK_N, Lk, Lk - Lq, wl, wr, WINDOWED)
     lo = tl.maximum(sp * chunk, band_lo)
     hi = tl.minimum(tl.minimum(sp * chunk + chunk, Lk), band_hi)
+    qk_scale, qk_lo = _scale_log2(scale)
     for start_n in range(lo, hi, BLOCK_N):
         if PAGED == 1:  # the tile's page, less the tile's logical offset (load_rows adds it)
             pg = tl.load(Table + b * stb + start_n // page).to(tl.int64)
@@ -317,7 +328,7 @@ def _split_fwd_kernel(Q, K, V, Lens, Bidx, Table, Acc, Mrow, Lrow,
             v_base = kb * svb + hk * svh
         acc, m_i, l_i = _fwd_tile(
             acc, m_i, l_i, q, start_n, False, offs_m, K, V, K, k_base, v_base, 0,
-            skn, skd, svn, svd, 0, 0, Lq, hi, scale * LOG2E, Lk - Lq, wl, wr, bh, 0, 0, 0, 0.0, E, Ev, BLOCK_N,
+            skn, skd, svn, svd, 0, 0, Lq, hi, qk_scale, qk_lo, Lk - Lq, wl, wr, bh, 0, 0, 0, 0.0, E, Ev, BLOCK_N,
             BLOCK_D, BLOCK_DV, 0, WINDOWED, DOT, False, True)
     row = (bh * nsplit + sp) * Lq + offs_m
     tl.store(Acc + row[:, None] * Ev + offs_dv[None, :], acc, mask=(offs_m[:, None] < Lq) & (offs_dv[None, :] < Ev))
@@ -327,7 +338,7 @@ def _split_fwd_kernel(Q, K, V, Lens, Bidx, Table, Acc, Mrow, Lrow,
 
 @triton.jit
 def _rows_tile(dq, delta_acc, q, do, lse_hi, lse_lo, delta, start_n, need, offs_m, K, V, Mask, k_base, v_base,
-               mask_base, skn, skd, svn, svd, smm, smn, Lq, Lk, qk_scale, diag, wl, wr, bh,
+               mask_base, skn, skd, svn, svd, smm, smn, Lq, Lk, qk_scale, qk_lo, diag, wl, wr, bh,
                seed_lo, seed_hi, rng_offset, p_drop, E: tl.constexpr, Ev: tl.constexpr,
                BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
                MASK_KIND: tl.constexpr, WINDOWED: tl.constexpr, DOT: tl.constexpr,
@@ -337,7 +348,7 @@ def _rows_tile(dq, delta_acc, q, do, lse_hi, lse_lo, delta, start_n, need, offs_
     offs_n = start_n + tl.arange(0, BLOCK_N)
     k = load_rows(K, k_base, offs_n, skn, skd, Lk, BLOCK_D, E)
     v = load_rows(V, v_base, offs_n, svn, svd, Lk, BLOCK_DV, Ev)
-    s = dot(q, tl.trans(k), DOT) * qk_scale
+    s = _scores_log2(dot(q, tl.trans(k), DOT), qk_scale, qk_lo)
     if MASKED:
         s = _mask_scores(s, offs_m, offs_n, Mask, mask_base, smm, smn, Lq, Lk, diag, wl, wr, need,
                          MASK_KIND, WINDOWED)
@@ -389,20 +400,20 @@ def _bwd_rows_kernel(Q, K, V, Mask, Blocks, DO, Lse, DLse, Delta, DQ, CuQ, CuK, 
     k_base = b * skb + hk * skh + k0 * skn
     v_base = b * svb + hk * svh + k0 * svn
     mask_base = b * smb + h * smh
-    qk_scale = scale * LOG2E
+    qk_scale, qk_lo = _scale_log2(scale)
     if MASK_KIND == MASK_NONE:  # the forward's two stages
         lo, hi = _band_range(start_m, BLOCK_M, BLOCK_N, Lk, diag, wl, wr, WINDOWED)
         a, z = _whole_range(start_m, BLOCK_M, BLOCK_N, lo, hi, Lk, diag, wl, wr, WINDOWED)
         for start_n in range(a, z, BLOCK_N):
             dq, delta_acc = _rows_tile(
                 dq, delta_acc, q, do, lse_hi, lse_lo, delta, start_n, False, offs_m, K, V, Mask, k_base, v_base,
-                mask_base, skn, skd, svn, svd, smm, smn, Lq, Lk, qk_scale, diag, wl, wr, drop_bh,
+                mask_base, skn, skd, svn, svd, smm, smn, Lq, Lk, qk_scale, qk_lo, diag, wl, wr, drop_bh,
                 seed_lo, seed_hi, rng_offset, p_drop, E, Ev, BLOCK_N, BLOCK_D, BLOCK_DV, 0,
                 WINDOWED, DOT, DROPOUT, DELTA_PASS, False)
         for t in range(0, tl.cdiv(a - lo, BLOCK_N) + tl.cdiv(hi - z, BLOCK_N)):
             dq, delta_acc = _rows_tile(
                 dq, delta_acc, q, do, lse_hi, lse_lo, delta, _edge_tile(t, lo, a, z, BLOCK_N), False, offs_m, K, V,
-                Mask, k_base, v_base, mask_base, skn, skd, svn, svd, smm, smn, Lq, Lk, qk_scale, diag, wl, wr,
+                Mask, k_base, v_base, mask_base, skn, skd, svn, svd, smm, smn, Lq, Lk, qk_scale, qk_lo, diag, wl, wr,
                 drop_bh, seed_lo, seed_hi, rng_offset, p_drop, E, Ev, BLOCK_N, BLOCK_D, BLOCK_DV, 0,
                 WINDOWED, DOT, DROPOUT, DELTA_PASS, True)
     else:
@@ -411,7 +422,7 @@ def _bwd_rows_kernel(Q, K, V, Mask, Blocks, DO, Lse, DLse, Delta, DQ, CuQ, CuK, 
             start_n, need = _listed_tile(rec, t, SUM_N, BLOCK_N)
             dq, delta_acc = _rows_tile(
                 dq, delta_acc, q, do, lse_hi, lse_lo, delta, start_n, need, offs_m, K, V, Mask, k_base,
-                v_base, mask_base, skn, skd, svn, svd, smm, smn, Lq, Lk, qk_scale, diag, wl, wr, drop_bh,
+                v_base, mask_base, skn, skd, svn, svd, smm, smn, Lq, Lk, qk_scale, qk_lo, diag, wl, wr, drop_bh,
                 seed_lo, seed_hi, rng_offset, p_drop, E, Ev, BLOCK_N, BLOCK_D, BLOCK_DV, MASK_KIND,
                 WINDOWED, DOT, DROPOUT, DELTA_PASS, True)
     if DELTA_PASS:
@@ -427,7 +438,7 @@ def _bwd_rows_kernel(Q, K, V, Mask, Blocks, DO, Lse, DLse, Delta, DQ, CuQ, CuK, 
 @triton.jit
 def _dkdv_tile(dk, dv, k, v, start_m, need, offs_n, h, bh, b, Q, DO, Lse, Delta, Mask, DMask,
                sqb, sqh, sqm, sqd, sdb, sdh, sdm, sdd, smb, smh, smm, smn, row, q0, drop_bh,
-               Lq, Lk, qk_scale, diag, wl, wr, seed_lo, seed_hi, rng_offset, p_drop,
+               Lq, Lk, qk_scale, qk_lo, diag, wl, wr, seed_lo, seed_hi, rng_offset, p_drop,
                E: tl.constexpr, Ev: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
                BLOCK_DV: tl.constexpr, MASK_KIND: tl.constexpr, WINDOWED: tl.constexpr,
                MASK_GRAD: tl.constexpr, DOT: tl.constexpr, DROPOUT: tl.constexpr, MASKED: tl.constexpr):
@@ -439,7 +450,7 @@ def _dkdv_tile(dk, dv, k, v, start_m, need, offs_n, h, bh, b, Q, DO, Lse, Delta,
     do = load_rows(DO, b * sdb + h * sdh + q0 * sdm, offs_m, sdm, sdd, Lq, BLOCK_DV, Ev)
     lse_hi, lse_lo = lse2_parts(tl.load(Lse + row + offs_m, mask=offs_m < Lq, other=float("inf")))
     delta = tl.load(Delta + row + offs_m, mask=offs_m < Lq, other=0.0)
-    s = dot(q, tl.trans(k), DOT) * qk_scale
+    s = _scores_log2(dot(q, tl.trans(k), DOT), qk_scale, qk_lo)
     if MASKED:
         s = _mask_scores(s, offs_m, offs_n, Mask, b * smb + h * smh, smm, smn, Lq, Lk, diag, wl, wr,
                          need, MASK_KIND, WINDOWED)
@@ -485,7 +496,7 @@ def _bwd_dkdv_kernel(Q, K, V, Mask, BlocksT, DO, Lse, Delta, DK, DV, DMask, CuQ,
     # The forward's two stages, from the keys' side: query tiles every key of the block sees whole
     # (rows past Lq have lse = +inf there: P = 0), then the edges.
     a, z = _whole_range(start_n, BLOCK_N, BLOCK_M, lo, hi, Lq, -diag, wr, wl, WINDOWED)
-    qk_scale = scale * LOG2E
+    qk_scale, qk_lo = _scale_log2(scale)
     for g in range(0, group):
         h = hk * group + g
         bh = b * Hq + h
@@ -496,14 +507,14 @@ def _bwd_dkdv_kernel(Q, K, V, Mask, BlocksT, DO, Lse, Delta, DK, DV, DMask, CuQ,
                 dk, dv = _dkdv_tile(
                     dk, dv, k, v, start_m, False, offs_n, h, bh, b, Q, DO, Lse, Delta, Mask, DMask,
                     sqb, sqh, sqm, sqd, sdb, sdh, sdm, sdd, smb, smh, smm, smn, row, q0, drop_bh, Lq, Lk,
-                    qk_scale, diag, wl, wr, seed_lo, seed_hi, drop_offset, p_drop, E, Ev, BLOCK_M, BLOCK_D,
+                    qk_scale, qk_lo, diag, wl, wr, seed_lo, seed_hi, drop_offset, p_drop, E, Ev, BLOCK_M, BLOCK_D,
                     BLOCK_DV, 0, WINDOWED, MASK_GRAD, DOT, DROPOUT, False)
             for t in range(0, tl.cdiv(a - lo, BLOCK_M) + tl.cdiv(hi - z, BLOCK_M)):
                 dk, dv = _dkdv_tile(
                     dk, dv, k, v, _edge_tile(t, lo, a, z, BLOCK_M), False, offs_n, h, bh, b, Q, DO, Lse, Delta,
                     Mask, DMask, sqb, sqh, sqm, sqd, sdb, sdh, sdm, sdd, smb, smh, smm, smn, row, q0, drop_bh,
-                    Lq, Lk, qk_scale, diag, wl, wr, seed_lo, seed_hi, drop_offset, p_drop, E, Ev, BLOCK_M, BLOCK_D,
-                    BLOCK_DV, 0, WINDOWED, MASK_GRAD, DOT, DROPOUT, True)
+                    Lq, Lk, qk_scale, qk_lo, diag, wl, wr, seed_lo, seed_hi, drop_offset, p_drop, E, Ev, BLOCK_M,
+                    BLOCK_D, BLOCK_DV, 0, WINDOWED, MASK_GRAD, DOT, DROPOUT, True)
         else:
             rec = BlocksT + b * sbb + h * sbh + (start_n // SUM_N) * sbr
             for t in range(0, tl.load(rec) * (SUM_M // BLOCK_M)):
@@ -511,7 +522,7 @@ def _bwd_dkdv_kernel(Q, K, V, Mask, BlocksT, DO, Lse, Delta, DK, DV, DMask, CuQ,
                 dk, dv = _dkdv_tile(
                     dk, dv, k, v, start_m, need, offs_n, h, bh, b, Q, DO, Lse, Delta, Mask, DMask,
                     sqb, sqh, sqm, sqd, sdb, sdh, sdm, sdd, smb, smh, smm, smn, row, q0, drop_bh, Lq, Lk,
-                    qk_scale, diag, wl, wr, seed_lo, seed_hi, drop_offset, p_drop, E, Ev, BLOCK_M, BLOCK_D,
+                    qk_scale, qk_lo, diag, wl, wr, seed_lo, seed_hi, drop_offset, p_drop, E, Ev, BLOCK_M, BLOCK_D,
                     BLOCK_DV, MASK_KIND, WINDOWED, MASK_GRAD, DOT, DROPOUT, True)
     dk = dk * scale
     tl.store(DK + b * sgkb + hk * sgkh + (k0 + offs_n[:, None]) * sgkn + offs_d[None, :], dk.to(DK.dtype.element_ty),
@@ -613,7 +624,8 @@ INTERP_TILE = {False: (64, 64), True: (32, 32)}  # masked -> tile
 # entries were picked among the spill-free ones where any was found.
 # The sm90 forward follows the Triton tutorial's Hopper table (128 x 128 tiles on 8 warps,
 # 128 x 64 on 4, 2-4 stages; 8 warps only for 128 x 128; 64 x 64 for short queries), its
-# favourite tile first (at D 128 on 2 stages: with 3, a mask's lists take it past 227 KiB),
+# favourite tile first (at D 128 on 2 stages: with 3, a mask's lists take it past 227 KiB;
+# it spills 32-48 bytes there, the spill-free 128 x 64 on 8 warps follows),
 # plus at D 128 the 128 x 64 tile on 8 warps that the tutorial prunes: with pointer loads
 # (not TMA) 128 x 64 on 4 warps spills 0.6-1 KiB a thread, on 8 none (the SASS counts of
 # bench/results/triton_sass_sm90.md).  The sm90 dK/dV table starts, at D 64, with 64-row
@@ -650,6 +662,23 @@ TUNING = {
         "small": {64: [(32, 64, 4, 2)], 128: [(32, 64, 4, 2)], 256: [(32, 32, 4, 1)]},
     },
 }
+# float32 inputs (IEEE float32 dots: no tensor cores, the products' operands in registers)
+# take small tiles on every GPU class: with the tables above their first entries need more
+# shared memory than the device has (sm90 D 128: 256 KiB) and spill tens of KiB.  Each entry
+# here fits sm86's ~100 KiB (compile check, --dtype fp32).
+TUNING_FP32 = {
+    "fwd": {64: [(32, 32, 4, 2), (64, 32, 4, 2)], 128: [(32, 32, 4, 2)], 256: [(16, 16, 4, 1), (16, 32, 4, 1)]},
+    "rows": {64: [(32, 32, 4, 2)], 128: [(32, 32, 4, 2)], 256: [(16, 16, 4, 1)]},
+    "dkdv": {64: [(32, 32, 4, 2)], 128: [(32, 32, 4, 2)], 256: [(16, 16, 4, 1)]},
+}
+
+
+def tuning_table(kind, arch, head, fp32):
+    """The (BLOCK_M, BLOCK_N, warps, stages) entries the autotuner tries for a kernel kind on a
+    GPU (compute capability as major * 10 + minor), head-dim class and input precision."""
+    return TUNING_FP32[kind][head] if fp32 else TUNING[kind][gpu_class(arch)][head]
+
+
 AUTOTUNE_ENV = "ATTNFAST_TRITON_AUTOTUNE"  # "0": take the first fitting config, no timing
 
 
@@ -677,7 +706,8 @@ def select_configs(kind, configs, args):
     listed; with ATTNFAST_TRITON_AUTOTUNE=0 only the first."""
     import os
 
-    table = TUNING[kind][gpu_class(args["ARCH"])][head_class(args["BLOCK_D"], args["BLOCK_DV"])]
+    table = tuning_table(kind, args["ARCH"], head_class(args["BLOCK_D"], args["BLOCK_DV"]),
+                         args["DOT"] == DOT_IEEE.value)
     keep = [c for c in configs if _config_tuple(c) in table]
     keep.sort(key=lambda c: table.index(_config_tuple(c)))
     lq, lk = triton.next_power_of_2(args["Lq"]), triton.next_power_of_2(args["Lk"])
@@ -701,7 +731,8 @@ def _prune_dkdv(configs, named_args, **kwargs):
 
 
 def _all_configs(kind):
-    seen = sorted({t for per_gpu in TUNING[kind].values() for per_d in per_gpu.values() for t in per_d})
+    seen = sorted({t for per_gpu in TUNING[kind].values() for per_d in per_gpu.values() for t in per_d}
+                  | {t for per_d in TUNING_FP32[kind].values() for t in per_d})
     return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s) for bm, bn, w, s in seen]
 
 

@@ -268,7 +268,7 @@ def main(argv=None):
             for head in map(int, a.heads.split(",")):
                 for mask in a.masks.split(","):
                     mk = {"none": MASK_NONE, "bool": MASK_BOOL, "float": MASK_FLOAT}[mask].value
-                    table = A.TUNING[kind][A.gpu_class(arch)][head]
+                    table = A.tuning_table(kind, arch, head, a.dtype == "fp32")
                     for i, cfg in enumerate(table[:1] if a.first else table):
                         r = compile_one(kind, arch, cfg, head, a.dtype, mk, a.windowed == "1", a.sass)
                         r["first"] = i == 0

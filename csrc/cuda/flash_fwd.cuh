@@ -44,7 +44,7 @@ struct FwdTraits {
 // 4 warps x 32 rows where the accumulators of O (kMTiles * kHeadDim / 2 fp32 per thread) and
 // S (kMTiles * kBlockN / 2) fit the register file without spills (the compile check): D 64
 // (64, 4, 2), D 96 (32, 4, 2).  D 128 keeps 8 warps x 16 rows, (64, 8, 1): at 4 x 32 rows
-// it spills 44-508 bytes a thread (kBlockN 32 or 64, sm80 and sm90).  D 256: (32, 4, 1).
+// it spills 12-508 bytes a thread (kBlockN 32 or 64, sm80 and sm90).  D 256: (32, 4, 1).
 // Shared memory fits sm80's 163 KB.
 template <int D>
 struct FwdConfig {

@@ -63,11 +63,13 @@ def test_a_step_is_killed_at_its_share_and_the_summary_kept(tmp_path):
     assert json.loads((tmp_path / "summary.json").read_text())["steps"][0]["status"] == "timeout"
 
 
-def test_a_step_without_time_left_is_skipped(tmp_path):
+def test_a_step_without_time_left_is_skipped_and_a_skipped_test_step_fails(tmp_path):
     c = _check(tmp_path, budget=20)
     status, _, _ = c.run("late", [sys.executable, "-c", "pass"], cap=100, later=15)
-    assert status == "skipped"
-    assert json.loads((tmp_path / "summary.json").read_text())["steps"][0]["status"] == "skipped"
+    assert status == "skipped" and not c.failed
+    assert c.pytest("late tests", ["tests/api/test_smoke_backends.py"], cap=100, later=15) == "skipped"
+    step = json.loads((tmp_path / "summary.json").read_text())["steps"][-1]
+    assert step["name"] == "late tests" and step["status"] == "skipped" and c.failed
 
 
 def test_failing_tests_are_counted_and_fail_the_check(tmp_path):
@@ -104,3 +106,27 @@ def test_find_cuda_home_skips_a_wrapper_without_headers(tmp_path, monkeypatch):
     monkeypatch.setenv("PATH", f"{wrapper / 'bin'}:{os.environ['PATH']}")
     home, why = gpu_check.find_cuda_home()
     assert home == str(real) and why is None
+
+
+def test_find_cuda_home_prefers_the_toolkit_of_torchs_cuda(tmp_path, monkeypatch):
+    homes = {}
+    for ver in ("12.4", "13.0"):
+        home = tmp_path / f"cuda-{ver}"
+        (home / "bin").mkdir(parents=True)
+        (home / "include").mkdir()
+        (home / "include" / "cuda_runtime.h").write_text("")
+        (home / "bin" / "nvcc").write_text("#!/bin/sh\n")
+        (home / "bin" / "nvcc").chmod(0o755)
+        (home / "version.json").write_text(json.dumps({"cuda": {"version": f"{ver}.1"}}))
+        homes[ver] = str(home)
+    monkeypatch.setenv("CUDA_HOME", homes["12.4"])                # found first, but CUDA 12
+    monkeypatch.setenv("PATH", f"{homes['13.0']}/bin:{os.environ['PATH']}")
+    assert gpu_check.find_cuda_home("13.0") == (homes["13.0"], None)
+    assert gpu_check.find_cuda_home("12.4") == (homes["12.4"], None)
+    assert gpu_check.find_cuda_home(None) == (homes["12.4"], None)  # no preference: the first found
+
+
+def test_a_missing_program_fails_the_step_not_the_check(tmp_path):
+    c = _check(tmp_path, budget=60)
+    status, _, rc = c.run("ghost", [str(tmp_path / "no-such-program")], cap=30)
+    assert status == "failed" and rc is None and c.failed

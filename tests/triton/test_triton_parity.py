@@ -186,9 +186,8 @@ def test_split_kv_short_queries_match_reference(Lq, Lk, causal, window, dtype):
     from attnfast.triton_kernels.attention import split_count
 
     B, Hq, Hkv, E = 1, 2, 1, 32
-    assert split_count(B * Hq, Lk, torch.device("cpu")) > 1  # the split path is what runs
-    q, k, v = torch.randn(B, Hq, Lq, E, dtype=dtype), torch.randn(B, Hkv, Lk, E, dtype=dtype), \
-        torch.randn(B, Hkv, Lk, E, dtype=dtype)
+    assert split_count(B * Hq, Lk, torch.device(DEVICE)) > 1  # the split path is what runs
+    q, k, v = (torch.randn(B, h, L, E, dtype=dtype, device=DEVICE) for h, L in ((Hq, Lq), (Hkv, Lk), (Hkv, Lk)))
 
     def run(q, k, v, m):
         return attnfast.attention(q, k, v, is_causal=causal, causal_alignment="bottom_right", window=window,

@@ -8,13 +8,13 @@ import pytest
 A = pytest.importorskip("attnfast.triton_kernels.attention")
 
 
-def _args(arch, d, lq, lk):
-    return dict(ARCH=arch, BLOCK_D=d, BLOCK_DV=d, Lq=lq, Lk=lk)
+def _args(arch, d, lq, lk, fp32=False):
+    return dict(ARCH=arch, BLOCK_D=d, BLOCK_DV=d, Lq=lq, Lk=lk, DOT=1 if fp32 else 0)
 
 
 @pytest.mark.parametrize("kind", ["fwd", "rows", "dkdv"])
 def test_tables_are_valid(kind):
-    for per_gpu in A.TUNING[kind].values():
+    for per_gpu in [*A.TUNING[kind].values(), A.TUNING_FP32[kind]]:
         assert set(per_gpu) == {64, 128, 256}
         for entries in per_gpu.values():
             assert entries and len(set(entries)) == len(entries)
@@ -51,6 +51,15 @@ def test_autotune_off_takes_the_first_config(monkeypatch):
     assert [A._config_tuple(c) for c in got] == A.TUNING["dkdv"]["sm90"][128][:1]
 
 
+@pytest.mark.parametrize("kind", ["fwd", "rows", "dkdv"])
+def test_float32_takes_its_own_table(kind, monkeypatch):
+    """float32 inputs (IEEE dots) get the small tiles of TUNING_FP32 on every GPU class."""
+    monkeypatch.delenv(A.AUTOTUNE_ENV, raising=False)
+    for arch in (80, 86, 90):
+        got = A.select_configs(kind, A._all_configs(kind), _args(arch, 128, 4096, 4096, fp32=True))
+        assert [A._config_tuple(c) for c in got] == A.TUNING_FP32[kind][128]
+
+
 def test_autotuners_are_keyed_explicitly():
     for tuned in (A._fwd_tuned, A._rows_tuned, A._dkdv_tuned):
         assert {"ARCH", "LQ_KEY", "LK_KEY", "E", "Ev", "MASK_KIND", "WINDOWED", "DOT"} <= set(tuned.keys)
@@ -73,12 +82,20 @@ def test_first_configs_compile_for_sm90(tmp_path):
     rows = json.loads(out.read_text())["rows"]
     assert [r["kind"] for r in rows] == ["fwd", "rows", "dkdv"]
     assert all(r["fits"] and r["registers"] > 0 and r["shared"] > 0 for r in rows)
+    # float32 at D 128: the tiles the autotuner-off path takes must launch too
+    out = tmp_path / "rows32.json"
+    proc = subprocess.run([sys.executable, "-m", "attnfast.triton_kernels.compile_check", "--archs", "90",
+                           "--heads", "128", "--masks", "none", "--dtype", "fp32", "--first", "--json", str(out)],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert all(r["fits"] for r in json.loads(out.read_text())["rows"])
 
 
 def test_forward_sass_for_sm90(tmp_path):
-    """The sm90 forward's first D 64 config in its SASS: the products on wgmma only; exp2
-    without a multiply by log2 e (the scale folded in): the whole tiles' stage costs one FFMA
-    and one MUFU.EX2 a score, and the band (causal) variant has a second, masked stage."""
+    """The sm90 forward's first D 64 config in its SASS: the products on wgmma only; each score
+    formed as one FFMA (qk * hi + qk * lo, the scale times log2 e folded in) and exponentiated
+    by one MUFU.EX2 (no multiply by log2 e inside exp); the band (causal) variant and the plain
+    one both have the two stages (whole tiles, then the masked edge)."""
     import json
     import os
     import subprocess
