@@ -115,6 +115,7 @@ class Check:
         self.log.write_text("")
         self.child = None
         self.failed = False
+        self.xdist = None          # pytest-xdist importable by the steps' interpreter
         self.summary = dict(mode="dry run (CPU)" if dry else "gpu", budget_s=budget, steps=[],
                             tests=dict(passed=0, failed=0, skipped=0), bench=[], versions={}, gpu={},
                             backends={}, build={})
@@ -209,7 +210,9 @@ class Check:
         junit = self.out / f".junit-{re.sub(r'[^a-z0-9]+', '-', name)}.xml"
         junit.unlink(missing_ok=True)
         start = self.log.stat().st_size
-        xdist = [] if self.dry or not self.has_module("xdist") else ["-n", str(min(8, os.cpu_count() or 1))]
+        if self.xdist is None:  # probed once, by the first test step
+            self.xdist = not self.dry and self.has_module("xdist")
+        xdist = ["-n", str(min(8, os.cpu_count() or 1))] if self.xdist else []
         cmd = [self.py, "-m", "pytest", "-v", "-rfE", "-p", "no:cacheprovider", f"--junitxml={junit}",
                *xdist, *args]
         status, secs, rc = self.run(name, cmd, cap, later, env, fail_on_error=False)
@@ -311,7 +314,7 @@ class Check:
         if cuda_home:
             env["CUDA_HOME"] = cuda_home
             env["PATH"] = f"{cuda_home}/bin:{env.get('PATH', '')}"
-        cap = self.summary["gpu"].get("capability") if isinstance(self.summary["gpu"], dict) else None
+        cap = self.summary["gpu"].get("capability")
         env.setdefault("ATTNFAST_CUDA_ARCH_LIST", str(cap) if cap else "90")
         if not cuda_home:
             env["ATTNFAST_NO_CUDA"] = "1"
@@ -334,8 +337,7 @@ class Check:
     def harness(self, cuda_home, cap):
         """The CUDA C++ kernels' standalone harness (parity against its CPU reference, then timing):
         what is left of them when the extension had to be built without them."""
-        gpu = self.summary["gpu"] if isinstance(self.summary["gpu"], dict) else {}
-        arch = gpu.get("capability") or "90"
+        arch = self.summary["gpu"].get("capability") or "90"
         exe = ROOT / "build" / "attnfast_harness"
         exe.parent.mkdir(exist_ok=True)
         st, secs, _ = self.run("harness build", [f"{cuda_home}/bin/nvcc", "-O3", "-std=c++17",
@@ -357,17 +359,13 @@ class Check:
         env.pop("ATTNFAST_TRITON_AUTOTUNE")
         st, secs, _ = self.run("bench", args, allowed, env=env)
         path = self.out / "gpu_kernels.json"
-        rows = []
-        if path.exists():
-            try:
-                data = json.loads(path.read_text())
-                keep = ("case", "peer", "status", "ms", "tflops", "max_abs_diff", "check_ok", "reason")
-                rows = [{k: r.get(k) for k in keep} for r in data.get("records", [])]
-                partial = data.get("partial")
-            except ValueError:
-                partial = None
-        else:
-            partial = None
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, ValueError):    # not written, or cut mid-write
+            data = {}
+        keep = ("case", "peer", "status", "ms", "tflops", "max_abs_diff", "check_ok", "reason")
+        rows = [{k: r.get(k) for k in keep} for r in data.get("records", [])]
+        partial = data.get("partial")
         self.summary["bench"] = rows
         if st == "timeout" and rows:
             st = "cut"            # killed by the step's limit after some cases: rows kept

@@ -102,6 +102,12 @@ def _whole_range(start, BLOCK: tl.constexpr, BLOCK_OTHER: tl.constexpr, lo, hi, 
 
 
 @triton.jit
+def _edge_count(lo, a, b, hi, BLOCK_OTHER: tl.constexpr):
+    """How many tiles need masking: those of [lo, a) and of [b, hi) (<= 0: none)."""
+    return tl.cdiv(a - lo, BLOCK_OTHER) + tl.cdiv(hi - b, BLOCK_OTHER)
+
+
+@triton.jit
 def _edge_tile(t, lo, a, b, BLOCK_OTHER: tl.constexpr):
     """First position of the t-th tile that needs masking: those of [lo, a), then of [b, hi)."""
     n_left = tl.cdiv(a - lo, BLOCK_OTHER)  # (a is on the grid, or hi)
@@ -249,7 +255,7 @@ def _fwd_kernel(Q, K, V, Mask, Blocks, Out, Lse, CuQ, CuK, UsedK,
                 acc, m_i, l_i, q, start_n, False, offs_m, K, V, Mask, k_base, v_base, mask_base,
                 skn, skd, svn, svd, smm, smn, Lq, Lk, qk_scale, qk_lo, diag, wl, wr, drop_bh, seed_lo, seed_hi,
                 rng_offset, p_drop, E, Ev, BLOCK_N, BLOCK_D, BLOCK_DV, 0, WINDOWED, DOT, DROPOUT, False)
-        for t in range(0, tl.cdiv(a - lo, BLOCK_N) + tl.cdiv(hi - z, BLOCK_N)):
+        for t in range(0, _edge_count(lo, a, z, hi, BLOCK_N)):
             acc, m_i, l_i = _fwd_tile(
                 acc, m_i, l_i, q, _edge_tile(t, lo, a, z, BLOCK_N), False, offs_m, K, V, Mask, k_base, v_base,
                 mask_base, skn, skd, svn, svd, smm, smn, Lq, Lk, qk_scale, qk_lo, diag, wl, wr, drop_bh, seed_lo,
@@ -410,7 +416,7 @@ def _bwd_rows_kernel(Q, K, V, Mask, Blocks, DO, Lse, DLse, Delta, DQ, CuQ, CuK, 
                 mask_base, skn, skd, svn, svd, smm, smn, Lq, Lk, qk_scale, qk_lo, diag, wl, wr, drop_bh,
                 seed_lo, seed_hi, rng_offset, p_drop, E, Ev, BLOCK_N, BLOCK_D, BLOCK_DV, 0,
                 WINDOWED, DOT, DROPOUT, DELTA_PASS, False)
-        for t in range(0, tl.cdiv(a - lo, BLOCK_N) + tl.cdiv(hi - z, BLOCK_N)):
+        for t in range(0, _edge_count(lo, a, z, hi, BLOCK_N)):
             dq, delta_acc = _rows_tile(
                 dq, delta_acc, q, do, lse_hi, lse_lo, delta, _edge_tile(t, lo, a, z, BLOCK_N), False, offs_m, K, V,
                 Mask, k_base, v_base, mask_base, skn, skd, svn, svd, smm, smn, Lq, Lk, qk_scale, qk_lo, diag, wl, wr,
@@ -509,7 +515,7 @@ def _bwd_dkdv_kernel(Q, K, V, Mask, BlocksT, DO, Lse, Delta, DK, DV, DMask, CuQ,
                     sqb, sqh, sqm, sqd, sdb, sdh, sdm, sdd, smb, smh, smm, smn, row, q0, drop_bh, Lq, Lk,
                     qk_scale, qk_lo, diag, wl, wr, seed_lo, seed_hi, drop_offset, p_drop, E, Ev, BLOCK_M, BLOCK_D,
                     BLOCK_DV, 0, WINDOWED, MASK_GRAD, DOT, DROPOUT, False)
-            for t in range(0, tl.cdiv(a - lo, BLOCK_M) + tl.cdiv(hi - z, BLOCK_M)):
+            for t in range(0, _edge_count(lo, a, z, hi, BLOCK_M)):
                 dk, dv = _dkdv_tile(
                     dk, dv, k, v, _edge_tile(t, lo, a, z, BLOCK_M), False, offs_n, h, bh, b, Q, DO, Lse, Delta,
                     Mask, DMask, sqb, sqh, sqm, sqd, sdb, sdh, sdm, sdd, smb, smh, smm, smn, row, q0, drop_bh,
