@@ -9,8 +9,6 @@ q (B, Hq, Lq, E), k (B, Hkv, Lk, E), v (B, Hkv, Lk, Ev), mask expanded to
 query i: d = i + diag; (window_left < 0 or j >= d - window_left) and
 (window_right < 0 or j <= d + window_right); causal is window_right = 0.
 """
-import math
-
 import torch
 import triton
 import triton.language as tl
@@ -18,8 +16,9 @@ from torch.library import triton_op
 
 from ..ops import lse_dtype
 
-from .common import (DOT_IEEE, INTERPRETING, LOG2E, LOG2E_HI, LOG2E_LO, MASK_NONE, dot, dot_mode, launcher,
-                     load_rows, lse2_parts, mask_args, masked_scores, program_block, row_lse2, visible)
+from .common import (DOT_IEEE, INTERPRETING, LN2_HI, LN2_LO, LOG2E, LOG2E_HI, LOG2E_LO, MASK_NONE, dot, dot_mode,
+                     launcher, load_rows, mask_args, masked_scores, p_of_scores, program_block, row_lse2,
+                     saved_lse_parts, visible)
 
 
 @triton.jit
@@ -348,7 +347,7 @@ def _rows_tile(dq, delta_acc, q, do, lse_hi, lse_lo, delta, start_n, need, offs_
                seed_lo, seed_hi, rng_offset, p_drop, E: tl.constexpr, Ev: tl.constexpr,
                BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
                MASK_KIND: tl.constexpr, WINDOWED: tl.constexpr, DOT: tl.constexpr,
-               DROPOUT: tl.constexpr, DELTA_PASS: tl.constexpr, MASKED: tl.constexpr):
+               DROPOUT: tl.constexpr, DELTA_PASS: tl.constexpr, MASKED: tl.constexpr, NAT_LSE: tl.constexpr):
     """One key tile of the row-wise backward: delta_acc (DELTA_PASS) or dq updated; scores in
     log2 units as the forward's, (lse_hi, lse_lo) from lse2_parts; not MASKED as there."""
     offs_n = start_n + tl.arange(0, BLOCK_N)
@@ -358,7 +357,7 @@ def _rows_tile(dq, delta_acc, q, do, lse_hi, lse_lo, delta, start_n, need, offs_
     if MASKED:
         s = _mask_scores(s, offs_m, offs_n, Mask, mask_base, smm, smn, Lq, Lk, diag, wl, wr, need,
                          MASK_KIND, WINDOWED)
-    p = tl.exp2((s - lse_hi[:, None]) - lse_lo[:, None])  # masked: exp2(-inf) = 0; dead rows: hi = +inf
+    p = p_of_scores(s, lse_hi, lse_lo, NAT_LSE)  # masked: 2^-inf = 0; dead rows: hi = +inf
     dp = dot(do, tl.trans(v), DOT)
     if DROPOUT:
         dp = dp * _dropout_scale(offs_m, offs_n, Lk, bh, seed_lo, seed_hi, rng_offset, p_drop)
@@ -396,7 +395,8 @@ def _bwd_rows_kernel(Q, K, V, Mask, Blocks, DO, Lse, DLse, Delta, DQ, CuQ, CuK, 
     q = load_rows(Q, b * sqb + h * sqh + q0 * sqm, offs_m, sqm, sqd, Lq, BLOCK_D, E)
     do = load_rows(DO, b * sdb + h * sdh + q0 * sdm, offs_m, sdm, sdd, Lq, BLOCK_DV, Ev)
     row = b * slb + h * slh + q0  # this head's lse, dlse and delta
-    lse_hi, lse_lo = lse2_parts(tl.load(Lse + row + offs_m, mask=offs_m < Lq, other=float("inf")))
+    NAT_LSE: tl.constexpr = Lse.dtype.element_ty == tl.float32
+    lse_hi, lse_lo = saved_lse_parts(tl.load(Lse + row + offs_m, mask=offs_m < Lq, other=float("inf")), NAT_LSE)
     if DELTA_PASS:
         delta = tl.zeros([BLOCK_M], tl.float32)
     else:
@@ -415,13 +415,13 @@ def _bwd_rows_kernel(Q, K, V, Mask, Blocks, DO, Lse, DLse, Delta, DQ, CuQ, CuK, 
                 dq, delta_acc, q, do, lse_hi, lse_lo, delta, start_n, False, offs_m, K, V, Mask, k_base, v_base,
                 mask_base, skn, skd, svn, svd, smm, smn, Lq, Lk, qk_scale, qk_lo, diag, wl, wr, drop_bh,
                 seed_lo, seed_hi, rng_offset, p_drop, E, Ev, BLOCK_N, BLOCK_D, BLOCK_DV, 0,
-                WINDOWED, DOT, DROPOUT, DELTA_PASS, False)
+                WINDOWED, DOT, DROPOUT, DELTA_PASS, False, NAT_LSE)
         for t in range(0, _edge_count(lo, a, z, hi, BLOCK_N)):
             dq, delta_acc = _rows_tile(
                 dq, delta_acc, q, do, lse_hi, lse_lo, delta, _edge_tile(t, lo, a, z, BLOCK_N), False, offs_m, K, V,
                 Mask, k_base, v_base, mask_base, skn, skd, svn, svd, smm, smn, Lq, Lk, qk_scale, qk_lo, diag, wl, wr,
                 drop_bh, seed_lo, seed_hi, rng_offset, p_drop, E, Ev, BLOCK_N, BLOCK_D, BLOCK_DV, 0,
-                WINDOWED, DOT, DROPOUT, DELTA_PASS, True)
+                WINDOWED, DOT, DROPOUT, DELTA_PASS, True, NAT_LSE)
     else:
         rec = Blocks + b * sbb + h * sbh + (start_m // SUM_M) * sbr
         for t in range(0, tl.load(rec) * (SUM_N // BLOCK_N)):
@@ -430,7 +430,7 @@ def _bwd_rows_kernel(Q, K, V, Mask, Blocks, DO, Lse, DLse, Delta, DQ, CuQ, CuK, 
                 dq, delta_acc, q, do, lse_hi, lse_lo, delta, start_n, need, offs_m, K, V, Mask, k_base,
                 v_base, mask_base, skn, skd, svn, svd, smm, smn, Lq, Lk, qk_scale, qk_lo, diag, wl, wr, drop_bh,
                 seed_lo, seed_hi, rng_offset, p_drop, E, Ev, BLOCK_N, BLOCK_D, BLOCK_DV, MASK_KIND,
-                WINDOWED, DOT, DROPOUT, DELTA_PASS, True)
+                WINDOWED, DOT, DROPOUT, DELTA_PASS, True, NAT_LSE)
     if DELTA_PASS:
         if HAS_DLSE:  # d lse / d s = P: a gradient on lse only shifts delta
             delta_acc -= tl.load(DLse + row + offs_m, mask=offs_m < Lq, other=0.0).to(tl.float32)
@@ -454,13 +454,14 @@ def _dkdv_tile(dk, dv, k, v, start_m, need, offs_n, h, bh, b, Q, DO, Lse, Delta,
     offs_m = start_m + tl.arange(0, BLOCK_M)
     q = load_rows(Q, b * sqb + h * sqh + q0 * sqm, offs_m, sqm, sqd, Lq, BLOCK_D, E)
     do = load_rows(DO, b * sdb + h * sdh + q0 * sdm, offs_m, sdm, sdd, Lq, BLOCK_DV, Ev)
-    lse_hi, lse_lo = lse2_parts(tl.load(Lse + row + offs_m, mask=offs_m < Lq, other=float("inf")))
+    NAT_LSE: tl.constexpr = Lse.dtype.element_ty == tl.float32
+    lse_hi, lse_lo = saved_lse_parts(tl.load(Lse + row + offs_m, mask=offs_m < Lq, other=float("inf")), NAT_LSE)
     delta = tl.load(Delta + row + offs_m, mask=offs_m < Lq, other=0.0)
     s = _scores_log2(dot(q, tl.trans(k), DOT), qk_scale, qk_lo)
     if MASKED:
         s = _mask_scores(s, offs_m, offs_n, Mask, b * smb + h * smh, smm, smn, Lq, Lk, diag, wl, wr,
                          need, MASK_KIND, WINDOWED)
-    p = tl.exp2((s - lse_hi[:, None]) - lse_lo[:, None])  # (M, N); dead rows, rows past Lq: p = 0
+    p = p_of_scores(s, lse_hi, lse_lo, NAT_LSE)  # (M, N); dead rows, rows past Lq: p = 0
     if DROPOUT:
         z = _dropout_scale(offs_m, offs_n, Lk, drop_bh, seed_lo, seed_hi, rng_offset, p_drop)
         dv += dot(tl.trans(p * z).to(do.dtype), do, DOT)
@@ -943,7 +944,10 @@ def split_fwd(q, k, v, lens, bidx, scale, window_left, window_right, nsplit, lau
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=max(16, triton.next_power_of_2(E)),
         BLOCK_DV=max(16, triton.next_power_of_2(Ev)), WINDOWED=window_left >= 0 or window_right >= 0,
         DOT=dot_mode(q.dtype), HAS_BIDX=bidx is not None, PAGED=paged)
-    m64, l64 = m.double() * math.log(2.0), lsum.double()  # the kernel's row maxima are in log2 units
+    # The kernel's row maxima are in log2 units: to natural ones as common.nat_f64 does (a half
+    # input's float32 lse then rounds as the backward's scores do).
+    m64, l64 = m.double(), lsum.double()
+    m64 = m64 * LN2_HI.value + m64 * LN2_LO.value
     top = m64.amax(1, keepdim=True)
     top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
     w = torch.where(l64 > 0, torch.exp(m64 - top), torch.zeros_like(m64))

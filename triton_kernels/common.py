@@ -104,8 +104,34 @@ def _ln_f64(l):
 def row_lse2(m2, l):
     """The natural lse, m2 ln 2 + log(l), in float64, of float32 row maxima m2 in log2 units and
     sums l >= 1 (m2 * LN2_HI is exact in float64)."""
-    x = m2.to(tl.float64)
-    return x * LN2_HI + x * LN2_LO + _ln_f64(l)
+    return nat_f64(m2) + _ln_f64(l)
+
+
+@triton.jit
+def nat_f64(x2):
+    """x2 ln 2 in float64 for float32 x2 (log2 units): x2 * LN2_HI is exact in float64, so the FMA
+    and a plain multiply-add round alike (split_fwd's float64 merge forms it the same way)."""
+    x = x2.to(tl.float64)
+    return tl.fma(x, LN2_HI, x * LN2_LO)
+
+
+@triton.jit
+def saved_lse_parts(lse, NATURAL: tl.constexpr):
+    """(hi, lo) of a saved lse for the backward's P: in log2 units (lse2_parts) for a float64 lse
+    (float32 inputs), natural (lse_parts) for a float32 one (half inputs; see p_of_scores)."""
+    if NATURAL:
+        return lse_parts(lse)
+    return lse2_parts(lse)
+
+
+@triton.jit
+def p_of_scores(s2, hi, lo, NATURAL: tl.constexpr):
+    """The backward's P of scores s2 in log2 units.  A half input's lse is float32: times log2 e it
+    need not round back to a lone visible key's score, which must get P = 1 exactly (dS = 0); in
+    natural units the score rounds as the forward's lse did (nat_f64 to float32), so s - lse = 0."""
+    if NATURAL:
+        return tl.exp((nat_f64(s2).to(tl.float32) - hi[:, None]) - lo[:, None])
+    return tl.exp2((s2 - hi[:, None]) - lo[:, None])
 
 
 @triton.jit
