@@ -17,8 +17,8 @@ from torch.library import triton_op
 from ..ops import lse_dtype
 
 from .common import (DOT_IEEE, INTERPRETING, LN2_HI, LN2_LO, LOG2E, LOG2E_HI, LOG2E_LO, MASK_NONE, dot, dot_mode,
-                     launcher, load_rows, mask_args, masked_scores, p_of_scores, program_block, row_lse2,
-                     saved_lse_parts, visible)
+                     launcher, load_rows, load_tile, mask_args, masked_scores, p_of_scores, program_block, row_lse2,
+                     row_source, saved_lse_parts, use_descriptors, visible)
 
 
 @triton.jit
@@ -189,17 +189,18 @@ def _fwd_tile(acc, m_i, l_i, q, start_n, need, offs_m, K, V, Mask, k_base, v_bas
               skn, skd, svn, svd, smm, smn, Lq, Lk, qk_scale, qk_lo, diag, wl, wr, bh, seed_lo, seed_hi,
               rng_offset, p_drop, E: tl.constexpr, Ev: tl.constexpr, BLOCK_N: tl.constexpr,
               BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, MASK_KIND: tl.constexpr,
-              WINDOWED: tl.constexpr, DOT: tl.constexpr, DROPOUT: tl.constexpr, MASKED: tl.constexpr):
+              WINDOWED: tl.constexpr, DOT: tl.constexpr, DROPOUT: tl.constexpr, MASKED: tl.constexpr,
+              DESC: tl.constexpr):
     """One key tile of the online softmax: (acc, m, l) updated, m in log2 units (qk_scale +
     qk_lo = scale * log2 e, _scale_log2).  Not MASKED: a tile that every row sees whole (no
-    band, bounds or mask work)."""
+    band, bounds or mask work).  K, V: row_source's (tensor descriptors with DESC)."""
     offs_n = start_n + tl.arange(0, BLOCK_N)
     # The scores as the backward kernels form them, dot(q, trans(k)) on the same
     # tiles: the backward's P = exp2(s - lse) then rebuilds the forward's very
     # scores, and a row's largest P keeps the cancellation a naive softmax has
     # (s - max = 0).  (k loaded as a (D, N) tile instead rounds differently
     # under the interpreter: P of 5-10 ulps off, dV 4x a naive error.)
-    k = load_rows(K, k_base, offs_n, skn, skd, Lk, BLOCK_D, E, not MASKED)
+    k = load_tile(K, k_base, start_n, BLOCK_N, skn, skd, Lk, BLOCK_D, E, not MASKED, DESC)
     qk = dot(q, tl.trans(k), DOT)
     s = _scores_log2(qk, qk_scale, qk_lo)
     if MASKED:
@@ -214,7 +215,7 @@ def _fwd_tile(acc, m_i, l_i, q, start_n, need, offs_m, K, V, Mask, k_base, v_bas
     l_i = l_i * alpha + tl.sum(p, 1)
     if DROPOUT:  # l sums the kept and the dropped; the output takes the kept
         p = p * _dropout_scale(offs_m, offs_n, Lk, bh, seed_lo, seed_hi, rng_offset, p_drop)
-    v = load_rows(V, v_base, offs_n, svn, svd, Lk, BLOCK_DV, Ev, not MASKED)
+    v = load_tile(V, v_base, start_n, BLOCK_N, svn, svd, Lk, BLOCK_DV, Ev, not MASKED, DESC)
     acc = acc * alpha[:, None] + dot(p.to(v.dtype), v, DOT)
     return acc, m_new, l_i
 
@@ -228,9 +229,14 @@ def _fwd_kernel(Q, K, V, Mask, Blocks, Out, Lse, CuQ, CuK, UsedK,
                 E: tl.constexpr, Ev: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                 BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, SUM_M: tl.constexpr,
                 SUM_N: tl.constexpr, MASK_KIND: tl.constexpr, WINDOWED: tl.constexpr,
-                DOT: tl.constexpr, DROPOUT: tl.constexpr, VARLEN: tl.constexpr, USED_K: tl.constexpr):
+                DOT: tl.constexpr, DROPOUT: tl.constexpr, VARLEN: tl.constexpr, USED_K: tl.constexpr,
+                DESC: tl.constexpr):
     # One program per (query block, batch * q head): with VARLEN, batch entry b is
-    # packed sequence b (_seq).  ARCH, LQ_KEY, LK_KEY only key the autotuner.
+    # packed sequence b (_seq).  ARCH, LQ_KEY, LK_KEY only key the autotuner.  DESC > 0: K and V
+    # tiles through tensor descriptors (common.use_descriptors: TMA on sm90) in configs whose
+    # products have at least DESC rows (DESC_ROWS: wgmma tiles; with descriptors, ptxas for sm90
+    # spilled 12-19 KiB on the 32-row mma.sync tiles of D 256 where pointers spilled 1-2).
+    TMA: tl.constexpr = (DESC > 0) & (BLOCK_M >= DESC)
     pid_bh, b, h, hk, start_m, offs_m = program_block(Hq, group, BLOCK_M)
     q0, Lq, k0, Lk, diag = _seq(CuQ, CuK, UsedK, b, Lq, Lk, diag, br, VARLEN, USED_K)
     drop_bh, rng_offset = _drop_stream(b, h, pid_bh, rng_offset, VARLEN)
@@ -242,6 +248,8 @@ def _fwd_kernel(Q, K, V, Mask, Blocks, Out, Lse, CuQ, CuK, UsedK,
     acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
     k_base = b * skb + hk * skh + k0 * skn
     v_base = b * svb + hk * svh + k0 * svn
+    K = row_source(K, k_base, Lk, skn, E, BLOCK_N, BLOCK_D, TMA)
+    V = row_source(V, v_base, Lk, svn, Ev, BLOCK_N, BLOCK_DV, TMA)
     mask_base = b * smb + h * smh
     qk_scale, qk_lo = _scale_log2(scale)
     if MASK_KIND == MASK_NONE:
@@ -253,12 +261,12 @@ def _fwd_kernel(Q, K, V, Mask, Blocks, Out, Lse, CuQ, CuK, UsedK,
             acc, m_i, l_i = _fwd_tile(
                 acc, m_i, l_i, q, start_n, False, offs_m, K, V, Mask, k_base, v_base, mask_base,
                 skn, skd, svn, svd, smm, smn, Lq, Lk, qk_scale, qk_lo, diag, wl, wr, drop_bh, seed_lo, seed_hi,
-                rng_offset, p_drop, E, Ev, BLOCK_N, BLOCK_D, BLOCK_DV, 0, WINDOWED, DOT, DROPOUT, False)
+                rng_offset, p_drop, E, Ev, BLOCK_N, BLOCK_D, BLOCK_DV, 0, WINDOWED, DOT, DROPOUT, False, TMA)
         for t in range(0, _edge_count(lo, a, z, hi, BLOCK_N)):
             acc, m_i, l_i = _fwd_tile(
                 acc, m_i, l_i, q, _edge_tile(t, lo, a, z, BLOCK_N), False, offs_m, K, V, Mask, k_base, v_base,
                 mask_base, skn, skd, svn, svd, smm, smn, Lq, Lk, qk_scale, qk_lo, diag, wl, wr, drop_bh, seed_lo,
-                seed_hi, rng_offset, p_drop, E, Ev, BLOCK_N, BLOCK_D, BLOCK_DV, 0, WINDOWED, DOT, DROPOUT, True)
+                seed_hi, rng_offset, p_drop, E, Ev, BLOCK_N, BLOCK_D, BLOCK_DV, 0, WINDOWED, DOT, DROPOUT, True, TMA)
     else:
         rec = Blocks + b * sbb + h * sbh + (start_m // SUM_M) * sbr
         # one loop over kernel tiles (not a nested one: one copy of the tile
@@ -268,7 +276,7 @@ def _fwd_kernel(Q, K, V, Mask, Blocks, Out, Lse, CuQ, CuK, UsedK,
             acc, m_i, l_i = _fwd_tile(
                 acc, m_i, l_i, q, start_n, need, offs_m, K, V, Mask, k_base, v_base, mask_base,
                 skn, skd, svn, svd, smm, smn, Lq, Lk, qk_scale, qk_lo, diag, wl, wr, drop_bh, seed_lo, seed_hi,
-                rng_offset, p_drop, E, Ev, BLOCK_N, BLOCK_D, BLOCK_DV, MASK_KIND, WINDOWED, DOT, DROPOUT, True)
+                rng_offset, p_drop, E, Ev, BLOCK_N, BLOCK_D, BLOCK_DV, MASK_KIND, WINDOWED, DOT, DROPOUT, True, TMA)
     alive = l_i > 0
     out = acc / tl.where(alive, l_i, 1.0)[:, None]  # fully masked rows: 0
     tl.store(Out + b * sob + h * soh + (q0 + offs_m[:, None]) * som + offs_dv[None, :] * sod,
@@ -334,7 +342,7 @@ def _split_fwd_kernel(Q, K, V, Lens, Bidx, Table, Acc, Mrow, Lrow,
         acc, m_i, l_i = _fwd_tile(
             acc, m_i, l_i, q, start_n, False, offs_m, K, V, K, k_base, v_base, 0,
             skn, skd, svn, svd, 0, 0, Lq, hi, qk_scale, qk_lo, Lk - Lq, wl, wr, bh, 0, 0, 0, 0.0, E, Ev, BLOCK_N,
-            BLOCK_D, BLOCK_DV, 0, WINDOWED, DOT, False, True)
+            BLOCK_D, BLOCK_DV, 0, WINDOWED, DOT, False, True, False)
     row = (bh * nsplit + sp) * Lq + offs_m
     tl.store(Acc + row[:, None] * Ev + offs_dv[None, :], acc, mask=(offs_m[:, None] < Lq) & (offs_dv[None, :] < Ev))
     tl.store(Mrow + row, m_i, mask=offs_m < Lq)
@@ -347,12 +355,14 @@ def _rows_tile(dq, delta_acc, q, do, lse_hi, lse_lo, delta, start_n, need, offs_
                seed_lo, seed_hi, rng_offset, p_drop, E: tl.constexpr, Ev: tl.constexpr,
                BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
                MASK_KIND: tl.constexpr, WINDOWED: tl.constexpr, DOT: tl.constexpr,
-               DROPOUT: tl.constexpr, DELTA_PASS: tl.constexpr, MASKED: tl.constexpr, NAT_LSE: tl.constexpr):
+               DROPOUT: tl.constexpr, DELTA_PASS: tl.constexpr, MASKED: tl.constexpr, NAT_LSE: tl.constexpr,
+               DESC: tl.constexpr):
     """One key tile of the row-wise backward: delta_acc (DELTA_PASS) or dq updated; scores in
-    log2 units as the forward's, (lse_hi, lse_lo) from lse2_parts; not MASKED as there."""
+    log2 units as the forward's, (lse_hi, lse_lo) from lse2_parts; not MASKED as there.  K, V:
+    row_source's."""
     offs_n = start_n + tl.arange(0, BLOCK_N)
-    k = load_rows(K, k_base, offs_n, skn, skd, Lk, BLOCK_D, E)
-    v = load_rows(V, v_base, offs_n, svn, svd, Lk, BLOCK_DV, Ev)
+    k = load_tile(K, k_base, start_n, BLOCK_N, skn, skd, Lk, BLOCK_D, E, False, DESC)
+    v = load_tile(V, v_base, start_n, BLOCK_N, svn, svd, Lk, BLOCK_DV, Ev, False, DESC)
     s = _scores_log2(dot(q, tl.trans(k), DOT), qk_scale, qk_lo)
     if MASKED:
         s = _mask_scores(s, offs_m, offs_n, Mask, mask_base, smm, smn, Lq, Lk, diag, wl, wr, need,
@@ -379,7 +389,7 @@ def _bwd_rows_kernel(Q, K, V, Mask, Blocks, DO, Lse, DLse, Delta, DQ, CuQ, CuK, 
                      BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, SUM_M: tl.constexpr,
                      SUM_N: tl.constexpr, MASK_KIND: tl.constexpr, WINDOWED: tl.constexpr,
                      DOT: tl.constexpr, HAS_DLSE: tl.constexpr, DROPOUT: tl.constexpr,
-                     DELTA_PASS: tl.constexpr, VARLEN: tl.constexpr, USED_K: tl.constexpr):
+                     DELTA_PASS: tl.constexpr, VARLEN: tl.constexpr, USED_K: tl.constexpr, DESC: tl.constexpr):
     # One program per (query block, batch * q head), launched twice:
     #   DELTA_PASS: delta = rowsum(P * dP) - dlse;
     #   else:       dQ = scale * sum_tiles (P * (dP - delta)) K.
@@ -388,6 +398,7 @@ def _bwd_rows_kernel(Q, K, V, Mask, Blocks, DO, Lse, DLse, Delta, DQ, CuQ, CuK, 
     # rowsum(dO * O): that uses the stored, rounded O, and the two then do not
     # cancel where they should (one visible key: the exact dQ, dK are 0), which
     # the parity rule sees.  It costs two extra tile products per (q, k) tile.
+    TMA: tl.constexpr = (DESC > 0) & (BLOCK_M >= DESC)  # DESC: as the forward's
     pid_bh, b, h, hk, start_m, offs_m = program_block(Hq, group, BLOCK_M)
     q0, Lq, k0, Lk, diag = _seq(CuQ, CuK, UsedK, b, Lq, Lk, diag, br, VARLEN, USED_K)
     drop_bh, rng_offset = _drop_stream(b, h, pid_bh, rng_offset, VARLEN)
@@ -405,6 +416,8 @@ def _bwd_rows_kernel(Q, K, V, Mask, Blocks, DO, Lse, DLse, Delta, DQ, CuQ, CuK, 
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     k_base = b * skb + hk * skh + k0 * skn
     v_base = b * svb + hk * svh + k0 * svn
+    K = row_source(K, k_base, Lk, skn, E, BLOCK_N, BLOCK_D, TMA)
+    V = row_source(V, v_base, Lk, svn, Ev, BLOCK_N, BLOCK_DV, TMA)
     mask_base = b * smb + h * smh
     qk_scale, qk_lo = _scale_log2(scale)
     if MASK_KIND == MASK_NONE:  # the forward's two stages
@@ -415,13 +428,13 @@ def _bwd_rows_kernel(Q, K, V, Mask, Blocks, DO, Lse, DLse, Delta, DQ, CuQ, CuK, 
                 dq, delta_acc, q, do, lse_hi, lse_lo, delta, start_n, False, offs_m, K, V, Mask, k_base, v_base,
                 mask_base, skn, skd, svn, svd, smm, smn, Lq, Lk, qk_scale, qk_lo, diag, wl, wr, drop_bh,
                 seed_lo, seed_hi, rng_offset, p_drop, E, Ev, BLOCK_N, BLOCK_D, BLOCK_DV, 0,
-                WINDOWED, DOT, DROPOUT, DELTA_PASS, False, NAT_LSE)
+                WINDOWED, DOT, DROPOUT, DELTA_PASS, False, NAT_LSE, TMA)
         for t in range(0, _edge_count(lo, a, z, hi, BLOCK_N)):
             dq, delta_acc = _rows_tile(
                 dq, delta_acc, q, do, lse_hi, lse_lo, delta, _edge_tile(t, lo, a, z, BLOCK_N), False, offs_m, K, V,
                 Mask, k_base, v_base, mask_base, skn, skd, svn, svd, smm, smn, Lq, Lk, qk_scale, qk_lo, diag, wl, wr,
                 drop_bh, seed_lo, seed_hi, rng_offset, p_drop, E, Ev, BLOCK_N, BLOCK_D, BLOCK_DV, 0,
-                WINDOWED, DOT, DROPOUT, DELTA_PASS, True, NAT_LSE)
+                WINDOWED, DOT, DROPOUT, DELTA_PASS, True, NAT_LSE, TMA)
     else:
         rec = Blocks + b * sbb + h * sbh + (start_m // SUM_M) * sbr
         for t in range(0, tl.load(rec) * (SUM_N // BLOCK_N)):
@@ -430,7 +443,7 @@ def _bwd_rows_kernel(Q, K, V, Mask, Blocks, DO, Lse, DLse, Delta, DQ, CuQ, CuK, 
                 dq, delta_acc, q, do, lse_hi, lse_lo, delta, start_n, need, offs_m, K, V, Mask, k_base,
                 v_base, mask_base, skn, skd, svn, svd, smm, smn, Lq, Lk, qk_scale, qk_lo, diag, wl, wr, drop_bh,
                 seed_lo, seed_hi, rng_offset, p_drop, E, Ev, BLOCK_N, BLOCK_D, BLOCK_DV, MASK_KIND,
-                WINDOWED, DOT, DROPOUT, DELTA_PASS, True, NAT_LSE)
+                WINDOWED, DOT, DROPOUT, DELTA_PASS, True, NAT_LSE, TMA)
     if DELTA_PASS:
         if HAS_DLSE:  # d lse / d s = P: a gradient on lse only shifts delta
             delta_acc -= tl.load(DLse + row + offs_m, mask=offs_m < Lq, other=0.0).to(tl.float32)
@@ -447,13 +460,14 @@ def _dkdv_tile(dk, dv, k, v, start_m, need, offs_n, h, bh, b, Q, DO, Lse, Delta,
                Lq, Lk, qk_scale, qk_lo, diag, wl, wr, seed_lo, seed_hi, rng_offset, p_drop,
                E: tl.constexpr, Ev: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
                BLOCK_DV: tl.constexpr, MASK_KIND: tl.constexpr, WINDOWED: tl.constexpr,
-               MASK_GRAD: tl.constexpr, DOT: tl.constexpr, DROPOUT: tl.constexpr, MASKED: tl.constexpr):
+               MASK_GRAD: tl.constexpr, DOT: tl.constexpr, DROPOUT: tl.constexpr, MASKED: tl.constexpr,
+               DESC: tl.constexpr):
     """One query tile of head h against the program's key block: (dk, dv) updated;
     the float-mask gradient dS of the tile is stored.  Scores in log2 units; not MASKED: a
-    tile whose rows all see the block's keys whole."""
+    tile whose rows all see the block's keys whole.  Q, DO: head h's row_source."""
     offs_m = start_m + tl.arange(0, BLOCK_M)
-    q = load_rows(Q, b * sqb + h * sqh + q0 * sqm, offs_m, sqm, sqd, Lq, BLOCK_D, E)
-    do = load_rows(DO, b * sdb + h * sdh + q0 * sdm, offs_m, sdm, sdd, Lq, BLOCK_DV, Ev)
+    q = load_tile(Q, b * sqb + h * sqh + q0 * sqm, start_m, BLOCK_M, sqm, sqd, Lq, BLOCK_D, E, False, DESC)
+    do = load_tile(DO, b * sdb + h * sdh + q0 * sdm, start_m, BLOCK_M, sdm, sdd, Lq, BLOCK_DV, Ev, False, DESC)
     NAT_LSE: tl.constexpr = Lse.dtype.element_ty == tl.float32
     lse_hi, lse_lo = saved_lse_parts(tl.load(Lse + row + offs_m, mask=offs_m < Lq, other=float("inf")), NAT_LSE)
     delta = tl.load(Delta + row + offs_m, mask=offs_m < Lq, other=0.0)
@@ -488,9 +502,10 @@ def _bwd_dkdv_kernel(Q, K, V, Mask, BlocksT, DO, Lse, Delta, DK, DV, DMask, CuQ,
                      BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, SUM_M: tl.constexpr,
                      SUM_N: tl.constexpr, MASK_KIND: tl.constexpr, WINDOWED: tl.constexpr,
                      MASK_GRAD: tl.constexpr, DOT: tl.constexpr, DROPOUT: tl.constexpr,
-                     VARLEN: tl.constexpr, USED_K: tl.constexpr):
+                     VARLEN: tl.constexpr, USED_K: tl.constexpr, DESC: tl.constexpr):
     # One program per (key block, batch * kv head): it owns that dK/dV block and
     # walks the query blocks of every q head of its GQA group.
+    TMA: tl.constexpr = (DESC > 0) & (BLOCK_M >= DESC) & (BLOCK_N >= DESC)  # products of BLOCK_M, BLOCK_N rows
     _, b, hk, _, start_n, offs_n = program_block(Hkv, 1, BLOCK_N)
     q0, Lq, k0, Lk, diag = _seq(CuQ, CuK, UsedK, b, Lq, Lk, diag, br, VARLEN, USED_K)
     offs_d = tl.arange(0, BLOCK_D)
@@ -509,28 +524,30 @@ def _bwd_dkdv_kernel(Q, K, V, Mask, BlocksT, DO, Lse, Delta, DK, DV, DMask, CuQ,
         bh = b * Hq + h
         row = b * slb + h * slh + q0  # head h's lse and delta
         drop_bh, drop_offset = _drop_stream(b, h, bh, rng_offset, VARLEN)
+        Qh = row_source(Q, b * sqb + h * sqh + q0 * sqm, Lq, sqm, E, BLOCK_M, BLOCK_D, TMA)
+        DOh = row_source(DO, b * sdb + h * sdh + q0 * sdm, Lq, sdm, Ev, BLOCK_M, BLOCK_DV, TMA)
         if MASK_KIND == MASK_NONE:
             for start_m in range(a, z, BLOCK_M):
                 dk, dv = _dkdv_tile(
-                    dk, dv, k, v, start_m, False, offs_n, h, bh, b, Q, DO, Lse, Delta, Mask, DMask,
+                    dk, dv, k, v, start_m, False, offs_n, h, bh, b, Qh, DOh, Lse, Delta, Mask, DMask,
                     sqb, sqh, sqm, sqd, sdb, sdh, sdm, sdd, smb, smh, smm, smn, row, q0, drop_bh, Lq, Lk,
                     qk_scale, qk_lo, diag, wl, wr, seed_lo, seed_hi, drop_offset, p_drop, E, Ev, BLOCK_M, BLOCK_D,
-                    BLOCK_DV, 0, WINDOWED, MASK_GRAD, DOT, DROPOUT, False)
+                    BLOCK_DV, 0, WINDOWED, MASK_GRAD, DOT, DROPOUT, False, TMA)
             for t in range(0, _edge_count(lo, a, z, hi, BLOCK_M)):
                 dk, dv = _dkdv_tile(
-                    dk, dv, k, v, _edge_tile(t, lo, a, z, BLOCK_M), False, offs_n, h, bh, b, Q, DO, Lse, Delta,
+                    dk, dv, k, v, _edge_tile(t, lo, a, z, BLOCK_M), False, offs_n, h, bh, b, Qh, DOh, Lse, Delta,
                     Mask, DMask, sqb, sqh, sqm, sqd, sdb, sdh, sdm, sdd, smb, smh, smm, smn, row, q0, drop_bh,
                     Lq, Lk, qk_scale, qk_lo, diag, wl, wr, seed_lo, seed_hi, drop_offset, p_drop, E, Ev, BLOCK_M,
-                    BLOCK_D, BLOCK_DV, 0, WINDOWED, MASK_GRAD, DOT, DROPOUT, True)
+                    BLOCK_D, BLOCK_DV, 0, WINDOWED, MASK_GRAD, DOT, DROPOUT, True, TMA)
         else:
             rec = BlocksT + b * sbb + h * sbh + (start_n // SUM_N) * sbr
             for t in range(0, tl.load(rec) * (SUM_M // BLOCK_M)):
                 start_m, need = _listed_tile(rec, t, SUM_M, BLOCK_M)
                 dk, dv = _dkdv_tile(
-                    dk, dv, k, v, start_m, need, offs_n, h, bh, b, Q, DO, Lse, Delta, Mask, DMask,
+                    dk, dv, k, v, start_m, need, offs_n, h, bh, b, Qh, DOh, Lse, Delta, Mask, DMask,
                     sqb, sqh, sqm, sqd, sdb, sdh, sdm, sdd, smb, smh, smm, smn, row, q0, drop_bh, Lq, Lk,
                     qk_scale, qk_lo, diag, wl, wr, seed_lo, seed_hi, drop_offset, p_drop, E, Ev, BLOCK_M, BLOCK_D,
-                    BLOCK_DV, MASK_KIND, WINDOWED, MASK_GRAD, DOT, DROPOUT, True)
+                    BLOCK_DV, MASK_KIND, WINDOWED, MASK_GRAD, DOT, DROPOUT, True, TMA)
     dk = dk * scale
     tl.store(DK + b * sgkb + hk * sgkh + (k0 + offs_n[:, None]) * sgkn + offs_d[None, :], dk.to(DK.dtype.element_ty),
              mask=(offs_n[:, None] < Lk) & (offs_d[None, :] < E))
@@ -756,6 +773,11 @@ def _length_key(n):
     return min(triton.next_power_of_2(max(n, 1)), 1 << 16)
 
 
+# The least rows of a tile that takes tensor descriptors (the kernels' DESC): the wgmma tiles on
+# sm90; under the interpreter every tile, so that its small tiles run the descriptor path.
+DESC_ROWS = 1 if INTERPRETING else 64
+
+
 class _Launch:
     """Kernel choice and the arguments every kernel takes: autotuned kernels and
     cell (128, 128) on GPUs, fixed tiles and small cells under the interpreter."""
@@ -793,6 +815,7 @@ class _Launch:
         self.meta.update(VARLEN=False, USED_K=False)
         self.bottom_right = bottom_right
         self.br = 0  # the diagonal is self.diag (a ragged call's kernels take it per sequence from br)
+        self.arch = arch
 
     def ragged(self, cu_q, cu_k, used_k, max_q, max_k):
         """Packed sequences (q, k, v given as (1, H, total, D) views): per-sequence offsets."""
@@ -801,6 +824,12 @@ class _Launch:
         self.seqs = (cu_q, cu_k, cu_k if used_k is None else used_k)
         self.meta.update(VARLEN=True, USED_K=used_k is not None)
         self.diag, self.br = 0, int(self.bottom_right)
+
+    def descriptors(self, *tensors):
+        """A kernel's DESC meta-parameter: whether the tensors whose row tiles it loads in its
+        loop (the forward's and dQ pass's k, v; the dK/dV kernel's q, dout) go through
+        tensor descriptors (common.use_descriptors)."""
+        return dict(DESC=DESC_ROWS if use_descriptors(self.arch, *tensors) else 0)
 
     def kernel(self, plain, tuned):
         """(kernel, extra meta): the fixed-tile kernel under the interpreter."""
@@ -830,7 +859,7 @@ def attention_fwd(q, k, v, mask, scale, window_left, window_right, bottom_right,
     wrap(kern)[grid](
         q, k, v, L.mask, L.lists, out, lse, *L.seqs, *q.stride(), *k.stride(), *v.stride(), *L.mask_strides,
         *L.list_strides, *out.stride(), L.Hq * L.Lq, L.Lq, L.Hq, L.Lq, L.Lk, L.Hq // L.Hkv, scale, L.diag, L.br,
-        *L.window, *L.rng, *L.keys, **L.meta, **extra)
+        *L.window, *L.rng, *L.keys, **L.meta, **extra, **L.descriptors(k, v))
     return out, lse
 
 
@@ -873,7 +902,8 @@ def _backward_passes(L, wrap, q, k, v, dout, lse, dlse, delta, given, dq, dk, dv
         wrap(rows)[rows_grid](
             q, k, v, L.mask, L.lists, dout, lse, dlse_arg, delta, dq, *L.seqs, *common, *L.list_strides,
             *dout_strides, *lse_strides, *dq_strides, Hq, Lq, Lk, Hq // Hkv, scale, L.diag, L.br, *L.window,
-            *L.rng, *L.keys, **L.meta, **rows_extra, HAS_DLSE=dlse is not None, DELTA_PASS=delta_pass)
+            *L.rng, *L.keys, **L.meta, **rows_extra, **L.descriptors(k, v), HAS_DLSE=dlse is not None,
+            DELTA_PASS=delta_pass)
 
     if given is None:
         rows_pass(True)
@@ -881,7 +911,8 @@ def _backward_passes(L, wrap, q, k, v, dout, lse, dlse, delta, given, dq, dk, dv
     wrap(dkdv)[lambda meta: (triton.cdiv(Lk, meta["BLOCK_N"]), B * Hkv)](
         q, k, v, L.mask, L.lists_t, dout, lse, delta, dk, dv, dmask if mask_grad else delta, *L.seqs, *common,
         *L.list_t_strides, *dout_strides, *lse_strides, *dk_strides, *dv_strides, Hq, Hkv, Lq, Lk, Hq // Hkv,
-        scale, L.diag, L.br, *L.window, *L.rng, *L.keys, **L.meta, **dkdv_extra, MASK_GRAD=mask_grad)
+        scale, L.diag, L.br, *L.window, *L.rng, *L.keys, **L.meta, **dkdv_extra, **L.descriptors(q, dout),
+        MASK_GRAD=mask_grad)
     rows_pass(False)
 
 
@@ -990,7 +1021,8 @@ def varlen_fwd(q, k, v, cu_q, cu_k, used_k, max_q, max_k, scale, window_left, wi
     qs, ks, vs, os_ = (_packed_strides(t) + (t.stride(2),) for t in (q, k, v, out))
     wrap(kern)[grid](
         q, k, v, L.mask, L.lists, out, lse, *L.seqs, *qs, *ks, *vs, *L.mask_strides, *L.list_strides, *os_, 0, T,
-        L.Hq, L.Lq, L.Lk, L.Hq // L.Hkv, scale, L.diag, L.br, *L.window, *L.rng, *L.keys, **L.meta, **extra)
+        L.Hq, L.Lq, L.Lk, L.Hq // L.Hkv, scale, L.diag, L.br, *L.window, *L.rng, *L.keys, **L.meta, **extra,
+        **L.descriptors(k, v))
     return out, lse
 
 

@@ -187,6 +187,83 @@ def load_rows(Ptr, base, offs, sr, sc, n_rows, COLS: tl.constexpr, n_cols, ROWS_
 
 
 @triton.jit
+def row_source(Ptr, base, n_rows, sr, n_cols, ROWS: tl.constexpr, COLS: tl.constexpr, DESC: tl.constexpr):
+    """What load_tile reads (ROWS, COLS) tiles of a matrix at Ptr + base from: with DESC a tensor
+    descriptor of shape (n_rows, n_cols), row stride sr, unit column stride (TMA on sm90: the
+    hardware walks the addresses and zero-fills past the shape; elsewhere Triton lowers it to
+    masked loads); else Ptr itself."""
+    if DESC:
+        return tl.make_tensor_descriptor(Ptr + base, [n_rows, n_cols], [sr, 1], [ROWS, COLS])
+    else:
+        return Ptr
+
+
+@triton.jit
+def load_tile(src, base, start, ROWS: tl.constexpr, sr, sc, n_rows, COLS: tl.constexpr, n_cols,
+              ROWS_IN: tl.constexpr, DESC: tl.constexpr):
+    """Rows start .. start + ROWS of a row_source (base as given to it), zero past n_rows / n_cols."""
+    if DESC:
+        return src.load([start, 0])
+    else:
+        return load_rows(src, base, start + tl.arange(0, ROWS), sr, sc, n_rows, COLS, n_cols, ROWS_IN)
+
+
+DESC_ENV = "ATTNFAST_TRITON_TMA"  # "0": K/V tiles through pointer loads everywhere
+
+
+def _address(t):
+    """t's first element's byte address modulo 16 as far as it is known: the data pointer of a
+    real tensor; of a fake (traced) one, its storage offset (storages start 16-byte aligned)."""
+    from torch._subclasses.fake_tensor import is_fake
+
+    if t.device.type == "meta" or is_fake(t):
+        return t.storage_offset() * t.element_size()
+    return t.data_ptr()
+
+
+def descriptor_ok(*tensors):
+    """True when a TMA descriptor can address each tensor's rows: unit last stride, every other
+    stride and the first element's address a multiple of 16 bytes (the hardware's rule)."""
+    for t in tensors:
+        size = t.element_size()
+        outer = [st for n, st in zip(t.shape[:-1], t.stride()[:-1]) if n > 1]  # size-1 dims index 0 only
+        if (t.stride(-1) != 1 and t.shape[-1] > 1) or _address(t) % 16 or any(st * size % 16 for st in outer):
+            return False
+        if t.dim() > 1 and t.shape[-2] > 1 and t.stride(-2) <= 0:  # rows of one address: not for TMA
+            return False
+    return True
+
+
+def _scratch(size, alignment, stream):
+    import torch
+
+    return torch.empty(size, dtype=torch.int8, device="cuda")
+
+
+def use_descriptors(arch, *tensors):
+    """Whether a kernel's row tiles go through tensor descriptors (DESC): for 16-bit inputs on sm90
+    and later, where they are TMA loads feeding wgmma, and under the interpreter (so that CPU
+    tests run that path), unless ATTNFAST_TRITON_TMA=0 or a tensor's layout does not allow it.
+    float32 keeps pointer loads: its IEEE products run on FMA units, which the descriptor's
+    shared-memory layout does not suit (ptxas: 32 registers and 38 KiB of spills at D 128).  On a GPU a device-side
+    descriptor lives in scratch memory that Triton asks an allocator for: unless one is set
+    (torch.compile sets its own), torch's caching allocator serves it."""
+    import os
+
+    if (os.environ.get(DESC_ENV, "1") == "0" or not (INTERPRETING or arch >= 90)
+            or any(t.element_size() != 2 for t in tensors) or not descriptor_ok(*tensors)):
+        return False
+    if not INTERPRETING:
+        try:
+            from triton.runtime import _allocation
+        except ImportError:  # a triton without the allocator hook: no device-side descriptors
+            return False
+        if isinstance(_allocation._allocator.get(), _allocation.NullAllocator):
+            triton.set_allocator(_scratch)
+    return True
+
+
+@triton.jit
 def visible(offs_m, offs_n, Lk, diag, wl, wr, BANDED: tl.constexpr):
     """(M, N) bool: key offs_n visible from query offs_m (keys past Lk never are)."""
     ok = offs_n[None, :] < Lk

@@ -2,7 +2,7 @@
 
     python -m attnfast.triton_kernels.compile_check [--kinds fwd,rows,dkdv] [--archs 80,86,90]
         [--heads 64,128,256] [--masks none,bool] [--dtype bf16] [--first] [--json FILE]
-        [--sass] [--windowed 0|1]
+        [--sass] [--windowed 0|1] [--pointers]
     python -m attnfast.triton_kernels.compile_check --variants [--archs 90] [--first] [--json FILE]
 
 For every entry of attention.TUNING that the autotuner may pick on that GPU
@@ -106,9 +106,11 @@ def sass_counts(compiled, arch):
     return counts
 
 
-def compile_one(kind, arch, cfg, head, dtype="bf16", mask_kind=0, windowed=True, sass=False):
+def compile_one(kind, arch, cfg, head, dtype="bf16", mask_kind=0, windowed=True, sass=False, desc=True):
     """Compile one config; returns a dict with shared bytes, registers, spills, seconds (and the
-    SASS counts with `sass`)."""
+    SASS counts with `sass`).  desc: the loop's row tiles through tensor descriptors where the
+    launcher takes them (16-bit inputs on sm90 and later, common.use_descriptors); False: pointer
+    loads."""
     fn = KERNELS[kind]
     bm, bn, warps, stages = cfg
     sig, attrs = _signature(fn, _DTYPE[dtype], mask_kind)
@@ -116,6 +118,7 @@ def compile_one(kind, arch, cfg, head, dtype="bf16", mask_kind=0, windowed=True,
                   SUM_M=A.GPU_CELL[0], SUM_N=A.GPU_CELL[1], MASK_KIND=mask_kind, WINDOWED=windowed,
                   DOT=(DOT_IEEE if dtype == "fp32" else DOT_NATIVE).value, DROPOUT=False, VARLEN=False,
                   USED_K=False)
+    consts.update(DESC=A.DESC_ROWS if desc and arch >= 90 and dtype != "fp32" else 0)  # as _Launch.descriptors
     if kind == "rows":
         consts.update(HAS_DLSE=False, DELTA_PASS=False)
     if kind == "dkdv":
@@ -131,7 +134,8 @@ def compile_one(kind, arch, cfg, head, dtype="bf16", mask_kind=0, windowed=True,
     shared = compiled.metadata.shared
     fits = shared <= SHARED_LIMIT[arch]
     out = dict(kind=kind, arch=arch, config=list(cfg), head=head, dtype=dtype, mask_kind=mask_kind,
-               windowed=windowed, shared=shared, registers=regs, spill_bytes=spills, fits=fits,
+               windowed=windowed, desc=bool(consts["DESC"]) and min(bm, bn if kind == "dkdv" else bm) >= A.DESC_ROWS,
+               shared=shared, registers=regs, spill_bytes=spills, fits=fits,
                seconds=round(time.time() - t0, 1))
     if sass:
         out["sass"] = sass_counts(compiled, arch)
@@ -259,6 +263,8 @@ def main(argv=None):
     p.add_argument("--sass", action="store_true", help="count SASS opcodes too (" + ", ".join(SASS_OPS) + ")")
     p.add_argument("--windowed", default="1", choices=["0", "1"],
                    help="compile the band (causal/window) variant (1, default) or the one without (0)")
+    p.add_argument("--pointers", action="store_true",
+                   help="pointer loads on sm90 too (as with ATTNFAST_TRITON_TMA=0)")
     a = p.parse_args(argv)
     if a.variants:
         return main_variants([int(x) for x in a.archs.split(",")], a.json, a.first)
@@ -270,7 +276,8 @@ def main(argv=None):
                     mk = {"none": MASK_NONE, "bool": MASK_BOOL, "float": MASK_FLOAT}[mask].value
                     table = A.tuning_table(kind, arch, head, a.dtype == "fp32")
                     for i, cfg in enumerate(table[:1] if a.first else table):
-                        r = compile_one(kind, arch, cfg, head, a.dtype, mk, a.windowed == "1", a.sass)
+                        r = compile_one(kind, arch, cfg, head, a.dtype, mk, a.windowed == "1", a.sass,
+                                        not a.pointers)
                         r["first"] = i == 0
                         r["ok"] = r["fits"] or i > 0
                         rows.append(r)

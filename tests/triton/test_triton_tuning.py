@@ -94,8 +94,8 @@ def test_first_configs_compile_for_sm90(tmp_path):
 def test_forward_sass_for_sm90(tmp_path):
     """The sm90 forward's first D 64 config in its SASS: the products on wgmma only; each score
     formed as one FFMA (qk * hi + qk * lo, the scale times log2 e folded in) and exponentiated
-    by one MUFU.EX2 (no multiply by log2 e inside exp); the band (causal) variant and the plain
-    one both have the two stages (whole tiles, then the masked edge)."""
+    by one MUFU.EX2 (no multiply by log2 e inside exp); K and V tiles by TMA; the band (causal)
+    variant and the plain one both have the two stages (whole tiles, then the masked edge)."""
     import json
     import os
     import subprocess
@@ -120,6 +120,8 @@ def test_forward_sass_for_sm90(tmp_path):
         assert sass["HGMMA"] > 0 and sass["HMMA"] == 0, sass
         assert sass["FFMA"] >= per_thread, sass   # qk * scale - m fused, a score each
         assert row["spill_bytes"] == 0
+        # K/V tiles by TMA (tensor descriptors), no per-element cp.async loads
+        assert row["desc"] and sass["UTMALDG"] > 0 and sass["LDGSTS"] == 0, sass
     # both variants have the two stages (masked: the last partial key tile), each one exp2 a score
     assert got["0"]["sass"]["MUFU.EX2"] == got["1"]["sass"]["MUFU.EX2"] >= 2 * per_thread
 
