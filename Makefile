@@ -39,10 +39,13 @@ $(VENV)/.deps-installed:
 deps: $(READY)
 
 # Editable install of the Python package once (it maps attnfast.triton_kernels
-# to triton_kernels/ and attnfast.bench to bench/; an install from before a
-# mapping existed is redone), then an incremental in-place build of attnfast._C.
+# to triton_kernels/ and attnfast.bench to bench/, and registers the pytest plugin;
+# an install from before a mapping or the plugin existed is redone), then an
+# incremental in-place build of attnfast._C.
 build: deps
-	@$(PY) -c "import attnfast.triton_kernels, attnfast.bench" 2>/dev/null || \
+	@$(PY) -c "import attnfast.triton_kernels, attnfast.bench, importlib.metadata as m; \
+		assert [e.value for e in m.entry_points(group='pytest11') if e.name == 'attnfast'] == ['attnfast_pytest']" \
+		2>/dev/null || \
 		ATTNFAST_SKIP_EXT=1 $(PY) -m pip install --no-build-isolation --no-deps -e .
 	$(PY) setup.py -q build_ext --inplace
 

@@ -87,10 +87,13 @@ setup(
     version="0.1.0",
     description="Fused attention kernels for PyTorch (CPU C++, CUDA C++, Triton)",
     packages=["attnfast", "attnfast.triton_kernels", "attnfast.bench", "attnfast.bench.encoders"],
-    package_dir={"attnfast": "attnfast", "attnfast.triton_kernels": "triton_kernels", "attnfast.bench": "bench"},
+    package_dir={"attnfast": "attnfast", "attnfast.triton_kernels": "triton_kernels", "attnfast.bench": "bench",
+                 "": "attnfast"},
+    py_modules=["attnfast_pytest"],  # the pytest plugin: top-level, so loading it imports nothing heavy
     ext_modules=[] if os.environ.get("ATTNFAST_SKIP_EXT", "0") == "1" else [ext],
     cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},
     python_requires=">=3.10",
     install_requires=["torch>=2.11"],
     extras_require={"triton": ["triton>=3.6"]},
+    entry_points={"pytest11": ["attnfast = attnfast_pytest"]},
 )

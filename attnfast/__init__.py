@@ -10,6 +10,7 @@ from . import ops  # noqa: F401  (registers the custom ops)
 from . import nn  # noqa: F401
 from .api import attention, scaled_dot_product_attention
 from .varlen import attention_with_kvcache, varlen_attention
+from ._validate import ArgumentError, ArgumentTypeError
 from .dispatch import BackendUnavailableError, DegradedWarning, backends
 from .patching import patch, patched, unpatch
 from .reference import attention_ref
@@ -31,6 +32,8 @@ __all__ = [
     "patched",
     "backends",
     "BackendUnavailableError",
+    "ArgumentError",
+    "ArgumentTypeError",
     "DegradedWarning",
     "__version__",
 ]

@@ -23,6 +23,16 @@ from .reference import ALIGNMENTS
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
+class ArgumentError(ValueError, RuntimeError):
+    """A bad shape, device or value of an argument.  Also a RuntimeError: torch's own SDPA
+    raises RuntimeError for these, and code written for it catches that."""
+
+
+class ArgumentTypeError(TypeError, RuntimeError):
+    """An argument of the wrong type or dtype (or layout).  Also a RuntimeError, as torch's
+    mixed-dtype checks raise."""
+
+
 @dataclass
 class Plan:
     family: ClassVar[str] = "attention"
@@ -51,18 +61,18 @@ def _shape(t):
 def _check_tensor(name, t, ref=None, min_dim=2):
     """A dense floating-point tensor; with `ref` (the query), of its dtype and device."""
     if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        raise ArgumentTypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if t.dim() < min_dim:
-        raise ValueError(f"{name} must have shape (..., L, E) with at least 2 dims, got {_shape(t)}")
+        raise ArgumentError(f"{name} must have shape (..., L, E) with at least 2 dims, got {_shape(t)}")
     if t.layout != torch.strided:
-        raise TypeError(f"{name} must be a dense (strided) tensor, got layout {t.layout}")
+        raise ArgumentTypeError(f"{name} must be a dense (strided) tensor, got layout {t.layout}")
     if t.dtype not in FLOAT_DTYPES:
-        raise TypeError(f"{name} must be float16, bfloat16, float32 or float64, got {t.dtype}")
+        raise ArgumentTypeError(f"{name} must be float16, bfloat16, float32 or float64, got {t.dtype}")
     if ref is not None:
         if t.dtype != ref.dtype:
-            raise TypeError(f"{name} dtype {t.dtype} must match query dtype {ref.dtype}")
+            raise ArgumentTypeError(f"{name} dtype {t.dtype} must match query dtype {ref.dtype}")
         if t.device != ref.device:
-            raise ValueError(f"{name} is on {t.device} but query is on {ref.device}")
+            raise ArgumentError(f"{name} is on {t.device} but query is on {ref.device}")
 
 
 def _as4d(t):
@@ -96,17 +106,17 @@ def _window(window):
     if window is None:
         return -1, -1
     if not isinstance(window, (tuple, list)) or len(window) != 2:
-        raise ValueError(f"window must be None or a pair (left, right), got {window!r}")
+        raise ArgumentError(f"window must be None or a pair (left, right), got {window!r}")
     out = []
     for side, w in zip(("left", "right"), window):
         if w is None:
             w = -1
         if isinstance(w, bool) or not isinstance(w, int):
-            raise ValueError(f"window {side} must be an int >= 0, or -1/None for unbounded, got {w!r}")
+            raise ArgumentError(f"window {side} must be an int >= 0, or -1/None for unbounded, got {w!r}")
         if w < -1:
-            raise ValueError(f"window {side} must be >= 0, or -1/None for unbounded, got {w}")
+            raise ArgumentError(f"window {side} must be >= 0, or -1/None for unbounded, got {w}")
         if w >= 2**63:
-            raise ValueError(f"window {side} must be < 2**63 (use -1 or None for unbounded), got {w}")
+            raise ArgumentError(f"window {side} must be < 2**63 (use -1 or None for unbounded), got {w}")
         out.append(int(w))
     return tuple(out)
 
@@ -115,19 +125,19 @@ def check_mask(attn_mask, query, target, what="(..., Hq, Lq, Lk)", what_types="a
     """A bool or float mask that broadcasts to `target`, float masks in query's dtype
     (converted before any expansion, so only the mask's own size is copied)."""
     if not isinstance(attn_mask, torch.Tensor):
-        raise TypeError(f"attn_mask must be {what_types} or None, got {type(attn_mask).__name__}")
+        raise ArgumentTypeError(f"attn_mask must be {what_types} or None, got {type(attn_mask).__name__}")
     if attn_mask.layout != torch.strided:
-        raise TypeError(f"attn_mask must be a dense (strided) tensor, got layout {attn_mask.layout}")
+        raise ArgumentTypeError(f"attn_mask must be a dense (strided) tensor, got layout {attn_mask.layout}")
     if attn_mask.device != query.device:
-        raise ValueError(f"attn_mask is on {attn_mask.device} but query is on {query.device}")
+        raise ArgumentError(f"attn_mask is on {attn_mask.device} but query is on {query.device}")
     if attn_mask.dtype != torch.bool and not attn_mask.is_floating_point():
-        raise TypeError(f"attn_mask must be bool or floating point, got {attn_mask.dtype}")
+        raise ArgumentTypeError(f"attn_mask must be bool or floating point, got {attn_mask.dtype}")
     try:
         ok = torch.broadcast_shapes(tuple(attn_mask.shape), target) == target
     except RuntimeError:
         ok = False
     if not ok:
-        raise ValueError(f"attn_mask of shape {_shape(attn_mask)} does not broadcast to {what} = {target}")
+        raise ArgumentError(f"attn_mask of shape {_shape(attn_mask)} does not broadcast to {what} = {target}")
     if attn_mask.dtype != torch.bool and attn_mask.dtype != query.dtype:
         return attn_mask.to(query.dtype)
     return attn_mask
@@ -197,22 +207,58 @@ def _scale_arg(scale, E):
     if scale is None:
         return _default_scale(E)
     if isinstance(scale, torch.Tensor) or not isinstance(scale, (int, float)) or isinstance(scale, bool):
-        raise TypeError(f"scale must be a float or None, got {type(scale).__name__}")
+        raise ArgumentTypeError(f"scale must be a float or None, got {type(scale).__name__}")
     try:
         scale = float(scale)
     except OverflowError:
-        raise ValueError(f"scale must be finite, got an int of {scale.bit_length()} bits") from None
+        raise ArgumentError(f"scale must be finite, got an int of {scale.bit_length()} bits") from None
     if not math.isfinite(scale):
-        raise ValueError(f"scale must be finite, got {scale}")
+        raise ArgumentError(f"scale must be finite, got {scale}")
     return scale
 
 
 def _dropout_arg(dropout_p):
     if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)):
-        raise TypeError(f"dropout_p must be a float, got {type(dropout_p).__name__}")
+        raise ArgumentTypeError(f"dropout_p must be a float, got {type(dropout_p).__name__}")
     if not 0.0 <= dropout_p < 1.0:
-        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
+        raise ArgumentError(f"dropout_p must be in [0, 1), got {dropout_p}")
     return float(dropout_p)
+
+
+def _broadcast_leading(query, key, value, enable_gqa):
+    """query, key and value with their leading dims broadcast together, as torch's SDPA does
+    (its math path multiplies with matmul broadcasting): a key/value batch of 1 serves every
+    query batch, 3-D and 4-D inputs mix.  With enable_gqa and a query head count that is a
+    multiple of the key/value heads' (dim -3), each key/value head serves its group of query
+    heads instead (the kernels' GQA), and only the dims before the heads broadcast.  Views
+    (stride 0 where a dim is broadcast), no copies."""
+    def lead(t, n):
+        return tuple(t.shape[:-n]) if t.dim() > n else ()
+
+    q_dims, k_dims = query.dim(), key.dim()
+    gqa = enable_gqa and min(q_dims, k_dims, value.dim()) >= 3 and query.shape[-3] != key.shape[-3]
+    if gqa:
+        Hq, Hkv = query.shape[-3], key.shape[-3]
+        if Hkv == 0 or Hq % Hkv != 0:
+            raise ArgumentError(f"enable_gqa needs query heads ({Hq}) to be a multiple of key/value heads ({Hkv})")
+        if value.shape[-3] != Hkv:
+            raise ArgumentError(f"key and value head counts differ: key {_shape(key)}, value {_shape(value)}")
+    n = 3 if gqa else 2
+    try:
+        target = torch.broadcast_shapes(lead(query, n), lead(key, n), lead(value, n))
+    except RuntimeError:
+        if q_dims >= 3 and k_dims >= 3 and not enable_gqa and query.shape[-3] != key.shape[-3] \
+                and key.shape[-3] != 1 and lead(query, 3) == lead(key, 3):
+            raise ArgumentError(f"key has {key.shape[-3]} heads but query has {query.shape[-3]}: equal head counts "
+                                "expected (pass enable_gqa=True for grouped-query attention)") from None
+        raise ArgumentError(f"the leading dims of query {_shape(query)}, key {_shape(key)} and value "
+                            f"{_shape(value)} do not broadcast together") from None
+
+    def expand(t):
+        want = target + tuple(t.shape[-n:])
+        return t if tuple(t.shape) == want else t.expand(want)
+
+    return expand(query), expand(key), expand(value)
 
 
 def _prepare_general(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, causal_alignment,
@@ -222,46 +268,27 @@ def _prepare_general(query, key, value, attn_mask, dropout_p, is_causal, scale, 
     _check_tensor("value", value)
     for name, t in (("key", key), ("value", value)):
         if t.dtype != query.dtype:
-            raise TypeError(f"{name} dtype {t.dtype} must match query dtype {query.dtype}")
+            raise ArgumentTypeError(f"{name} dtype {t.dtype} must match query dtype {query.dtype}")
         if t.device != query.device:
-            raise ValueError(f"{name} is on {t.device} but query is on {query.device}; all must share one device")
-        if t.dim() != query.dim():
-            raise ValueError(
-                f"{name} must have the same number of dims as query ({query.dim()}), got shape {_shape(t)}"
-            )
+            raise ArgumentError(f"{name} is on {t.device} but query is on {query.device}; all must share one device")
     if causal_alignment not in ALIGNMENTS:
-        raise ValueError(f"causal_alignment must be one of {ALIGNMENTS}, got {causal_alignment!r}")
+        raise ArgumentError(f"causal_alignment must be one of {ALIGNMENTS}, got {causal_alignment!r}")
     bias_alignment = _causal_bias(attn_mask)
     if bias_alignment is not None:
+        if is_causal:  # as torch: the bias already says which keys each query sees
+            raise ArgumentError("CausalBias should not be used with causal=True")
         is_causal, causal_alignment, attn_mask = True, bias_alignment, None
     if not isinstance(is_causal, bool):
         kind = type(is_causal)
-        raise TypeError(f"is_causal must be a Python bool, got {kind.__module__}.{kind.__qualname__}")
+        raise ArgumentTypeError(f"is_causal must be a Python bool, got {kind.__module__}.{kind.__qualname__}")
 
     Lq, E = query.shape[-2:]
     Lk = key.shape[-2]
     if key.shape[-1] != E:
-        raise ValueError(f"key head dim must equal query head dim {E}: key shape {_shape(key)}")
+        raise ArgumentError(f"key head dim must equal query head dim {E}: key shape {_shape(key)}")
     if value.shape[-2] != Lk:
-        raise ValueError(f"value length must equal key length {Lk}: value shape {_shape(value)}")
-    if key.shape[:-2] != value.shape[:-2]:
-        raise ValueError(f"key and value leading dims differ: key {_shape(key)}, value {_shape(value)}")
-    if query.dim() >= 3:
-        if key.shape[:-3] != query.shape[:-3]:
-            raise ValueError(
-                f"key batch dims {tuple(key.shape[:-3])} must equal query batch dims {tuple(query.shape[:-3])}"
-            )
-        Hq, Hkv = query.shape[-3], key.shape[-3]
-        if Hq != Hkv:
-            if not enable_gqa:
-                raise ValueError(
-                    f"key has {Hkv} heads but query has {Hq}: equal head counts expected "
-                    "(pass enable_gqa=True for grouped-query attention)"
-                )
-            if Hkv == 0 or Hq % Hkv != 0:
-                raise ValueError(
-                    f"enable_gqa needs query heads ({Hq}) to be a multiple of key/value heads ({Hkv})"
-                )
+        raise ArgumentError(f"value length must equal key length {Lk}: value shape {_shape(value)}")
+    query, key, value = _broadcast_leading(query, key, value, enable_gqa)
 
     scale = _scale_arg(scale, E)
     _dropout_arg(dropout_p)
@@ -304,18 +331,18 @@ def _check_variant_qkv(q, k, v, same_head_dim):
     for name, t in (("key", k), ("value", v)):
         _check_tensor(name, t, q, min_dim=0)
     if q.dim() < 3 or k.dim() != q.dim() or v.dim() != q.dim():
-        raise ValueError(f"query, key and value must be (..., H, L, E) with the same number of dims (>= 3), got "
+        raise ArgumentError(f"query, key and value must be (..., H, L, E) with the same number of dims (>= 3), got "
                          f"{_shape(q)}, {_shape(k)}, {_shape(v)}")
     if k.shape[:-3] != q.shape[:-3] or v.shape[:-1] != k.shape[:-1]:
-        raise ValueError(f"key {_shape(k)} and value {_shape(v)} must share query's batch dims "
+        raise ArgumentError(f"key {_shape(k)} and value {_shape(v)} must share query's batch dims "
                          f"{tuple(q.shape[:-3])}, and each other's heads and length")
     if same_head_dim and k.shape[-1] != q.shape[-1]:
-        raise ValueError(f"key head dim must equal query head dim {q.shape[-1]}: key shape {_shape(k)}")
+        raise ArgumentError(f"key head dim must equal query head dim {q.shape[-1]}: key shape {_shape(k)}")
 
 
 def _check_is_causal(is_causal):
     if not isinstance(is_causal, bool):
-        raise TypeError(f"is_causal must be a Python bool, got {type(is_causal).__name__}")
+        raise ArgumentTypeError(f"is_causal must be a Python bool, got {type(is_causal).__name__}")
 
 
 def _variant_mask(attn_mask, q, Lk, what):
@@ -359,14 +386,14 @@ def prepare_additive(q, k, v, w_q, w_k, v_a, attn_mask=None, is_causal=False) ->
     for name, w, e in (("w_q", w_q, Eq), ("w_k", w_k, Ek)):
         _check_tensor(name, w, q, min_dim=0)
         if w.dim() not in (2, 3) or w.shape[-1] != e or (w.dim() == 3 and w.shape[0] != H):
-            raise ValueError(f"{name} must be (Da, {e}) or ({H}, Da, {e}) (heads, attention dim, "
+            raise ArgumentError(f"{name} must be (Da, {e}) or ({H}, Da, {e}) (heads, attention dim, "
                              f"{'query' if name == 'w_q' else 'key'} head dim), got {_shape(w)}")
     Da = w_q.shape[-2]
     if w_k.shape[-2] != Da:
-        raise ValueError(f"w_q and w_k must project to the same attention dim: {Da} vs {w_k.shape[-2]}")
+        raise ArgumentError(f"w_q and w_k must project to the same attention dim: {Da} vs {w_k.shape[-2]}")
     _check_tensor("v_a", v_a, q, min_dim=0)
     if v_a.shape not in ((Da,), (H, Da)):
-        raise ValueError(f"v_a must be ({Da},) or ({H}, {Da}), got {_shape(v_a)}")
+        raise ArgumentError(f"v_a must be ({Da},) or ({H}, {Da}), got {_shape(v_a)}")
     _check_is_causal(is_causal)
     mask = _variant_mask(attn_mask, q, Lk, "(..., H, Lq, Lk)")
     return AdditivePlan(q=_as4d(q), k=_as4d(k), v=_as4d(v), w_q=w_q, w_k=w_k, v_a=v_a, mask=mask,
@@ -393,20 +420,20 @@ def prepare_topk(q, k, v, top_k, attn_mask=None, is_causal=False, scale=None, en
     Hq, Lq, E = q.shape[-3:]
     Hkv, Lk = k.shape[-3], k.shape[-2]
     if isinstance(top_k, bool) or not isinstance(top_k, int):
-        raise TypeError(f"top_k must be an int, got {type(top_k).__name__}")
+        raise ArgumentTypeError(f"top_k must be an int, got {type(top_k).__name__}")
     if not 1 <= top_k <= Lk:
-        raise ValueError(f"top_k must be in [1, Lk] = [1, {Lk}], got {top_k}")
+        raise ArgumentError(f"top_k must be in [1, Lk] = [1, {Lk}], got {top_k}")
     if Hq != Hkv:
         if not enable_gqa:
-            raise ValueError(f"key has {Hkv} heads but query has {Hq}: pass enable_gqa=True for grouped-query "
+            raise ArgumentError(f"key has {Hkv} heads but query has {Hq}: pass enable_gqa=True for grouped-query "
                              "attention")
         if Hq % Hkv:
-            raise ValueError(f"enable_gqa needs query heads ({Hq}) to be a multiple of key/value heads ({Hkv})")
+            raise ArgumentError(f"enable_gqa needs query heads ({Hq}) to be a multiple of key/value heads ({Hkv})")
     _check_is_causal(is_causal)
     if scale is None:
         scale = 1.0 / math.sqrt(E) if E else 1.0
     elif isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
-        raise ValueError(f"scale must be a finite float or None, got {scale!r}")
+        raise ArgumentError(f"scale must be a finite float or None, got {scale!r}")
     mask = _variant_mask(attn_mask, q, Lk, "(..., Hq, Lq, Lk)")
     return TopkPlan(q=_as4d(q), k=_as4d(k), v=_as4d(v), mask=mask, is_causal=is_causal, scale=float(scale),
                     top_k=top_k, lead=tuple(q.shape[:-2]))

@@ -24,7 +24,12 @@ the previous setting: under the patch those modules take their Python path,
 which calls attnfast.
 
 Calls attnfast has no fused backend for (a device without one, nested tensors)
-go to torch's original function, unless ATTNFAST_BACKEND forces a backend.
+go to torch's original function, unless ATTNFAST_BACKEND forces a backend.  So do
+calls inside `torch.nn.attention.sdpa_kernel(...)`: a block that restricts torch's
+SDPA backends (any change of them since patch()) asks for torch's own kernels,
+and gets them, with their errors (the math backend, for one, refuses attn_mask
+with is_causal=True).  Backends switched off before patch() leave attnfast in
+charge.
 Semantics are SDPA's except that rows with no visible key give 0, not NaN,
 and dropout draws from attnfast's generator.
 
@@ -51,6 +56,15 @@ __all__ = ["patch", "unpatch", "patched", "is_patched", "kernel_calls"]
 _lock = threading.Lock()
 _original = None        # torch's function while patched, else None
 _saved_fastpath = None  # torch.backends.mha fast-path setting before patch()
+_backends_at_patch = None  # torch's SDPA backend switches when patch() ran
+
+
+def _sdpa_backends():
+    """torch's SDPA backend switches (flash, efficient, math, cuDNN, overrideable: what
+    torch.nn.attention.sdpa_kernel sets), as a tuple of bools."""
+    from torch.nn.attention import _backend_names
+
+    return tuple(getattr(torch._C, f"_get_{name}_sdp_enabled")() for name in _backend_names)
 
 
 def _routed(original):
@@ -62,7 +76,10 @@ def _routed(original):
     def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False,
                                      scale=None, enable_gqa=False):
         tensors = (query, key, value, attn_mask)
-        if any(isinstance(t, torch.Tensor) and t.is_nested for t in tensors):
+        restricted = not torch.compiler.is_compiling() and _sdpa_backends() != _backends_at_patch
+        if restricted or any(isinstance(t, torch.Tensor) and t.is_nested for t in tensors):
+            # Inside torch.nn.attention.sdpa_kernel(...) (torch's backends restricted since patch()):
+            # the caller chose among torch's own kernels, so torch serves the call, with its errors.
             return original(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal,
                             scale=scale, enable_gqa=enable_gqa)
         plan = prepare(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
@@ -84,13 +101,14 @@ def is_patched():
 
 def patch():
     """Route torch.nn.functional.scaled_dot_product_attention through attnfast (idempotent)."""
-    global _original, _saved_fastpath
+    global _original, _saved_fastpath, _backends_at_patch
     with _lock:
         if _original is not None:
             return
         current = F.scaled_dot_product_attention
         _original = current
         _saved_fastpath = torch.backends.mha.get_fastpath_enabled()
+        _backends_at_patch = _sdpa_backends()
         F.scaled_dot_product_attention = _routed(current)
         torch.backends.mha.set_fastpath_enabled(False)
 

@@ -1,5 +1,9 @@
 """The parity rule and the oracle's helpers, for attnfast's tests and other projects' CI.
 
+`check_attention(fn)` runs any attention function over a sweep of awkward cases and checks
+it by the rule (attnfast/harness.py); `Case`, `default_cases`, `Report` come with it, and the
+pytest plugin (`attention_case` fixture, `attention_cases` marker) is attnfast/attnfast_pytest.py.
+
 The dropout RNG lives in attnfast/dropout.py; its functions are re-exported
 here (`dropout_mask`, `draw_rng`, `philox_first_word`) for tests that rebuild a
 call's dropout mask.
@@ -224,3 +228,17 @@ def compare_kvcache_with_reference(out, lse, q, k_cache, v_cache, seqlens_k, blo
                                                                     cache_batch_idx)[0].transpose(0, 1), None, scale)
                      for b in range(q.shape[0])), default=0.0)
     return [parity("out", out, r_out, t_out, n), parity("lse", lse, r_lse, t_lse, n, magnitude)]
+
+
+# The harness for other people's attention functions (harness.py, on the rule above), reached
+# from here: `from attnfast.testing import check_attention` (loaded on first use: harness.py
+# imports this module).
+_HARNESS = ("Case", "CaseResult", "CaseRun", "Report", "check_attention", "default_cases", "run_case", "sweep")
+
+
+def __getattr__(name):
+    if name in _HARNESS:
+        from . import harness
+
+        return getattr(harness, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -11,6 +11,10 @@ try:
 except ImportError:  # an interpreter with torch but not the test extras: the fuzz tests skip
     hypothesis = None
 
+# tests/harness_example is another project's test suite (it uses the installed plugin from its
+# own folder): tests/harness/test_plugin.py runs it in a process of its own.
+collect_ignore = ["harness_example"]
+
 # Shared test helpers (tests/helpers: cases, cuda_emu) import by name from every folder.
 sys.path.insert(0, str(Path(__file__).resolve().parent / "helpers"))
 

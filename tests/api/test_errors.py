@@ -28,15 +28,28 @@ def _raises(exc, pattern, f, *args, **kwargs):
 def test_wrong_rank(fn):
     q, k, v = qkv()
     _raises(ValueError, "query must have shape", fn, torch.randn(16), k, v)
-    _raises(ValueError, "key must have the same number of dims", fn, q, k[0], v)
+
+
+def test_leading_dims_broadcast_as_torchs(fn):
+    # torch's SDPA broadcasts the leading dims of query, key and value together (3-D with 4-D,
+    # a batch or head count of 1); attnfast gives the same outputs, without copying k and v.
+    q, k, v = qkv()
+    F = torch.nn.functional.scaled_dot_product_attention
+    for args in ((q, k[0], v[0]), (q, k[:1], v[:1]), (q[:1], k, v), (q, k[:, :1], v[:, :1]), (q, k, v[:1]),
+                 (q[None], k[None].expand(3, 2, 4, 8, 16), v[None]), (q[0, 0], k, v)):
+        want = F(*args)
+        got = fn(*args)
+        assert got.shape == want.shape
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
 def test_mismatched_sizes(fn):
     q, k, v = qkv()
-    _raises(ValueError, "key batch dims", fn, q, k[:1], v[:1])
     _raises(ValueError, "value length must equal key length 8", fn, q, k, v[:, :, :5])
     _raises(ValueError, "key head dim must equal query head dim 16", fn, q, k[..., :8], v)
-    _raises(ValueError, "key and value leading dims differ", fn, q, k, v[:, :2])
+    _raises(ValueError, r"leading dims of query \(2, 4, 8, 16\), key \(2, 4, 8, 16\) and value \(2, 2, 8, 16\) do "
+            "not broadcast", fn, q, k, v[:, :2])
+    _raises(ValueError, "do not broadcast", fn, q, k[:, :, :, :][:1].expand(3, 4, 8, 16), v)
 
 
 def test_gqa_rules(fn):
@@ -130,3 +143,29 @@ def test_errors_come_before_any_kernel(monkeypatch):
     with pytest.raises(ValueError):
         attnfast.attention(q, k, v[:, :, :3])
     assert not called
+
+
+def test_errors_are_also_runtime_errors_as_torchs(fn):
+    # torch's SDPA raises RuntimeError for a 1-D input and for mixed dtypes; code written for
+    # it catches that, and code written for attnfast catches ValueError / TypeError: both work.
+    q, k, v = qkv()
+    for bad, kind in (((torch.randn(16), k, v), ValueError), ((q, k, v.double()), TypeError),
+                      ((q, k, v[:, :2]), ValueError)):
+        with pytest.raises(RuntimeError) as info:
+            fn(*bad)
+        assert isinstance(info.value, kind) and isinstance(info.value, attnfast.ArgumentError if kind is ValueError
+                                                           else attnfast.ArgumentTypeError)
+        with pytest.raises(RuntimeError):
+            torch.nn.functional.scaled_dot_product_attention(*bad)
+
+
+def test_causal_bias_with_is_causal_raises_as_torch(fn):
+    from torch.nn.attention.bias import causal_lower_right, causal_upper_left
+
+    q, k, v = qkv(L=4, S=6)
+    for bias in (causal_upper_left(4, 6), causal_lower_right(4, 6)):
+        with pytest.raises(ValueError, match="CausalBias should not be used with causal=True") as torch_info:
+            torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=bias, is_causal=True)
+        _raises(ValueError, str(torch_info.value), fn, q, k, v, attn_mask=bias, is_causal=True)
+        fn(q, k, v, attn_mask=bias)  # without is_causal: served
+

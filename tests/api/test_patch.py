@@ -178,3 +178,35 @@ def test_bad_input_raises_attnfast_errors_when_patched():
             F.scaled_dot_product_attention(q, q, q[:, :, :5])
         with pytest.raises(TypeError, match="attn_mask must be bool or floating point"):
             F.scaled_dot_product_attention(q, q, q, attn_mask=torch.ones(11, 11, dtype=torch.int64))
+
+
+def test_sdpa_kernel_hands_the_call_back_to_torch():
+    # A block that restricts torch's SDPA backends asks for torch's kernels: under the patch it
+    # gets them (and their errors: the math backend refuses attn_mask with is_causal=True);
+    # outside the block, attnfast serves again.
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    q = torch.randn(2, 4, 11, 16)
+    m = torch.rand(11, 11) > 0.3
+    with attnfast.patched(), kernel_calls() as calls:
+        with sdpa_kernel(SDPBackend.MATH):
+            want = F.scaled_dot_product_attention(q, q, q, attn_mask=m)
+            with pytest.raises(RuntimeError, match="attn_mask should not be set when is_causal"):
+                F.scaled_dot_product_attention(q, q, q, attn_mask=m, is_causal=True)
+        assert calls["attnfast_fwd"] == 0  # (torch's math path runs as plain matmul and softmax ops)
+        got = F.scaled_dot_product_attention(q, q, q, attn_mask=m)
+        assert calls["attnfast_fwd"] == 1
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        # the AND of the two, as torch's default CPU path does (attnfast serves it)
+        F.scaled_dot_product_attention(q, q, q, attn_mask=m, is_causal=True)
+        assert calls["attnfast_fwd"] == 2
+
+
+def test_backends_switched_off_before_patch_leave_attnfast_in_charge():
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    q = torch.randn(2, 4, 11, 16)
+    with sdpa_kernel([SDPBackend.MATH, SDPBackend.FLASH_ATTENTION]):
+        with attnfast.patched(), kernel_calls() as calls:
+            F.scaled_dot_product_attention(q, q, q, is_causal=True)
+        assert calls == {"attnfast_fwd": 1}
