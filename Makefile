@@ -25,7 +25,7 @@ PY    := $(PYTHON)
 READY :=
 endif
 
-.PHONY: all deps build test test-fast test-asan test-compat fuzz sweep bench info clean harness
+.PHONY: test-torch-sdpa all deps build test test-fast test-asan test-compat fuzz sweep bench info clean harness
 
 all: test
 
@@ -86,7 +86,14 @@ COMPAT_TESTS  := tests/triton tests/api/test_api.py tests/api/test_dropout.py te
 $(COMPAT_VENV)/.deps-installed:
 	@py="$(COMPAT_PYTHON)"; $$py -c 'import sys; assert sys.version_info[:2] == (3, 12)' 2>/dev/null || \
 	{ py="env PYENV_VERSION=3.12 $(COMPAT_PYTHON)"; $$py -c 'import sys; assert sys.version_info[:2] == (3, 12)' 2>/dev/null; } || \
-	{ echo "test-compat: no Python 3.12 found ('$(COMPAT_PYTHON)'); install one or pass COMPAT_PYTHON=/path/to/python3.12" >&2; exit 1; }; \
+	{ echo "# PyTorch's own SDPA tests with attnfast patched in (CPU tests), against the list of expected
+# differences in tests/conformance/: TORCH_TESTS=path/to/test/test_transformers.py of the torch
+# release in use (PyTorch's source, outside this repository).
+test-torch-sdpa: build
+	@test -n "$(TORCH_TESTS)" || { echo "set TORCH_TESTS=path/to/pytorch/test/test_transformers.py"; exit 2; }
+	$(PY) tools/torch_sdpa_conformance.py $(TORCH_TESTS) --junit build/torch_sdpa_conformance.xml
+
+test-compat: no Python 3.12 found ('$(COMPAT_PYTHON)'); install one or pass COMPAT_PYTHON=/path/to/python3.12" >&2; exit 1; }; \
 	echo "$$py -m venv $(COMPAT_VENV)"; $$py -m venv $(COMPAT_VENV)
 	$(COMPAT_PY) -m pip install --upgrade pip setuptools wheel
 	$(COMPAT_PY) -m pip install $(COMPAT_DEPS)

@@ -60,11 +60,11 @@ _backends_at_patch = None  # torch's SDPA backend switches when patch() ran
 
 
 def _sdpa_backends():
-    """torch's SDPA backend switches (flash, efficient, math, cuDNN, overrideable: what
-    torch.nn.attention.sdpa_kernel sets), as a tuple of bools."""
-    from torch.nn.attention import _backend_names
-
-    return tuple(getattr(torch._C, f"_get_{name}_sdp_enabled")() for name in _backend_names)
+    """torch's switches of its SDPA kernels (flash, memory-efficient, math, cuDNN: what
+    torch.nn.attention.sdpa_kernel sets; not the "overrideable" one of out-of-tree devices,
+    which a list of every kernel leaves out), as a tuple of bools."""
+    return (torch._C._get_flash_sdp_enabled(), torch._C._get_mem_efficient_sdp_enabled(),
+            torch._C._get_math_sdp_enabled(), torch._C._get_cudnn_sdp_enabled())
 
 
 def _routed(original):
@@ -91,6 +91,16 @@ def _routed(original):
         return _run(plan, backend, False)
 
     scaled_dot_product_attention.__attnfast_original__ = original
+    # TorchScript compiles a call of this function as torch's op (a scripted model runs no Python):
+    # without this, scripting a module that calls it (nn.MultiheadAttention) fails while patched.
+    try:
+        from torch.jit._builtins import _find_builtin, _register_builtin
+
+        op = _find_builtin(original)
+        if op is not None:
+            _register_builtin(scaled_dot_product_attention, op)
+    except ImportError:  # pragma: no cover - a torch without TorchScript's builtin table
+        pass
     return scaled_dot_product_attention
 
 

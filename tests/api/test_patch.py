@@ -210,3 +210,14 @@ def test_backends_switched_off_before_patch_leave_attnfast_in_charge():
         with attnfast.patched(), kernel_calls() as calls:
             F.scaled_dot_product_attention(q, q, q, is_causal=True)
         assert calls == {"attnfast_fwd": 1}
+
+
+def test_torchscript_of_torch_modules_works_while_patched():
+    # TorchScript compiles the patched function's calls as torch's op: scripting an encoder layer
+    # (which calls F.scaled_dot_product_attention) must not try to compile attnfast's Python.
+    layer = torch.nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True).eval()
+    x = torch.randn(2, 5, 8)
+    with attnfast.patched():
+        scripted = torch.jit.script(layer)
+        with torch.no_grad():
+            torch.testing.assert_close(scripted(x), layer(x), rtol=1e-5, atol=1e-5)
