@@ -88,10 +88,18 @@ $(COMPAT_VENV)/.deps-installed:
 	{ py="env PYENV_VERSION=3.12 $(COMPAT_PYTHON)"; $$py -c 'import sys; assert sys.version_info[:2] == (3, 12)' 2>/dev/null; } || \
 	{ echo "# PyTorch's own SDPA tests with attnfast patched in (CPU tests), against the list of expected
 # differences in tests/conformance/: TORCH_TESTS=path/to/test/test_transformers.py of the torch
-# release in use (PyTorch's source, outside this repository).
+# release in use (PyTorch's source, outside this repository); without it, the file of the
+# installed torch's release tag is fetched from GitHub into build/ (where GitHub is reachable).
+TORCH_TAG_URL = https://raw.githubusercontent.com/pytorch/pytorch/v$$($(PY) -c "import torch; print(torch.__version__.split('+')[0])")/test
 test-torch-sdpa: build
-	@test -n "$(TORCH_TESTS)" || { echo "set TORCH_TESTS=path/to/pytorch/test/test_transformers.py"; exit 2; }
-	$(PY) tools/torch_sdpa_conformance.py $(TORCH_TESTS) --junit build/torch_sdpa_conformance.xml
+	@mkdir -p build
+	@if [ -z "$(TORCH_TESTS)" ]; then \
+		curl -sSf --max-time 60 -o build/test_transformers.py $(TORCH_TAG_URL)/test_transformers.py && \
+		curl -sSf --max-time 60 -o build/test_cpp_extensions_open_device_registration.py \
+			$(TORCH_TAG_URL)/test_cpp_extensions_open_device_registration.py || \
+		{ echo "PyTorch's test file is unreachable here: set TORCH_TESTS=path/to/test_transformers.py"; exit 2; }; fi
+	$(PY) tools/torch_sdpa_conformance.py $(or $(TORCH_TESTS),build/test_transformers.py) \
+		--junit build/torch_sdpa_conformance.xml
 
 test-compat: no Python 3.12 found ('$(COMPAT_PYTHON)'); install one or pass COMPAT_PYTHON=/path/to/python3.12" >&2; exit 1; }; \
 	echo "$$py -m venv $(COMPAT_VENV)"; $$py -m venv $(COMPAT_VENV)
