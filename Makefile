@@ -86,22 +86,7 @@ COMPAT_TESTS  := tests/triton tests/api/test_api.py tests/api/test_dropout.py te
 $(COMPAT_VENV)/.deps-installed:
 	@py="$(COMPAT_PYTHON)"; $$py -c 'import sys; assert sys.version_info[:2] == (3, 12)' 2>/dev/null || \
 	{ py="env PYENV_VERSION=3.12 $(COMPAT_PYTHON)"; $$py -c 'import sys; assert sys.version_info[:2] == (3, 12)' 2>/dev/null; } || \
-	{ echo "# PyTorch's own SDPA tests with attnfast patched in (CPU tests), against the list of expected
-# differences in tests/conformance/: TORCH_TESTS=path/to/test/test_transformers.py of the torch
-# release in use (PyTorch's source, outside this repository); without it, the file of the
-# installed torch's release tag is fetched from GitHub into build/ (where GitHub is reachable).
-TORCH_TAG_URL = https://raw.githubusercontent.com/pytorch/pytorch/v$$($(PY) -c "import torch; print(torch.__version__.split('+')[0])")/test
-test-torch-sdpa: build
-	@mkdir -p build
-	@if [ -z "$(TORCH_TESTS)" ]; then \
-		curl -sSf --max-time 60 -o build/test_transformers.py $(TORCH_TAG_URL)/test_transformers.py && \
-		curl -sSf --max-time 60 -o build/test_cpp_extensions_open_device_registration.py \
-			$(TORCH_TAG_URL)/test_cpp_extensions_open_device_registration.py || \
-		{ echo "PyTorch's test file is unreachable here: set TORCH_TESTS=path/to/test_transformers.py"; exit 2; }; fi
-	$(PY) tools/torch_sdpa_conformance.py $(or $(TORCH_TESTS),build/test_transformers.py) \
-		--junit build/torch_sdpa_conformance.xml
-
-test-compat: no Python 3.12 found ('$(COMPAT_PYTHON)'); install one or pass COMPAT_PYTHON=/path/to/python3.12" >&2; exit 1; }; \
+	{ echo "no Python 3.12 found ('$(COMPAT_PYTHON)'); install one or pass COMPAT_PYTHON=/path/to/python3.12" >&2; exit 1; }; \
 	echo "$$py -m venv $(COMPAT_VENV)"; $$py -m venv $(COMPAT_VENV)
 	$(COMPAT_PY) -m pip install --upgrade pip setuptools wheel
 	$(COMPAT_PY) -m pip install $(COMPAT_DEPS)
@@ -112,6 +97,22 @@ test-compat: $(COMPAT_VENV)/.deps-installed
 	$(COMPAT_PY) -c "import sys, torch, triton, numpy; print('python', sys.version.split()[0], 'torch', torch.__version__, 'triton', triton.__version__, 'numpy', numpy.__version__)"
 	env -u TRITON_INTERPRET $(COMPAT_PY) -m attnfast.triton_kernels.compile_check --archs 90 --heads 64 --masks bool --first
 	TRITON_INTERPRET=1 $(COMPAT_PY) -m pytest -q $(COMPAT_TESTS) -k triton
+
+# PyTorch's own SDPA tests with attnfast patched in (CPU tests), against the list of expected
+# differences in tests/conformance/: TORCH_TESTS=path/to/test/test_transformers.py of the torch
+# release in use (PyTorch's source, outside this repository); without it, the file of the
+# installed torch's release tag is fetched from GitHub into build/ (where GitHub is reachable).
+TORCH_RELEASE = $$($(PY) -c "import torch; print(torch.__version__.split('+')[0])")
+TORCH_TAG_URL = https://raw.githubusercontent.com/pytorch/pytorch/v$(TORCH_RELEASE)/test
+test-torch-sdpa: build
+	@mkdir -p build
+	@if [ -z "$(TORCH_TESTS)" ]; then \
+		curl -sSf --max-time 60 -o build/test_transformers.py $(TORCH_TAG_URL)/test_transformers.py && \
+		curl -sSf --max-time 60 -o build/test_cpp_extensions_open_device_registration.py \
+			$(TORCH_TAG_URL)/test_cpp_extensions_open_device_registration.py || \
+		{ echo "PyTorch's test file is unreachable here: set TORCH_TESTS=path/to/test_transformers.py"; exit 2; }; fi
+	$(PY) tools/torch_sdpa_conformance.py $(or $(TORCH_TESTS),build/test_transformers.py) \
+		--junit build/torch_sdpa_conformance.xml
 
 # Needs only nvcc; runs on sm_80+ (`build/attnfast_harness --help` lists the modes).
 NVCC         ?= nvcc

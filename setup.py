@@ -87,8 +87,7 @@ setup(
     version="0.1.0",
     description="Fused attention kernels for PyTorch (CPU C++, CUDA C++, Triton)",
     packages=["attnfast", "attnfast.triton_kernels", "attnfast.bench", "attnfast.bench.encoders"],
-    package_dir={"attnfast": "attnfast", "attnfast.triton_kernels": "triton_kernels", "attnfast.bench": "bench",
-                 "": "attnfast"},
+    package_dir={"attnfast": "attnfast", "attnfast.triton_kernels": "triton_kernels", "attnfast.bench": "bench"},
     py_modules=["attnfast_pytest"],  # the pytest plugin: top-level, so loading it imports nothing heavy
     ext_modules=[] if os.environ.get("ATTNFAST_SKIP_EXT", "0") == "1" else [ext],
     cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},

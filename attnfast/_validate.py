@@ -230,19 +230,23 @@ def _broadcast_leading(query, key, value, enable_gqa):
     (its math path multiplies with matmul broadcasting): a key/value batch of 1 serves every
     query batch, 3-D and 4-D inputs mix.  With enable_gqa and a query head count that is a
     multiple of the key/value heads' (dim -3), each key/value head serves its group of query
-    heads instead (the kernels' GQA), and only the dims before the heads broadcast.  Views
-    (stride 0 where a dim is broadcast), no copies."""
+    heads instead (the kernels' GQA; key and value head counts that differ are both repeated to
+    their lcm, a copy), and only the dims before the heads broadcast.  Views (stride 0 where a
+    dim is broadcast); _as4d then merges more than 4 dims, copying a broadcast input."""
     def lead(t, n):
         return tuple(t.shape[:-n]) if t.dim() > n else ()
 
     q_dims, k_dims = query.dim(), key.dim()
-    gqa = enable_gqa and min(q_dims, k_dims, value.dim()) >= 3 and query.shape[-3] != key.shape[-3]
+    gqa = enable_gqa and min(q_dims, k_dims, value.dim()) >= 3 and not (
+        query.shape[-3] == key.shape[-3] == value.shape[-3])
     if gqa:
-        Hq, Hkv = query.shape[-3], key.shape[-3]
-        if Hkv == 0 or Hq % Hkv != 0:
-            raise ArgumentError(f"enable_gqa needs query heads ({Hq}) to be a multiple of key/value heads ({Hkv})")
-        if value.shape[-3] != Hkv:
-            raise ArgumentError(f"key and value head counts differ: key {_shape(key)}, value {_shape(value)}")
+        Hq, Hk, Hv = query.shape[-3], key.shape[-3], value.shape[-3]
+        for name, h in (("key", Hk), ("value", Hv)):
+            if h == 0 or Hq % h != 0:
+                raise ArgumentError(f"enable_gqa needs query heads ({Hq}) to be a multiple of {name} heads ({h})")
+        if Hk != Hv:  # torch repeats each to Hq; here both to their lcm, which divides Hq (a copy)
+            H = math.lcm(Hk, Hv)
+            key, value = key.repeat_interleave(H // Hk, dim=-3), value.repeat_interleave(H // Hv, dim=-3)
     n = 3 if gqa else 2
     try:
         target = torch.broadcast_shapes(lead(query, n), lead(key, n), lead(value, n))
@@ -332,10 +336,10 @@ def _check_variant_qkv(q, k, v, same_head_dim):
         _check_tensor(name, t, q, min_dim=0)
     if q.dim() < 3 or k.dim() != q.dim() or v.dim() != q.dim():
         raise ArgumentError(f"query, key and value must be (..., H, L, E) with the same number of dims (>= 3), got "
-                         f"{_shape(q)}, {_shape(k)}, {_shape(v)}")
+                            f"{_shape(q)}, {_shape(k)}, {_shape(v)}")
     if k.shape[:-3] != q.shape[:-3] or v.shape[:-1] != k.shape[:-1]:
         raise ArgumentError(f"key {_shape(k)} and value {_shape(v)} must share query's batch dims "
-                         f"{tuple(q.shape[:-3])}, and each other's heads and length")
+                            f"{tuple(q.shape[:-3])}, and each other's heads and length")
     if same_head_dim and k.shape[-1] != q.shape[-1]:
         raise ArgumentError(f"key head dim must equal query head dim {q.shape[-1]}: key shape {_shape(k)}")
 
@@ -387,7 +391,7 @@ def prepare_additive(q, k, v, w_q, w_k, v_a, attn_mask=None, is_causal=False) ->
         _check_tensor(name, w, q, min_dim=0)
         if w.dim() not in (2, 3) or w.shape[-1] != e or (w.dim() == 3 and w.shape[0] != H):
             raise ArgumentError(f"{name} must be (Da, {e}) or ({H}, Da, {e}) (heads, attention dim, "
-                             f"{'query' if name == 'w_q' else 'key'} head dim), got {_shape(w)}")
+                                f"{'query' if name == 'w_q' else 'key'} head dim), got {_shape(w)}")
     Da = w_q.shape[-2]
     if w_k.shape[-2] != Da:
         raise ArgumentError(f"w_q and w_k must project to the same attention dim: {Da} vs {w_k.shape[-2]}")
@@ -426,7 +430,7 @@ def prepare_topk(q, k, v, top_k, attn_mask=None, is_causal=False, scale=None, en
     if Hq != Hkv:
         if not enable_gqa:
             raise ArgumentError(f"key has {Hkv} heads but query has {Hq}: pass enable_gqa=True for grouped-query "
-                             "attention")
+                                "attention")
         if Hq % Hkv:
             raise ArgumentError(f"enable_gqa needs query heads ({Hq}) to be a multiple of key/value heads ({Hkv})")
     _check_is_causal(is_causal)

@@ -26,10 +26,11 @@ which calls attnfast.
 Calls attnfast has no fused backend for (a device without one, nested tensors)
 go to torch's original function, unless ATTNFAST_BACKEND forces a backend.  So do
 calls inside `torch.nn.attention.sdpa_kernel(...)`: a block that restricts torch's
-SDPA backends (any change of them since patch()) asks for torch's own kernels,
-and gets them, with their errors (the math backend, for one, refuses attn_mask
-with is_causal=True).  Backends switched off before patch() leave attnfast in
-charge.
+SDPA backends (switches off one that was on at patch()) asks for torch's own
+kernels, and gets them, with their errors (the math backend, for one, refuses
+attn_mask with is_causal=True); a warning says so once.  Backends switched off
+before patch() leave attnfast in charge.  Under torch.compile the switches are
+not consulted (the compiled graph calls attnfast).
 Semantics are SDPA's except that rows with no visible key give 0, not NaN,
 and dropout draws from attnfast's generator.
 
@@ -57,6 +58,8 @@ _lock = threading.Lock()
 _original = None        # torch's function while patched, else None
 _saved_fastpath = None  # torch.backends.mha fast-path setting before patch()
 _backends_at_patch = None  # torch's SDPA backend switches when patch() ran
+_wrappers = []          # every patched function made (see _routed)
+_warned = False
 
 
 def _sdpa_backends():
@@ -76,10 +79,10 @@ def _routed(original):
     def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False,
                                      scale=None, enable_gqa=False):
         tensors = (query, key, value, attn_mask)
-        restricted = not torch.compiler.is_compiling() and _sdpa_backends() != _backends_at_patch
-        if restricted or any(isinstance(t, torch.Tensor) and t.is_nested for t in tensors):
-            # Inside torch.nn.attention.sdpa_kernel(...) (torch's backends restricted since patch()):
-            # the caller chose among torch's own kernels, so torch serves the call, with its errors.
+        if (not torch.compiler.is_compiling() and _restricted()) or any(
+                isinstance(t, torch.Tensor) and t.is_nested for t in tensors):
+            # Inside torch.nn.attention.sdpa_kernel(...) (a backend of torch's switched off since
+            # patch()): the caller chose among torch's own kernels, so torch serves the call.
             return original(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal,
                             scale=scale, enable_gqa=enable_gqa)
         plan = prepare(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
@@ -91,6 +94,7 @@ def _routed(original):
         return _run(plan, backend, False)
 
     scaled_dot_product_attention.__attnfast_original__ = original
+    _wrappers.append(scaled_dot_product_attention)  # alive for good: TorchScript's table keys it by id()
     # TorchScript compiles a call of this function as torch's op (a scripted model runs no Python):
     # without this, scripting a module that calls it (nn.MultiheadAttention) fails while patched.
     try:
@@ -102,6 +106,23 @@ def _routed(original):
     except ImportError:  # pragma: no cover - a torch without TorchScript's builtin table
         pass
     return scaled_dot_product_attention
+
+
+def _restricted():
+    """True when a backend of torch's that was on at patch() is off now (a sdpa_kernel block, or a
+    switch flipped since); warns once, so that the hand-back to torch is not silent."""
+    global _warned
+    now = _sdpa_backends()
+    if _backends_at_patch is None or not any(was and not on for was, on in zip(_backends_at_patch, now)):
+        return False
+    if not _warned:
+        _warned = True
+        import warnings
+
+        warnings.warn("attnfast: torch's SDPA backends are restricted (torch.nn.attention.sdpa_kernel, or "
+                      "torch.backends.cuda.enable_*_sdp since attnfast.patch()); such calls run torch's kernels",
+                      stacklevel=3)
+    return True
 
 
 def is_patched():

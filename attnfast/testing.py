@@ -2,7 +2,7 @@
 
 `check_attention(fn)` runs any attention function over a sweep of awkward cases and checks
 it by the rule (attnfast/harness.py); `Case`, `default_cases`, `Report` come with it, and the
-pytest plugin (`attention_case` fixture, `attention_cases` marker) is attnfast/attnfast_pytest.py.
+pytest plugin (`attention_case` fixture, `attention_cases` marker) is attnfast_pytest.py.
 
 The dropout RNG lives in attnfast/dropout.py; its functions are re-exported
 here (`dropout_mask`, `draw_rng`, `philox_first_word`) for tests that rebuild a

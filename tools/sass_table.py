@@ -54,7 +54,7 @@ def table(rows):
             cells += [str(r["registers"]), str(r["spill_bytes"]), str(round(r["shared"] / 1024))]
             cells += [str(r[op]) for op in COLS]
         else:
-            cells += ["n/a: " + r.get("error", "").splitlines()[0][:60]] + [""] * (2 + len(COLS))
+            cells += ["n/a: " + (r.get("error") or "no figures").splitlines()[0][:60]] + [""] * (2 + len(COLS))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

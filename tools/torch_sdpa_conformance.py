@@ -95,9 +95,12 @@ def run(test_file, k_expr, junit, patched=True):
         else:
             with open(os.path.join(work, sibling + ".py"), "w") as f:
                 f.write("def remove_build_path():\n    pass\n\n\ndef generate_faked_module():\n    return None\n")
-        env = dict(os.environ)
-        subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "test_transformers.py",
-                        "-k", k_expr, f"--junitxml={os.path.abspath(junit)}"], cwd=work, env=env, check=False)
+        if os.path.exists(junit):
+            os.remove(junit)  # (a stale report must not stand in for this run)
+        proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "test_transformers.py",
+                               "-k", k_expr, f"--junitxml={os.path.abspath(junit)}"], cwd=work, check=False)
+        if proc.returncode not in (0, 1) or not os.path.exists(junit):  # 1: some tests failed
+            raise SystemExit(f"pytest could not run {test_file} (exit status {proc.returncode})")
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return junit
@@ -117,6 +120,9 @@ def main(argv=None):
     plain = junit_outcomes(run(a.test_file, a.k_expr, a.junit + ".torch.xml", patched=False)) if a.write else {}
     counts = {o: sum(v == o for v in outcomes.values()) for o in ("passed", "failed", "skipped")}
     print(f"torch {torch.__version__}, attnfast patched in: {counts}")
+    if not counts["passed"]:
+        print("no test passed: not a run of PyTorch's SDPA tests (check the file and -k)")
+        return 1
     if a.write:
         entries = []
         for t in sorted(t for t, o in outcomes.items() if o == "failed"):

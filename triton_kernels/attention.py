@@ -760,7 +760,7 @@ def _all_configs(kind):
     return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s) for bm, bn, w, s in seen]
 
 
-_KEY = ["ARCH", "LQ_KEY", "LK_KEY", "group", "E", "Ev", "MASK_KIND", "WINDOWED", "DOT", "DROPOUT"]
+_KEY = ["ARCH", "LQ_KEY", "LK_KEY", "group", "E", "Ev", "MASK_KIND", "WINDOWED", "DOT", "DROPOUT", "DESC"]
 _fwd_tuned = triton.autotune(_all_configs("fwd"), key=_KEY,
                              prune_configs_by={"early_config_prune": _prune_fwd})(_fwd_kernel)
 _rows_tuned = triton.autotune(_all_configs("rows"), key=_KEY + ["HAS_DLSE", "DELTA_PASS"],
@@ -1022,7 +1022,7 @@ def varlen_fwd(q, k, v, cu_q, cu_k, used_k, max_q, max_k, scale, window_left, wi
     wrap(kern)[grid](
         q, k, v, L.mask, L.lists, out, lse, *L.seqs, *qs, *ks, *vs, *L.mask_strides, *L.list_strides, *os_, 0, T,
         L.Hq, L.Lq, L.Lk, L.Hq // L.Hkv, scale, L.diag, L.br, *L.window, *L.rng, *L.keys, **L.meta, **extra,
-        **L.descriptors(k, v))
+        **L.descriptors(_packed4(k), _packed4(v)))  # (the views the kernel indexes: rows along dim -2)
     return out, lse
 
 

@@ -225,11 +225,15 @@ def descriptor_ok(*tensors):
     """True when a TMA descriptor can address each tensor's rows: unit last stride, every other
     stride and the first element's address a multiple of 16 bytes (the hardware's rule)."""
     for t in tensors:
+        if t.dim() < 2:
+            return False
         size = t.element_size()
-        outer = [st for n, st in zip(t.shape[:-1], t.stride()[:-1]) if n > 1]  # size-1 dims index 0 only
+        # the row stride goes into the descriptor whatever the row count; the dims before it only
+        # move its start (a size-1 dim's stride is never used)
+        outer = [st for n, st in zip(t.shape[:-2], t.stride()[:-2]) if n > 1] + [t.stride(-2)]
         if (t.stride(-1) != 1 and t.shape[-1] > 1) or _address(t) % 16 or any(st * size % 16 for st in outer):
             return False
-        if t.dim() > 1 and t.shape[-2] > 1 and t.stride(-2) <= 0:  # rows of one address: not for TMA
+        if t.shape[-2] > 1 and t.stride(-2) <= 0:  # rows of one address: not for TMA
             return False
     return True
 
@@ -250,8 +254,11 @@ def use_descriptors(arch, *tensors):
     (torch.compile sets its own), torch's caching allocator serves it."""
     import os
 
-    if (os.environ.get(DESC_ENV, "1") == "0" or not (INTERPRETING or arch >= 90)
-            or any(t.element_size() != 2 for t in tensors) or not descriptor_ok(*tensors)):
+    import torch
+
+    gpu = INTERPRETING or (arch >= 90 and torch.version.hip is None)  # (ROCm's capability numbers differ)
+    if (os.environ.get(DESC_ENV, "1") == "0" or not gpu or any(t.element_size() != 2 for t in tensors)
+            or not descriptor_ok(*tensors)):
         return False
     if not INTERPRETING:
         try:

@@ -54,7 +54,7 @@ def test_mismatched_sizes(fn):
 
 def test_gqa_rules(fn):
     q, k, v = qkv(H=6, Hkv=4)
-    _raises(ValueError, r"query heads \(6\) to be a multiple of key/value heads \(4\)", fn, q, k, v,
+    _raises(ValueError, r"query heads \(6\) to be a multiple of key heads \(4\)", fn, q, k, v,
             enable_gqa=True)
     q, k, v = qkv(H=4, Hkv=2)
     _raises(ValueError, "key has 2 heads but query has 4.*enable_gqa=True", fn, q, k, v)

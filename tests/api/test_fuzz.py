@@ -22,7 +22,7 @@ import pytest
 pytest.importorskip("hypothesis")
 
 import torch  # noqa: E402
-from hypothesis import given, settings, strategies as st  # noqa: E402
+from hypothesis import assume, given, settings, strategies as st  # noqa: E402
 
 import attnfast  # noqa: E402
 from attnfast.reference import ALIGNMENTS, attention_ref, visible_mask  # noqa: E402
@@ -530,6 +530,15 @@ def _corrupt(draw, c, sdpa):
     elif what == "backend":
         kw["backend"] = draw(st.one_of(st.text(max_size=8), st.sampled_from(["tpu", "CPU", "", 0])).filter(
             lambda b: b not in attnfast.dispatch.BACKENDS))
+    if what in ("key_batch", "value_heads", "heads_without_gqa", "gqa_ratio"):
+        # leading dims broadcast (and GQA heads repeat) as in torch's SDPA: a call torch serves is valid
+        try:
+            torch.nn.functional.scaled_dot_product_attention(qkv["query"], qkv["key"], qkv["value"],
+                                                             enable_gqa=kw["enable_gqa"])
+        except (RuntimeError, ValueError, IndexError):
+            pass
+        else:
+            assume(False)
     return (qkv["query"], qkv["key"], qkv["value"]), kw, name
 
 

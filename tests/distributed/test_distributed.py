@@ -161,8 +161,9 @@ def test_argument_errors_before_any_communication():
         ring_attention(q, q, q, load_balance="striped")
     with pytest.raises(TypeError, match="is_causal must be a Python bool"):
         ring_attention(q, q, q, is_causal=1)
+    q4 = torch.randn(1, 4, 4, 8)  # (key heads of 1 would broadcast, as torch's SDPA: 2 of 4 need enable_gqa)
     with pytest.raises(ValueError, match="enable_gqa"):
-        ring_attention(q, q[:, :1], q[:, :1])
+        ring_attention(q4, q4[:, :2], q4[:, :2])
 
 
 def test_model_hidden_length():

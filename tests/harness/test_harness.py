@@ -141,7 +141,29 @@ class _FirstOfGroup(torch.autograd.Function):
 
 def test_gqa_dk_off_is_caught():
     report = check_attention(lambda *a, **kw: naive(*a, **kw, repeat=_FirstOfGroup.apply), devices=["cpu"])
-    assert {name for name, _ in failing(report)} == {"gqa", "mqa"}
+    assert failing(report) == {(name, dt) for name in ("gqa", "mqa") for dt in ("float32", "bfloat16", "float16")}
+    assert {r.worst.name for r in report.failures} == {"dk"}
+
+
+class _ScaleGrad(torch.autograd.Function):
+    """The identity, whose backward scales the gradient by 0.9."""
+
+    @staticmethod
+    def forward(ctx, k):
+        return k.view_as(k)
+
+    @staticmethod
+    def backward(ctx, g):
+        return 0.9 * g
+
+
+def test_a_gradient_ten_percent_off_is_caught_in_every_dtype():
+    report = check_attention(lambda q, k, v, **kw: naive(q, _ScaleGrad.apply(k), v, **kw), devices=["cpu"])
+    bad = failing(report)
+    # every case where dk is not 0 (one key: dk = 0 exactly), in every dtype
+    want = {(c.name, dt) for c in default_cases() if c.name not in ("single_key", "dropout")
+            for dt in ("float32", "bfloat16", "float16")}
+    assert bad == want
     assert {r.worst.name for r in report.failures} == {"dk"}
 
 
@@ -173,6 +195,14 @@ def test_a_raising_kernel_fails_its_case_and_not_implemented_skips_it():
     assert {"bool_mask_broadcast", "key_padding", "fully_masked_rows", "dropout"} <= skipped
     assert {r.case.name for r in report.failures} == {"odd_head_dim"}
     assert "RuntimeError: head dim 32 only" in report.table()
+
+
+def test_a_kernel_that_skips_every_case_does_not_pass():
+    def nothing(*args, **kwargs):
+        raise NotImplementedError("not yet")
+
+    report = check_attention(nothing, devices=["cpu"], dtypes=[torch.float32])
+    assert not report.passed and not report.failures  # nothing failed, and nothing was tested
 
 
 def test_sweep_checks_its_arguments():

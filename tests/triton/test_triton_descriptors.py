@@ -49,7 +49,9 @@ def test_env_switch_and_gpu_class(monkeypatch):
     monkeypatch.delenv(DESC_ENV)
     if A.INTERPRETING:
         assert use_descriptors(0, x.half())  # the interpreter runs the descriptor path for CPU tests
-    assert not use_descriptors(80, x[..., 1:])
+    if not A.INTERPRETING:  # (the interpreter takes descriptors whatever the arch, to test them)
+        assert not use_descriptors(80, x.half())  # below sm90: pointer loads
+    assert not use_descriptors(90, x.half()[..., 1:])  # first element 2 bytes past alignment
     assert not use_descriptors(90, x)  # float32: pointer loads (its products are not wgmma)
     assert use_descriptors(90, x.to(torch.bfloat16))
 
@@ -78,9 +80,10 @@ def test_descriptor_and_pointer_loads_agree_bitwise(monkeypatch, dtype, window):
     B, Hq, Hkv, Lq, Lk, E = 2, 4, 2, 37, 83, 40
     g = torch.Generator().manual_seed(1)
     q = torch.randn(B, Lq, Hq, E, generator=g).to(dtype).to(DEVICE).transpose(1, 2)
-    k, v = (torch.randn(B, Lk + 9, Hkv, E, generator=g).to(dtype).to(DEVICE) for _ in range(2))
-    k[:, Lk:] = v[:, Lk:] = float("nan")
-    k, v = (t.transpose(1, 2)[:, :, :Lk] for t in (k, v))
+    k, v = (torch.randn(B, Lk + 9, Hkv, E + 8, generator=g).to(dtype).to(DEVICE) for _ in range(2))
+    k[:, Lk:] = v[:, Lk:] = float("nan")  # rows past Lk,
+    k[..., E:] = v[..., E:] = float("nan")  # and columns past E (the tile is 64 wide): never read
+    k, v = (t.transpose(1, 2)[:, :, :Lk, :E] for t in (k, v))
     if A.INTERPRETING or torch.cuda.get_device_capability()[0] >= 9:
         assert use_descriptors(90, k, v)
     args = (q, k, v, None, 0.17, *window, True)
@@ -116,3 +119,18 @@ def test_packed_sequences_agree_bitwise(monkeypatch):
 def _forward_varlen(monkeypatch, desc, *args):
     monkeypatch.setenv(DESC_ENV, "1" if desc else "0")
     return A.varlen_fwd(*args)
+
+
+@pytest.mark.parametrize("L", [(3, 1), (1, 3)])
+def test_one_row_with_a_row_stride_a_descriptor_cannot_take(L):
+    # E = 12 (bfloat16 rows of 24 bytes): no descriptor, though the one key (or query) row's
+    # stride is never stepped over; forward and backward as with pointer loads.
+    Lq, Lk = L
+    q = torch.randn(1, 1, Lq, 12, dtype=torch.bfloat16, device=DEVICE, requires_grad=True)
+    k, v = (torch.randn(1, 1, Lk, 12, dtype=torch.bfloat16, device=DEVICE, requires_grad=True) for _ in range(2))
+    assert not descriptor_ok(k) and not descriptor_ok(q)
+    out = attnfast.attention(q, k, v, backend="triton")
+    out.sum().backward()
+    ref = attnfast.attention(q.float(), k.float(), v.float(), backend="reference")
+    torch.testing.assert_close(out.float(), ref, rtol=2e-2, atol=2e-2)
+

@@ -1,7 +1,7 @@
 """attnfast's pytest plugin (entry point `attnfast`, loaded when attnfast is installed).
 
-A top-level module of its own (installed from attnfast/attnfast_pytest.py), so that pytest
-loading it imports neither attnfast nor torch: a test that asks for `attention_case` does.
+A top-level module of its own, so that pytest loading it imports neither attnfast nor torch:
+a test that asks for `attention_case` does.
 
 One test, one pytest item per case of attnfast.testing's sweep:
 
