@@ -306,18 +306,43 @@ class _NoLaunch:
         return lambda *args, **kwargs: None
 
 
+class _OnDevice:
+    """A kernel whose launches make `device` the current GPU for their duration: Triton launches
+    on the current device (and takes a descriptor's scratch memory there), not on its tensors'."""
+
+    def __init__(self, kernel, device):
+        self.kernel, self.device = kernel, device
+
+    def __getitem__(self, grid):
+        import torch
+
+        launch = self.kernel[grid]
+
+        def run(*args, **kwargs):
+            with torch.cuda.device(self.device):
+                return launch(*args, **kwargs)
+        return run
+
+
 def launcher(q):
     """How an op body launches its kernels: torch.library.wrap_triton (torch.compile sees
     inside).  Under TRITON_INTERPRET=1: the kernel itself (torch 2.11's wrap_triton rejects
     the interpreter's kernels: "wrap_triton only works on functions annotated with
     triton.jit"), and with fake/meta tensors (the body serving as its own fake kernel) a
     launcher that runs nothing: the interpreter would run the kernel on the fake tensors'
-    missing data."""
+    missing data.  Tensors on a GPU other than the current one: launched with theirs made
+    current (eagerly; a compiled graph sets its device itself)."""
+    import torch
     from torch._subclasses.fake_tensor import is_fake
     from torch.library import wrap_triton
 
     if INTERPRETING:
         if q.device.type == "meta" or is_fake(q):
             return lambda kernel: _NoLaunch()
-        return lambda kernel: kernel
-    return wrap_triton
+        wrap = lambda kernel: kernel  # noqa: E731
+    else:
+        wrap = wrap_triton
+    if (q.device.type == "cuda" and q.device.index is not None and not torch.compiler.is_compiling()
+            and not is_fake(q) and q.device.index != torch.cuda.current_device()):
+        return lambda kernel: _OnDevice(wrap(kernel), q.device)
+    return wrap

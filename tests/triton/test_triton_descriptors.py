@@ -134,3 +134,39 @@ def test_one_row_with_a_row_stride_a_descriptor_cannot_take(L):
     ref = attnfast.attention(q.float(), k.float(), v.float(), backend="reference")
     torch.testing.assert_close(out.float(), ref, rtol=2e-2, atol=2e-2)
 
+
+
+def test_launches_make_the_tensors_gpu_current(monkeypatch):
+    # Triton launches on the current GPU: tensors on another one must make theirs current for the
+    # launch (simulated: no second GPU here).
+    import contextlib
+
+    from attnfast.triton_kernels import common
+
+    current = [0]
+
+    @contextlib.contextmanager
+    def device(d):
+        saved, current[0] = current[0], torch.device(d).index
+        try:
+            yield
+        finally:
+            current[0] = saved
+
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: current[0])
+    monkeypatch.setattr(torch.cuda, "device", device)
+
+    class Q:
+        device = torch.device("cuda", 1)
+
+    seen = []
+
+    class Kernel:
+        def __getitem__(self, grid):
+            return lambda *a, **k: seen.append((grid, current[0]))
+
+    monkeypatch.setattr(common, "INTERPRETING", True)  # the plain kernel, not wrap_triton's
+    common.launcher(Q())(Kernel())[(3,)](1, x=2)
+    Q.device = torch.device("cuda", 0)
+    common.launcher(Q())(Kernel())[(4,)]()
+    assert seen == [((3,), 1), ((4,), 0)] and current[0] == 0
