@@ -33,7 +33,7 @@ from typing import Callable, Optional
 
 import torch
 
-from .reference import attention_ref
+from .reference import _apply_mask, _prepare_qkv, attention_ref, visible_mask
 from .testing import FLOOR_ULPS, ParityFailure, ParityResult, parity
 
 SIGNATURES = ("sdpa", "flash")
@@ -223,9 +223,7 @@ def _mask(case, g, device):
 
 
 def _band(case, device):
-    """The causal / window rule as a bool (Lq, Lk) mask (for the sdpa signature), or None."""
-    from .reference import visible_mask
-
+    """The causal / window rule as a bool (Lq, Lk) mask, or None when every key is visible."""
     return visible_mask(case.Lq, case.Lk, is_causal=case.causal, causal_alignment=case.alignment,
                         window=case.window, device=device)
 
@@ -272,12 +270,11 @@ def _call(fn, signature, case, q, k, v, attn_mask, seed):
         if case.scale is not None:
             kw["softmax_scale"] = case.scale
         out = fn(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), **kw)
-        out = (out[0] if isinstance(out, (tuple, list)) else out).transpose(1, 2)
     else:
         raise ValueError(f"signature must be one of {SIGNATURES}, got {signature!r}")
-    if isinstance(out, (tuple, list)):
+    if isinstance(out, (tuple, list)):  # (out, lse, ...)
         out = out[0]
-    return out
+    return out.transpose(1, 2) if signature == "flash" else out
 
 
 def _and_mask(mask, band):
@@ -297,27 +294,11 @@ def _grad_scales(case, q, k, v, attn_mask, dropout, dout):
     of that scale; the rule's floor adds two float32 ulps (the kernels' accumulators) of sqrt(n)
     times the scale.  Bugs are errors of the terms themselves (a wrong scale, a hidden key, P
     rounded early, a GQA group's gradient lost: relative errors of 1e-3 and more), far above."""
-    from .reference import visible_mask
-
-    q, k, v, dout = (t.detach().double() for t in (q, k, v, dout))
     rep = case.Hq // case.Hkv
-    k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
-    scale = 1.0 / math.sqrt(case.E) if case.scale is None else case.scale
-    s = scale * q @ k.transpose(-1, -2)
-    hide = torch.zeros_like(s, dtype=torch.bool)
-    if attn_mask is not None:
-        if attn_mask.dtype == torch.bool:
-            hide = hide | ~attn_mask
-        else:
-            s = s + attn_mask.double()
-    band = visible_mask(case.Lq, case.Lk, is_causal=case.causal, causal_alignment=case.alignment,
-                        window=case.window, device=s.device)
-    if band is not None:
-        hide = hide | ~band
-    s = s.masked_fill(hide, float("-inf"))
-    m = s.amax(-1, keepdim=True).nan_to_num(neginf=0.0).clamp_min(-1e300)
-    p = (s - m).exp()
-    p = p / p.sum(-1, keepdim=True).clamp_min(1e-300)
+    q, k, v, scale = _prepare_qkv(q.detach(), k.detach(), v.detach(), case.scale, rep > 1, upcast=True)
+    dout = dout.detach().double()
+    s = _apply_mask(scale * q @ k.transpose(-1, -2), attn_mask, _band(case, q.device))
+    p = torch.softmax(s, -1).nan_to_num(0.0)  # rows with no visible key: 0
     pz = p if dropout is None else p * dropout.double()
     dp = dout.abs() @ v.abs().transpose(-1, -2)
     if dropout is not None:
@@ -377,10 +358,9 @@ def run_case(fn, case, dtype=torch.float32, device="cpu", signature="sdpa", grad
     if case.dropout_p:
         keep = dropout_mask(s, case.dropout_p, (case.B, case.Hq, case.Lq, case.Lk), device)
         drop = keep.to(torch.float64) / (1.0 - case.dropout_p) if keep.dtype == torch.bool else keep.double()
-    band_mask = attn_mask
     refs = [[t.detach().clone().requires_grad_(grads) for t in (q, k, v)] for _ in range(2)]
-    r_out = _reference(case, *refs[0], band_mask, None if drop is None else drop.to(dtype), upcast=False)
-    t_out = _reference(case, *refs[1], band_mask, drop, upcast=True)
+    r_out = _reference(case, *refs[0], attn_mask, None if drop is None else drop.to(dtype), upcast=False)
+    t_out = _reference(case, *refs[1], attn_mask, drop, upcast=True)
     n = max(case.Lq, case.Lk, case.E, case.head_dim_v)
     result.checks.append(parity("out", out, r_out, t_out, n))
     if grads:

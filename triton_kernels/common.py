@@ -8,8 +8,12 @@ around the diagonal d = i + diag: key j is visible from query i iff j < Lk and,
 when BANDED, (wl < 0 or j >= d - wl) and (wr < 0 or j <= d + wr); top-left
 causal is diag = 0, wl = -1, wr = 0.
 """
+import os
+
+import torch
 import triton
 import triton.language as tl
+from torch._subclasses.fake_tensor import is_fake
 
 from ..facts import FACTS
 
@@ -44,8 +48,6 @@ def mask_args(q, mask):
 
 def dot_mode(dtype):
     """The DOT of a kernel whose operands have `dtype`."""
-    import torch
-
     if dtype == torch.float32:
         return DOT_IEEE.value
     if dtype == torch.bfloat16 and INTERPRETING:
@@ -214,8 +216,6 @@ DESC_ENV = "ATTNFAST_TRITON_TMA"  # "0": K/V tiles through pointer loads everywh
 def _address(t):
     """t's first element's byte address modulo 16 as far as it is known: the data pointer of a
     real tensor; of a fake (traced) one, its storage offset (storages start 16-byte aligned)."""
-    from torch._subclasses.fake_tensor import is_fake
-
     if t.device.type == "meta" or is_fake(t):
         return t.storage_offset() * t.element_size()
     return t.data_ptr()
@@ -239,8 +239,6 @@ def descriptor_ok(*tensors):
 
 
 def _scratch(size, alignment, stream):
-    import torch
-
     return torch.empty(size, dtype=torch.int8, device="cuda")
 
 
@@ -249,13 +247,9 @@ def use_descriptors(arch, *tensors):
     and later, where they are TMA loads feeding wgmma, and under the interpreter (so that CPU
     tests run that path), unless ATTNFAST_TRITON_TMA=0 or a tensor's layout does not allow it.
     float32 keeps pointer loads: its IEEE products run on FMA units, which the descriptor's
-    shared-memory layout does not suit (ptxas: 32 registers and 38 KiB of spills at D 128).  On a GPU a device-side
-    descriptor lives in scratch memory that Triton asks an allocator for: unless one is set
-    (torch.compile sets its own), torch's caching allocator serves it."""
-    import os
-
-    import torch
-
+    shared-memory layout does not suit (ptxas: 32 registers and 38 KiB of spills at D 128).  On
+    a GPU a device-side descriptor lives in scratch memory that Triton asks an allocator for:
+    unless one is set (torch.compile sets its own), torch's caching allocator serves it."""
     gpu = INTERPRETING or (arch >= 90 and torch.version.hip is None)  # (ROCm's capability numbers differ)
     if (os.environ.get(DESC_ENV, "1") == "0" or not gpu or any(t.element_size() != 2 for t in tensors)
             or not descriptor_ok(*tensors)):
@@ -314,8 +308,6 @@ class _OnDevice:
         self.kernel, self.device = kernel, device
 
     def __getitem__(self, grid):
-        import torch
-
         launch = self.kernel[grid]
 
         def run(*args, **kwargs):
@@ -332,8 +324,6 @@ def launcher(q):
     launcher that runs nothing: the interpreter would run the kernel on the fake tensors'
     missing data.  Tensors on a GPU other than the current one: launched with theirs made
     current (eagerly; a compiled graph sets its device itself)."""
-    import torch
-    from torch._subclasses.fake_tensor import is_fake
     from torch.library import wrap_triton
 
     if INTERPRETING:

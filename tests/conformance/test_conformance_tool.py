@@ -20,8 +20,9 @@ JUNIT = """<?xml version="1.0" encoding="utf-8"?><testsuites><testsuite name="py
 def test_junit_outcomes(tmp_path):
     path = tmp_path / "r.xml"
     path.write_text(JUNIT)
-    assert tool.junit_outcomes(path) == {"TestSDPACPU::test_a_cpu": "passed", "TestSDPACPU::test_b_dropout_cpu": "failed",
-                                         "TestSDPACPU::test_c_cpu": "failed", "TestSDPACPU::test_d_cpu": "skipped"}
+    assert tool.junit_outcomes(path) == {
+        "TestSDPACPU::test_a_cpu": "passed", "TestSDPACPU::test_b_dropout_cpu": "failed",
+        "TestSDPACPU::test_c_cpu": "failed", "TestSDPACPU::test_d_cpu": "skipped"}
 
 
 def test_a_new_failure_an_entry_that_passes_and_an_unexplained_one_are_found():

@@ -66,9 +66,13 @@ def _same(a, b):
         torch.testing.assert_close(a, b, rtol=1e-2, atol=1e-2)
 
 
-def _forward(monkeypatch, desc, *args, **kwargs):
-    monkeypatch.setenv(DESC_ENV, "1" if desc else "0")
-    return A.attention_fwd(*args, **kwargs)
+def _both_ways(monkeypatch, forward, *args):
+    """forward(*args) with descriptors allowed, then with pointer loads only."""
+    runs = []
+    for desc in ("1", "0"):
+        monkeypatch.setenv(DESC_ENV, desc)
+        runs.append(forward(*args))
+    return runs
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
@@ -87,8 +91,7 @@ def test_descriptor_and_pointer_loads_agree_bitwise(monkeypatch, dtype, window):
     if A.INTERPRETING or torch.cuda.get_device_capability()[0] >= 9:
         assert use_descriptors(90, k, v)
     args = (q, k, v, None, 0.17, *window, True)
-    out_d, lse_d = _forward(monkeypatch, True, *args)
-    out_p, lse_p = _forward(monkeypatch, False, *args)
+    (out_d, lse_d), (out_p, lse_p) = _both_ways(monkeypatch, A.attention_fwd, *args)
     _same(out_d, out_p)
     _same(lse_d, lse_p)
     assert not out_d.isnan().any()
@@ -109,16 +112,10 @@ def test_packed_sequences_agree_bitwise(monkeypatch):
         k[start + u:start + n] = v[start + u:start + n] = float("nan")
     used_k = torch.tensor(used, dtype=torch.int32, device=DEVICE)
     args = (q, k, v, cu(lens_q), cu(lens_k), used_k, max(lens_q), max(lens_k), 0.125, -1, 0, True)
-    out_d, lse_d = _forward_varlen(monkeypatch, True, *args)
-    out_p, lse_p = _forward_varlen(monkeypatch, False, *args)
+    (out_d, lse_d), (out_p, lse_p) = _both_ways(monkeypatch, A.varlen_fwd, *args)
     _same(out_d, out_p)
     _same(lse_d, lse_p)
     assert not out_d.isnan().any()
-
-
-def _forward_varlen(monkeypatch, desc, *args):
-    monkeypatch.setenv(DESC_ENV, "1" if desc else "0")
-    return A.varlen_fwd(*args)
 
 
 @pytest.mark.parametrize("L", [(3, 1), (1, 3)])
